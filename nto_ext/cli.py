@@ -22,7 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"nto_ext {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    b = sub.add_parser("backend", help="print which kernel path runs: cpu-ext, cuda-ext or reference")
+    b = sub.add_parser("backend",
+                       help="print which kernel path runs: cpu-ext, cuda-ext or reference")
     b.set_defaults(func=_cmd_backend)
     return p
 
