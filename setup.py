@@ -44,6 +44,13 @@ def _extensions():
         ) from e
     want_cuda = mode == "cuda" or (mode == "auto" and torch.version.cuda is not None
                                    and ce.CUDA_HOME is not None)
+    if mode == "cuda" and (torch.version.cuda is None or ce.CUDA_HOME is None):
+        raise SystemExit(
+            f"NTO_EXT_BUILD=cuda, but torch {torch.__version__} "
+            + ("is a CPU-only build; install a CUDA build of torch"
+               if torch.version.cuda is None else
+               "found no CUDA toolkit (nvcc); install one and set CUDA_HOME")
+            + ", or build the CPU kernels with NTO_EXT_BUILD=cpu")
 
     info = _buildinfo()
     sources = _sources("csrc/ops.cpp") + _sources("csrc/cpu/*.cpp")

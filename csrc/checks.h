@@ -1,34 +1,241 @@
-// Argument checks shared by every op and backend. Each names the op, the list position
-// and the rule, and runs before any memory is touched.
+// Argument checks shared by every op and backend (CPU and CUDA). Each names the op, the
+// list position and the rule, and runs before any memory is touched. The messages and
+// the order of the checks are those of nto_ext/_reference.py (the executable spec):
+// wrong dtypes raise TypeError, out-of-range indices IndexError, the rest ValueError.
+// Checks of index *values* (sorted, unique, in range) read memory and live per backend
+// (csrc/cpu/index_checks.h); everything here reads only metadata.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
+
+#include <cmath>
+#include <cstdio>
+#include <initializer_list>
+#include <string>
 
 namespace nto {
+
+// torch's Python spelling of a dtype, so messages read like the reference's.
+inline std::string dtype_name(c10::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kInt: return "torch.int32";
+    case at::kLong: return "torch.int64";
+    case at::kShort: return "torch.int16";
+    case at::kChar: return "torch.int8";
+    case at::kByte: return "torch.uint8";
+    case at::kBool: return "torch.bool";
+    case at::kComplexFloat: return "torch.complex64";
+    case at::kComplexDouble: return "torch.complex128";
+    default: return std::string("torch.") + c10::toString(t);
+  }
+}
+
+// Python's tuple(shape): "()", "(5,)", "(2, 3)".
+inline std::string shape_str(at::IntArrayRef s) {
+  std::string out = "(";
+  for (size_t d = 0; d < s.size(); ++d) {
+    if (d) out += ", ";
+    out += std::to_string(s[d]);
+  }
+  if (s.size() == 1) out += ",";
+  return out + ")";
+}
+
+inline std::string fmt_g(double x) {  // Python's f"{x:g}"
+  char buf[64];
+  std::snprintf(buf, sizeof(buf), "%g", x);
+  return buf;
+}
+
+constexpr const char* kFloats = "torch.float32, torch.bfloat16, torch.float16";
+constexpr const char* kIndexTypes = "torch.int32, torch.int64";
 
 inline bool is_float_param(c10::ScalarType t) {
   return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
 }
+inline bool is_index_type(c10::ScalarType t) { return t == at::kInt || t == at::kLong; }
+
+// dtype in `allowed`, strided, contiguous, on `dev` (when given) -- in that order.
+inline void check_tensor(const char* op, const char* what, size_t i, const at::Tensor& t,
+                         std::initializer_list<c10::ScalarType> dtypes, const char* allowed,
+                         const c10::optional<at::Device>& dev) {
+  TORCH_CHECK_VALUE(t.defined(), op, ": ", what, "[", i, "] is undefined; expected a Tensor");
+  bool ok = false;
+  for (auto d : dtypes) ok = ok || t.scalar_type() == d;
+  TORCH_CHECK_TYPE(ok, op, ": ", what, "[", i, "] has dtype ", dtype_name(t.scalar_type()),
+                   "; allowed: ", allowed);
+  TORCH_CHECK_VALUE(t.layout() == at::kStrided, op, ": ", what, "[", i,
+                    "] is not a dense (strided) tensor");
+  TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", what, "[", i,
+                    "] is not contiguous; pass .contiguous() tensors");
+  if (dev.has_value())
+    TORCH_CHECK_VALUE(t.device() == *dev, op, ": ", what, "[", i, "] is on ", t.device(),
+                      " but the first tensor is on ", *dev,
+                      "; all tensors must share one device");
+}
 
 inline void check_float_list(const char* op, const char* what, at::TensorList ts) {
-  for (size_t i = 0; i < ts.size(); ++i) {
-    const auto& t = ts[i];
-    TORCH_CHECK(t.defined(), op, ": ", what, "[", i, "] is undefined");
-    TORCH_CHECK(is_float_param(t.scalar_type()), op, ": ", what, "[", i, "] has dtype ",
-                t.scalar_type(), "; allowed: float32, bfloat16, float16");
-    TORCH_CHECK(t.is_contiguous(), op, ": ", what, "[", i,
-                "] is not contiguous; pass .contiguous() tensors");
-    TORCH_CHECK(t.layout() == at::kStrided, op, ": ", what, "[", i,
-                "] is not a dense (strided) tensor");
+  c10::optional<at::Device> dev;
+  if (!ts.empty() && ts[0].defined()) dev = ts[0].device();
+  for (size_t i = 0; i < ts.size(); ++i)
+    check_tensor(op, what, i, ts[i], {at::kFloat, at::kBFloat16, at::kHalf}, kFloats, dev);
+}
+
+// "got 3 params but 2 grads; every list needs one entry per param"
+inline void check_same_length(const char* op, const char* first, size_t n, const char* name,
+                              size_t len) {
+  std::string one(first);
+  if (!one.empty() && one.back() == 's') one.pop_back();
+  TORCH_CHECK_VALUE(len == n, op, ": got ", n, " ", first, " but ", len, " ", name,
+                    "; every list needs one entry per ", one);
+}
+
+inline void check_index_meta(const char* op, const char* what, size_t i, const at::Tensor& idx,
+                             const c10::optional<at::Device>& dev) {
+  check_tensor(op, what, i, idx, {at::kInt, at::kLong}, kIndexTypes, dev);
+  TORCH_CHECK_VALUE(idx.dim() == 1, op, ": ", what, "[", i, "] has ", idx.dim(),
+                    " dimensions; indices must be 1-D");
+}
+
+// ------------------------------------------------------------------- masked_adamw_
+
+inline void check_adamw_hyper(double lr, double beta1, double beta2, double eps, double wd) {
+  const char* op = "masked_adamw_";
+  auto rule = [&](const char* name, double v, bool ok, const char* r) {
+    TORCH_CHECK_VALUE(ok, op, ": ", name, "=", v, " is not allowed; ", name, " must be ", r);
+  };
+  rule("lr", lr, lr >= 0.0, ">= 0");  // NaN fails every comparison, so it is refused too
+  rule("beta1", beta1, beta1 >= 0.0 && beta1 < 1.0, "in [0, 1)");
+  rule("beta2", beta2, beta2 >= 0.0 && beta2 < 1.0, "in [0, 1)");
+  rule("eps", eps, eps >= 0.0, ">= 0");
+  rule("weight_decay", wd, wd >= 0.0, ">= 0");
+}
+
+// A 1-element step tensor: one count for the whole tensor (read on the host).
+inline bool is_scalar_step(const at::Tensor& step) {
+  return step.numel() == 1 && step.scalar_type() != at::kBool && !step.is_complex();
+}
+
+// Metadata of entry i (no tensor contents): dtypes, layouts, devices and lengths.
+inline void check_adamw_entry(size_t i, const at::Tensor& p, const at::Tensor& g,
+                              const at::Tensor& m, const at::Tensor& v,
+                              const c10::optional<at::Tensor>& idx, const at::Tensor& step,
+                              const at::Device& dev) {
+  const char* op = "masked_adamw_";
+  check_tensor(op, "params", i, p, {at::kFloat, at::kBFloat16, at::kHalf}, kFloats, dev);
+  check_tensor(op, "grads", i, g, {at::kFloat, at::kBFloat16, at::kHalf}, kFloats, dev);
+  TORCH_CHECK_TYPE(g.scalar_type() == p.scalar_type() || g.scalar_type() == at::kFloat, op,
+                   ": grads[", i, "] has dtype ", dtype_name(g.scalar_type()), " but params[", i,
+                   "] has ", dtype_name(p.scalar_type()), "; allowed: ",
+                   dtype_name(p.scalar_type()), " or torch.float32");
+  check_tensor(op, "exp_avgs", i, m, {at::kFloat}, "torch.float32", dev);
+  check_tensor(op, "exp_avg_sqs", i, v, {at::kFloat}, "torch.float32", dev);
+  const bool indexed = idx.has_value() && idx->defined();
+  if (indexed) check_index_meta(op, "indices", i, *idx, dev);
+  const int64_t length = indexed ? idx->numel() : p.numel();
+  const std::string where = indexed ? "len(indices[" + std::to_string(i) + "])"
+                                    : "params[" + std::to_string(i) + "].numel()";
+  const std::pair<const char*, const at::Tensor*> states[] = {{"exp_avgs", &m},
+                                                              {"exp_avg_sqs", &v}};
+  for (const auto& [name, t] : states)
+    TORCH_CHECK_VALUE(t->numel() == length, op, ": ", name, "[", i, "] has ", t->numel(),
+                      " elements but ", where, " is ", length,
+                      "; state must have one element per updated position");
+  TORCH_CHECK_VALUE(g.numel() == length || g.numel() == p.numel(), op, ": grads[", i, "] has ",
+                    g.numel(), " elements; allowed: ", length, " (compact) or ", p.numel(),
+                    " (dense, like params[", i, "])");
+  TORCH_CHECK_VALUE(step.defined(), op, ": steps[", i, "] is undefined; expected a Tensor");
+  if (is_scalar_step(step)) {
+    TORCH_CHECK_VALUE(step.device() == dev || step.device().is_cpu(), op, ": steps[", i,
+                      "] is on ", step.device(), "; a 1-element step must be on the cpu or on ",
+                      dev);
+    return;
+  }
+  TORCH_CHECK_VALUE(step.scalar_type() == at::kInt && step.dim() == 1 && step.numel() == length,
+                    op, ": steps[", i, "] has shape ", shape_str(step.sizes()), " and dtype ",
+                    dtype_name(step.scalar_type()), "; allowed: a 1-element tensor or an int32 ",
+                    "tensor of ", length, " per-element step counts");
+  check_tensor(op, "steps", i, step, {at::kInt}, "torch.int32", dev);
+}
+
+inline void check_adamw_meta(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                             at::TensorList exp_avg_sqs,
+                             const c10::List<c10::optional<at::Tensor>>& indices,
+                             at::TensorList steps, double lr, double beta1, double beta2,
+                             double eps, double wd) {
+  const char* op = "masked_adamw_";
+  check_adamw_hyper(lr, beta1, beta2, eps, wd);
+  const size_t n = params.size();
+  check_same_length(op, "params", n, "grads", grads.size());
+  check_same_length(op, "params", n, "exp_avgs", exp_avgs.size());
+  check_same_length(op, "params", n, "exp_avg_sqs", exp_avg_sqs.size());
+  check_same_length(op, "params", n, "indices", indices.size());
+  check_same_length(op, "params", n, "steps", steps.size());
+  if (n == 0) return;
+  const at::Device dev = params[0].device();
+  for (size_t i = 0; i < n; ++i)
+    check_adamw_entry(i, params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], indices.get(i),
+                      steps[i], dev);
+}
+
+// ------------------------------------------------------------------------ select_topk
+
+inline void check_topk_meta(at::TensorList ts, int64_t k) {
+  check_float_list("select_topk", "tensors", ts);
+  int64_t total = 0;
+  for (const auto& t : ts) total += t.numel();
+  TORCH_CHECK_VALUE(k >= 0 && k <= total, "select_topk: k=", k, " is out of range; allowed: 0..",
+                    total, " (the number of elements in all ", ts.size(), " tensors)");
+}
+
+// ------------------------------------------------------------------------ remap_state
+
+inline void check_remap_meta(at::TensorList old_idx, at::TensorList new_idx,
+                             at::TensorList states) {
+  const char* op = "remap_state";
+  const size_t n = states.size();
+  check_same_length(op, "states", n, "old_indices", old_idx.size());
+  check_same_length(op, "states", n, "new_indices", new_idx.size());
+  if (n == 0) return;
+  c10::optional<at::Device> dev;
+  if (states[0].defined()) dev = states[0].device();
+  for (size_t i = 0; i < n; ++i) {
+    check_index_meta(op, "old_indices", i, old_idx[i], dev);
+    check_index_meta(op, "new_indices", i, new_idx[i], dev);
+    check_tensor(op, "states", i, states[i], {at::kFloat, at::kBFloat16, at::kHalf}, kFloats,
+                 dev);
+    const auto& s = states[i];
+    const bool ok = s.dim() > 0 && s.size(-1) == old_idx[i].numel();
+    TORCH_CHECK_VALUE(ok, op, ": states[", i, "] has shape ", shape_str(s.sizes()),
+                      "; its last dimension (",
+                      s.dim() ? std::to_string(s.size(-1)) : std::string("no dimension"),
+                      ") must equal len(old_indices[", i, "]) = ", old_idx[i].numel());
   }
 }
 
-inline void check_same_device(const char* op, const char* what, at::TensorList ts,
-                              const at::Device& dev) {
-  for (size_t i = 0; i < ts.size(); ++i) {
-    if (!ts[i].defined()) continue;
-    TORCH_CHECK(ts[i].device() == dev, op, ": ", what, "[", i, "] is on ", ts[i].device(),
-                " but the first tensor is on ", dev, "; all tensors must share one device");
+// ------------------------------------------------------------------ gather_accumulate_
+
+inline void check_gather_meta(at::TensorList dense, at::TensorList indices,
+                              at::TensorList compact) {
+  const char* op = "gather_accumulate_";
+  const size_t n = dense.size();
+  check_same_length(op, "dense", n, "indices", indices.size());
+  check_same_length(op, "dense", n, "compact", compact.size());
+  if (n == 0) return;
+  c10::optional<at::Device> dev;
+  if (dense[0].defined()) dev = dense[0].device();
+  for (size_t i = 0; i < n; ++i) {
+    check_tensor(op, "dense", i, dense[i], {at::kFloat, at::kBFloat16, at::kHalf}, kFloats, dev);
+    check_index_meta(op, "indices", i, indices[i], dev);
+    check_tensor(op, "compact", i, compact[i], {at::kFloat}, "torch.float32", dev);
+    TORCH_CHECK_VALUE(compact[i].numel() == indices[i].numel(), op, ": compact[", i, "] has ",
+                      compact[i].numel(), " elements but len(indices[", i, "]) is ",
+                      indices[i].numel(), "; they must match");
   }
 }
 

@@ -14,6 +14,13 @@ const char nto_build_marker[] = "nto-ext-built-against-torch:" NTO_TORCH_VERSION
 
 TORCH_LIBRARY(nto, m) {
   m.def("param_stats(Tensor[] tensors) -> (Tensor numel, Tensor sumsq, Tensor absmax, Tensor hist)");
+  m.def(
+      "masked_adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor?[] indices, Tensor[] steps, float lr, float beta1, "
+      "float beta2, float eps, float weight_decay) -> ()");
+  m.def("select_topk(Tensor[] tensors, int k) -> Tensor[]");
+  m.def("remap_state(Tensor[] old_indices, Tensor[] new_indices, Tensor[] states) -> Tensor[]");
+  m.def("gather_accumulate_(Tensor[] dense, Tensor[] indices, Tensor(a!)[] compact) -> ()");
 }
 
 // A plain CPython module (no pybind11: keeps the build lean) holding build facts.

@@ -10,17 +10,27 @@ MARKER = "nto-ext-built-against-torch:"
 
 
 def compile_args(torch_version: str, cuda: bool = False, shell: bool = False) -> list[str]:
-    """C++ flags: -O3, OpenMP (ATen's parallel_for is OpenMP in torch's CPU builds).
+    """C++ flags: -O3, OpenMP (ATen's parallel_for is OpenMP in torch's CPU builds),
+    -ffp-contract=off (GCC fuses a*b+c otherwise, even in ISO mode: the AdamW kernel
+    rounds each op as torch does, see csrc/adamw_math.h).
 
     shell=True escapes the quotes for the JIT build, whose ninja file goes through a shell.
     """
     q = '\\"' if shell else '"'
-    args = ["-O3", "-fopenmp", "-std=c++17", f"-DNTO_TORCH_VERSION={q}{torch_version}{q}"]
+    args = ["-O3", "-fopenmp", "-ffp-contract=off", "-std=c++17",
+            f"-DNTO_TORCH_VERSION={q}{torch_version}{q}"]
     if cuda:
         args.append("-DNTO_WITH_CUDA")
     return args
 
 
-def cuda_args(torch_version: str) -> list[str]:
-    return ["-O3", "-std=c++17", f'-DNTO_TORCH_VERSION="{torch_version}"',
-            "-DNTO_WITH_CUDA"]
+def cuda_args(torch_version: str, shell: bool = False) -> list[str]:
+    """nvcc flags for csrc/cuda/*.cu (torch adds its own: arch from TORCH_CUDA_ARCH_LIST or
+    the visible GPU, half/bf16 operator switches, --expt-relaxed-constexpr). The kernels
+    round each AdamW op explicitly (__fmul_rn, ...), so nvcc's default fmad is harmless.
+
+    shell=True escapes the quotes for the JIT build, as compile_args does.
+    """
+    q = '\\"' if shell else '"'
+    return ["-O3", "-std=c++17", f"-DNTO_TORCH_VERSION={q}{torch_version}{q}",
+            "-DNTO_WITH_CUDA", "-Xcompiler", "-ffp-contract=off"]

@@ -1,33 +1,96 @@
 """Pure-PyTorch reference of every op: the executable spec the kernels are tested against.
 
-Readable first, not fast. Each function has the signature of its `torch.ops.nto.*` op.
+Readable first, not fast. Each function has the signature of its `torch.ops.nto.*` op and
+runs the same argument checks, in the same order, with the same messages as the C++
+kernels (csrc/checks.h): wrong dtypes raise TypeError, out-of-range indices IndexError,
+every other bad argument ValueError; all before any tensor is written.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_INDEX_DTYPES = (torch.int32, torch.int64)
+_FLOATS = "torch.float32, torch.bfloat16, torch.float16"
+_INT32_MAX = 2**31 - 1
+
+
+# ------------------------------------------------------------------------------ checks
+
+
+def _check_tensor(op: str, what: str, i: int, t, dtypes: Sequence[torch.dtype], allowed: str,
+                  device: torch.device | None) -> None:
+    """Type, dtype, layout and device of one list entry `what[i]`."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {what}[{i}] is {type(t).__name__}; expected a Tensor")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{op}: {what}[{i}] has dtype {t.dtype}; allowed: {allowed}")
+    if t.layout != torch.strided:
+        raise ValueError(f"{op}: {what}[{i}] is not a dense (strided) tensor")
+    if not t.is_contiguous():
+        raise ValueError(f"{op}: {what}[{i}] is not contiguous; pass .contiguous() tensors")
+    if device is not None and t.device != device:
+        raise ValueError(f"{op}: {what}[{i}] is on {t.device} but the first tensor is on "
+                         f"{device}; all tensors must share one device")
 
 
 def _check_float_list(op: str, what: str, tensors: Sequence[torch.Tensor]) -> None:
+    dev = tensors[0].device if tensors and isinstance(tensors[0], torch.Tensor) else None
     for i, t in enumerate(tensors):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{op}: {what}[{i}] is {type(t).__name__}, expected a Tensor")
-        if t.dtype not in _FLOAT_DTYPES:
-            raise RuntimeError(f"{op}: {what}[{i}] has dtype {t.dtype}; "
-                               "allowed: float32, bfloat16, float16")
-        if not t.is_contiguous():
-            raise RuntimeError(f"{op}: {what}[{i}] is not contiguous; "
-                               "pass .contiguous() tensors")
-    if tensors:
-        dev = tensors[0].device
-        for i, t in enumerate(tensors):
-            if t.device != dev:
-                raise RuntimeError(f"{op}: {what}[{i}] is on {t.device} but the first tensor "
-                                   f"is on {dev}; all tensors must share one device")
+        _check_tensor(op, what, i, t, _FLOAT_DTYPES, _FLOATS, dev)
+
+
+def _check_same_length(op: str, first: str, n: int, **others: Sequence) -> None:
+    one = first[:-1] if first.endswith("s") else first
+    for name, lst in others.items():
+        if len(lst) != n:
+            raise ValueError(f"{op}: got {n} {first} but {len(lst)} {name}; "
+                             f"every list needs one entry per {one}")
+
+
+def _check_index_meta(op: str, what: str, i: int, idx, device: torch.device | None) -> None:
+    _check_tensor(op, what, i, idx, _INDEX_DTYPES, "torch.int32, torch.int64", device)
+    if idx.dim() != 1:
+        raise ValueError(f"{op}: {what}[{i}] has {idx.dim()} dimensions; indices must be 1-D")
+
+
+def _check_index_values(op: str, what: str, i: int, idx: torch.Tensor,
+                        limit: int | None, target: str) -> None:
+    """Sorted ascending, unique, and in [0, limit) (limit None: only >= 0).
+
+    Names the first offending entry; runs before anything is read or written through them.
+    """
+    if idx.numel() == 0:
+        return
+    x = idx.long().cpu()
+    bad_order = torch.nonzero(x[1:] <= x[:-1])
+    bad_range = torch.nonzero((x < 0) | (x >= limit) if limit is not None else (x < 0))
+    first_order = int(bad_order[0]) + 1 if len(bad_order) else None
+    first_range = int(bad_range[0]) if len(bad_range) else None
+    # Report whichever violation comes first in the list (as a serial scan would).
+    if first_range is not None and (first_order is None or first_range <= first_order):
+        j = first_range
+        if limit is None:
+            raise IndexError(f"{op}: {what}[{i}][{j}] = {int(x[j])} is negative; "
+                             "positions are >= 0")
+        allowed = f"0..{limit - 1}" if limit > 0 else "none (it is empty)"
+        raise IndexError(f"{op}: {what}[{i}][{j}] = {int(x[j])} is out of range for {target} "
+                         f"with {limit} elements; allowed: {allowed}")
+    if first_order is not None:
+        j = first_order
+        raise ValueError(f"{op}: {what}[{i}][{j}] = {int(x[j])} follows {int(x[j - 1])}; "
+                         "indices must be sorted ascending and unique (torch.unique sorts)")
+
+
+def _index_dtype_for(numel: int) -> torch.dtype:
+    return torch.int64 if numel > _INT32_MAX else torch.int32
+
+
+# ------------------------------------------------------------------------ param_stats
 
 
 def param_stats(tensors: Sequence[torch.Tensor]):
@@ -50,3 +113,257 @@ def param_stats(tensors: Sequence[torch.Tensor]):
         exponent = (x.view(torch.int32) >> 23) & 0xFF
         hist[i] = torch.bincount(exponent.long(), minlength=256)
     return numel, sumsq, absmax, hist
+
+
+# ---------------------------------------------------------------------- masked_adamw_
+
+
+def _check_hyper(lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
+    op = "masked_adamw_"
+    for name, v, ok, rule in (("lr", lr, lr >= 0.0, ">= 0"),
+                              ("beta1", beta1, 0.0 <= beta1 < 1.0, "in [0, 1)"),
+                              ("beta2", beta2, 0.0 <= beta2 < 1.0, "in [0, 1)"),
+                              ("eps", eps, eps >= 0.0, ">= 0"),
+                              ("weight_decay", weight_decay, weight_decay >= 0.0, ">= 0")):
+        if not ok:  # NaN fails every comparison, so it is refused too
+            raise ValueError(f"{op}: {name}={v} is not allowed; {name} must be {rule}")
+
+
+def _check_adamw_entry(i: int, p, g, m, v, idx, step, dev: torch.device) -> None:
+    """Metadata of entry i: dtypes, layouts, devices and lengths (no tensor contents)."""
+    op = "masked_adamw_"
+    _check_tensor(op, "params", i, p, _FLOAT_DTYPES, _FLOATS, dev)
+    _check_tensor(op, "grads", i, g, _FLOAT_DTYPES, _FLOATS, dev)
+    if g.dtype not in (p.dtype, torch.float32):
+        raise TypeError(f"{op}: grads[{i}] has dtype {g.dtype} but params[{i}] has {p.dtype}; "
+                        f"allowed: {p.dtype} or torch.float32")
+    _check_tensor(op, "exp_avgs", i, m, (torch.float32,), "torch.float32", dev)
+    _check_tensor(op, "exp_avg_sqs", i, v, (torch.float32,), "torch.float32", dev)
+    if idx is not None:
+        _check_index_meta(op, "indices", i, idx, dev)
+    length = p.numel() if idx is None else idx.numel()
+    where = f"params[{i}].numel()" if idx is None else f"len(indices[{i}])"
+    for name, t in (("exp_avgs", m), ("exp_avg_sqs", v)):
+        if t.numel() != length:
+            raise ValueError(f"{op}: {name}[{i}] has {t.numel()} elements but {where} is "
+                             f"{length}; state must have one element per updated position")
+    if g.numel() != length and g.numel() != p.numel():
+        raise ValueError(f"{op}: grads[{i}] has {g.numel()} elements; allowed: {length} "
+                         f"(compact) or {p.numel()} (dense, like params[{i}])")
+    if not isinstance(step, torch.Tensor):
+        raise TypeError(f"{op}: steps[{i}] is {type(step).__name__}; expected a Tensor "
+                        "(ops.masked_adamw_ converts ints)")
+    if step.numel() == 1 and step.dtype != torch.bool and not step.is_complex():
+        if step.device != dev and step.device.type != "cpu":
+            raise ValueError(f"{op}: steps[{i}] is on {step.device}; a 1-element step must "
+                             f"be on the cpu or on {dev}")
+        return
+    if step.dtype != torch.int32 or step.dim() != 1 or step.numel() != length:
+        raise ValueError(f"{op}: steps[{i}] has shape {tuple(step.shape)} and dtype "
+                         f"{step.dtype}; allowed: a 1-element tensor or an int32 tensor of "
+                         f"{length} per-element step counts")
+    _check_tensor(op, "steps", i, step, (torch.int32,), "torch.int32", dev)
+
+
+def _check_steps_values(i: int, step: torch.Tensor) -> None:
+    if step.numel() == 0:
+        return
+    low = float(step.min())
+    if not low >= 1:  # also refuses NaN
+        raise ValueError(f"masked_adamw_: steps[{i}] holds a step count of {low:g}; step "
+                         "counts start at 1 (the count after incrementing)")
+
+
+def check_masked_adamw(params, grads, exp_avgs, exp_avg_sqs, indices, steps,
+                       lr, beta1, beta2, eps, weight_decay) -> None:
+    """Every argument check of masked_adamw_, in the kernels' order."""
+    op = "masked_adamw_"
+    _check_hyper(lr, beta1, beta2, eps, weight_decay)
+    _check_same_length(op, "params", len(params), grads=grads, exp_avgs=exp_avgs,
+                       exp_avg_sqs=exp_avg_sqs, indices=indices, steps=steps)
+    if not params:
+        return
+    dev = params[0].device if isinstance(params[0], torch.Tensor) else None
+    for i in range(len(params)):
+        _check_adamw_entry(i, params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], indices[i],
+                           steps[i], dev)
+    for i in range(len(params)):
+        if indices[i] is not None:
+            _check_index_values(op, "indices", i, indices[i], params[i].numel(), f"params[{i}]")
+        _check_steps_values(i, steps[i])
+
+
+def _adamw_scalar_step(p, g, m, v, step: float, lr, beta1, beta2, eps, weight_decay) -> None:
+    """torch.optim.AdamW's _single_tensor_adam, same formula order (fp32 tensors)."""
+    p.mul_(1 - lr * weight_decay)
+    m.lerp_(g, 1 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    bias_correction1 = 1 - beta1**step  # Python floats: double precision
+    bias_correction2 = 1 - beta2**step
+    step_size = lr / bias_correction1
+    denom = (v.sqrt() / math.sqrt(bias_correction2)).add_(eps)
+    p.addcdiv_(m, denom, value=-step_size)
+
+
+def _adamw_elementwise_step(p, g, m, v, steps: torch.Tensor, lr, beta1, beta2, eps,
+                            weight_decay) -> None:
+    """Same as _adamw_scalar_step with one step count per element: the bias corrections are
+    computed in double per element, then rounded to fp32 like torch rounds the scalars."""
+    p.mul_(1 - lr * weight_decay)
+    m.lerp_(g, 1 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    s = steps.double()
+    neg_step_size = (-(lr / (1 - beta1**s))).float()
+    bias_correction2_sqrt = (1 - beta2**s).sqrt().float()
+    denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
+    p.add_(neg_step_size * m / denom)
+
+
+def masked_adamw_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                  exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor],
+                  indices: Sequence[torch.Tensor | None], steps: Sequence[torch.Tensor],
+                  lr: float, beta1: float, beta2: float, eps: float,
+                  weight_decay: float) -> None:
+    """In-place AdamW (torch.optim.AdamW math, decoupled decay) on whole tensors
+    (indices[i] None) or at sorted unique positions of the flattened param (compact state
+    of len(indices[i]) elements; grad compact or dense). Math in fp32; bf16/fp16 params are
+    widened, updated and rounded back once. Elements not indexed are not written.
+
+    steps[i]: a 1-element tensor (the count after incrementing, bias corrections in double)
+    or an int32 tensor with one count per updated element."""
+    check_masked_adamw(params, grads, exp_avgs, exp_avg_sqs, indices, steps,
+                       lr, beta1, beta2, eps, weight_decay)
+    with torch.no_grad():
+        for p, g, m, v, idx, step in zip(params, grads, exp_avgs, exp_avg_sqs, indices, steps):
+            flat = p.view(-1)
+            if idx is None:
+                p32 = flat.float()  # the param itself when it is fp32
+                g32 = g.reshape(-1).float()
+            else:
+                pos = idx.long()
+                p32 = flat[pos].float()
+                g32 = g.reshape(-1)[pos] if g.numel() != idx.numel() else g.reshape(-1)
+                g32 = g32.float()
+            m32, v32 = m.view(-1), v.view(-1)
+            if step.numel() == 1:
+                _adamw_scalar_step(p32, g32, m32, v32, float(step.item()),
+                                   lr, beta1, beta2, eps, weight_decay)
+            else:
+                _adamw_elementwise_step(p32, g32, m32, v32, step.view(-1),
+                                        lr, beta1, beta2, eps, weight_decay)
+            if idx is None:
+                if p32.data_ptr() != flat.data_ptr():
+                    flat.copy_(p32)  # round back once
+            else:
+                flat[idx.long()] = p32.to(p.dtype)
+
+
+# ------------------------------------------------------------------------ select_topk
+
+
+def _rank_keys(x: torch.Tensor) -> torch.Tensor:
+    """int64 keys ordering elements by |x| (as fp32), NaN below every number."""
+    a = x.reshape(-1).float().abs()
+    key = a.view(torch.int32).long() + 1  # fp32 bit patterns of |x| are monotone in |x|
+    return torch.where(torch.isnan(a), torch.zeros_like(key), key)
+
+
+def check_select_topk(tensors: Sequence[torch.Tensor], k: int) -> None:
+    op = "select_topk"
+    _check_float_list(op, "tensors", tensors)
+    total = sum(t.numel() for t in tensors)
+    if k < 0 or k > total:
+        raise ValueError(f"{op}: k={k} is out of range; allowed: 0..{total} (the number of "
+                         f"elements in all {len(tensors)} tensors)")
+
+
+def select_topk(tensors: Sequence[torch.Tensor], k: int) -> list[torch.Tensor]:
+    """Exact global top-k by |x| over the concatenated tensors; per tensor the selected
+    positions (in the flattened tensor), ascending, int32 (int64 past 2**31-1 elements).
+    Ties at the threshold go to the lowest concatenated position; NaN ranks below every
+    number. (The kernels use a radix select; this reference sorts.)"""
+    check_select_topk(tensors, k)
+    sizes = [t.numel() for t in tensors]
+    dev = tensors[0].device if tensors else torch.device("cpu")
+    keys = torch.cat([_rank_keys(t.detach()) for t in tensors]) if tensors else \
+        torch.zeros(0, dtype=torch.int64)
+    order = torch.sort(keys, descending=True, stable=True).indices  # stable: lowest position first
+    chosen = torch.zeros(keys.numel(), dtype=torch.bool, device=keys.device)
+    chosen[order[:k]] = True
+    out, start = [], 0
+    for n in sizes:
+        pos = torch.nonzero(chosen[start:start + n]).view(-1)
+        out.append(pos.to(device=dev, dtype=_index_dtype_for(n)))
+        start += n
+    return out
+
+
+# ------------------------------------------------------------------------ remap_state
+
+
+def check_remap_state(old_indices, new_indices, states) -> None:
+    op = "remap_state"
+    _check_same_length(op, "states", len(states), old_indices=old_indices,
+                       new_indices=new_indices)
+    if not states:
+        return
+    dev = states[0].device if isinstance(states[0], torch.Tensor) else None
+    for i in range(len(states)):
+        _check_index_meta(op, "old_indices", i, old_indices[i], dev)
+        _check_index_meta(op, "new_indices", i, new_indices[i], dev)
+        _check_tensor(op, "states", i, states[i], _FLOAT_DTYPES, _FLOATS, dev)
+        s = states[i]
+        if s.dim() == 0 or s.shape[-1] != old_indices[i].numel():
+            last = s.shape[-1] if s.dim() else "no dimension"
+            raise ValueError(f"{op}: states[{i}] has shape {tuple(s.shape)}; its last dimension "
+                             f"({last}) must equal len(old_indices[{i}]) = "
+                             f"{old_indices[i].numel()}")
+    for i in range(len(states)):
+        _check_index_values(op, "old_indices", i, old_indices[i], None, "positions")
+        _check_index_values(op, "new_indices", i, new_indices[i], None, "positions")
+
+
+def remap_state(old_indices: Sequence[torch.Tensor], new_indices: Sequence[torch.Tensor],
+                states: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """states[i] of shape [..., len(old_indices[i])] -> [..., len(new_indices[i])]: the values
+    of positions in both index sets are carried over, positions new in new_indices are 0."""
+    check_remap_state(old_indices, new_indices, states)
+    out = []
+    for old, new, s in zip(old_indices, new_indices, states):
+        old, new = old.long(), new.long()
+        res = torch.zeros(*s.shape[:-1], new.numel(), dtype=s.dtype, device=s.device)
+        # where each new position would sit in old; a hit when old has it there
+        at = torch.searchsorted(old, new).clamp(max=max(old.numel() - 1, 0))
+        hit = (old[at] == new) if old.numel() else torch.zeros_like(new, dtype=torch.bool)
+        res[..., hit] = s[..., at[hit]]
+        out.append(res)
+    return out
+
+
+# ------------------------------------------------------------------ gather_accumulate_
+
+
+def check_gather_accumulate(dense, indices, compact) -> None:
+    op = "gather_accumulate_"
+    _check_same_length(op, "dense", len(dense), indices=indices, compact=compact)
+    if not dense:
+        return
+    dev = dense[0].device if isinstance(dense[0], torch.Tensor) else None
+    for i in range(len(dense)):
+        _check_tensor(op, "dense", i, dense[i], _FLOAT_DTYPES, _FLOATS, dev)
+        _check_index_meta(op, "indices", i, indices[i], dev)
+        _check_tensor(op, "compact", i, compact[i], (torch.float32,), "torch.float32", dev)
+        if compact[i].numel() != indices[i].numel():
+            raise ValueError(f"{op}: compact[{i}] has {compact[i].numel()} elements but "
+                             f"len(indices[{i}]) is {indices[i].numel()}; they must match")
+    for i in range(len(dense)):
+        _check_index_values(op, "indices", i, indices[i], dense[i].numel(), f"dense[{i}]")
+
+
+def gather_accumulate_(dense: Sequence[torch.Tensor], indices: Sequence[torch.Tensor],
+                       compact: Sequence[torch.Tensor]) -> None:
+    """compact[i] += dense[i].view(-1)[indices[i]] in fp32 (one rounding per add), in place."""
+    check_gather_accumulate(dense, indices, compact)
+    with torch.no_grad():
+        for d, idx, c in zip(dense, indices, compact):
+            c.view(-1).add_(d.reshape(-1)[idx.long()].float())

@@ -1,13 +1,49 @@
-"""The `nto` command (also `python -m nto_ext`)."""
+"""The `nto` command (also `python -m nto_ext`).
+
+- `nto demo`: fine-tune a packaged model with NTO and with torch AdamW, side by side.
+- `nto plan`: what would train under a budget, and its memory, from a config (no weights).
+- `nto backend`: which kernel path runs.
+
+Bad input ends in one line on stderr (`nto <command>: error: ...`) and exit status 2,
+never a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+from typing import NoReturn
 
 from . import __version__
 
+EXIT_BAD_INPUT = 2
+DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
+          "fp16": "float16", "float16": "float16"}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage block) and the same exit status."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _fail(command: str, err: BaseException) -> int:
+    msg = " ".join(str(err).split()) or type(err).__name__
+    print(f"nto {command}: error: {msg}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .data import MissingPackageError
+
+    # NotImplementedError: a policy the optimizer names but does not provide yet
+    return (ValueError, TypeError, NotImplementedError, MissingPackageError)
+
+
+# ---------------------------------------------------------------------------- commands
 
 def _cmd_backend(args: argparse.Namespace) -> int:
     from . import ops
@@ -16,15 +52,121 @@ def _cmd_backend(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from . import demo
+
+    cfg = demo.DemoConfig(model=args.model, data=args.data, steps=args.steps,
+                          budget=args.budget, policy=args.policy,
+                          switch_every=args.switch_every, batch_size=args.batch_size,
+                          lr=args.lr, max_length=args.max_length, eval_size=args.eval_size,
+                          seed=args.seed, device=args.device, out=args.out)
+    try:
+        results = demo.run_demo(cfg)
+    except _user_errors() as e:
+        return _fail("demo", e)
+    except demo.RunFailed as e:
+        print(f"nto demo: {e}", file=sys.stderr)
+        return 1
+    print()
+    print(demo.format_table(results))
+    print(f"wrote {results['files']['results']} and {results['files']['plot']} "
+          f"({results['wall_s']:.0f} s in all)")
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import data
+    from .demo import POLICIES, parse_budget
+
+    try:
+        if args.policy not in POLICIES:
+            raise ValueError(f"unknown policy {args.policy!r}; allowed: {', '.join(POLICIES)}")
+        if args.num_labels is not None and args.num_labels <= 0:
+            raise ValueError(f"--num-labels must be positive, got {args.num_labels}")
+        dtype = getattr(torch, DTYPES[args.dtype])
+        src = data.resolve_model(args.model)
+        model = data.meta_model(data.load_config(src), num_labels=args.num_labels, dtype=dtype)
+        from . import plan
+
+        p = plan(model, parse_budget(args.budget), policy=args.policy, dtype=dtype)
+    except _user_errors() as e:
+        return _fail("plan", e)
+    print(json.dumps(p.to_dict(), indent=2) if args.json else str(p))
+    return 0
+
+
+# ------------------------------------------------------------------------------ parser
+
+def _add_demo(sub) -> None:
+    from .data import DATASETS, MODELS
+
+    d = sub.add_parser(
+        "demo", help="fine-tune a packaged model with NTO and with AdamW, side by side",
+        description=(
+            "Fine-tune a pretrained model with NTO (under --budget) and with torch AdamW, "
+            "same seed, data and steps, each in its own process; print training-state "
+            "memory, peak process memory, step time, loss and held-out accuracy; write "
+            "results.json and a PNG to --out. Default: all-MiniLM-L6-v2 on the tweets "
+            "sentiment corpus (3 classes), nothing downloaded."))
+    d.add_argument("--model", default="minilm", metavar="NAME_OR_PATH",
+                   help=f"packaged model ({', '.join(MODELS)}) or a local HF folder "
+                        "(default: minilm)")
+    d.add_argument("--data", choices=DATASETS, default=None,
+                   help="dataset (default: tweets for encoders, bbc for causal LMs; bbc with "
+                        "a causal LM is language modelling, otherwise 5-topic classification)")
+    d.add_argument("--steps", type=int, help="training steps (default: 150; 30 for causal LMs)")
+    d.add_argument("--budget", default="10%",
+                   help="NTO budget: '10%%', 0.1, an element count, or bytes like '64MiB' "
+                        "(default: 10%%)")
+    d.add_argument("--policy", default="block", help="block, sample or sparse (default: block)")
+    d.add_argument("--switch-every", type=int, default=None,
+                   help="steps between changes of NTO's active set (default: NTO's)")
+    d.add_argument("--batch-size", type=int, help="examples per step (default: 16; 4 for LMs)")
+    d.add_argument("--lr", type=float, help="learning rate (default: 1e-4; 5e-5 for LMs)")
+    d.add_argument("--max-length", type=int,
+                   help="tokens per example / LM block (default: 64; 128 for LMs)")
+    d.add_argument("--eval-size", type=int,
+                   help="held-out examples (default: 1000) or LM blocks (default: 32)")
+    d.add_argument("--seed", type=int, default=0, help="seed for init, batches, dropout, NTO")
+    d.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    d.add_argument("--out", default="nto-demo-out", metavar="DIR",
+                   help="where results.json and nto_demo.png go (default: ./nto-demo-out)")
+    d.set_defaults(func=_cmd_demo)
+
+
+def _add_plan(sub) -> None:
+    p = sub.add_parser(
+        "plan", help="what would train under a budget, and its memory (no weights loaded)",
+        description=(
+            "Build the model on the meta device from its config (no weights are read) and "
+            "show what NTO would train under --budget: groups, bytes per group, and NTO's "
+            "training-state memory against AdamW's and 8-bit AdamW's (computed)."))
+    p.add_argument("--model", required=True, metavar="NAME_OR_PATH",
+                   help="packaged model (minilm, smollm2), a local HF folder, or a .gguf file")
+    p.add_argument("--budget", required=True,
+                   help="'8GiB', '512MiB', '10%%', 0.1 or an element count")
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES),
+                   help="parameter dtype (default: fp32)")
+    p.add_argument("--policy", default="block", help="block, sample or sparse (default: block)")
+    p.add_argument("--num-labels", type=int, default=None,
+                   help="classification head size for encoder models (default: the config's)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=_cmd_plan)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="nto", description=(
+    p = _Parser(prog="nto", description=(
         "nto_ext: fine-tune HuggingFace models under a hard training-state memory budget."))
     p.add_argument("--version", action="version", version=f"nto_ext {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     b = sub.add_parser("backend",
                        help="print which kernel path runs: cpu-ext, cuda-ext or reference")
     b.set_defaults(func=_cmd_backend)
+    _add_demo(sub)
+    _add_plan(sub)
     return p
 
 

@@ -14,6 +14,7 @@ import importlib.util
 import logging
 import os
 import sys
+import types
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 
 from . import _reference
-from ._buildinfo import MARKER, compile_args
+from ._buildinfo import MARKER, compile_args, cuda_args
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +72,20 @@ def _jit_build():
         raise RuntimeError("the JIT build is disabled (NTO_EXT_JIT=0)")
     if not (_CSRC / "ops.cpp").exists():
         raise RuntimeError(f"C++ sources not found at {_CSRC}")
-    from torch.utils.cpp_extension import load
+    from torch.utils.cpp_extension import CUDA_HOME, load
 
     sources = [str(_CSRC / "ops.cpp")] + sorted(str(p) for p in (_CSRC / "cpu").glob("*.cpp"))
-    log.warning("nto_ext: compiling the extension just in time (about a minute, once)")
+    # The CUDA kernels too, as setup.py does, when this torch has CUDA and nvcc is found.
+    cuda = torch.version.cuda is not None and CUDA_HOME is not None
+    if cuda:
+        sources += sorted(str(p) for p in (_CSRC / "cuda").glob("*.cu"))
+    log.warning("nto_ext: compiling the extension just in time (%s, once)",
+                "several minutes: CUDA kernels included" if cuda else "about a minute")
     load(name="nto_ext_jit", sources=sources,
-         extra_cflags=compile_args(torch.__version__, shell=True), extra_ldflags=["-fopenmp"],
-         is_python_module=False, verbose=False)
-    return "jit"
+         extra_cflags=compile_args(torch.__version__, cuda=cuda, shell=True),
+         extra_cuda_cflags=cuda_args(torch.__version__, shell=True) if cuda else None,
+         extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+    return types.SimpleNamespace(jit=True, with_cuda=int(cuda))
 
 
 def _ensure_loaded() -> bool:
@@ -146,7 +153,13 @@ def _register_fakes() -> None:
         return
     _fakes_done = True
 
-    @torch.library.register_fake("nto::param_stats")
+    def fake(name: str):
+        # Only ops whose schema this build defines (an older _C may lack some).
+        if not _has_schema(name):
+            return lambda fn: fn
+        return torch.library.register_fake(f"nto::{name}")
+
+    @fake("param_stats")
     def _(tensors):
         n = len(tensors)
         dev = tensors[0].device
@@ -154,6 +167,48 @@ def _register_fakes() -> None:
                 torch.empty(n, dtype=torch.float64, device=dev),
                 torch.empty(n, dtype=torch.float32, device=dev),
                 torch.empty(n, 256, dtype=torch.int64, device=dev))
+
+    @fake("masked_adamw_")
+    def _(params, grads, exp_avgs, exp_avg_sqs, indices, steps, lr, beta1, beta2, eps,
+          weight_decay):
+        return None
+
+    @fake("select_topk")
+    def _(tensors, k):
+        ctx = torch.library.get_ctx()
+        return [torch.empty(ctx.new_dynamic_size(), device=t.device,
+                            dtype=_reference._index_dtype_for(t.numel())) for t in tensors]
+
+    @fake("remap_state")
+    def _(old_indices, new_indices, states):
+        return [s.new_empty(*s.shape[:-1], n.shape[0]) for n, s in zip(new_indices, states)]
+
+    @fake("gather_accumulate_")
+    def _(dense, indices, compact):
+        return None
+
+
+def _has_schema(name: str) -> bool:
+    try:
+        torch._C._dispatch_find_schema_or_throw(f"nto::{name}", "")
+    except RuntimeError:
+        return False
+    return True
+
+
+def _has_kernel(name: str, device: torch.device) -> bool:
+    """True when `torch.ops.nto.<name>` has a kernel for this device registered (the C++
+    kernels land one by one; until then the wrapper runs the reference)."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
+    return (key is not None and _has_schema(name)
+            and torch._C._dispatch_has_kernel_for_dispatch_key(f"nto::{name}", key))
+
+
+def _kernel_for(name: str, tensors: Sequence[torch.Tensor]):
+    """The compiled op to call for these tensors, or None to run the reference."""
+    if not _use_kernels(tensors) or not _has_kernel(name, tensors[0].device):
+        return None
+    return getattr(torch.ops.nto, name)
 
 
 # ---------------------------------------------------------------------------- the ops
@@ -163,10 +218,97 @@ def param_stats(tensors: Sequence[torch.Tensor]):
     """(numel int64[n], sumsq float64[n], absmax float32[n], hist int64[n, 256]); see
     `_reference.param_stats`. `numel.sum()` is the total parameter count."""
     tensors = list(tensors)
-    if _use_kernels(tensors):
-        return torch.ops.nto.param_stats(tensors)
-    return _reference.param_stats(tensors)
+    kernel = _kernel_for("param_stats", tensors)
+    return kernel(tensors) if kernel else _reference.param_stats(tensors)
 
 
-__all__ = ["backend", "param_stats", "BuildMismatchError"]
+StepsArg = int | float | torch.Tensor | Sequence[int | float | torch.Tensor]
+
+
+def _step_tensors(steps: StepsArg, n: int) -> list[torch.Tensor]:
+    """`steps` as the schema wants it: one tensor per param (a 1-element count, or an int32
+    tensor of per-element counts). Plain numbers become float64 CPU scalars (exact up to
+    2**53), read once on the host; tensors pass through unchanged."""
+    if isinstance(steps, (int, float, torch.Tensor)):
+        if isinstance(steps, torch.Tensor) and steps.numel() != 1:
+            raise ValueError(f"masked_adamw_: steps is a tensor of {steps.numel()} elements; "
+                             "pass an int, a 1-element tensor, or a list with one entry per "
+                             "param")
+        steps = [steps] * n
+    out, cache = [], {}
+    for i, s in enumerate(steps):
+        if isinstance(s, torch.Tensor):
+            out.append(s)
+        elif isinstance(s, (int, float)) and not isinstance(s, bool):
+            if s not in cache:
+                cache[s] = torch.tensor([float(s)], dtype=torch.float64)
+            out.append(cache[s])
+        else:
+            raise TypeError(f"masked_adamw_: steps[{i}] is {type(s).__name__}; allowed: an "
+                            "int, a 1-element tensor or an int32 tensor of per-element steps")
+    return out
+
+
+def masked_adamw_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                  exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor],
+                  indices: Sequence[torch.Tensor | None], steps: StepsArg, *, lr: float,
+                  beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
+    """In-place AdamW (torch.optim.AdamW's math, decoupled decay) over whole lists.
+
+    indices[i] None: dense (state numel == param numel); else sorted unique int32/int64
+    positions in the flattened param, state of len(indices[i]) fp32 elements, grad compact
+    (len(indices[i])) or dense (param numel, read at the positions). steps: an int for all,
+    or one entry per param: an int, a 1-element tensor, or an int32 tensor of per-element
+    counts (len(indices[i])). The step is the count after incrementing (first update: 1).
+    Params/grads fp32/bf16/fp16 (grad dtype = param dtype or fp32), state fp32, math fp32.
+    Elements not indexed stay bit-identical. See `_reference.masked_adamw_`."""
+    params, grads, exp_avgs, exp_avg_sqs = list(params), list(grads), list(exp_avgs), \
+        list(exp_avg_sqs)
+    indices = list(indices)
+    steps = _step_tensors(steps, len(params))
+    args = (params, grads, exp_avgs, exp_avg_sqs, indices, steps,
+            float(lr), float(beta1), float(beta2), float(eps), float(weight_decay))
+    kernel = _kernel_for("masked_adamw_", params)
+    if kernel:
+        kernel(*args)
+    else:
+        _reference.masked_adamw_(*args)
+
+
+def select_topk(tensors: Sequence[torch.Tensor], k: int) -> list[torch.Tensor]:
+    """Exact global top-k by |x| over the concatenated tensors: per tensor, ascending int32
+    positions (int64 past 2**31-1 elements) in the flattened tensor. Ties at the threshold
+    go to the lowest concatenated position; NaN ranks below every number. k=0 gives empty
+    lists; k larger than the total is an error. See `_reference.select_topk`."""
+    tensors = list(tensors)
+    kernel = _kernel_for("select_topk", tensors)
+    return kernel(tensors, int(k)) if kernel else _reference.select_topk(tensors, int(k))
+
+
+def remap_state(old_indices: Sequence[torch.Tensor], new_indices: Sequence[torch.Tensor],
+                states: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Move compact state from one sorted index set to another: states[i] has shape
+    [..., len(old_indices[i])] (e.g. [2, L] = stacked exp_avg/exp_avg_sq); returns
+    [..., len(new_indices[i])] with kept positions carried and new positions 0."""
+    old_indices, new_indices, states = list(old_indices), list(new_indices), list(states)
+    kernel = _kernel_for("remap_state", states)
+    if kernel:
+        return kernel(old_indices, new_indices, states)
+    return _reference.remap_state(old_indices, new_indices, states)
+
+
+def gather_accumulate_(dense: Sequence[torch.Tensor], indices: Sequence[torch.Tensor],
+                       compact: Sequence[torch.Tensor]) -> None:
+    """compact[i] += dense[i].view(-1)[indices[i]] in place (dense fp32/bf16/fp16, compact
+    fp32, indices sorted unique): the sparse policy's gradient compaction."""
+    dense, indices, compact = list(dense), list(indices), list(compact)
+    kernel = _kernel_for("gather_accumulate_", dense)
+    if kernel:
+        kernel(dense, indices, compact)
+    else:
+        _reference.gather_accumulate_(dense, indices, compact)
+
+
+__all__ = ["backend", "param_stats", "masked_adamw_", "select_topk", "remap_state",
+           "gather_accumulate_", "BuildMismatchError"]
 del sys

@@ -1,0 +1,109 @@
+// The per-element AdamW update, written once for the CPU kernels (at::vec lanes) and the
+// CUDA kernels (one float per thread). It reproduces torch.optim.AdamW's
+// _single_tensor_adam op by op, each op rounded to fp32 as torch's CPU kernels round it
+// (measured against torch 2.13: its lerp and addcmul are fused multiply-adds):
+//   p *= decay                                  param.mul_(1 - lr*wd)
+//   m  = fma(w, g - m, m)                       exp_avg.lerp_(grad, w = 1-beta1)
+//        (w >= 0.5: fma(w - 1, g - m, g))       (torch's lerp switches formula there)
+//   v  = fma((1-b2) * g, g, v * b2)             exp_avg_sq.mul_(b2).addcmul_(g, g, 1-b2)
+//   p += (neg_step_size * m) / (sqrt(v) / bc2_sqrt + eps)        denom; param.addcdiv_
+// The scalars are computed in double and rounded to fp32 once, as torch converts Python
+// floats to an fp32 kernel's scalar type.
+//
+// Stable API (CUDA includes this; keep the signatures):
+//   struct AdamWScalars;  AdamWScalars adamw_scalars(lr, beta1, beta2, eps, weight_decay);
+//   void adamw_step_scalars(lr, beta1, beta2, double step, float* neg_step_size, float* bc2_sqrt);
+//   template <T> void adamw_update(T& p, T g, T& m, T& v, const AdamWScalars&, T neg_step_size,
+//                                  T bc2_sqrt);     // T = float, or a SIMD type with FloatOps<T>
+// Every op is explicitly rounded: the CPU build passes -ffp-contract=off, and on the device
+// the __f*_rn intrinsics keep nvcc's default fmad contraction out.
+#pragma once
+#include <cmath>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define NTO_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define NTO_HOST_DEVICE inline
+#endif
+
+namespace nto {
+
+struct AdamWScalars {
+  float decay;          // 1 - lr * weight_decay
+  float lerp_coeff;     // w = 1 - beta1 when w < 0.5, else w - 1 (torch's lerp formulas)
+  bool lerp_from_m;     // true: m = fma(w, g-m, m); false: m = fma(w-1, g-m, g)
+  float beta2;          // beta2
+  float one_minus_b2;   // 1 - beta2
+  float eps;            // eps
+  float neg_step_size;  // -(lr / (1 - beta1^step)) for a scalar step
+  float bc2_sqrt;       // sqrt(1 - beta2^step) for a scalar step
+};
+
+// Bias corrections in double from the step count (the count after incrementing, >= 1),
+// exactly as torch computes them from a Python float step.
+NTO_HOST_DEVICE void adamw_step_scalars(double lr, double beta1, double beta2, double step,
+                                        float* neg_step_size, float* bc2_sqrt) {
+  const double bc1 = 1.0 - pow(beta1, step);
+  const double bc2 = 1.0 - pow(beta2, step);
+  *neg_step_size = static_cast<float>(-(lr / bc1));
+  *bc2_sqrt = static_cast<float>(sqrt(bc2));
+}
+
+// Hyper-parameter scalars, plus the per-step pair for `step` (pass 1 if steps vary).
+NTO_HOST_DEVICE AdamWScalars adamw_scalars(double lr, double beta1, double beta2, double eps,
+                                           double weight_decay, double step = 1.0) {
+  AdamWScalars s;
+  s.decay = static_cast<float>(1.0 - lr * weight_decay);
+  const float w = static_cast<float>(1.0 - beta1);
+  s.lerp_from_m = fabsf(w) < 0.5f;
+  s.lerp_coeff = s.lerp_from_m ? w : w - 1.0f;
+  s.beta2 = static_cast<float>(beta2);
+  s.one_minus_b2 = static_cast<float>(1.0 - beta2);
+  s.eps = static_cast<float>(eps);
+  adamw_step_scalars(lr, beta1, beta2, step, &s.neg_step_size, &s.bc2_sqrt);
+  return s;
+}
+
+// Correctly rounded fp32 operations on T. Specialized for float here; the CPU kernels
+// specialize it for at::vec::Vectorized<float> (csrc/cpu/vec_kernels_impl.h).
+template <typename T>
+struct FloatOps;
+
+template <>
+struct FloatOps<float> {
+#if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
+  static __device__ __forceinline__ float mul(float a, float b) { return __fmul_rn(a, b); }
+  static __device__ __forceinline__ float add(float a, float b) { return __fadd_rn(a, b); }
+  static __device__ __forceinline__ float sub(float a, float b) { return __fsub_rn(a, b); }
+  static __device__ __forceinline__ float div(float a, float b) { return __fdiv_rn(a, b); }
+  static __device__ __forceinline__ float sqrt(float a) { return __fsqrt_rn(a); }
+  static __device__ __forceinline__ float fma(float a, float b, float c) {
+    return __fmaf_rn(a, b, c);
+  }
+  static __device__ __forceinline__ float splat(float a) { return a; }
+#else
+  static inline float mul(float a, float b) { return a * b; }
+  static inline float add(float a, float b) { return a + b; }
+  static inline float sub(float a, float b) { return a - b; }
+  static inline float div(float a, float b) { return a / b; }
+  static inline float sqrt(float a) { return std::sqrt(a); }
+  static inline float fma(float a, float b, float c) { return std::fma(a, b, c); }
+  static inline float splat(float a) { return a; }
+#endif
+};
+
+// One element (or one SIMD lane group), fp32; p, m, v are updated in place.
+// neg_step_size / bc2_sqrt are arguments so per-element step counts can supply their own.
+template <typename T>
+NTO_HOST_DEVICE void adamw_update(T& p, T g, T& m, T& v, const AdamWScalars& s,
+                                  T neg_step_size, T bc2_sqrt) {
+  using O = FloatOps<T>;
+  p = O::mul(p, O::splat(s.decay));
+  const T diff = O::sub(g, m);
+  m = O::fma(O::splat(s.lerp_coeff), diff, s.lerp_from_m ? m : g);
+  v = O::fma(O::mul(O::splat(s.one_minus_b2), g), g, O::mul(v, O::splat(s.beta2)));
+  const T denom = O::add(O::div(O::sqrt(v), bc2_sqrt), O::splat(s.eps));
+  p = O::add(p, O::div(O::mul(neg_step_size, m), denom));
+}
+
+}  // namespace nto

@@ -1,0 +1,90 @@
+// CPU checks of index *values*: sorted ascending, unique, in range. They read the indices
+// (never the memory they point into) before any op writes, so a bad index never reaches
+// memory. A parallel pass over (list, chunk) items finds whether anything is wrong; only
+// then a serial pass names the first offending entry, as _reference.py does.
+#pragma once
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <atomic>
+#include <string>
+#include <vector>
+
+#include "../checks.h"
+#include "work_items.h"
+
+namespace nto {
+
+struct IndexList {
+  const at::Tensor* idx;  // int32/int64, 1-D, contiguous (checked before)
+  int64_t limit;          // positions must be < limit; -1: only >= 0
+  const char* what;       // "indices"
+  size_t i;               // list position
+  std::string target;     // "params[3]"
+};
+
+template <typename I>
+inline bool range_ok(const I* x, int64_t begin, int64_t end, int64_t limit) {
+  bool ok = true;
+  for (int64_t j = begin; j < end; ++j) {
+    const int64_t a = static_cast<int64_t>(x[j]);
+    const int64_t prev = j > 0 ? static_cast<int64_t>(x[j - 1]) : -1;
+    ok &= (a >= 0) & (limit < 0 || a < limit) & (a > prev);
+  }
+  return ok;
+}
+
+inline bool chunk_ok(const at::Tensor& idx, int64_t begin, int64_t end, int64_t limit) {
+  if (idx.scalar_type() == at::kInt)
+    return range_ok(idx.const_data_ptr<int32_t>(), begin, end, limit);
+  return range_ok(idx.const_data_ptr<int64_t>(), begin, end, limit);
+}
+
+// Throws for the first violation in list l (range before order at the same entry).
+inline void explain_first(const char* op, const IndexList& l) {
+  const at::Tensor& idx = *l.idx;
+  const int64_t n = idx.numel();
+  auto at = [&](int64_t j) -> int64_t {
+    return idx.scalar_type() == at::kInt ? idx.const_data_ptr<int32_t>()[j]
+                                         : idx.const_data_ptr<int64_t>()[j];
+  };
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t a = at(j);
+    if (l.limit < 0) {
+      TORCH_CHECK_INDEX(a >= 0, op, ": ", l.what, "[", l.i, "][", j, "] = ", a,
+                        " is negative; positions are >= 0");
+    } else {
+      const std::string allowed = l.limit > 0 ? "0.." + std::to_string(l.limit - 1)
+                                              : std::string("none (it is empty)");
+      TORCH_CHECK_INDEX(a >= 0 && a < l.limit, op, ": ", l.what, "[", l.i, "][", j, "] = ", a,
+                        " is out of range for ", l.target, " with ", l.limit,
+                        " elements; allowed: ", allowed);
+    }
+    if (j > 0) {
+      const int64_t b = at(j - 1);
+      TORCH_CHECK_VALUE(a > b, op, ": ", l.what, "[", l.i, "][", j, "] = ", a, " follows ", b,
+                        "; indices must be sorted ascending and unique (torch.unique sorts)");
+    }
+  }
+}
+
+// True when every list is valid; otherwise returns false (the caller then runs its checks
+// serially in the reference's order, calling explain_first).
+inline bool all_indices_ok(const std::vector<IndexList>& lists) {
+  std::vector<int64_t> sizes;
+  sizes.reserve(lists.size());
+  for (const auto& l : lists) sizes.push_back(l.idx->numel());
+  const auto items = make_work_items(sizes, int64_t(1) << 18);
+  std::atomic<bool> ok{true};
+  at::parallel_for(0, (int64_t)items.size(), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t w = lo; w < hi && ok.load(std::memory_order_relaxed); ++w) {
+      const auto& it = items[w];
+      const auto& l = lists[it.tensor];
+      if (!chunk_ok(*l.idx, it.begin, it.end, l.limit)) ok = false;
+    }
+  });
+  return ok.load();
+}
+
+}  // namespace nto

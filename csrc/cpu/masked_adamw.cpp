@@ -1,0 +1,149 @@
+// masked_adamw_ on CPU: torch.optim.AdamW's update over whole tensors or at sorted unique
+// positions, all tensors in one call. Checks everything first (metadata, index values,
+// step counts); then at::parallel_for over (tensor, chunk) work items, each running the
+// per-capability vector loop of vec_kernels_impl.h.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../adamw_math.h"
+#include "../checks.h"
+#include "index_checks.h"
+#include "vec_kernels.h"
+#include "work_items.h"
+
+namespace nto {
+namespace {
+
+constexpr const char* kOp = "masked_adamw_";
+
+FType ftype(c10::ScalarType t) {
+  return t == at::kFloat ? FType::F32 : t == at::kBFloat16 ? FType::BF16 : FType::F16;
+}
+
+// A 1-element step tensor's value as a double (read on the host; the device was checked).
+double scalar_step(const at::Tensor& step) {
+  double out = 0.0;
+  AT_DISPATCH_ALL_TYPES_AND2(at::kHalf, at::kBFloat16, step.scalar_type(), "nto_step", [&] {
+    out = static_cast<double>(*step.const_data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+// The smallest per-element step count (int32), or 1 when there are none.
+int32_t min_step(const at::Tensor& step) {
+  const int32_t* s = step.const_data_ptr<int32_t>();
+  int32_t lo = 1;
+  for (int64_t j = 0; j < step.numel(); ++j) lo = std::min(lo, s[j]);
+  return lo;
+}
+
+void throw_step(size_t i, double low) {
+  TORCH_CHECK_VALUE(false, kOp, ": steps[", i, "] holds a step count of ", fmt_g(low),
+                    "; step counts start at 1 (the count after incrementing)");
+}
+
+// Index values and step counts, in the reference's order (per entry: indices, then steps).
+void check_values(at::TensorList params, const c10::List<std::optional<at::Tensor>>& indices,
+                  at::TensorList steps, std::vector<double>& scalar_steps) {
+  const size_t n = params.size();
+  std::vector<IndexList> lists;
+  std::vector<at::Tensor> idx(n);
+  for (size_t i = 0; i < n; ++i) {
+    std::optional<at::Tensor> o = indices.get(i);
+    if (o.has_value() && o->defined()) idx[i] = *o;
+  }
+  for (size_t i = 0; i < n; ++i)
+    if (idx[i].defined())
+      lists.push_back({&idx[i], params[i].numel(), "indices", i,
+                       "params[" + std::to_string(i) + "]"});
+  bool ok = all_indices_ok(lists);
+  scalar_steps.assign(n, 0.0);
+  for (size_t i = 0; i < n && ok; ++i) {
+    if (is_scalar_step(steps[i])) {
+      scalar_steps[i] = scalar_step(steps[i]);
+      ok = scalar_steps[i] >= 1.0;  // also refuses NaN
+    } else {
+      ok = steps[i].numel() == 0 || min_step(steps[i]) >= 1;
+    }
+  }
+  if (ok) return;
+  size_t li = 0;
+  for (size_t i = 0; i < n; ++i) {  // something is wrong: name the first offence
+    if (idx[i].defined()) explain_first(kOp, lists[li++]);
+    if (is_scalar_step(steps[i])) {
+      const double s = scalar_step(steps[i]);
+      if (!(s >= 1.0)) throw_step(i, s);
+    } else if (steps[i].numel() > 0 && min_step(steps[i]) < 1) {
+      throw_step(i, min_step(steps[i]));
+    }
+  }
+}
+
+void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                      at::TensorList exp_avg_sqs,
+                      const c10::List<std::optional<at::Tensor>>& indices, at::TensorList steps,
+                      double lr, double beta1, double beta2, double eps, double weight_decay) {
+  check_adamw_meta(params, grads, exp_avgs, exp_avg_sqs, indices, steps, lr, beta1, beta2, eps,
+                   weight_decay);
+  const size_t n = params.size();
+  std::vector<double> scalar_steps;
+  check_values(params, indices, steps, scalar_steps);
+
+  const AdamWScalars base = adamw_scalars(lr, beta1, beta2, eps, weight_decay);
+  const StepHyper hyper{lr, beta1, beta2};
+  std::vector<AdamWScalars> scal(n, base);
+  std::vector<AdamWChunk> proto(n);
+  std::vector<int64_t> sizes(n);
+  for (size_t i = 0; i < n; ++i) {
+    std::optional<at::Tensor> o = indices.get(i);
+    const bool indexed = o.has_value() && o->defined();
+    AdamWChunk& c = proto[i];
+    c.p = params[i].data_ptr();
+    c.g = grads[i].const_data_ptr();
+    c.m = exp_avgs[i].data_ptr<float>();
+    c.v = exp_avg_sqs[i].data_ptr<float>();
+    c.idx = indexed ? o->const_data_ptr() : nullptr;
+    c.idx64 = indexed && o->scalar_type() == at::kLong;
+    c.p_type = ftype(params[i].scalar_type());
+    c.g_type = ftype(grads[i].scalar_type());
+    sizes[i] = indexed ? o->numel() : params[i].numel();
+    c.g_dense = indexed && grads[i].numel() != sizes[i];
+    c.steps = is_scalar_step(steps[i]) ? nullptr : steps[i].const_data_ptr<int32_t>();
+    if (!c.steps)
+      adamw_step_scalars(lr, beta1, beta2, scalar_steps[i], &scal[i].neg_step_size,
+                         &scal[i].bc2_sqrt);
+  }
+
+  const auto items = make_work_items(sizes);
+  const auto& k = cpu_kernels();
+  at::parallel_for(0, (int64_t)items.size(), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t w = lo; w < hi; ++w) {
+      const auto& it = items[w];
+      AdamWChunk c = proto[it.tensor];
+      const int64_t b = it.begin;
+      c.n = it.end - it.begin;
+      const int64_t gsize = grads[it.tensor].element_size();
+      c.m += b;
+      c.v += b;
+      if (c.steps) c.steps += b;
+      if (c.idx) {
+        c.idx = static_cast<const char*>(c.idx) + b * (c.idx64 ? 8 : 4);
+        if (!c.g_dense) c.g = static_cast<const char*>(c.g) + b * gsize;
+      } else {
+        c.p = static_cast<char*>(c.p) + b * params[it.tensor].element_size();
+        c.g = static_cast<const char*>(c.g) + b * gsize;
+      }
+      k.adamw(c, scal[it.tensor], hyper);
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(nto, CPU, m) { m.impl("masked_adamw_", &masked_adamw_cpu); }
+
+}  // namespace nto

@@ -1,0 +1,62 @@
+// Inner loops compiled once per CPU capability (kernels_default.cpp, kernels_avx2.cpp,
+// kernels_avx512.cpp include vec_kernels_impl.h with different targets) and chosen at run
+// time from at::native::get_cpu_capability(), like ATen's DispatchStub. The op files
+// (checks, work items, at::parallel_for) are compiled once, without special flags.
+// Only plain pointers cross this boundary: no ATen types, no static initializers.
+#pragma once
+#include <cstdint>
+
+#include "../adamw_math.h"
+
+namespace nto {
+
+enum class FType : int8_t { F32 = 0, BF16 = 1, F16 = 2 };
+
+// One work item of masked_adamw_. Dense (idx null): p, g, m, v point at the chunk's first
+// element. Indexed: p (and g when g_dense) point at the whole flattened tensor; idx, m, v,
+// steps (and compact g) at the chunk's first position.
+struct AdamWChunk {
+  void* p;
+  const void* g;
+  float* m;
+  float* v;
+  const void* idx;       // null: dense
+  const int32_t* steps;  // null: the scalar step in AdamWScalars; else one count per element
+  int64_t n;             // elements (dense) or positions (indexed) in this chunk
+  FType p_type;
+  FType g_type;
+  bool idx64;
+  bool g_dense;          // indexed only: g is the dense grad, read at idx
+};
+
+struct StepHyper {  // for per-element bias corrections
+  double lr, beta1, beta2;
+};
+
+// Per-chunk partial statistics of param_stats.
+struct StatsPartial {
+  double sumsq;
+  float absmax;  // NaN when the chunk holds a NaN
+  int64_t hist[256];
+};
+
+using AdamWChunkFn = void (*)(const AdamWChunk&, const AdamWScalars&, const StepHyper&);
+using StatsChunkFn = void (*)(const void* x, FType t, int64_t n, StatsPartial* out);
+// select_topk's ranking key of each element: fp32 bits of |x| plus one, NaN -> 0.
+using TopkKeysFn = void (*)(const void* x, FType t, int64_t n, uint32_t* keys);
+
+struct CpuKernels {
+  const char* name;  // "default", "avx2", "avx512"
+  AdamWChunkFn adamw;
+  StatsChunkFn stats;
+  TopkKeysFn topk_keys;
+};
+
+namespace cpu_default { const CpuKernels& kernels(); }
+namespace cpu_avx2 { const CpuKernels& kernels(); }
+namespace cpu_avx512 { const CpuKernels& kernels(); }
+
+// The variant for this CPU (honours ATEN_CPU_CAPABILITY=default|avx2|avx512), chosen once.
+const CpuKernels& cpu_kernels();
+
+}  // namespace nto

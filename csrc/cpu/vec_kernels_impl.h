@@ -1,0 +1,428 @@
+// Per-capability inner loops; included once by each of kernels_{default,avx2,avx512}.cpp,
+// which define CPU_CAPABILITY / CPU_CAPABILITY_<X> (so ATen's at::vec picks its AVX2 /
+// AVX-512 implementation, in its own namespace at::vec::<X>) and NTO_CAP_NS (our own
+// namespace for the same reason: no symbol is shared between the variants).
+// Rules for this file: no static data with initializers, no ATen tensors, no TORCH_CHECK.
+#ifndef NTO_CAP_NS
+#error "include vec_kernels_impl.h from kernels_<capability>.cpp only"
+#endif
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "vec_kernels.h"
+
+namespace nto {
+
+// Correctly rounded fp32 operations on at::vec lanes (see adamw_math.h). Vectorized<float>
+// lives in at::vec::<capability>, so each variant's specialization is a distinct type.
+template <>
+struct FloatOps<at::vec::Vectorized<float>> {
+  using V = at::vec::Vectorized<float>;
+  static inline V mul(V a, V b) { return a * b; }
+  static inline V add(V a, V b) { return a + b; }
+  static inline V sub(V a, V b) { return a - b; }
+  static inline V div(V a, V b) { return a / b; }
+  static inline V sqrt(V a) { return a.sqrt(); }
+  static inline V splat(float a) { return V(a); }
+  static inline V fma(V a, V b, V c) {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+    return at::vec::fmadd(a, b, c);  // one vfmadd: a single rounding
+#else
+    // The generic at::vec::fmadd is a*b+c with two roundings; torch's own is fused.
+    float x[V::size()], y[V::size()], z[V::size()];
+    a.store(x);
+    b.store(y);
+    c.store(z);
+    for (int i = 0; i < V::size(); ++i) x[i] = std::fma(x[i], y[i], z[i]);
+    return V::loadu(x);
+#endif
+  }
+};
+
+namespace NTO_CAP_NS {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kV = Vec::size();
+constexpr int64_t kW = 2 * kV;  // elements per block: two float vectors = one 16-bit vector
+
+// Two float vectors from kW elements of T (widened exactly), and back (rounded to nearest
+// even, once).
+template <typename T>
+inline void load2(const T* src, Vec& a, Vec& b) {
+  if constexpr (std::is_same_v<T, float>) {
+    a = Vec::loadu(src);
+    b = Vec::loadu(src + kV);
+  } else {
+    at::vec::load_to_float(src, a, b);
+  }
+}
+
+template <typename T>
+inline void store2(T* dst, const Vec& a, const Vec& b) {
+  if constexpr (std::is_same_v<T, float>) {
+    a.store(dst);
+    b.store(dst + kV);
+  } else {
+    at::vec::convert_from_float<T>(a, b).store(dst);
+  }
+}
+
+// Per-element bias corrections, cached on the last step value: compact state activated at
+// the same time shares its count, so runs are long and pow() is rarely called.
+struct StepCache {
+  int32_t step = -1;
+  float neg_step_size = 0.0f, bc2_sqrt = 1.0f;
+  void get(int32_t s, const StepHyper& h, float* nss, float* bc2) {
+    if (s != step) {
+      step = s;
+      adamw_step_scalars(h.lr, h.beta1, h.beta2, static_cast<double>(s), &neg_step_size,
+                         &bc2_sqrt);
+    }
+    *nss = neg_step_size;
+    *bc2 = bc2_sqrt;
+  }
+};
+
+// One block of kW contiguous elements (p/g possibly gathered into buffers by the caller).
+template <typename P, typename G>
+inline void adamw_block(P* p, const G* g, float* m, float* v, const AdamWScalars& s,
+                        const float* nss, const float* bc2) {
+  Vec p0, p1, g0, g1;
+  load2(p, p0, p1);
+  load2(g, g0, g1);
+  Vec m0 = Vec::loadu(m), m1 = Vec::loadu(m + kV);
+  Vec v0 = Vec::loadu(v), v1 = Vec::loadu(v + kV);
+  Vec n0, n1, b0, b1;
+  if (nss) {
+    n0 = Vec::loadu(nss), n1 = Vec::loadu(nss + kV);
+    b0 = Vec::loadu(bc2), b1 = Vec::loadu(bc2 + kV);
+  } else {
+    n0 = n1 = Vec(s.neg_step_size);
+    b0 = b1 = Vec(s.bc2_sqrt);
+  }
+  adamw_update(p0, g0, m0, v0, s, n0, b0);
+  adamw_update(p1, g1, m1, v1, s, n1, b1);
+  store2(p, p0, p1);
+  m0.store(m);
+  m1.store(m + kV);
+  v0.store(v);
+  v1.store(v + kV);
+}
+
+// Dense or indexed chunk. Full dense blocks run in place; indexed blocks gather p (and a
+// dense g) into small buffers; the last partial block runs on zero-padded buffers, so every
+// element goes through the same vector code (dense and indexed results are bit-identical).
+template <typename P, typename G, typename I>
+void adamw_chunk_t(const AdamWChunk& c, const AdamWScalars& s, const StepHyper& h) {
+  P* p = static_cast<P*>(c.p);
+  const G* g = static_cast<const G*>(c.g);
+  const I* idx = static_cast<const I*>(c.idx);
+  const bool indexed = idx != nullptr;
+  alignas(64) P pb[kW];
+  alignas(64) G gb[kW];
+  alignas(64) float mb[kW], vb[kW], nb[kW], bb[kW];
+  StepCache cache;
+  for (int64_t j = 0; j < c.n; j += kW) {
+    const int64_t cnt = std::min<int64_t>(kW, c.n - j);
+    const bool full = cnt == kW;
+    float* nss = nullptr;
+    float* bc2 = nullptr;
+    if (c.steps) {
+      nss = nb, bc2 = bb;
+      for (int64_t t = 0; t < cnt; ++t) cache.get(c.steps[j + t], h, nb + t, bb + t);
+      for (int64_t t = cnt; t < kW; ++t) nb[t] = 0.0f, bb[t] = 1.0f;
+    }
+    if (!indexed && full) {
+      adamw_block(p + j, g + j, c.m + j, c.v + j, s, nss, bc2);
+      continue;
+    }
+    if (!full) {  // zero padding: finite garbage-free lanes, never stored
+      std::memset(pb, 0, sizeof(pb));
+      std::memset(gb, 0, sizeof(gb));
+      std::memset(mb, 0, sizeof(mb));
+      std::memset(vb, 0, sizeof(vb));
+    }
+    for (int64_t t = 0; t < cnt; ++t) {
+      const int64_t at = indexed ? static_cast<int64_t>(idx[j + t]) : j + t;
+      pb[t] = p[at];
+      gb[t] = (indexed && c.g_dense) ? g[at] : g[j + t];
+    }
+    float* mp = c.m + j;
+    float* vp = c.v + j;
+    if (!full) {
+      std::memcpy(mb, mp, cnt * sizeof(float));
+      std::memcpy(vb, vp, cnt * sizeof(float));
+      mp = mb, vp = vb;
+    }
+    adamw_block(pb, gb, mp, vp, s, nss, bc2);
+    for (int64_t t = 0; t < cnt; ++t) p[indexed ? static_cast<int64_t>(idx[j + t]) : j + t] = pb[t];
+    if (!full) {
+      std::memcpy(c.m + j, mb, cnt * sizeof(float));
+      std::memcpy(c.v + j, vb, cnt * sizeof(float));
+    }
+  }
+}
+
+template <typename P, typename G>
+void adamw_chunk_pg(const AdamWChunk& c, const AdamWScalars& s, const StepHyper& h) {
+  if (c.idx == nullptr || !c.idx64)
+    adamw_chunk_t<P, G, int32_t>(c, s, h);
+  else
+    adamw_chunk_t<P, G, int64_t>(c, s, h);
+}
+
+template <typename P>
+void adamw_chunk_p(const AdamWChunk& c, const AdamWScalars& s, const StepHyper& h) {
+  if (c.g_type == FType::F32)
+    adamw_chunk_pg<P, float>(c, s, h);
+  else
+    adamw_chunk_pg<P, P>(c, s, h);  // checks allow only the param's dtype or fp32
+}
+
+void adamw_chunk(const AdamWChunk& c, const AdamWScalars& s, const StepHyper& h) {
+  switch (c.p_type) {
+    case FType::F32: adamw_chunk_p<float>(c, s, h); break;
+    case FType::BF16: adamw_chunk_p<c10::BFloat16>(c, s, h); break;
+    case FType::F16: adamw_chunk_p<c10::Half>(c, s, h); break;
+  }
+}
+
+// ------------------------------------------------------------------------ param_stats
+
+using VecD = at::vec::Vectorized<double>;
+
+// Sums of squares go to 32 double lanes, element j of each 32-element block to lane j, in
+// every variant, and the lanes are added in one fixed order: the same bits whatever the
+// vector width (squares of fp32 values are exact in double; only the summation rounds).
+constexpr int64_t kLanes = 32;
+static_assert(kLanes % kW == 0, "a 32-element block is a whole number of vector blocks");
+
+// acc[0] += lower half of a squared, acc[1] += upper half squared.
+inline void add_squares(const Vec& a, VecD* acc) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 f = a;
+  const VecD lo(_mm512_cvtps_pd(_mm512_castps512_ps256(f)));
+  const VecD hi(_mm512_cvtps_pd(_mm512_extractf32x8_ps(f, 1)));
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m256 f = a;
+  const VecD lo(_mm256_cvtps_pd(_mm256_castps256_ps128(f)));
+  const VecD hi(_mm256_cvtps_pd(_mm256_extractf128_ps(f, 1)));
+#else
+  static_assert(kV == 2 * VecD::size(), "a float vector holds two double vectors");
+  float x[kV];
+  double d[kV];
+  a.store(x);
+  for (int64_t t = 0; t < kV; ++t) d[t] = x[t];
+  const VecD lo = VecD::loadu(d), hi = VecD::loadu(d + VecD::size());
+#endif
+  acc[0] = acc[0] + lo * lo;  // exact product, one rounding in the add
+  acc[1] = acc[1] + hi * hi;
+}
+
+using VecI = at::vec::Vectorized<int32_t>;
+static_assert(VecI::size() == kV, "int32 and float vectors have the same lane count");
+
+inline bool any_lane(const VecI& x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_test_epi32_mask(x, x) != 0;
+#elif defined(CPU_CAPABILITY_AVX2)
+  return !_mm256_testz_si256(x, x);
+#else
+  int32_t v[kV];
+  x.store(v);
+  for (int64_t t = 0; t < kV; ++t)
+    if (v[t]) return true;
+  return false;
+#endif
+}
+
+// Histogram of the fp32 exponent field of |x| (bits >> 23), counted mostly in vector
+// registers: a 16-bin window [base, base+16) is chosen from the first elements of the chunk
+// (most parameters span few exponents); each lane of acc[j] keeps four 8-bit counters for
+// bins base+4j..base+4j+3 (flushed before they can overflow). Exponents outside the window
+// (zeros among weights, outliers) go to scalar sub-histograms.
+struct ExpHist {
+  static constexpr int64_t kScalarPrefix = 2048;  // elements counted scalar; then the window
+  uint32_t h[8][256];
+  VecI acc[4];
+  int32_t base = -1;
+  int pending = 0;
+
+  ExpHist() {
+    std::memset(h, 0, sizeof(h));
+    for (auto& a : acc) a = VecI(0);
+  }
+  void add_scalar(const uint32_t* bits, int64_t n) {
+    for (int64_t t = 0; t < n; t += 8)
+      for (int u = 0; u < 8; ++u) ++h[u][bits[t + u] >> 23];
+  }
+  void choose_window() {  // the 16 consecutive bins holding the most elements so far
+    uint32_t best = 0;
+    base = 0;
+    for (int32_t b = 0; b + 16 <= 256; ++b) {
+      uint32_t c = 0;
+      for (int e = b; e < b + 16; ++e)
+        for (int u = 0; u < 8; ++u) c += h[u][e];
+      if (c > best) best = c, base = b;
+    }
+  }
+  void add_vector(const uint32_t* bits) {  // kV elements
+    const VecI e = VecI::loadu(bits) >> VecI(23);
+    const VecI d = e - VecI(base);
+    const VecI out = d & VecI(~15);  // nonzero: outside the window
+    const VecI in = out == VecI(0);
+    const VecI inc = (VecI(1) << ((d & VecI(3)) << VecI(3))) & in;
+    const VecI g = d >> VecI(2);
+    acc[0] = acc[0] + (inc & (g == VecI(0)));
+    acc[1] = acc[1] + (inc & (g == VecI(1)));
+    acc[2] = acc[2] + (inc & (g == VecI(2)));
+    acc[3] = acc[3] + (inc & (g == VecI(3)));
+    if (any_lane(out)) {
+      for (int64_t t = 0; t < kV; ++t) {
+        const uint32_t x = bits[t] >> 23;
+        if (static_cast<uint32_t>(static_cast<int32_t>(x) - base) >= 16u) ++h[t & 7][x];
+      }
+    }
+    if (++pending == 255) flush();
+  }
+  void flush() {
+    for (int j = 0; j < 4; ++j) {
+      int32_t lanes[kV];
+      acc[j].store(lanes);
+      for (int64_t t = 0; t < kV; ++t)
+        for (int b = 0; b < 4; ++b)
+          h[0][base + 4 * j + b] += (static_cast<uint32_t>(lanes[t]) >> (8 * b)) & 0xFFu;
+      acc[j] = VecI(0);
+    }
+    pending = 0;
+  }
+  void add(const uint32_t* bits, int64_t done) {  // kW elements; `done` counted before
+    if (done < kScalarPrefix) {
+      add_scalar(bits, kW);
+      if (done + kW >= kScalarPrefix) choose_window();
+      return;
+    }
+    add_vector(bits);
+    add_vector(bits + kV);
+  }
+  void finish(int64_t* out) {
+    if (base >= 0) flush();
+    for (int e = 0; e < 256; ++e) {
+      uint32_t c = 0;  // modulo 2^32 (the padding fix-up may wrap a sub-histogram); < 2^32
+      for (int u = 0; u < 8; ++u) c += h[u][e];
+      out[e] = c;
+    }
+  }
+};
+
+// One pass: sum of squares (double), abs-max (NaN if any) and the exponent histogram.
+template <typename T>
+void stats_chunk_t(const T* x, int64_t n, StatsPartial* out) {
+  ExpHist hist;
+  alignas(64) uint32_t bits[kW];
+  alignas(64) T pad[kLanes];
+  constexpr int64_t kAcc = kLanes / VecD::size();
+  VecD acc[kAcc];
+  for (auto& a : acc) a = VecD(0.0);
+  Vec amax(0.0f);
+  for (int64_t j = 0; j < n; j += kLanes) {
+    const int64_t cnt = std::min<int64_t>(kLanes, n - j);
+    const T* blk = x + j;
+    if (cnt < kLanes) {  // zero padding: adds 0 to the sums and to bin 0 (undone below)
+      std::memset(pad, 0, sizeof(pad));
+      std::memcpy(pad, blk, cnt * sizeof(T));
+      blk = pad;
+    }
+    for (int64_t off = 0; off < kLanes; off += kW) {
+      Vec a, b;
+      load2(blk + off, a, b);
+      a = a.abs();
+      b = b.abs();
+      amax = at::vec::maximum(amax, at::vec::maximum(a, b));  // propagates NaN
+      VecD* lane = acc + off / VecD::size();
+      add_squares(a, lane);
+      add_squares(b, lane + 2);
+      a.store(bits);
+      b.store(bits + kV);
+      hist.add(bits, j + off);
+    }
+    if (cnt < kLanes) hist.h[1][0] -= static_cast<uint32_t>(kLanes - cnt);
+  }
+  alignas(64) double lanes[kLanes];
+  for (int64_t a = 0; a < kAcc; ++a) acc[a].store(lanes + a * VecD::size());
+  for (int64_t w = kLanes / 2; w >= 1; w /= 2)  // fixed pairwise order
+    for (int64_t t = 0; t < w; ++t) lanes[t] += lanes[t + w];
+  float lane_max[kV];
+  amax.store(lane_max);
+  float m = 0.0f;
+  bool nan = false;
+  for (int t = 0; t < kV; ++t) {
+    nan = nan || std::isnan(lane_max[t]);
+    m = std::max(m, lane_max[t]);
+  }
+  out->sumsq = lanes[0];
+  out->absmax = nan ? NAN : m;
+  hist.finish(out->hist);
+}
+
+void stats_chunk(const void* x, FType t, int64_t n, StatsPartial* out) {
+  switch (t) {
+    case FType::F32: stats_chunk_t(static_cast<const float*>(x), n, out); break;
+    case FType::BF16: stats_chunk_t(static_cast<const c10::BFloat16*>(x), n, out); break;
+    case FType::F16: stats_chunk_t(static_cast<const c10::Half*>(x), n, out); break;
+  }
+}
+
+// ------------------------------------------------------------------------ select_topk
+
+// key = bits(|x|) + 1, NaN -> 0: ordered like |x| (non-negative floats order like their
+// bits), NaN below every number (even +-0, whose key is 1).
+template <typename T>
+void topk_keys_t(const T* x, int64_t n, uint32_t* keys) {
+  alignas(64) T pad[kW];
+  alignas(64) uint32_t buf[kW];
+  for (int64_t j = 0; j < n; j += kW) {
+    const int64_t cnt = std::min<int64_t>(kW, n - j);
+    const T* src = x + j;
+    if (cnt < kW) {
+      std::memset(pad, 0, sizeof(pad));
+      std::memcpy(pad, src, cnt * sizeof(T));
+      src = pad;
+    }
+    Vec a, b;
+    load2(src, a, b);
+    uint32_t* dst = cnt < kW ? buf : keys + j;
+    a.abs().store(dst);
+    b.abs().store(dst + kV);
+    for (int64_t off = 0; off < kW; off += kV) {
+      const VecI bits = VecI::loadu(dst + off);
+      const VecI nan = bits > VecI(0x7F800000);
+      ((bits + VecI(1)) & (nan ^ VecI(-1))).store(dst + off);
+    }
+    if (cnt < kW) std::memcpy(keys + j, buf, cnt * sizeof(uint32_t));
+  }
+}
+
+void topk_keys(const void* x, FType t, int64_t n, uint32_t* keys) {
+  switch (t) {
+    case FType::F32: topk_keys_t(static_cast<const float*>(x), n, keys); break;
+    case FType::BF16: topk_keys_t(static_cast<const c10::BFloat16*>(x), n, keys); break;
+    case FType::F16: topk_keys_t(static_cast<const c10::Half*>(x), n, keys); break;
+  }
+}
+
+}  // namespace
+
+const CpuKernels& kernels() {
+  static const CpuKernels k{NTO_CAP_NAME, &adamw_chunk, &stats_chunk, &topk_keys};
+  return k;
+}
+
+}  // namespace NTO_CAP_NS
+}  // namespace nto

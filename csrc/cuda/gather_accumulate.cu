@@ -1,0 +1,115 @@
+// gather_accumulate_ on CUDA: compact[i] += dense[i].view(-1)[indices[i]] in fp32 (one
+// rounding per add), one multi-tensor launch for the whole list. Indices are checked before
+// any write (index_check.cuh); the same index tensors come back every micro-batch, so after
+// the first call this runs with no host sync.
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <string>
+#include <vector>
+
+#include "arg_checks.cuh"
+#include "index_check.cuh"
+#include "multi_tensor.cuh"
+
+namespace nto {
+namespace cuda {
+namespace gather {  // named: all files can share one TU (bench/cuda_syntax_check.sh)
+namespace {
+
+constexpr const char* kOp = "gather_accumulate_";
+constexpr int kThreads = 512;
+constexpr int kIlp = 4;
+constexpr int64_t kChunk = 1 << 16;
+
+struct GatherMeta {
+  static constexpr int kTensors = 64;
+  static constexpr int kBlocks = 320;
+  const void* dense[kTensors];
+  const void* idx[kTensors];
+  float* compact[kTensors];
+  int64_t n[kTensors];
+  uint8_t idx64[kTensors];
+  uint8_t dtype[kTensors];  // dtype_code of dense
+  uint8_t block_slot[kBlocks];
+  int32_t block_chunk[kBlocks];
+};
+
+__device__ __forceinline__ float load_as_float(const void* p, int dtype, int64_t pos) {
+  switch (dtype) {
+    case 0: return static_cast<const float*>(p)[pos];
+    case 1: return to_float(static_cast<const c10::BFloat16*>(p)[pos]);
+    default: return to_float(static_cast<const c10::Half*>(p)[pos]);
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) gather_kernel(GatherMeta meta) {
+  const int slot = meta.block_slot[blockIdx.x];
+  const int64_t begin = static_cast<int64_t>(meta.block_chunk[blockIdx.x]) * kChunk;
+  const int64_t rest = meta.n[slot] - begin;
+  const int64_t len = rest < kChunk ? rest : kChunk;
+  const bool i64 = meta.idx64[slot];
+  const int dtype = meta.dtype[slot];
+  const int32_t* idx32 = static_cast<const int32_t*>(meta.idx[slot]) + (i64 ? 0 : begin);
+  const int64_t* idx64 = static_cast<const int64_t*>(meta.idx[slot]) + (i64 ? begin : 0);
+  const void* dense = meta.dense[slot];
+  float* c = meta.compact[slot] + begin;
+  for (int64_t j0 = threadIdx.x; j0 < len; j0 += static_cast<int64_t>(kThreads) * kIlp) {
+    float d[kIlp], acc[kIlp];
+#pragma unroll
+    for (int u = 0; u < kIlp; ++u) {  // kIlp gathers in flight per thread
+      const int64_t j = j0 + static_cast<int64_t>(u) * kThreads;
+      if (j < len) {
+        const int64_t pos = i64 ? idx64[j] : static_cast<int64_t>(idx32[j]);
+        d[u] = load_as_float(dense, dtype, pos);
+        acc[u] = c[j];
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kIlp; ++u) {
+      const int64_t j = j0 + static_cast<int64_t>(u) * kThreads;
+      if (j < len) c[j] = acc[u] + d[u];
+    }
+  }
+}
+
+void gather_accumulate_cuda(at::TensorList dense, at::TensorList indices,
+                            at::TensorList compact) {
+  check_gather_meta(dense, indices, compact);
+  const size_t n = dense.size();
+  if (n == 0) return;
+  const at::Device dev = dense[0].device();
+  check_on_cuda(kOp, "dense", dense[0]);
+  c10::cuda::CUDAGuard guard(dev);
+  const auto facts = index_facts(std::vector<at::Tensor>(indices.begin(), indices.end()));
+  for (size_t i = 0; i < n; ++i)
+    check_index_values(kOp, "indices", i, indices[i], facts[i], dense[i].numel(),
+                       "dense[" + std::to_string(i) + "]");
+
+  std::vector<int64_t> lengths(n);
+  for (size_t i = 0; i < n; ++i) lengths[i] = indices[i].numel();
+  const auto stream = current_stream();
+  multi_tensor_launch<GatherMeta>(
+      lengths, kChunk,
+      [&](GatherMeta& meta, int slot, int64_t i) {
+        meta.dense[slot] = dense[i].const_data_ptr();
+        meta.idx[slot] = indices[i].const_data_ptr();
+        meta.compact[slot] = compact[i].mutable_data_ptr<float>();
+        meta.n[slot] = lengths[i];
+        meta.idx64[slot] = indices[i].scalar_type() == at::kLong;
+        meta.dtype[slot] = static_cast<uint8_t>(dtype_code(dense[i].scalar_type()));
+      },
+      [&](const GatherMeta& meta, int blocks) {
+        gather_kernel<<<blocks, kThreads, 0, stream>>>(meta);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(nto, CUDA, m) { m.impl("gather_accumulate_", &gather_accumulate_cuda); }
+
+}  // namespace gather
+
+}  // namespace cuda
+}  // namespace nto

@@ -1,0 +1,167 @@
+// Device check of index tensors plus the per-tensor cache of its results (see
+// index_check.cuh for the contract and the cost).
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/core/TensorImpl.h>
+#include <c10/core/UndefinedTensorImpl.h>
+#include <c10/util/intrusive_ptr.h>
+
+#include <mutex>
+#include <unordered_map>
+
+#include "../cpu/index_checks.h"
+#include "index_check.cuh"
+#include "multi_tensor.cuh"
+
+namespace nto {
+namespace cuda {
+namespace idxcheck {  // named: all files can share one TU (bench/cuda_syntax_check.sh)
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int64_t kChunk = 1 << 16;
+
+struct IdxMeta {
+  static constexpr int kTensors = 96;
+  static constexpr int kBlocks = 320;
+  const void* ptr[kTensors];
+  int64_t n[kTensors];
+  int32_t out[kTensors];
+  uint8_t is64[kTensors];
+  uint8_t block_slot[kBlocks];
+  int32_t block_chunk[kBlocks];
+};
+
+__device__ __forceinline__ int64_t load_index(const void* p, bool is64, int64_t j) {
+  return is64 ? static_cast<const int64_t*>(p)[j] : static_cast<const int32_t*>(p)[j];
+}
+
+// facts[out] = 1 when a violation is seen (every writer stores the same 1: no race on the
+// value), facts[m + out] = the last element.
+__global__ void __launch_bounds__(kThreads) check_indices_kernel(IdxMeta meta, int64_t* facts,
+                                                                 int64_t m) {
+  const int slot = meta.block_slot[blockIdx.x];
+  const int64_t n = meta.n[slot];
+  const bool is64 = meta.is64[slot];
+  const void* p = meta.ptr[slot];
+  const int64_t begin = static_cast<int64_t>(meta.block_chunk[blockIdx.x]) * kChunk;
+  const int64_t end = begin + kChunk < n ? begin + kChunk : n;
+  bool bad = false;
+  for (int64_t j = begin + threadIdx.x; j < end; j += kThreads) {
+    const int64_t x = load_index(p, is64, j);
+    bad |= x < 0 || (j > 0 && x <= load_index(p, is64, j - 1));
+    if (j == n - 1) facts[m + meta.out[slot]] = x;
+  }
+  if (bad) facts[meta.out[slot]] = 1;
+}
+
+using WeakImpl = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
+
+struct Entry {
+  WeakImpl impl;
+  uint32_t version;
+  const void* data;
+  int64_t numel;
+  c10::ScalarType dtype;
+  int64_t last;
+};
+
+constexpr size_t kMaxEntries = 4096;
+std::mutex cache_mu;
+std::unordered_map<const c10::TensorImpl*, Entry>& cache() {
+  static auto* c = new std::unordered_map<const c10::TensorImpl*, Entry>();  // never destroyed:
+  return *c;  // safe to use from other static destructors at exit
+}
+
+bool lookup(const at::Tensor& t, int64_t* last) {
+  if (t.is_inference()) return false;
+  std::lock_guard<std::mutex> g(cache_mu);
+  auto& c = cache();
+  auto it = c.find(t.unsafeGetTensorImpl());
+  if (it == c.end()) return false;
+  const Entry& e = it->second;
+  if (e.impl.expired()) {
+    c.erase(it);
+    return false;
+  }
+  if (e.version != t._version() || e.data != t.const_data_ptr() || e.numel != t.numel() ||
+      e.dtype != t.scalar_type())
+    return false;
+  *last = e.last;
+  return true;
+}
+
+void remember(const at::Tensor& t, int64_t last) {
+  if (t.is_inference()) return;
+  std::lock_guard<std::mutex> g(cache_mu);
+  auto& c = cache();
+  if (c.size() >= kMaxEntries) {
+    for (auto it = c.begin(); it != c.end();) it = it->second.impl.expired() ? c.erase(it) : ++it;
+    if (c.size() >= kMaxEntries) c.clear();
+  }
+  c.insert_or_assign(t.unsafeGetTensorImpl(),
+                     Entry{WeakImpl(t.getIntrusivePtr()), static_cast<uint32_t>(t._version()),
+                           t.const_data_ptr(), t.numel(), t.scalar_type(), last});
+}
+
+}  // namespace
+}  // namespace idxcheck
+
+std::vector<IndexFacts> index_facts(const std::vector<at::Tensor>& idx) {
+  using namespace idxcheck;
+  std::vector<IndexFacts> facts(idx.size(), IndexFacts{true, -1});
+  std::vector<int64_t> todo;  // positions in idx that need the device check
+  for (size_t i = 0; i < idx.size(); ++i) {
+    if (idx[i].numel() == 0) continue;
+    int64_t last;
+    if (lookup(idx[i], &last))
+      facts[i].last = last;
+    else
+      todo.push_back(static_cast<int64_t>(i));
+  }
+  if (todo.empty()) return facts;
+
+  const int64_t m = static_cast<int64_t>(todo.size());
+  const at::Tensor& first = idx[todo[0]];
+  c10::cuda::CUDAGuard guard(first.device());
+  auto out = at::zeros({2 * m}, first.options().dtype(at::kLong));
+  std::vector<int64_t> lengths(todo.size());
+  for (size_t k = 0; k < todo.size(); ++k) lengths[k] = idx[todo[k]].numel();
+  auto stream = current_stream();
+  multi_tensor_launch<IdxMeta>(
+      lengths, kChunk,
+      [&](IdxMeta& meta, int slot, int64_t k) {
+        const at::Tensor& t = idx[todo[k]];
+        meta.ptr[slot] = t.const_data_ptr();
+        meta.n[slot] = t.numel();
+        meta.out[slot] = static_cast<int32_t>(k);
+        meta.is64[slot] = t.scalar_type() == at::kLong;
+      },
+      [&](const IdxMeta& meta, int blocks) {
+        check_indices_kernel<<<blocks, kThreads, 0, stream>>>(meta, out.mutable_data_ptr<int64_t>(),
+                                                              m);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+  const auto host = out.cpu();  // the one host sync
+  const int64_t* h = host.const_data_ptr<int64_t>();
+  for (int64_t k = 0; k < m; ++k) {
+    IndexFacts& f = facts[todo[k]];
+    f.ok = h[k] == 0;
+    f.last = h[m + k];
+    if (f.ok) remember(idx[todo[k]], f.last);
+  }
+  return facts;
+}
+
+void raise_index_error(const char* op, const char* what, size_t i, const at::Tensor& idx,
+                       int64_t limit, const std::string& target) {
+  // The CPU check names the offence (same words as every backend) from a host copy.
+  const at::Tensor host = idx.cpu();
+  explain_first(op, IndexList{&host, limit, what, i, target});
+  TORCH_INTERNAL_ASSERT(false, op, ": ", what, "[", i,
+                        "] failed the device index check but not the host one");
+}
+
+}  // namespace cuda
+}  // namespace nto

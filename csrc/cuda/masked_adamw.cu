@@ -1,0 +1,437 @@
+// masked_adamw_ on CUDA: torch.optim.AdamW's update (csrc/adamw_math.h, shared with the CPU
+// kernels) over whole tensor lists, in one multi-tensor launch per (param dtype, grad dtype)
+// group and kind: dense (aligned vector loads, 4 independent vectors in flight per thread)
+// or indexed (sorted unique positions; compact fp32 state; grad compact or dense).
+//
+// Steps: an int becomes a CPU scalar in ops.py and its bias corrections are computed here on
+// the host, in double. A 1-element CUDA step tensor is read by the kernel itself and a
+// per-element int32 step tensor likewise, so a step needs no host sync. Those device counts
+// are not checked on the host (that would sync every step): an element whose device step
+// is < 1 or NaN is left untouched (bit-identical) instead of raising as a CPU step does.
+// Index tensors are checked before any write (index_check.cuh: a host sync only the first
+// time a given index tensor is seen).
+#include <ATen/core/List.h>
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "../adamw_math.h"
+#include "arg_checks.cuh"
+#include "index_check.cuh"
+#include "multi_tensor.cuh"
+
+namespace nto {
+namespace cuda {
+namespace adamw {  // named: all files can share one TU (bench/cuda_syntax_check.sh)
+namespace {
+
+constexpr const char* kOp = "masked_adamw_";
+constexpr int kThreads = 512;
+constexpr int kIlp = 4;              // independent vectors (dense) / elements (indexed) in flight
+constexpr int64_t kChunk = 1 << 16;  // elements per block
+
+// Where a tensor's step count comes from.
+enum StepCode : int8_t {
+  kStepHost = 0,  // scalars computed on the host (CPU step)
+  kStepF64,       // 1-element CUDA tensors, read by the kernel
+  kStepF32,
+  kStepI64,
+  kStepI32,
+  kStepPerElem,  // int32 CUDA tensor, one count per updated element
+};
+
+struct Hyper {  // what a device step needs to compute its bias corrections
+  double lr, beta1, beta2;
+};
+
+__device__ __forceinline__ double load_step(const void* p, int code) {
+  switch (code) {
+    case kStepF64: return *static_cast<const double*>(p);
+    case kStepF32: return *static_cast<const float*>(p);
+    case kStepI64: return static_cast<double>(*static_cast<const int64_t*>(p));
+    default: return *static_cast<const int32_t*>(p);
+  }
+}
+
+// The per-step scalars of one tensor; false when its device step is < 1 or NaN (skip it).
+__device__ __forceinline__ bool tensor_step(int code, const void* step, float host_nss,
+                                            float host_bc2, const Hyper& h, float* nss,
+                                            float* bc2) {
+  if (code == kStepHost) {
+    *nss = host_nss;
+    *bc2 = host_bc2;
+    return true;
+  }
+  const double s = load_step(step, code);
+  if (!(s >= 1.0)) return false;
+  adamw_step_scalars(h.lr, h.beta1, h.beta2, s, nss, bc2);
+  return true;
+}
+
+// ---------------------------------------------------------------------------------- dense
+
+struct DenseMeta {
+  static constexpr int kTensors = 32;
+  static constexpr int kBlocks = 320;
+  void* p[kTensors];
+  const void* g[kTensors];
+  float* m[kTensors];
+  float* v[kTensors];
+  const void* step[kTensors];
+  int64_t n[kTensors];
+  float nss[kTensors];
+  float bc2[kTensors];
+  int8_t code[kTensors];
+  uint8_t block_slot[kBlocks];
+  int32_t block_chunk[kBlocks];
+};
+
+template <typename P, typename G>
+__global__ void __launch_bounds__(kThreads)
+    dense_kernel(DenseMeta meta, AdamWScalars s, Hyper h) {
+  const int slot = meta.block_slot[blockIdx.x];
+  float nss, bc2;
+  if (!tensor_step(meta.code[slot], meta.step[slot], meta.nss[slot], meta.bc2[slot], h, &nss,
+                   &bc2))
+    return;  // uniform over the block
+  const int64_t begin = static_cast<int64_t>(meta.block_chunk[blockIdx.x]) * kChunk;
+  const int64_t rest = meta.n[slot] - begin;
+  const int64_t len = rest < kChunk ? rest : kChunk;
+  P* __restrict__ p = static_cast<P*>(meta.p[slot]) + begin;
+  const G* __restrict__ g = static_cast<const G*>(meta.g[slot]) + begin;
+  float* __restrict__ m = meta.m[slot] + begin;
+  float* __restrict__ v = meta.v[slot] + begin;
+
+  constexpr int V = 4;
+  using PV = Vec<P, V>;
+  using GV = Vec<G, V>;
+  using FV = Vec<float, V>;
+  const bool vec = aligned<sizeof(PV)>(p) && aligned<sizeof(GV)>(g) && aligned<16>(m) &&
+                   aligned<16>(v);
+  const int64_t nvec = vec ? len / V : 0;
+  for (int64_t q0 = threadIdx.x; q0 < nvec; q0 += static_cast<int64_t>(kThreads) * kIlp) {
+    PV pv[kIlp];
+    GV gv[kIlp];
+    FV mv[kIlp], vv[kIlp];
+#pragma unroll
+    for (int u = 0; u < kIlp; ++u) {  // all loads first: kIlp vectors in flight per stream
+      const int64_t q = q0 + static_cast<int64_t>(u) * kThreads;
+      if (q < nvec) {
+        pv[u] = reinterpret_cast<const PV*>(p)[q];
+        gv[u] = reinterpret_cast<const GV*>(g)[q];
+        mv[u] = reinterpret_cast<const FV*>(m)[q];
+        vv[u] = reinterpret_cast<const FV*>(v)[q];
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kIlp; ++u) {
+      const int64_t q = q0 + static_cast<int64_t>(u) * kThreads;
+      if (q < nvec) {
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+          float pf = to_float(pv[u].v[e]);
+          adamw_update(pf, to_float(gv[u].v[e]), mv[u].v[e], vv[u].v[e], s, nss, bc2);
+          pv[u].v[e] = from_float<P>(pf);
+        }
+        reinterpret_cast<PV*>(p)[q] = pv[u];
+        reinterpret_cast<FV*>(m)[q] = mv[u];
+        reinterpret_cast<FV*>(v)[q] = vv[u];
+      }
+    }
+  }
+  for (int64_t e = nvec * V + threadIdx.x; e < len; e += kThreads) {  // tail / unaligned
+    float pf = to_float(p[e]);
+    float mf = m[e], vf = v[e];
+    adamw_update(pf, to_float(g[e]), mf, vf, s, nss, bc2);
+    p[e] = from_float<P>(pf);
+    m[e] = mf;
+    v[e] = vf;
+  }
+}
+
+// ------------------------------------------------------------------------------- indexed
+
+struct IndexedMeta {
+  static constexpr int kTensors = 24;
+  static constexpr int kBlocks = 320;
+  void* p[kTensors];
+  const void* g[kTensors];
+  float* m[kTensors];
+  float* v[kTensors];
+  const void* idx[kTensors];
+  const void* step[kTensors];
+  int64_t n[kTensors];  // updated elements (state length)
+  float nss[kTensors];
+  float bc2[kTensors];
+  int8_t code[kTensors];
+  uint8_t idx_mode[kTensors];  // 0: none (positions 0..n-1), 1: int32, 2: int64
+  uint8_t g_dense[kTensors];   // grad has the param's numel: read it at the positions
+  uint8_t block_slot[kBlocks];
+  int32_t block_chunk[kBlocks];
+};
+
+template <typename P, typename G>
+__global__ void __launch_bounds__(kThreads)
+    indexed_kernel(IndexedMeta meta, AdamWScalars s, Hyper h) {
+  const int slot = meta.block_slot[blockIdx.x];
+  const int code = meta.code[slot];
+  const int64_t begin = static_cast<int64_t>(meta.block_chunk[blockIdx.x]) * kChunk;
+  const int64_t rest = meta.n[slot] - begin;
+  const int64_t len = rest < kChunk ? rest : kChunk;
+  float nss = 0.0f, bc2 = 1.0f;
+  const int32_t* estep = nullptr;
+  if (code == kStepPerElem) {
+    estep = static_cast<const int32_t*>(meta.step[slot]) + begin;
+  } else if (!tensor_step(code, meta.step[slot], meta.nss[slot], meta.bc2[slot], h, &nss,
+                          &bc2)) {
+    return;
+  }
+  const int mode = meta.idx_mode[slot];
+  const bool g_dense = meta.g_dense[slot];
+  const int32_t* idx32 = static_cast<const int32_t*>(meta.idx[slot]) + (mode == 1 ? begin : 0);
+  const int64_t* idx64 = static_cast<const int64_t*>(meta.idx[slot]) + (mode == 2 ? begin : 0);
+  P* __restrict__ p = static_cast<P*>(meta.p[slot]);
+  const G* __restrict__ g = static_cast<const G*>(meta.g[slot]) + (g_dense ? 0 : begin);
+  float* __restrict__ m = meta.m[slot] + begin;
+  float* __restrict__ v = meta.v[slot] + begin;
+  int32_t cached = 0;  // per-element steps: recompute the scalars only when the count changes
+  float cnss = 0.0f, cbc2 = 1.0f;
+
+  for (int64_t j0 = threadIdx.x; j0 < len; j0 += static_cast<int64_t>(kThreads) * kIlp) {
+    int64_t pos[kIlp];
+    float pf[kIlp], gf[kIlp], mf[kIlp], vf[kIlp];
+    int32_t st[kIlp];
+#pragma unroll
+    for (int u = 0; u < kIlp; ++u) {
+      const int64_t j = j0 + static_cast<int64_t>(u) * kThreads;
+      if (j < len) {
+        pos[u] = mode == 0 ? begin + j : (mode == 1 ? static_cast<int64_t>(idx32[j]) : idx64[j]);
+        pf[u] = to_float(p[pos[u]]);
+        gf[u] = to_float(g_dense ? g[pos[u]] : g[j]);
+        mf[u] = m[j];
+        vf[u] = v[j];
+        st[u] = estep ? estep[j] : 1;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kIlp; ++u) {
+      const int64_t j = j0 + static_cast<int64_t>(u) * kThreads;
+      if (j >= len) continue;
+      float a = nss, b = bc2;
+      if (estep) {
+        if (st[u] < 1) continue;  // see the file comment: device steps < 1 are skipped
+        if (st[u] != cached) {
+          adamw_step_scalars(h.lr, h.beta1, h.beta2, static_cast<double>(st[u]), &cnss, &cbc2);
+          cached = st[u];
+        }
+        a = cnss;
+        b = cbc2;
+      }
+      adamw_update(pf[u], gf[u], mf[u], vf[u], s, a, b);
+      p[pos[u]] = from_float<P>(pf[u]);
+      m[j] = mf[u];
+      v[j] = vf[u];
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------ host side
+
+struct Entry {  // one tensor's launch arguments
+  size_t i;
+  int8_t code;
+  const void* step;
+  float nss, bc2;
+  uint8_t idx_mode;
+  bool g_dense;
+};
+
+template <typename P, typename G>
+void launch_dense(const std::vector<Entry>& es, at::TensorList params, at::TensorList grads,
+                  at::TensorList exp_avgs, at::TensorList exp_avg_sqs, const AdamWScalars& s,
+                  const Hyper& h, cudaStream_t stream) {
+  std::vector<int64_t> lengths;
+  for (const auto& e : es) lengths.push_back(params[e.i].numel());
+  multi_tensor_launch<DenseMeta>(
+      lengths, kChunk,
+      [&](DenseMeta& meta, int slot, int64_t k) {
+        const Entry& e = es[k];
+        meta.p[slot] = params[e.i].data_ptr();
+        meta.g[slot] = grads[e.i].const_data_ptr();
+        meta.m[slot] = exp_avgs[e.i].mutable_data_ptr<float>();
+        meta.v[slot] = exp_avg_sqs[e.i].mutable_data_ptr<float>();
+        meta.step[slot] = e.step;
+        meta.n[slot] = lengths[k];
+        meta.nss[slot] = e.nss;
+        meta.bc2[slot] = e.bc2;
+        meta.code[slot] = e.code;
+      },
+      [&](const DenseMeta& meta, int blocks) {
+        dense_kernel<P, G><<<blocks, kThreads, 0, stream>>>(meta, s, h);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+}
+
+template <typename P, typename G>
+void launch_indexed(const std::vector<Entry>& es, at::TensorList params, at::TensorList grads,
+                    at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                    const std::vector<std::optional<at::Tensor>>& idx, const AdamWScalars& s,
+                    const Hyper& h, cudaStream_t stream) {
+  std::vector<int64_t> lengths;
+  for (const auto& e : es) lengths.push_back(exp_avgs[e.i].numel());
+  multi_tensor_launch<IndexedMeta>(
+      lengths, kChunk,
+      [&](IndexedMeta& meta, int slot, int64_t k) {
+        const Entry& e = es[k];
+        meta.p[slot] = params[e.i].data_ptr();
+        meta.g[slot] = grads[e.i].const_data_ptr();
+        meta.m[slot] = exp_avgs[e.i].mutable_data_ptr<float>();
+        meta.v[slot] = exp_avg_sqs[e.i].mutable_data_ptr<float>();
+        meta.idx[slot] = idx[e.i].has_value() ? idx[e.i]->const_data_ptr() : nullptr;
+        meta.step[slot] = e.step;
+        meta.n[slot] = lengths[k];
+        meta.nss[slot] = e.nss;
+        meta.bc2[slot] = e.bc2;
+        meta.code[slot] = e.code;
+        meta.idx_mode[slot] = e.idx_mode;
+        meta.g_dense[slot] = e.g_dense;
+      },
+      [&](const IndexedMeta& meta, int blocks) {
+        indexed_kernel<P, G><<<blocks, kThreads, 0, stream>>>(meta, s, h);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+}
+
+// Picks the kernel instantiation for a group of entries sharing (param dtype, grad dtype).
+template <bool kIndexed>
+void launch_group(c10::ScalarType pt, bool g_fp32, const std::vector<Entry>& es,
+                  at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                  at::TensorList exp_avg_sqs, const std::vector<std::optional<at::Tensor>>& idx,
+                  const AdamWScalars& s, const Hyper& h, cudaStream_t stream) {
+  if (es.empty()) return;
+#define NTO_LAUNCH(P, G)                                                                  \
+  if constexpr (kIndexed)                                                                 \
+    launch_indexed<P, G>(es, params, grads, exp_avgs, exp_avg_sqs, idx, s, h, stream);    \
+  else                                                                                    \
+    launch_dense<P, G>(es, params, grads, exp_avgs, exp_avg_sqs, s, h, stream);
+  if (pt == at::kFloat) {
+    NTO_LAUNCH(float, float)
+  } else if (pt == at::kBFloat16) {
+    if (g_fp32) {
+      NTO_LAUNCH(c10::BFloat16, float)
+    } else {
+      NTO_LAUNCH(c10::BFloat16, c10::BFloat16)
+    }
+  } else {
+    if (g_fp32) {
+      NTO_LAUNCH(c10::Half, float)
+    } else {
+      NTO_LAUNCH(c10::Half, c10::Half)
+    }
+  }
+#undef NTO_LAUNCH
+}
+
+// _reference._check_steps_values, for steps the host can read without a sync (CPU ones).
+void check_host_step_value(size_t i, const at::Tensor& step) {
+  if (!step.device().is_cpu() || step.numel() == 0) return;
+  const double low = step.numel() == 1 ? step.item<double>() : step.min().item<double>();
+  TORCH_CHECK_VALUE(low >= 1.0, kOp, ": steps[", i, "] holds a step count of ", fmt_g(low),
+                    "; step counts start at 1 (the count after incrementing)");
+}
+
+int8_t device_step_code(c10::ScalarType t) {
+  switch (t) {
+    case at::kDouble: return kStepF64;
+    case at::kFloat: return kStepF32;
+    case at::kLong: return kStepI64;
+    case at::kInt: return kStepI32;
+    default: return -1;  // converted to float64 on the device first
+  }
+}
+
+void masked_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                       at::TensorList exp_avg_sqs,
+                       const c10::List<std::optional<at::Tensor>>& indices, at::TensorList steps,
+                       double lr, double beta1, double beta2, double eps, double weight_decay) {
+  check_adamw_meta(params, grads, exp_avgs, exp_avg_sqs, indices, steps, lr, beta1, beta2, eps,
+                   weight_decay);
+  const size_t n = params.size();
+  if (n == 0) return;
+  std::vector<std::optional<at::Tensor>> idx(n);
+  for (size_t i = 0; i < n; ++i) {
+    std::optional<at::Tensor> o = indices.get(i);
+    if (o.has_value() && o->defined()) idx[i] = std::move(o);
+  }
+  const at::Device dev = params[0].device();
+  check_on_cuda(kOp, "params", params[0]);
+  c10::cuda::CUDAGuard guard(dev);
+
+  // Values, entry by entry as the reference: the indices (one device check for all of them,
+  // cached), then the host step counts.
+  std::vector<at::Tensor> idx_list;
+  for (size_t i = 0; i < n; ++i)
+    if (idx[i].has_value()) idx_list.push_back(*idx[i]);
+  const auto facts = index_facts(idx_list);
+  for (size_t i = 0, k = 0; i < n; ++i) {
+    if (idx[i].has_value())
+      check_index_values(kOp, "indices", i, *idx[i], facts[k++], params[i].numel(),
+                         "params[" + std::to_string(i) + "]");
+    check_host_step_value(i, steps[i]);
+  }
+
+  // Sort the entries into kernel groups: kind x param dtype x (grad fp32 while param is not).
+  std::vector<Entry> groups[2][3][2];
+  std::vector<at::Tensor> keep;  // converted device steps live until the launches are queued
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& st = steps[i];
+    Entry e{i, kStepHost, nullptr, 0.0f, 1.0f, 0, false};
+    if (st.numel() != 1) {
+      e.code = kStepPerElem;
+      e.step = st.const_data_ptr();
+    } else if (st.device().is_cpu()) {
+      adamw_step_scalars(lr, beta1, beta2, st.item<double>(), &e.nss, &e.bc2);
+    } else {
+      e.code = device_step_code(st.scalar_type());
+      if (e.code < 0) {
+        keep.push_back(st.to(at::kDouble));
+        e.code = kStepF64;
+        e.step = keep.back().const_data_ptr();
+      } else {
+        e.step = st.const_data_ptr();
+      }
+    }
+    const bool indexed = idx[i].has_value() || e.code == kStepPerElem;
+    if (idx[i].has_value()) {
+      e.idx_mode = idx[i]->scalar_type() == at::kLong ? 2 : 1;
+      e.g_dense = grads[i].numel() != idx[i]->numel();
+    }
+    const int pt = dtype_code(params[i].scalar_type());
+    const bool g32 = grads[i].scalar_type() == at::kFloat && pt != 0;
+    groups[indexed][pt][g32].push_back(e);
+  }
+
+  const AdamWScalars s = adamw_scalars(lr, beta1, beta2, eps, weight_decay);
+  const Hyper h{lr, beta1, beta2};
+  const cudaStream_t stream = current_stream();
+  const c10::ScalarType types[3] = {at::kFloat, at::kBFloat16, at::kHalf};
+  for (int pt = 0; pt < 3; ++pt)
+    for (int g32 = 0; g32 < 2; ++g32) {
+      launch_group<false>(types[pt], g32, groups[0][pt][g32], params, grads, exp_avgs,
+                          exp_avg_sqs, idx, s, h, stream);
+      launch_group<true>(types[pt], g32, groups[1][pt][g32], params, grads, exp_avgs,
+                         exp_avg_sqs, idx, s, h, stream);
+    }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(nto, CUDA, m) { m.impl("masked_adamw_", &masked_adamw_cuda); }
+
+}  // namespace adamw
+
+}  // namespace cuda
+}  // namespace nto

@@ -1,0 +1,162 @@
+// Shared pieces of the CUDA kernels: the multi-tensor launcher (tensor lists chunked into
+// one grid, as PyTorch's / apex's multi_tensor_apply), aligned vector loads, block scans and
+// reductions in a fixed order, and small dtype helpers.
+//
+// Headers are kept lean on purpose: c10/cuda only (ATen/cuda/CUDAContext.h pulls cuBLAS and
+// cuSPARSE headers, which a minimal CUDA toolkit lacks and which no kernel here needs).
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace nto {
+namespace cuda {
+
+// ------------------------------------------------------------------ multi-tensor launch
+//
+// A launch carries, by value in the kernel's parameter space (4 KiB on every CUDA version),
+// a table of up to Meta::kTensors tensors ("slots") and, for each of up to Meta::kBlocks
+// blocks, which slot and which chunk of it the block works on. A tensor that does not fit in
+// the current launch continues in the next one. Each op defines its Meta with the per-slot
+// arrays it needs plus these two block arrays:
+//
+//   uint8_t block_slot[kBlocks];  int32_t block_chunk[kBlocks];
+template <class Meta, class Fill, class Launch>
+void multi_tensor_launch(const std::vector<int64_t>& lengths, int64_t chunk, Fill&& fill,
+                         Launch&& launch) {
+  static_assert(sizeof(Meta) <= 3900, "kernel parameters are limited to 4 KiB");
+  static_assert(Meta::kTensors <= 256, "block_slot is a uint8_t");
+  Meta meta;
+  int slots = 0, blocks = 0;
+  for (size_t t = 0; t < lengths.size(); ++t) {
+    if (lengths[t] <= 0) continue;
+    fill(meta, slots, static_cast<int64_t>(t));
+    ++slots;
+    const int64_t nchunks = (lengths[t] + chunk - 1) / chunk;
+    for (int64_t c = 0; c < nchunks; ++c) {
+      meta.block_slot[blocks] = static_cast<uint8_t>(slots - 1);
+      meta.block_chunk[blocks] = static_cast<int32_t>(c);
+      ++blocks;
+      const bool last_chunk = c == nchunks - 1;
+      if (blocks == Meta::kBlocks || (slots == Meta::kTensors && last_chunk)) {
+        launch(meta, blocks);
+        blocks = 0;
+        if (last_chunk) {
+          slots = 0;
+        } else {  // the rest of tensor t goes on in slot 0 of the next launch
+          fill(meta, 0, static_cast<int64_t>(t));
+          slots = 1;
+        }
+      }
+    }
+  }
+  if (blocks > 0) launch(meta, blocks);
+}
+
+inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+inline int sm_count(const at::Device& dev) {
+  int n = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev.index()));
+  return n > 0 ? n : 1;
+}
+
+// ------------------------------------------------------------------------ vector loads
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Vec {
+  T v[N];
+};
+
+template <int Bytes>
+__device__ __forceinline__ bool aligned(const void* p) {
+  return (reinterpret_cast<uintptr_t>(p) % Bytes) == 0;
+}
+
+template <typename T>
+__device__ __forceinline__ float to_float(T x) {
+  return static_cast<float>(x);
+}
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x) {
+  return static_cast<T>(x);  // c10::BFloat16 / c10::Half round to nearest even
+}
+
+// ------------------------------------------------------------- fixed-order block reductions
+//
+// Every reduction below combines values in an order fixed by the thread layout alone, so a
+// result depends only on the data and the (constant) launch shape, never on timing.
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_down_sync(0xffffffffu, x, o);
+  return x;  // valid in lane 0
+}
+
+// Sum over the block, returned to every thread. smem: at least kThreads / 32 entries.
+template <int kThreads, typename T>
+__device__ T block_sum(T x, T* smem) {
+  static_assert(kThreads % 32 == 0 && kThreads <= 1024, "whole warps");
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  x = warp_sum(x);
+  if (lane == 0) smem[warp] = x;
+  __syncthreads();
+  T total = T(0);
+#pragma unroll
+  for (int w = 0; w < kThreads / 32; ++w) total += smem[w];  // same order in every thread
+  __syncthreads();  // smem may be reused right after
+  return total;
+}
+
+// Exclusive prefix sum over the block (thread order); *total receives the block's sum.
+template <int kThreads, typename T>
+__device__ T block_exclusive_scan(T x, T* total, T* smem) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  T inc = x;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const T y = __shfl_up_sync(0xffffffffu, inc, o);
+    if (lane >= o) inc += y;
+  }
+  if (lane == 31) smem[warp] = inc;
+  __syncthreads();
+  T before = T(0), sum = T(0);
+#pragma unroll
+  for (int w = 0; w < kThreads / 32; ++w) {
+    if (w < warp) before += smem[w];
+    sum += smem[w];
+  }
+  __syncthreads();
+  *total = sum;
+  return before + inc - x;
+}
+
+// Adds `count` to shared-memory bin `bin` for every lane of the warp at once: lanes with the
+// same bin are merged first (one atomic per distinct bin), so runs of equal bins, common in
+// exponent histograms, do not serialize. bin == kNoBin skips a lane. All 32 lanes must call.
+// Integer counts: the result does not depend on the order of the adds.
+constexpr uint32_t kNoBin = 0xffffffffu;
+__device__ __forceinline__ void warp_hist_add(unsigned int* hist, uint32_t bin) {
+  const unsigned peers = __match_any_sync(0xffffffffu, bin);
+  const int lane = threadIdx.x & 31;
+  if (bin != kNoBin && lane == __ffs(peers) - 1) atomicAdd(hist + bin, __popc(peers));
+}
+
+// ---------------------------------------------------------------------------- host side
+
+inline int dtype_code(c10::ScalarType t) {  // 0 fp32, 1 bf16, 2 fp16
+  return t == at::kFloat ? 0 : (t == at::kBFloat16 ? 1 : 2);
+}
+
+}  // namespace cuda
+}  // namespace nto

@@ -1,0 +1,155 @@
+"""Discovering blocks from parameter names, and packing them into units that fit a budget.
+
+Blocks come from names (DESIGN.md, "Policies"): `...layers.N.` / `.h.N.` / `.layer.N.` /
+`.blocks.N.` -> one block per layer, named by the name's prefix up to the index
+("model.layers.3", so encoder and decoder stacks stay apart); a component starting with
+`embed`, or `wte`, `wpe`, `embeddings` -> "embed"; `lm_head`, `classifier`, `score` ->
+"head"; the rest -> "other". Without names every tensor is its own block ("#i"), in the
+order given (module order for `model.parameters()`). Blocks are ordered by their first
+parameter, which is module order for `named_parameters()`.
+
+This module knows nothing about tensors' values: it works on `ParamInfo` (name, shape,
+dtype), so the optimizer and `plan()` on the meta device share one implementation.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+_LAYER_RE = re.compile(r"^((?:.*?\.)?(?:layers|h|layer|blocks)\.(\d+))(?:\.|$)")
+_EMBED_NAMES = ("wte", "wpe", "embeddings")
+_HEAD_NAMES = ("lm_head", "classifier", "score")
+KINDS = ("embed", "layer", "head", "other", "param")
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    """What packing needs to know about one parameter (no values)."""
+
+    name: str | None
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @classmethod
+    def of(cls, name: str | None, t: torch.Tensor) -> ParamInfo:
+        return cls(name, tuple(t.shape), t.dtype)
+
+
+@dataclass(frozen=True)
+class Block:
+    """A named set of parameters (global indices) that train together when they fit."""
+
+    name: str
+    kind: str
+    params: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Unit:
+    """The smallest thing a policy switches: a whole block, or one tensor of a block that
+    is larger than the budget. `cost` is in budget units (elements or bytes)."""
+
+    name: str
+    block: str
+    params: tuple[int, ...]
+    elements: int
+    cost: int
+
+
+def block_of(name: str | None, index: int) -> tuple[str, str]:
+    """(block name, kind) of one parameter."""
+    if name is None:
+        return f"#{index}", "param"
+    m = _LAYER_RE.match(name)
+    if m:
+        return m.group(1), "layer"
+    parts = name.split(".")
+    if any(p.startswith("embed") or p in _EMBED_NAMES for p in parts):
+        return "embed", "embed"
+    if any(p in _HEAD_NAMES for p in parts):
+        return "head", "head"
+    return "other", "other"
+
+
+def discover_blocks(infos: Sequence[ParamInfo]) -> list[Block]:
+    """Blocks of all parameters, ordered by their first parameter's position."""
+    members: dict[str, list[int]] = {}
+    kinds: dict[str, str] = {}
+    for i, info in enumerate(infos):
+        name, kind = block_of(info.name, i)
+        members.setdefault(name, []).append(i)
+        kinds[name] = kind
+    return [Block(n, kinds[n], tuple(idx)) for n, idx in members.items()]
+
+
+def make_units(blocks: Sequence[Block], infos: Sequence[ParamInfo],
+               cost: Callable[[Sequence[int]], int], capacity: int,
+               ) -> tuple[list[Unit], list[int]]:
+    """Units that can train within `capacity`, and the params that never can.
+
+    A block that fits is one unit; a larger block is split into its tensors; a tensor
+    larger than `capacity` is returned in the second list (it cannot train under
+    block/sample).
+    """
+    units: list[Unit] = []
+    too_big: list[int] = []
+    for b in blocks:
+        c = cost(b.params)
+        if c <= capacity:
+            units.append(Unit(b.name, b.name, b.params, _elements(infos, b.params), c))
+            continue
+        for i in b.params:
+            ci = cost((i,))
+            if ci <= capacity:
+                label = infos[i].name if infos[i].name is not None else f"#{i}"
+                units.append(Unit(label, b.name, (i,), infos[i].numel, ci))
+            else:
+                too_big.append(i)
+    return units, too_big
+
+
+def pack_consecutive(units: Sequence[Unit], capacity: int) -> list[tuple[Unit, ...]]:
+    """Greedy packing of consecutive units into groups whose summed cost <= capacity."""
+    groups: list[tuple[Unit, ...]] = []
+    cur: list[Unit] = []
+    used = 0
+    for u in units:
+        if cur and used + u.cost > capacity:
+            groups.append(tuple(cur))
+            cur, used = [], 0
+        cur.append(u)
+        used += u.cost
+    if cur:
+        groups.append(tuple(cur))
+    return groups
+
+
+def group_label(units: Sequence[Unit], width: int = 60) -> str:
+    """Short readable name of a group: whole blocks by name, split blocks as
+    'model.layers.0[3 tensors]'; cut to about `width` characters."""
+    parts: list[str] = []
+    counts: dict[str, int] = {}
+    for u in units:
+        if u.name == u.block:
+            parts.append(u.name)
+        else:
+            if u.block not in counts:
+                parts.append(u.block)
+            counts[u.block] = counts.get(u.block, 0) + 1
+    parts = [f"{p}[{counts[p]} tensor{'s' if counts[p] > 1 else ''}]" if p in counts else p
+             for p in parts]
+    text = ", ".join(parts) if parts else "(none)"
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def _elements(infos: Sequence[ParamInfo], params: Sequence[int]) -> int:
+    return sum(infos[i].numel for i in params)

@@ -1,0 +1,152 @@
+"""Budgets and the memory model.
+
+A budget is either a number of trainable *elements* (an int, a fraction in (0, 1] or "N%"
+of all elements) or a number of *bytes* of training state ("512MiB", "2GB", "1.5GiB",
+"100KB"). Byte budgets go through the memory model below: what training keeps beyond the
+weights, per trainable element, by policy and parameter dtype (DESIGN.md, "Memory model").
+
+| policy        | gradient       | state         | index | B/elem fp32, bf16 |
+|---------------|----------------|---------------|-------|-------------------|
+| adamw (torch) | param dtype    | 2 x param     | -     | 12, 6             |
+| block, sample | param dtype    | 2 x fp32      | -     | 12, 10            |
+| sparse        | fp32 (compact) | 2 x fp32      | int32 | 16, 16            |
+| adamw8bit     | param dtype    | ~2 x 1 B      | -     | 6, 4              |
+
+Dense NTO state also holds one `step` scalar per trainable tensor (a 0-dim fp32 tensor, as
+`torch.optim.AdamW` keeps it): `STEP_BYTES` per tensor, counted by the model and measured
+by `memory_report()`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+POLICIES = ("block", "sample", "sparse")
+STEP_BYTES = 4  # one fp32 scalar `step` per trainable tensor (dense policies)
+
+_BYTE_UNITS = {
+    "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
+    "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
+}
+_BYTES_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-zA-Z]+)\s*$")
+_PERCENT_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*%\s*$")
+_ALLOWED = ("an int (elements), a float in (0, 1] or 'N%' (share of all elements), "
+            "or a byte size such as '512MiB', '2GB', '1.5GiB', '100KB'")
+
+
+def bytes_per_element(policy: str, dtype: torch.dtype) -> int:
+    """Device bytes of training state per trainable element (gradient + moments + index)."""
+    size = dtype.itemsize
+    if policy in ("block", "sample"):
+        return size + 8
+    if policy == "sparse":
+        return 4 + 8 + 4
+    if policy == "adamw":
+        return 3 * size
+    if policy == "adamw8bit":
+        return size + 2
+    raise ValueError(f"memory model: unknown policy {policy!r}; allowed: block, sample, "
+                     "sparse, adamw, adamw8bit")
+
+
+def tensor_overhead_bytes(policy: str) -> int:
+    """Fixed bytes per trainable tensor on top of the per-element cost."""
+    return STEP_BYTES if policy in ("block", "sample", "adamw") else 0
+
+
+def state_bytes(policy: str, numel: int, dtype: torch.dtype) -> int:
+    """Training-state bytes of one fully trained tensor under `policy`."""
+    return numel * bytes_per_element(policy, dtype) + tensor_overhead_bytes(policy)
+
+
+def format_bytes(n: float) -> str:
+    """Human-readable binary size: 1536 -> '1.50 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"  # pragma: no cover
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A parsed budget. `kind` is "elements" or "bytes"; `amount` is in that unit."""
+
+    kind: str
+    amount: int
+    given: str  # repr of what the user passed, for messages ("'10%'", "1000")
+
+    @property
+    def text(self) -> str:
+        """What the user passed, without quotes ("10%", "512MiB", "1000")."""
+        return self.given[1:-1] if self.given[:1] in "'\"" and len(self.given) > 1 \
+            else self.given
+
+    def cost(self, items: Iterable[tuple[int, torch.dtype]], policy: str) -> int:
+        """Cost of training the tensors `items` = [(numel, dtype), ...], in budget units."""
+        items = list(items)
+        if self.kind == "elements":
+            return sum(n for n, _ in items)
+        return sum(state_bytes(policy, n, d) for n, d in items)
+
+    def describe(self) -> str:
+        if self.kind == "elements":
+            return f"{self.amount:,} elements"
+        return f"{format_bytes(self.amount)} ({self.amount:,} bytes)"
+
+    def unit(self) -> str:
+        return "elements" if self.kind == "elements" else "bytes"
+
+
+def _bad(budget: object, why: str) -> ValueError:
+    return ValueError(f"budget={budget!r}: {why}; allowed: {_ALLOWED}")
+
+
+def parse_budget(budget: object, total_elements: int) -> Budget:
+    """Parse a user budget against a model of `total_elements` elements.
+
+    int -> elements; float in (0, 1] or "N%" (0 < N <= 100) -> share of all elements
+    (rounded down, at least 1); byte strings -> bytes. Raises TypeError / ValueError with
+    the given value and what is allowed.
+    """
+    given = repr(budget)
+    if isinstance(budget, bool) or not isinstance(budget, (int, float, str)):
+        raise TypeError(f"budget={budget!r} has type {type(budget).__name__}; allowed: "
+                        f"{_ALLOWED}")
+    if isinstance(budget, int):
+        if budget <= 0:
+            raise _bad(budget, "an element budget must be > 0")
+        return Budget("elements", budget, given)
+    if isinstance(budget, float):
+        if not math.isfinite(budget) or not 0.0 < budget <= 1.0:
+            raise _bad(budget, "a float budget is a share of all elements and must be in "
+                       "(0, 1] (pass an int for an element count)")
+        return Budget("elements", _share(budget, total_elements), given)
+    m = _PERCENT_RE.match(budget)
+    if m:
+        pct = float(m.group(1))
+        if not 0.0 < pct <= 100.0:
+            raise _bad(budget, "a percentage must be in (0%, 100%]")
+        return Budget("elements", _share(pct / 100.0, total_elements), given)
+    if budget.strip().isdigit():
+        return parse_budget(int(budget.strip()), total_elements)
+    m = _BYTES_RE.match(budget)
+    if not m or m.group(2).lower() not in _BYTE_UNITS:
+        raise _bad(budget, "cannot parse it (byte units: B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)")
+    amount = int(float(m.group(1)) * _BYTE_UNITS[m.group(2).lower()])
+    if amount <= 0:
+        raise _bad(budget, "a byte budget must be at least 1 byte")
+    return Budget("bytes", amount, given)
+
+
+def _share(fraction: float, total_elements: int) -> int:
+    # 100% must be every element exactly, whatever the float rounding.
+    if fraction >= 1.0:
+        return max(total_elements, 1)
+    return max(1, math.floor(fraction * total_elements + 1e-9))

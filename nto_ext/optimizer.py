@@ -1,0 +1,819 @@
+"""class NTO: AdamW under a hard training-state memory budget.
+
+The optimizer gathers; the policy decides; the ops compute. `NTO` owns every parameter it
+is given from construction on, asks its policy (`policies.py`) which of them train at each
+step, applies that set (requires_grad, .grad, state) and updates the active params with
+one `ops.masked_adamw_` call per (param group, device, dtype).
+
+Lifecycle (DESIGN.md, "The user-facing contract"):
+- `__init__` validates everything, plans the schedule and installs post-accumulate-grad
+  hooks that drop the gradients of inactive params as soon as they are produced. It never
+  touches `requires_grad` (Trainer / DDP / FSDP wrap the model after the optimizer exists).
+- The first `step()` or `train()`, and every switch, apply the active set: inactive params
+  get `requires_grad=False`, `.grad=None` and lose their state (`state_on_switch="drop"`)
+  or have it moved to host memory ("offload", pinned when CUDA is used; restored
+  bit-exactly when they train again).
+- `state` keeps torch's layout (`step`, `exp_avg`, `exp_avg_sq`; moments in fp32) and
+  `param_groups` carry `lr`, `betas`, `eps`, `weight_decay`, so LR schedulers work.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+import weakref
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+
+from . import ops
+from .blocks import ParamInfo
+from .budget import (
+    FLOAT_DTYPES,
+    STEP_BYTES,
+    Budget,
+    bytes_per_element,
+    format_bytes,
+    parse_budget,
+    state_bytes,
+)
+from .policies import Policy, make_policy, validate_policy_args
+
+log = logging.getLogger(__name__)
+
+STATE_ON_SWITCH = ("drop", "offload")
+NONFINITE = ("skip", "raise", "propagate")
+HYPER = ("lr", "betas", "eps", "weight_decay")
+# Arguments that belong to the whole optimizer (they shape one schedule over all groups).
+GLOBAL_ARGS = ("budget", "policy", "switch_every", "order", "seed", "state_on_switch",
+               "nonfinite", "always", "max_grad_norm", "sample_layers")
+INDEX_KEYS = ("indices",)  # state entries reported as index bytes (sparse policy)
+FORMAT_VERSION = 1
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _check_hyper(where: str, lr: object, betas: object, eps: object,
+                 weight_decay: object) -> None:
+    """AdamW hyper-parameters: ValueError / TypeError saying what was given and allowed."""
+    lr_value = lr.item() if isinstance(lr, torch.Tensor) and lr.numel() == 1 else lr
+    if not _is_number(lr_value) or not math.isfinite(lr_value) or lr_value < 0:
+        raise ValueError(f"{where}lr={lr!r}; allowed: a finite number >= 0")
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"{where}betas={betas!r}; allowed: a pair (beta1, beta2), each in "
+                         "[0, 1)")
+    for k, b in enumerate(betas):
+        if not _is_number(b) or not 0.0 <= b < 1.0:
+            raise ValueError(f"{where}betas={tuple(betas)!r}: beta{k + 1}={b!r}; allowed: a "
+                             "number in [0, 1)")
+    for name, v in (("eps", eps), ("weight_decay", weight_decay)):
+        if not _is_number(v) or not math.isfinite(v) or v < 0:
+            raise ValueError(f"{where}{name}={v!r}; allowed: a finite number >= 0")
+
+
+def _check_global(budget: object, policy: object, switch_every: object, order: object,
+                  seed: object, state_on_switch: object, nonfinite: object, always: object,
+                  max_grad_norm: object, sample_layers: object) -> None:
+    validate_policy_args(policy, switch_every=switch_every, order=order, seed=seed,
+                         always=always, sample_layers=sample_layers)
+    if not isinstance(state_on_switch, str) or state_on_switch not in STATE_ON_SWITCH:
+        raise ValueError(f"state_on_switch={state_on_switch!r}; allowed: "
+                         f"{', '.join(map(repr, STATE_ON_SWITCH))}")
+    if not isinstance(nonfinite, str) or nonfinite not in NONFINITE:
+        raise ValueError(f"nonfinite={nonfinite!r}; allowed: {', '.join(map(repr, NONFINITE))}")
+    if max_grad_norm is not None and (not _is_number(max_grad_norm)
+                                      or not math.isfinite(max_grad_norm)
+                                      or max_grad_norm <= 0):
+        raise ValueError(f"max_grad_norm={max_grad_norm!r}; allowed: None or a finite "
+                         "number > 0")
+    if isinstance(budget, bool) or not isinstance(budget, (int, float, str)):
+        raise TypeError(f"budget={budget!r} has type {type(budget).__name__}; allowed: an int "
+                        "(elements), a float in (0, 1] or 'N%' (share of all elements), or "
+                        "a byte size such as '512MiB', '2GB', '1.5GiB', '100KB'")
+
+
+def _check_param(where: str, p: object) -> None:
+    if not isinstance(p, torch.Tensor):
+        raise TypeError(f"{where} is {type(p).__name__}; allowed: torch.Tensor / nn.Parameter "
+                        "(or (name, param) pairs, or param-group dicts)")
+    if p.layout != torch.strided:
+        raise TypeError(f"{where} has layout {p.layout}; allowed: dense (torch.strided) "
+                        "tensors. NTO does not train sparse tensors")
+    if p.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{where} has dtype {p.dtype}; allowed: torch.float32, "
+                        "torch.bfloat16, torch.float16")
+    if not p.is_leaf:
+        raise ValueError(f"{where} is not a leaf tensor (it was computed from others); "
+                         "allowed: leaf tensors such as nn.Parameter")
+    if not _local(p).is_contiguous():
+        raise ValueError(f"{where} is not contiguous; allowed: contiguous tensors (make it "
+                         "so with `param.data = param.data.contiguous()`)")
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local tensor of a DTensor (FSDP2 shards), else the tensor itself."""
+    return getattr(t, "_local_tensor", t)
+
+
+def _normalize_groups(params: object) -> list[dict[str, Any]]:
+    """params / (name, param) pairs / group dicts -> group dicts with a `params` list of
+    tensors and, when named, `param_names`; every check that needs no state."""
+    if isinstance(params, torch.Tensor):
+        raise TypeError(f"params is a {torch.typename(params)}; allowed: an iterable of "
+                        "tensors, of (name, tensor) pairs, or of param-group dicts")
+    if isinstance(params, dict):
+        params = [params]
+    try:
+        items = list(params)  # type: ignore[call-overload]
+    except TypeError:
+        raise TypeError(f"params={params!r} is not iterable; allowed: an iterable of tensors, "
+                        "of (name, tensor) pairs, or of param-group dicts") from None
+    if not items:
+        raise ValueError("params is empty; allowed: at least one parameter (pass "
+                         "model.named_parameters() or model.parameters())")
+    if not all(isinstance(x, dict) for x in items):
+        if any(isinstance(x, dict) for x in items):
+            raise TypeError("params mixes param-group dicts with tensors; allowed: all dicts "
+                            "or none")
+        items = [{"params": items}]
+    groups = [_normalize_group(k, dict(g)) for k, g in enumerate(items)]
+    named = ["param_names" in g for g in groups]
+    if any(named) and not all(named):
+        raise ValueError("some param groups have names and some do not; allowed: name all "
+                         "params ((name, param) pairs) or none")
+    _check_duplicates(groups)
+    return groups
+
+
+def _normalize_group(k: int, group: dict[str, Any]) -> dict[str, Any]:
+    where = f"param group {k}: "
+    if "params" not in group:
+        raise ValueError(f"{where}no 'params' key; allowed: dicts like {{'params': [...], "
+                         "'lr': 1e-4}")
+    bad = [key for key in group if key in GLOBAL_ARGS]
+    if bad:
+        raise ValueError(f"{where}{bad[0]!r} is set per group; allowed per group: "
+                         f"{', '.join(HYPER)} (pass {bad[0]}= to NTO(...) for all params)")
+    raw = group["params"]
+    if isinstance(raw, torch.Tensor):
+        raw = [raw]
+    elif isinstance(raw, set):
+        raise TypeError(f"{where}params is a set, whose order changes between runs; allowed: "
+                        "a list or other ordered iterable")
+    raw = list(raw)
+    if not raw:
+        raise ValueError(f"{where}params is empty; allowed: at least one parameter")
+    tensors, names = [], []
+    for j, x in enumerate(raw):
+        if isinstance(x, tuple):
+            if len(x) != 2 or not isinstance(x[0], str):
+                kinds = ", ".join(type(e).__name__ for e in x)
+                raise TypeError(f"{where}params[{j}] is a tuple ({kinds}); allowed: "
+                                "(name: str, param: Tensor)")
+            names.append(x[0])
+            x = x[1]
+        tensors.append(x)
+    if names and len(names) != len(tensors):
+        raise ValueError(f"{where}some params have names and some do not; allowed: all "
+                         "(name, param) pairs or all plain params")
+    if "param_names" in group and not names:
+        names = list(group["param_names"])
+        if len(names) != len(tensors) or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"{where}param_names has {len(names)} entries for "
+                             f"{len(tensors)} params; allowed: one str per param")
+    for j, p in enumerate(tensors):
+        label = f"{where}param {names[j]!r}" if names else f"{where}params[{j}]"
+        _check_param(label, p)
+    g = {key: v for key, v in group.items() if key not in ("params", "param_names")}
+    g["params"] = tensors
+    if names:
+        g["param_names"] = names
+    return g
+
+
+def _check_duplicates(groups: list[dict[str, Any]]) -> None:
+    seen: dict[int, str] = {}
+    for k, g in enumerate(groups):
+        names = g.get("param_names")
+        for j, p in enumerate(g["params"]):
+            label = repr(names[j]) if names else f"params[{j}] of param group {k}"
+            if id(p) in seen:
+                raise ValueError(f"parameter {label} is given twice (first as {seen[id(p)]}); "
+                                 "allowed: each parameter once (tied weights appear once in "
+                                 "model.named_parameters())")
+            seen[id(p)] = label
+
+
+# --------------------------------------------------------------------------- the optimizer
+
+
+def _drop_grad_hook(ref: weakref.ReferenceType, index: int) -> Callable[[torch.Tensor], None]:
+    def hook(p: torch.Tensor) -> None:
+        opt = ref()
+        if opt is not None:
+            opt._on_grad(index, p)
+    return hook
+
+
+def _register_hook(p: torch.Tensor, hook: Callable[[torch.Tensor], None]) -> Any:
+    """register_post_accumulate_grad_hook, also on a param that does not require grad now
+    (torch refuses those): the flag is switched on for the call and restored, so __init__
+    leaves requires_grad as it found it."""
+    if p.requires_grad:
+        return p.register_post_accumulate_grad_hook(hook)
+    p.requires_grad_(True)
+    try:
+        return p.register_post_accumulate_grad_hook(hook)
+    finally:
+        p.requires_grad_(False)
+
+
+class NTO(torch.optim.Optimizer):
+    """AdamW that keeps gradients and moments only for what trains now, within `budget`.
+
+    Args:
+        params: tensors, `(name, tensor)` pairs (`model.named_parameters()`; names drive
+            block discovery) or param-group dicts with per-group `lr`, `betas`, `eps`,
+            `weight_decay`.
+        lr, betas, eps, weight_decay: as `torch.optim.AdamW` (decoupled weight decay).
+        budget: int = trainable elements; float in (0, 1] or "N%" = share of all elements;
+            byte string ("512MiB", "2GB", "1.5GiB") = device bytes of gradient + state per
+            the memory model (`nto_ext.budget`). "100%" is AdamW.
+        policy: "block" (groups of consecutive blocks take turns) or "sample" (random
+            blocks each period); "sparse" is not implemented yet.
+        switch_every: optimizer steps between changes of the active set (>= 1).
+        order: block policy: "ascending", "descending" or "random" (re-shuffled per cycle).
+        seed: seeds every random choice (counter-based: identical on all ranks).
+        state_on_switch: "drop" (state freed when a param stops training) or "offload"
+            (kept in host memory, restored bit-exactly).
+        nonfinite: "skip" (a step with NaN/Inf in an active grad changes nothing and is
+            counted in `skipped_steps`), "raise" (FloatingPointError naming the param) or
+            "propagate" (as torch).
+        always: block names that train in every period (e.g. ("embed", "head")).
+        max_grad_norm: clip the active gradients to this total L2 norm (None: no clipping).
+        sample_layers: sample policy: draw exactly this many units per period (LISA).
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float | torch.Tensor = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.01, budget: int | float | str = "10%",
+                 policy: str = "block", switch_every: int = 50, order: str = "ascending",
+                 seed: int = 0, state_on_switch: str = "drop", nonfinite: str = "skip",
+                 always: Sequence[str] = (), max_grad_norm: float | None = None,
+                 sample_layers: int | None = None) -> None:
+        _check_hyper("", lr, betas, eps, weight_decay)
+        _check_global(budget, policy, switch_every, order, seed, state_on_switch, nonfinite,
+                      always, max_grad_norm, sample_layers)
+        groups = _normalize_groups(params)
+        for k, g in enumerate(groups):
+            _check_hyper(f"param group {k}: ", g.get("lr", lr), g.get("betas", betas),
+                         g.get("eps", eps), g.get("weight_decay", weight_decay))
+        self._infos = [ParamInfo.of(g["param_names"][j] if "param_names" in g else None, p)
+                       for g in groups for j, p in enumerate(g["params"])]
+        total = sum(i.numel for i in self._infos)
+        self.budget: Budget = parse_budget(budget, total)
+        self.policy: Policy = make_policy(
+            policy, self._infos, self.budget, switch_every=switch_every, order=order,
+            seed=seed, always=tuple(always), sample_layers=sample_layers)
+        # Everything is valid: from here on the optimizer is built and params are owned.
+        self._constructing = True
+        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
+        super().__init__(groups, defaults)
+        self._constructing = False
+        self.state_on_switch = state_on_switch
+        self.nonfinite = nonfinite
+        self.max_grad_norm = max_grad_norm
+        self._params = [p for g in self.param_groups for p in g["params"]]
+        self._index = {p: i for i, p in enumerate(self._params)}
+        self._named = "param_names" in self.param_groups[0]
+        self._step = 0
+        self.skipped_steps = 0
+        self.last_grad_norm: float | None = None
+        self._peak_bytes = 0
+        self._offloaded: dict[int, dict[str, Any]] = {}
+        self._active = self.policy.active(0)
+        self._applied = False
+        msg = getattr(self.policy, "too_big_message", lambda: None)()
+        if msg:
+            warnings.warn(f"NTO: {msg}", UserWarning, stacklevel=2)
+        ref = weakref.ref(self)
+        self._hooks = [_register_hook(p, _drop_grad_hook(ref, i))
+                       for i, p in enumerate(self._params)]
+        log.info("NTO: %s policy, budget %s, %d of %d tensors trainable, first active: %s",
+                 policy, self.budget.describe(), len(self.policy.trainable), len(self._params),
+                 ", ".join(self.policy.active_names(0))[:200])
+
+    # ------------------------------------------------------------------ torch API
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not getattr(self, "_constructing", False):
+            raise ValueError("NTO plans its schedule over all params at construction; "
+                             "add_param_group after that is not allowed: pass every group to "
+                             "NTO(...)")
+        super().add_param_group(param_group)
+
+    def train(self) -> None:
+        """Apply the active set now (as the first `step()` would); for Trainer and
+        schedule-free style loops."""
+        self._ensure_applied()
+
+    def eval(self) -> None:
+        """Nothing to do: NTO keeps no separate evaluation weights."""
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One AdamW update of the active params, then advance the schedule."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._ensure_applied()
+        with torch.no_grad():
+            self._update()
+        self._peak_bytes = max(self._peak_bytes, sum(self._measure()))
+        self._advance()
+        return loss
+
+    def init_state(self) -> None:
+        """Create the (zero) state of every active param now instead of at its first
+        update; the numbers are the same either way. For tools that need a non-empty
+        `state` before training (torch.distributed.checkpoint otherwise runs a step with
+        zero gradients, which would advance NTO's schedule)."""
+        for i in sorted(self._active):
+            self._init_state(self._params[i])
+
+    # ------------------------------------------------------------------ reporting
+    def active(self) -> list[str] | list[int]:
+        """Names of the params that train now (indices when params were given unnamed)."""
+        idx = sorted(self._active)
+        if self._named:
+            return [self._infos[i].name for i in idx]  # type: ignore[misc]
+        return idx
+
+    def active_blocks(self) -> list[str]:
+        """Names of the blocks (or split tensors) that train now."""
+        return self.policy.active_names(self._step)
+
+    @property
+    def step_count(self) -> int:
+        """Optimizer steps taken (the schedule position), skipped steps included."""
+        return self._step
+
+    def memory_report(self) -> dict[str, Any]:
+        """Training-state memory measured from real storage, in bytes.
+
+        grad_bytes: storages of all params' .grad; state_bytes: optimizer state tensors
+        (moments and step counts) of every param; index_bytes: index tensors (sparse);
+        offload_bytes: state kept in host memory; transient_bytes: temporary buffers
+        (0 here); total_bytes = grad + state + index (the budgeted training state, now).
+        peak_total_bytes: the largest total measured inside step(), right after the update
+        and before a switch frees anything (grads and state both alive): the step's peak.
+        Storages are counted once each (deduplicated by device and data pointer).
+        """
+        grad_b, state_b, index_b = self._measure()
+        offl = [v for st in self._offloaded.values() for v in st.values()
+                if isinstance(v, torch.Tensor)]
+        total = grad_b + state_b + index_b
+        return {
+            "grad_bytes": grad_b, "state_bytes": state_b, "index_bytes": index_b,
+            "offload_bytes": _storage_bytes(offl), "transient_bytes": 0,
+            "total_bytes": total, "peak_total_bytes": max(self._peak_bytes, total),
+            "budget_bytes": self.budget_bytes(), "budget_elements": self.budget_elements(),
+            "trainable_elements": sum(self._infos[i].numel for i in self._active),
+            "trainable_tensors": len(self._active),
+            "skipped_steps": self.skipped_steps, "step": self._step,
+            "weights_bytes": _storage_bytes(self._params),
+            "adamw_bytes": sum(state_bytes("adamw", i.numel, i.dtype) for i in self._infos),
+            "policy": self.policy.name, "budget": self.budget.text,
+        }
+
+    def reset_peak(self) -> None:
+        """Forget the peak measured so far (memory_report()["peak_total_bytes"])."""
+        self._peak_bytes = 0
+
+    def _measure(self) -> tuple[int, int, int]:
+        """(grad, state, index) bytes from real storage."""
+        grads = [p.grad for p in self._params if p.grad is not None]
+        state, index = [], []
+        for st in self.state.values():
+            for k, v in st.items():
+                if isinstance(v, torch.Tensor):
+                    (index if k in INDEX_KEYS else state).append(v)
+        return _storage_bytes(grads), _storage_bytes(state), _storage_bytes(index)
+
+    def budget_bytes(self) -> int:
+        """The budget in device bytes of gradient + state. Element budgets are converted
+        with the memory model: elements x bytes/element (largest dtype) plus one step
+        scalar for each tensor that could train at once."""
+        if self.budget.kind == "bytes":
+            return self.budget.amount
+        bpe = max(bytes_per_element(self.policy.name, i.dtype) for i in self._infos)
+        return self.budget.amount * bpe + STEP_BYTES * self._max_tensors(self.budget.amount)
+
+    def budget_elements(self) -> int:
+        """The budget in elements (byte budgets: bytes / smallest bytes per element)."""
+        if self.budget.kind == "elements":
+            return self.budget.amount
+        bpe = min(bytes_per_element(self.policy.name, i.dtype) for i in self._infos)
+        return self.budget.amount // bpe
+
+    def _max_tensors(self, elements: int) -> int:
+        n, used = 0, 0
+        for size in sorted(i.numel for i in self._infos):
+            if used + size > elements:
+                break
+            n, used = n + 1, used + size
+        return n
+
+    # ------------------------------------------------------------------ hooks
+    def _on_grad(self, index: int, p: torch.Tensor) -> None:
+        """Post-accumulate-grad hook: drop the gradient of an inactive param at once."""
+        if index not in self._active:
+            p.grad = None
+        elif p.grad is not None and p.grad.layout != torch.strided:
+            raise TypeError(f"{self._label(index)} got a sparse gradient; allowed: dense "
+                            "gradients (build nn.Embedding with sparse=False)")
+
+    def remove_hooks(self) -> None:
+        """Remove NTO's gradient hooks from the params (done automatically when the
+        optimizer is garbage-collected: the hooks hold only a weak reference)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def __del__(self) -> None:
+        try:
+            self.remove_hooks()
+        except Exception:  # interpreter shutdown: nothing left to clean
+            pass
+
+    def _label(self, index: int) -> str:
+        name = self._infos[index].name
+        return f"parameter {name!r}" if name is not None else f"parameter #{index}"
+
+    # ------------------------------------------------------------------ the active set
+    def _ensure_applied(self) -> None:
+        if not self._applied:
+            self._apply_active()
+            self._applied = True
+
+    def _apply_active(self) -> None:
+        """Make params, grads and state agree with `self._active`: inactive params lose
+        requires_grad, grad and (device) state; active params regain them."""
+        for i, p in enumerate(self._params):
+            if i in self._active:
+                if not p.requires_grad:
+                    p.requires_grad_(True)
+                if i in self._offloaded:
+                    self._restore(i, p)
+            else:
+                if p.requires_grad:
+                    p.requires_grad_(False)
+                p.grad = None
+                if p in self.state:
+                    self._retire(i, p)
+
+    def _retire(self, i: int, p: torch.Tensor) -> None:
+        st = self.state.pop(p)
+        if self.state_on_switch == "offload":
+            self._offloaded[i] = {k: _to_host(v) for k, v in st.items()}
+
+    def _restore(self, i: int, p: torch.Tensor) -> None:
+        host = self._offloaded.pop(i)
+        self.state[p] = {k: _to_param_device(k, v, p) for k, v in host.items()}
+
+    def _advance(self) -> None:
+        self._step += 1
+        new = self.policy.active(self._step)
+        if new != self._active:
+            log.debug("NTO: step %d switches to %s", self._step,
+                      ", ".join(self.policy.active_names(self._step))[:200])
+            self._active = new
+            self._apply_active()
+            self._applied = True
+
+    # ------------------------------------------------------------------ the update
+    def _active_grads(self) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
+        """(group index, param index, param, grad) of every active param with a grad."""
+        out = []
+        for gi, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                g = p.grad
+                if g is None:
+                    continue
+                i = self._index[p]
+                if i not in self._active:  # set by hand after the hook ran: not ours to use
+                    p.grad = None
+                    continue
+                if g.layout != torch.strided:
+                    raise TypeError(f"{self._label(i)} has a sparse gradient; allowed: dense "
+                                    "gradients (build nn.Embedding with sparse=False)")
+                out.append((gi, i, p, g))
+        return out
+
+    def _check_grads(self, entries: list) -> bool:
+        """Non-finite check and clipping over all active grads; False = skip this step."""
+        if self.nonfinite == "propagate" and self.max_grad_norm is None:
+            return True
+        by_dev: dict[torch.device, list[int]] = defaultdict(list)
+        for k, (_, _, _, g) in enumerate(entries):
+            by_dev[g.device].append(k)
+        sumsq = 0.0
+        for ks in by_dev.values():
+            _, sq, absmax, hist = ops.param_stats([_local(entries[k][3]) for k in ks])
+            flags = (hist[:, 255] > 0) | ~torch.isfinite(absmax) | ~torch.isfinite(sq)
+            bad = flags.nonzero().flatten().tolist()
+            if bad and self.nonfinite == "raise":
+                i = entries[ks[bad[0]]][1]
+                raise FloatingPointError(f"NTO: the gradient of {self._label(i)} holds NaN or "
+                                         "Inf (nonfinite='raise'); params were not updated")
+            if bad and self.nonfinite == "skip":
+                self.skipped_steps += 1
+                self.last_grad_norm = float("nan")
+                log.warning("NTO: step %d skipped: NaN/Inf in the gradient of %s (%d skipped "
+                            "so far)", self._step, self._label(entries[ks[bad[0]]][1]),
+                            self.skipped_steps)
+                return False
+            sumsq += float(sq.sum())
+        norm = math.sqrt(sumsq)
+        self.last_grad_norm = norm
+        if self.max_grad_norm is not None and norm > self.max_grad_norm:
+            coef = self.max_grad_norm / (norm + 1e-6)  # as torch.nn.utils.clip_grad_norm_
+            for ks in by_dev.values():
+                torch._foreach_mul_([entries[k][3] for k in ks], coef)
+        return True
+
+    def _init_state(self, p: torch.Tensor) -> dict[str, Any]:
+        st = self.state[p]
+        if not st:  # lazily, like torch: only params that get a gradient have state
+            local = _local(p)
+            st["step"] = torch.tensor(0.0, dtype=torch.float32)
+            st["exp_avg"] = torch.zeros(local.shape, dtype=torch.float32, device=local.device)
+            st["exp_avg_sq"] = torch.zeros(local.shape, dtype=torch.float32,
+                                           device=local.device)
+        return st
+
+    def _update(self) -> None:
+        entries = self._active_grads()
+        if not entries or not self._check_grads(entries):
+            return
+        batches: dict[tuple, list] = defaultdict(list)
+        for gi, _, p, g in entries:
+            local = _local(p)
+            batches[(gi, local.device, local.dtype)].append((local, _local(g), p))
+        for (gi, _, _), items in batches.items():
+            group = self.param_groups[gi]
+            states = [self._init_state(p) for _, _, p in items]
+            steps = [st["step"] for st in states]
+            torch._foreach_add_(steps, 1.0)
+            beta1, beta2 = group["betas"]
+            ops.masked_adamw_(
+                [t for t, _, _ in items], [g for _, g, _ in items],
+                [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
+                [None] * len(items), steps, lr=float(group["lr"]), beta1=float(beta1),
+                beta2=float(beta2), eps=float(group["eps"]),
+                weight_decay=float(group["weight_decay"]))
+
+    # ------------------------------------------------------------------ persistence
+    def _config(self) -> dict[str, Any]:
+        return {**self.policy.config(), "state_on_switch": self.state_on_switch}
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's layout ({"state": {index: {...}}, "param_groups": [...]}) plus "nto":
+        the schedule position, counters, active set, config and layout. Per-param state of
+        offloaded params is in "state" too (host tensors), listed in nto["offloaded"].
+        Only tensors, ints, floats, strings, lists, dicts, tuples and None: loadable with
+        torch.load(weights_only=True)."""
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
+        groups, start = [], 0
+        for g in self.param_groups:
+            packed = {k: v for k, v in g.items() if k != "params"}
+            packed["params"] = list(range(start, start + len(g["params"])))
+            start += len(g["params"])
+            groups.append(packed)
+        state: dict[int, dict[str, Any]] = {}
+        for p, st in self.state.items():
+            if st:
+                state[self._index[p]] = dict(st)
+        for i, st in self._offloaded.items():
+            state[i] = dict(st)
+        sd: dict[str, Any] = {"state": dict(sorted(state.items())), "param_groups": groups}
+        sd["nto"] = {
+            "format": FORMAT_VERSION,
+            "config": self._config(),
+            "layout": {"shapes": [list(i.shape) for i in self._infos],
+                       "dtypes": [str(i.dtype).removeprefix("torch.") for i in self._infos]},
+            "step": self._step,
+            "skipped_steps": self.skipped_steps,
+            "active": sorted(self._active),
+            "offloaded": sorted(self._offloaded),
+            "policy_state": self.policy.state_dict(),
+        }
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            result = hook(self, sd)
+            if result is not None:
+                sd = result
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state from `state_dict()`; keeps the saved dtypes (fp32 moments of a bf16
+        param stay fp32). Refuses, with ValueError and without changing anything, a state
+        from another optimizer, policy, configuration or parameter layout."""
+        sd = dict(state_dict) if isinstance(state_dict, dict) else state_dict
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, sd)
+            if result is not None:
+                sd = result
+        nto = self._check_loadable(sd)
+        cursor = self.policy.state_dict()
+        self.policy.load_state_dict(nto["policy_state"])
+        active = frozenset(nto["active"])
+        try:
+            if self.policy.active(nto["step"]) != active:
+                raise ValueError("optimizer state: the saved active set does not match the "
+                                 f"schedule at step {nto['step']} (a foreign or edited "
+                                 "checkpoint); nothing was loaded")
+            new_state, new_offloaded = self._build_loaded_state(sd, nto)
+        except Exception:
+            self.policy.load_state_dict(cursor)  # the cursor is a cache, but leave it as it was
+            raise
+        new_groups = []
+        for g, saved in zip(self.param_groups, sd["param_groups"]):
+            ng = {k: v for k, v in saved.items() if k != "params"}
+            ng["params"] = g["params"]
+            if "param_names" in g and "param_names" not in ng:
+                ng["param_names"] = g["param_names"]
+            new_groups.append(ng)
+        # Commit: nothing below can fail.
+        self.state = defaultdict(dict, new_state)
+        self._offloaded = new_offloaded
+        self.param_groups = new_groups
+        self._step = nto["step"]
+        self.skipped_steps = nto["skipped_steps"]
+        self._active = active
+        self._applied = False  # applied on the next step() / train(), as after __init__
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+    def _check_loadable(self, sd: object) -> dict[str, Any]:
+        if not isinstance(sd, dict) or "state" not in sd or "param_groups" not in sd:
+            raise ValueError("optimizer state: expected a dict with 'state' and "
+                             f"'param_groups' (from NTO.state_dict()), got {type(sd).__name__}"
+                             f" with keys {sorted(sd)[:8] if isinstance(sd, dict) else '-'}")
+        nto = sd.get("nto")
+        if not isinstance(nto, dict):
+            raise ValueError("optimizer state: no 'nto' entry: it was saved by another "
+                             "optimizer (e.g. torch.optim.AdamW); allowed: a state from "
+                             "NTO.state_dict()")
+        if nto.get("format") != FORMAT_VERSION:
+            raise ValueError(f"optimizer state: format {nto.get('format')!r}; this version "
+                             f"reads format {FORMAT_VERSION}")
+        for key in ("config", "layout", "step", "skipped_steps", "active", "offloaded",
+                    "policy_state"):
+            if key not in nto:
+                raise ValueError(f"optimizer state: nto[{key!r}] is missing (truncated "
+                                 "checkpoint?); nothing was loaded")
+        self._check_config(nto["config"])
+        self._check_layout(nto["layout"], sd["param_groups"])
+        for key in ("step", "skipped_steps"):
+            v = nto[key]
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"optimizer state: nto[{key!r}]={v!r}; allowed: an int >= 0")
+        n = len(self._params)
+        for key in ("active", "offloaded"):
+            v = nto[key]
+            if not isinstance(v, (list, tuple)) or not all(
+                    isinstance(i, int) and 0 <= i < n for i in v):
+                raise ValueError(f"optimizer state: nto[{key!r}] must list param indices in "
+                                 f"[0, {n})")
+        self.policy.check_state_dict(nto["policy_state"])
+        return nto
+
+    def _check_config(self, saved: object) -> None:
+        mine = self._config()
+        if not isinstance(saved, dict):
+            raise ValueError("optimizer state: nto['config'] is not a dict")
+        if saved.get("policy") != mine["policy"]:
+            raise ValueError(f"optimizer state was saved with policy={saved.get('policy')!r} "
+                             f"but this optimizer has policy={mine['policy']!r}; build NTO "
+                             "with the arguments of the run that saved it")
+        diff = [f"{k}: saved {saved.get(k)!r}, here {v!r}" for k, v in mine.items()
+                if _plain(saved.get(k)) != _plain(v)]
+        if diff:
+            raise ValueError("optimizer state was saved with other NTO arguments ("
+                             + "; ".join(diff) + "); build NTO with the arguments of the "
+                             "run that saved it")
+
+    def _check_layout(self, layout: object, saved_groups: object) -> None:
+        shapes = layout.get("shapes") if isinstance(layout, dict) else None
+        mine = [list(i.shape) for i in self._infos]
+        if not isinstance(shapes, list) or len(shapes) != len(mine):
+            got = len(shapes) if isinstance(shapes, list) else "?"
+            raise ValueError(f"optimizer state is for {got} parameters but this optimizer "
+                             f"has {len(mine)}; load it into an NTO built over the same model")
+        for i, (s, m) in enumerate(zip(shapes, mine)):
+            if list(s) != m:
+                raise ValueError(f"optimizer state: {self._label(i)} (#{i}) has shape "
+                                 f"{list(s)} in the checkpoint but {m} here; load it into an "
+                                 "NTO built over the same model")
+        if not isinstance(saved_groups, list) or len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"optimizer state has {len(saved_groups)} param groups but this "
+                             f"optimizer has {len(self.param_groups)}")
+        for k, (sg, g) in enumerate(zip(saved_groups, self.param_groups)):
+            if not isinstance(sg, dict) or len(sg.get("params", ())) != len(g["params"]):
+                raise ValueError(f"optimizer state: param group {k} has a different number "
+                                 "of params than this optimizer's")
+
+    def _build_loaded_state(self, sd: dict[str, Any], nto: dict[str, Any],
+                            ) -> tuple[dict, dict]:
+        active, offloaded = set(nto["active"]), set(nto["offloaded"])
+        new_state: dict[torch.Tensor, dict[str, Any]] = {}
+        new_offloaded: dict[int, dict[str, Any]] = {}
+        if not isinstance(sd["state"], dict):
+            raise ValueError("optimizer state: 'state' is not a dict")
+        for i, st in sd["state"].items():
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(self._params):
+                raise ValueError(f"optimizer state: key {i!r} in 'state' is not a param index")
+            p = self._params[i]
+            self._check_param_state(i, p, st)
+            if i in offloaded:
+                new_offloaded[i] = {k: _to_host(v, p) for k, v in st.items()}
+            elif i in active:
+                new_state[p] = {k: _to_param_device(k, v, p) for k, v in st.items()}
+            else:
+                raise ValueError(f"optimizer state holds state for {self._label(i)}, which is "
+                                 "neither active nor offloaded at the saved step (a foreign "
+                                 "or edited checkpoint); nothing was loaded")
+        return new_state, new_offloaded
+
+    def _check_param_state(self, i: int, p: torch.Tensor, st: object) -> None:
+        if not isinstance(st, dict):
+            raise ValueError(f"optimizer state for {self._label(i)} is not a dict")
+        if "indices" in st:  # compact (sparse) state is checked by its policy
+            return
+        for key in ("exp_avg", "exp_avg_sq"):
+            v = st.get(key)
+            if not isinstance(v, torch.Tensor) or v.shape != _local(p).shape:
+                got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+                raise ValueError(f"optimizer state for {self._label(i)}: {key} is {got}, "
+                                 f"expected shape {tuple(_local(p).shape)}")
+        if "step" not in st:
+            raise ValueError(f"optimizer state for {self._label(i)} has no 'step'")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _plain(v: object) -> object:
+    """Compare configs across save/load: tuples and lists alike."""
+    return list(v) if isinstance(v, tuple) else v
+
+
+def _storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind `tensors` (each storage counted once)."""
+    seen: set[tuple[str, int]] = set()
+    total = 0
+    for t in tensors:
+        t = _local(t)
+        if t.device.type == "meta":
+            continue
+        s = t.untyped_storage()
+        key = (str(t.device), s.data_ptr())
+        if key in seen:
+            continue
+        seen.add(key)
+        total += s.nbytes()
+    return total
+
+
+def _to_host(v: Any, p: torch.Tensor | None = None) -> Any:
+    """A host copy of one state value (pinned when CUDA is in use); CPU tensors are kept."""
+    if not isinstance(v, torch.Tensor) or v.device.type == "cpu":
+        return v
+    host = torch.empty(v.shape, dtype=v.dtype, device="cpu", pin_memory=True)
+    host.copy_(v)
+    return host
+
+
+def _to_param_device(key: str, v: Any, p: torch.Tensor) -> Any:
+    """State value on the device it lives on while training: `step` on the host (as
+    torch.optim.AdamW keeps it), everything else next to the param. Dtypes are kept."""
+    if not isinstance(v, torch.Tensor):
+        return v
+    if key == "step":
+        return v.to("cpu")
+    return v.to(_local(p).device)
+
+
+def describe_memory(report: dict[str, Any]) -> str:
+    """One line of a memory_report() for logs."""
+    return (f"grad {format_bytes(report['grad_bytes'])}, state "
+            f"{format_bytes(report['state_bytes'])}, total {format_bytes(report['total_bytes'])}"
+            f" of budget {format_bytes(report['budget_bytes'])}")

@@ -1,0 +1,246 @@
+"""plan(): what would train, and its memory, without allocating a weight.
+
+Works on an `nn.Module` (real or on the meta device), a transformers `PretrainedConfig`
+(the model is built on the meta device) or a local HuggingFace folder / .gguf file. It runs
+the optimizer's own block discovery and packing (`policies.make_policy`), so the plan is
+exactly what `NTO` will do, and prices it with the memory model of `budget.py`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .blocks import ParamInfo, group_label
+from .budget import FLOAT_DTYPES, format_bytes, parse_budget, state_bytes
+from .policies import ScheduledPolicy, make_policy, validate_policy_args
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class PlanBlock:
+    name: str
+    kind: str
+    tensors: int
+    elements: int
+    nto_bytes: int  # training state of this block under the policy's memory model
+
+
+@dataclass
+class PlanGroup:
+    label: str
+    names: list[str]
+    elements: int
+    nto_bytes: int  # grad + state bytes while this group trains (always blocks included)
+
+
+@dataclass
+class Plan:
+    """The plan of an NTO run. Bytes are device bytes of training state (grad + moments +
+    step scalars) per the memory model; weights are resident and outside the budget."""
+
+    policy: str
+    budget: str
+    budget_kind: str
+    budget_amount: int
+    dtype: str
+    total_elements: int
+    total_tensors: int
+    weights_bytes: int
+    switch_every: int
+    cycle_steps: int
+    blocks: list[PlanBlock]
+    groups: list[PlanGroup]
+    always: list[str]
+    trainable_elements: int  # elements that train at some point of the schedule
+    nto_bytes: int  # peak over the first cycle
+    adamw_bytes: int
+    adamw8bit_bytes: int
+    untrainable: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def largest_untrainable(self) -> str | None:
+        return self.untrainable[0]["name"] if self.untrainable else None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["largest_untrainable"] = self.largest_untrainable
+        d["nto_vs_adamw"] = self.nto_bytes / self.adamw_bytes if self.adamw_bytes else None
+        return d
+
+    def __str__(self) -> str:
+        kind = "elements" if self.budget_kind == "elements" else "bytes"
+        amount = (f"{self.budget_amount:,} elements" if kind == "elements"
+                  else format_bytes(self.budget_amount))
+        lines = [
+            f"NTO plan: policy={self.policy}, budget={self.budget} = {amount}, "
+            f"dtype {self.dtype}",
+            f"model: {self.total_elements:,} elements in {self.total_tensors} tensors, "
+            f"weights {format_bytes(self.weights_bytes)} (resident, outside the budget)",
+            "",
+            f"{'block':<36} {'kind':<6} {'tensors':>7} {'elements':>13} {'NTO bytes':>12}",
+        ]
+        for b in self.blocks:
+            lines.append(f"{b.name[:36]:<36} {b.kind:<6} {b.tensors:>7} {b.elements:>13,} "
+                         f"{format_bytes(b.nto_bytes):>12}")
+        lines += ["", f"schedule: {len(self.groups)} period(s) of {self.switch_every} steps "
+                      f"per cycle ({self.cycle_steps} steps)"
+                      + (f"; always trained: {', '.join(self.always)}" if self.always else "")]
+        lines.append(f"{'period':>6}  {'trains':<44} {'elements':>13} {'NTO bytes':>12}")
+        for k, g in enumerate(self.groups[:40]):
+            lines.append(f"{k:>6}  {g.label[:44]:<44} "
+                         f"{g.elements:>13,} {format_bytes(g.nto_bytes):>12}")
+        if len(self.groups) > 40:
+            lines.append(f"{'':>6}  ... {len(self.groups) - 40} more periods")
+        ratio = self.nto_bytes / self.adamw_bytes if self.adamw_bytes else float("nan")
+        lines += ["", "training state (grad + optimizer state):",
+                  f"  NTO ({self.policy}, peak)  {format_bytes(self.nto_bytes):>12}  "
+                  f"({ratio:.3f}x AdamW)",
+                  f"  AdamW (torch)       {format_bytes(self.adamw_bytes):>12}",
+                  f"  8-bit AdamW         {format_bytes(self.adamw8bit_bytes):>12}  (approx.)",
+                  f"  trainable over a cycle: {self.trainable_elements:,} of "
+                  f"{self.total_elements:,} elements"]
+        if self.untrainable:
+            shown = ", ".join(f"{u['name']} ({u['elements']:,} elements)"
+                              for u in self.untrainable[:5])
+            more = f" and {len(self.untrainable) - 5} more" if len(self.untrainable) > 5 else ""
+            lines.append(f"  cannot train under policy={self.policy} (larger than the budget): "
+                         f"{shown}{more}")
+        return "\n".join(lines)
+
+
+def plan(model_or_config: Any, budget: int | float | str, policy: str = "block",
+         dtype: torch.dtype | str | None = None, *, switch_every: int = 50,
+         order: str = "ascending", seed: int = 0, always: tuple[str, ...] = (),
+         sample_layers: int | None = None, task: str | None = None) -> Plan:
+    """Plan an NTO run without allocating weights.
+
+    model_or_config: an nn.Module (meta or real), a transformers PretrainedConfig, or a
+    local path (HF folder with config.json, or a .gguf file). `dtype` overrides the
+    parameters' dtype (e.g. "bfloat16"); `task` ("lm" / "classify") picks the head built
+    from a config (default: causal LM for decoder configs, sequence classification else).
+    Other keyword arguments are NTO's. Raises what NTO(...) would raise for these args.
+    """
+    validate_policy_args(policy, switch_every=switch_every, order=order, seed=seed,
+                         always=always, sample_layers=sample_layers)
+    want = _parse_dtype(dtype)
+    infos = _infos(_as_module(model_or_config, task), want)
+    total = sum(i.numel for i in infos)
+    b = parse_budget(budget, total)
+    pol = make_policy(policy, infos, b, switch_every=switch_every, order=order, seed=seed,
+                      always=tuple(always), sample_layers=sample_layers)
+    assert isinstance(pol, ScheduledPolicy)
+    return _build_plan(pol, infos, want)
+
+
+def _build_plan(pol: ScheduledPolicy, infos: list[ParamInfo], want: torch.dtype | None) -> Plan:
+    def nto(params) -> int:
+        return sum(state_bytes(pol.name, infos[i].numel, infos[i].dtype) for i in params)
+
+    def elems(params) -> int:
+        return sum(infos[i].numel for i in params)
+
+    blocks = [PlanBlock(b.name, b.kind, len(b.params), elems(b.params), nto(b.params))
+              for b in pol.blocks]
+    fixed = [i for u in pol.always_units for i in u.params]
+    groups = []
+    for period in pol.schedule(0):
+        params = fixed + [i for u in period for i in u.params]
+        units = pol.always_units + list(period)
+        groups.append(PlanGroup(group_label(units, 44), [u.name for u in units],
+                                elems(params), nto(params)))
+    big = sorted(pol.untrainable, key=lambda i: -infos[i].numel)
+    dtypes = sorted({str(i.dtype).removeprefix("torch.") for i in infos})
+    return Plan(
+        policy=pol.name, budget=pol.budget.given, budget_kind=pol.budget.kind,
+        budget_amount=pol.budget.amount,
+        dtype=str(want).removeprefix("torch.") if want else "/".join(dtypes),
+        total_elements=elems(range(len(infos))), total_tensors=len(infos),
+        weights_bytes=sum(i.numel * i.dtype.itemsize for i in infos),
+        switch_every=pol.switch_every, cycle_steps=pol.cycle_steps(0), blocks=blocks,
+        groups=groups, always=list(pol.always), trainable_elements=elems(pol.trainable),
+        nto_bytes=max(g.nto_bytes for g in groups),
+        adamw_bytes=sum(state_bytes("adamw", i.numel, i.dtype) for i in infos),
+        adamw8bit_bytes=sum(state_bytes("adamw8bit", i.numel, i.dtype) for i in infos),
+        untrainable=[{"name": infos[i].name or f"#{i}", "elements": infos[i].numel,
+                      "nto_bytes": nto((i,))} for i in big])
+
+
+def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None:
+        return None
+    if isinstance(dtype, torch.dtype) and dtype in FLOAT_DTYPES:
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in _DTYPES:
+        return _DTYPES[dtype.removeprefix("torch.")]
+    raise ValueError(f"dtype={dtype!r}; allowed: None (the model's), torch.float32, "
+                     "torch.bfloat16, torch.float16 or their names")
+
+
+def _infos(model: torch.nn.Module, want: torch.dtype | None) -> list[ParamInfo]:
+    infos = [ParamInfo(n, tuple(p.shape), want or p.dtype)
+             for n, p in model.named_parameters() if p.is_floating_point()]
+    if not infos:
+        raise ValueError(f"{type(model).__name__} has no floating-point parameters to plan")
+    return infos
+
+
+def _as_module(obj: Any, task: str | None) -> torch.nn.Module:
+    if isinstance(obj, torch.nn.Module):
+        return obj
+    if isinstance(obj, (str, os.PathLike)):
+        return _meta_model(_load_config(Path(obj)), task)
+    try:
+        from transformers import PretrainedConfig
+    except ImportError:  # pragma: no cover - transformers is a demo extra
+        PretrainedConfig = ()  # type: ignore[assignment]
+    if PretrainedConfig and isinstance(obj, PretrainedConfig):
+        return _meta_model(obj, task)
+    raise TypeError(f"plan() got {type(obj).__name__}; allowed: an nn.Module, a transformers "
+                    "PretrainedConfig, or a local HF model folder / .gguf file path")
+
+
+def _load_config(path: Path):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # plans never download
+    from transformers import AutoConfig
+
+    path = path.expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    if path.is_dir() and (path / "config.json").is_file():
+        return AutoConfig.from_pretrained(path)
+    raise ValueError(f"plan(): {str(path)!r} is neither a HF model folder with config.json "
+                     "nor a .gguf file; nothing is downloaded from a hub")
+
+
+def _meta_model(config: Any, task: str | None) -> torch.nn.Module:
+    """The model of `config` on the meta device (names, shapes, dtypes; no memory)."""
+    import transformers
+
+    if task is None:
+        task = "lm" if _is_causal(config) else "classify"
+    auto = {"lm": transformers.AutoModelForCausalLM,
+            "classify": transformers.AutoModelForSequenceClassification,
+            "base": transformers.AutoModel}.get(task)
+    if auto is None:
+        raise ValueError(f"task={task!r}; allowed: None, 'lm', 'classify', 'base'")
+    with torch.device("meta"):
+        return auto.from_config(config)
+
+
+def _is_causal(config: Any) -> bool:
+    archs = getattr(config, "architectures", None) or []
+    if archs:
+        return any(a.endswith("ForCausalLM") for a in archs)
+    # No architecture named (GGUF, bare configs): a decoder LM has a *ForCausalLM class
+    # (BERT's causal class is BertLMHeadModel: an encoder, planned as a classifier).
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING as causal
+
+    cls = causal[type(config)] if type(config) in causal else None
+    return cls is not None and cls.__name__.endswith("ForCausalLM")

@@ -1,0 +1,195 @@
+"""Block discovery and packing (nto_ext/blocks.py) and the policies' schedules."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tiny import (
+    llama_config,
+    one_thread,  # noqa: F401  (autouse fixture)
+)
+
+from nto_ext.blocks import (
+    ParamInfo,
+    Unit,
+    block_of,
+    discover_blocks,
+    group_label,
+    make_units,
+    pack_consecutive,
+)
+from nto_ext.budget import Budget
+from nto_ext.policies import BlockPolicy, SamplePolicy, make_policy
+
+NAMES = [
+    ("model.embed_tokens.weight", "embed", "embed"),
+    ("model.layers.0.self_attn.q_proj.weight", "model.layers.0", "layer"),
+    ("model.layers.11.mlp.down_proj.weight", "model.layers.11", "layer"),
+    ("model.norm.weight", "other", "other"),
+    ("lm_head.weight", "head", "head"),
+    ("transformer.wte.weight", "embed", "embed"),
+    ("transformer.wpe.weight", "embed", "embed"),
+    ("transformer.h.3.attn.c_attn.weight", "transformer.h.3", "layer"),
+    ("transformer.ln_f.bias", "other", "other"),
+    ("bert.embeddings.word_embeddings.weight", "embed", "embed"),
+    ("bert.embeddings.LayerNorm.weight", "embed", "embed"),
+    ("bert.encoder.layer.5.output.dense.weight", "bert.encoder.layer.5", "layer"),
+    ("bert.pooler.dense.weight", "other", "other"),
+    ("classifier.weight", "head", "head"),
+    ("score.weight", "head", "head"),
+    ("vit.blocks.2.attn.qkv.weight", "vit.blocks.2", "layer"),
+    ("layers.7.weight", "layers.7", "layer"),
+    ("encoder.layers.0.fc1.weight", "encoder.layers.0", "layer"),
+    ("decoder.layers.0.fc1.weight", "decoder.layers.0", "layer"),
+    ("model.layers.2.mlp.blocks.1.w", "model.layers.2", "layer"),  # first index wins
+    ("highway.weight", "other", "other"),
+]
+
+
+@pytest.mark.parametrize("name,block,kind", NAMES)
+def test_block_of(name, block, kind):
+    assert block_of(name, 0) == (block, kind)
+
+
+def test_unnamed_params_are_their_own_blocks():
+    assert block_of(None, 7) == ("#7", "param")
+    infos = [ParamInfo(None, (3,), torch.float32) for _ in range(3)]
+    assert [b.name for b in discover_blocks(infos)] == ["#0", "#1", "#2"]
+
+
+def _llama_infos():
+    import transformers
+
+    with torch.device("meta"):
+        m = transformers.LlamaForCausalLM(llama_config())
+    return [ParamInfo.of(n, p) for n, p in m.named_parameters()]
+
+
+def test_discover_llama_in_module_order():
+    blocks = discover_blocks(_llama_infos())
+    assert [b.name for b in blocks] == ["embed"] + [f"model.layers.{i}" for i in range(4)] \
+        + ["other", "head"]
+    assert [len(b.params) for b in blocks] == [1, 9, 9, 9, 9, 1, 1]
+    assert sorted(i for b in blocks for i in b.params) == list(range(39))
+
+
+def test_make_units_splits_big_blocks_and_lists_too_big():
+    infos = _llama_infos()
+    blocks = discover_blocks(infos)
+
+    def cost(params):
+        return sum(infos[i].numel for i in params)
+
+    units, too_big = make_units(blocks, infos, cost, 3000)
+    assert [infos[i].name for i in too_big] == ["model.embed_tokens.weight", "lm_head.weight"]
+    layer0 = [u for u in units if u.block == "model.layers.0"]
+    assert len(layer0) == 9 and all(len(u.params) == 1 for u in layer0)
+    assert [u.name for u in units if u.block == "other"] == ["other"]  # whole block fits
+    units, too_big = make_units(blocks, infos, cost, 10_000)
+    assert not too_big and [u.name for u in units] == [b.name for b in blocks]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(min_value=1, max_value=50), min_size=1, max_size=40),
+       st.integers(min_value=50, max_value=200))
+def test_pack_consecutive_properties(costs, capacity):
+    units = [Unit(f"u{i}", f"u{i}", (i,), c, c) for i, c in enumerate(costs)]
+    groups = pack_consecutive(units, capacity)
+    assert [u for g in groups for u in g] == units  # every unit once, in order
+    assert all(sum(u.cost for u in g) <= capacity for g in groups)
+    for a, b in zip(groups, groups[1:]):  # greedy: the next unit did not fit
+        assert sum(u.cost for u in a) + b[0].cost > capacity
+
+
+def test_group_label():
+    whole = Unit("model.layers.0", "model.layers.0", (0,), 1, 1)
+    parts = [Unit(f"model.layers.1.w{i}", "model.layers.1", (i,), 1, 1) for i in range(3)]
+    assert group_label([whole] + parts) == "model.layers.0, model.layers.1[3 tensors]"
+    assert group_label([]) == "(none)"
+    assert group_label([whole] * 20, width=30).endswith("...")
+
+
+def _policy(name, budget, **kw):
+    return make_policy(name, _llama_infos(), budget, **kw)
+
+
+@pytest.mark.parametrize("order", ["ascending", "descending", "random"])
+def test_block_policy_cycles_cover_every_unit(order):
+    pol = _policy("block", Budget("elements", 10_000, "10000"), switch_every=2, order=order)
+    assert isinstance(pol, BlockPolicy)
+    n = len(pol.groups)
+    for cycle in range(3):
+        seen = [i for k in range(n) for i in pol.active((cycle * n + k) * 2)]
+        assert sorted(seen) == list(range(39))  # each param exactly once per cycle
+    first = [pol.active_names(k * 2) for k in range(n)]
+    if order == "ascending":
+        assert first[0] == ["embed"] and first[-1][-1] == "head"
+    if order == "descending":
+        assert first[0][-1] == "head"
+    if order == "random":  # reshuffled every cycle, deterministic in the seed
+        again = _policy("block", Budget("elements", 10_000, "10000"), switch_every=2,
+                        order=order)
+        assert [again.active_names(k) for k in range(0, 40, 2)] == \
+            [pol.active_names(k) for k in range(0, 40, 2)]
+        cycles = {tuple(tuple(pol.active_names((c * n + k) * 2)) for k in range(n))
+                  for c in range(6)}
+        assert len(cycles) > 1
+
+
+def test_block_policy_switches_every_n_steps():
+    pol = _policy("block", Budget("elements", 10_000, "10000"), switch_every=5)
+    assert pol.active(0) == pol.active(4) != pol.active(5)
+
+
+def test_sample_policy_fits_and_covers():
+    budget = Budget("elements", 15_000, "15000")
+    pol = _policy("sample", budget, switch_every=1, seed=3, always=("embed", "head"))
+    assert isinstance(pol, SamplePolicy)
+    embed_head = {0, 38}
+    for cycle in range(3):
+        sched = pol.schedule(cycle)
+        assert sum(1 for p in sched for _ in p) == len(pol.units)  # each unit once a cycle
+    seen = set()
+    for step in range(pol.cycle_steps(0)):
+        act = pol.active(step)
+        assert embed_head <= act
+        assert pol.cost(sorted(act)) <= budget.amount
+        seen |= act
+    assert seen == set(range(39))
+    other = _policy("sample", budget, switch_every=1, seed=4, always=("embed", "head"))
+    assert [other.active(s) for s in range(10)] != [pol.active(s) for s in range(10)]
+
+
+def test_sample_layers_fixed_count():
+    pol = _policy("sample", Budget("elements", 30_000, "30000"), switch_every=1,
+                  always=("embed", "head", "other"), sample_layers=2)
+    for step in range(12):
+        names = pol.active_names(step)
+        assert set(names[:3]) == {"embed", "head", "other"}
+        assert len(names) == 5 and len(set(names[3:])) == 2
+        assert all(n.startswith("model.layers.") for n in names[3:])
+
+
+def test_policy_state_dict_is_a_cursor():
+    pol = _policy("sample", Budget("elements", 10_000, "10000"), switch_every=1)
+    want = [pol.active(s) for s in range(40)]
+    sd = pol.state_dict()
+    fresh = _policy("sample", Budget("elements", 10_000, "10000"), switch_every=1)
+    fresh.load_state_dict(sd)
+    assert [fresh.active(s) for s in range(40)] == want  # also backwards (recomputed)
+    with pytest.raises(ValueError, match="cycle"):
+        fresh.load_state_dict({"cycle": -1, "cycle_start": 0})
+
+
+def test_always_errors():
+    with pytest.raises(ValueError, match=r"always=\('nope',\): no block named \['nope'\]"):
+        _policy("block", Budget("elements", 10_000, "10000"), always=("nope",))
+    with pytest.raises(ValueError, match=r"always=\('embed', 'head'\) needs 8,192 elements"):
+        _policy("block", Budget("elements", 5_000, "5000"), always=("embed", "head"))
+
+
+def test_sample_layers_errors():
+    with pytest.raises(ValueError, match="sample_layers=99 but only"):
+        _policy("sample", Budget("elements", 30_000, "30000"), sample_layers=99)
+    with pytest.raises(ValueError, match="sample_layers=3: the 3 largest units need"):
+        _policy("sample", Budget("elements", 20_000, "20000"), sample_layers=3)

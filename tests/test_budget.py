@@ -1,0 +1,112 @@
+"""Budget parsing and the memory model (nto_ext/budget.py)."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from nto_ext.budget import (
+    STEP_BYTES,
+    Budget,
+    bytes_per_element,
+    format_bytes,
+    parse_budget,
+    state_bytes,
+)
+
+TOTAL = 45_344  # elements of the tiny Llama of the other tests
+
+GOOD = [
+    (1000, "elements", 1000),
+    ("1000", "elements", 1000),
+    (0.1, "elements", 4534),
+    (1.0, "elements", TOTAL),
+    ("10%", "elements", 4534),
+    (" 50 % ", "elements", TOTAL // 2),
+    ("100%", "elements", TOTAL),
+    ("0.5%", "elements", 226),
+    ("512MiB", "bytes", 512 * 2**20),
+    ("2GB", "bytes", 2 * 10**9),
+    ("1.5GiB", "bytes", int(1.5 * 2**30)),
+    ("100KB", "bytes", 100_000),
+    ("100kb", "bytes", 100_000),
+    ("64 KiB", "bytes", 65_536),
+    ("3B", "bytes", 3),
+    ("1TiB", "bytes", 2**40),
+]
+
+
+@pytest.mark.parametrize("budget,kind,amount", GOOD)
+def test_parse_good(budget, kind, amount):
+    b = parse_budget(budget, TOTAL)
+    assert (b.kind, b.amount) == (kind, amount)
+
+
+# (budget, exception, regex the message must match: what was given and what is allowed)
+BAD_BUDGETS = [
+    (0, ValueError, r"budget=0: an element budget must be > 0; allowed: an int"),
+    (-5, ValueError, r"budget=-5: .*> 0"),
+    (1.5, ValueError, r"budget=1.5: .*\(0, 1\]"),
+    (0.0, ValueError, r"budget=0.0: .*\(0, 1\]"),
+    (float("nan"), ValueError, r"budget=nan"),
+    (float("inf"), ValueError, r"budget=inf"),
+    ("0%", ValueError, r"budget='0%': a percentage must be in \(0%, 100%\]"),
+    ("101%", ValueError, r"budget='101%': a percentage must be in"),
+    ("abc", ValueError, r"budget='abc': cannot parse it .*allowed:"),
+    ("12XB", ValueError, r"budget='12XB': cannot parse it \(byte units: B, KB"),
+    ("", ValueError, r"budget='': cannot parse"),
+    ("0B", ValueError, r"budget='0B': a byte budget must be at least 1 byte"),
+    ("0.1B", ValueError, r"budget='0.1B': a byte budget must be at least 1 byte"),
+    (True, TypeError, r"budget=True has type bool; allowed"),
+    (None, TypeError, r"budget=None has type NoneType; allowed"),
+    ([1], TypeError, r"budget=\[1\] has type list; allowed"),
+]
+
+
+@pytest.mark.parametrize("budget,exc,msg", BAD_BUDGETS, ids=[repr(b[0]) for b in BAD_BUDGETS])
+def test_parse_bad(budget, exc, msg):
+    with pytest.raises(exc, match=msg):
+        parse_budget(budget, TOTAL)
+
+
+def test_small_share_is_at_least_one_element():
+    assert parse_budget("0.0001%", 100).amount == 1
+
+
+def test_memory_model_table():
+    # DESIGN.md "Memory model": fp32 param, bf16 param.
+    assert bytes_per_element("adamw", torch.float32) == 12
+    assert bytes_per_element("adamw", torch.bfloat16) == 6
+    assert bytes_per_element("block", torch.float32) == 12
+    assert bytes_per_element("block", torch.bfloat16) == 10
+    assert bytes_per_element("sample", torch.float16) == 10
+    assert bytes_per_element("sparse", torch.float32) == 16
+    assert bytes_per_element("sparse", torch.bfloat16) == 16
+    assert bytes_per_element("adamw8bit", torch.bfloat16) == 4
+    assert state_bytes("block", 10, torch.float32) == 120 + STEP_BYTES
+    with pytest.raises(ValueError, match="unknown policy 'lion'; allowed"):
+        bytes_per_element("lion", torch.float32)
+
+
+def test_cost_in_budget_units():
+    items = [(10, torch.float32), (5, torch.bfloat16)]
+    assert Budget("elements", 100, "100").cost(items, "block") == 15
+    assert Budget("bytes", 100, "'100B'").cost(items, "block") == 10 * 12 + 5 * 10 + 2 * 4
+
+
+def test_text_and_describe():
+    assert parse_budget("10%", TOTAL).text == "10%"
+    assert parse_budget(1000, TOTAL).text == "1000"
+    assert "elements" in parse_budget(1000, TOTAL).describe()
+    assert "MiB" in parse_budget("2MiB", TOTAL).describe()
+    assert format_bytes(1536) == "1.50 KiB"
+    assert format_bytes(12) == "12 B"
+
+
+@given(st.floats(min_value=1e-6, max_value=1.0), st.integers(min_value=1, max_value=10**12))
+def test_share_never_exceeds_total(frac, total):
+    b = parse_budget(frac, total)
+    assert 1 <= b.amount <= total
+    assert b.amount <= math.floor(frac * total) + 1

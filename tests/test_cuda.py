@@ -1,0 +1,628 @@
+"""CUDA kernels: agreement with the CPU kernels and the reference for every op and dtype,
+sizes 0, 1, odd, 4097, 65537 and past 2**31 elements, bad inputs raising the CPU's errors,
+and the no-host-sync contract. Marked `gpu` (run with `pytest -m gpu`; skipped without CUDA).
+
+Equality rules: masked_adamw_ with host step counts is bit-exact against the CPU kernel
+(same csrc/adamw_math.h, every op IEEE-rounded on both); with device step counts the bias
+corrections come from the GPU's double pow (within an ulp of the CPU's), so tolerances are
+tight but not zero. select_topk, remap_state, gather_accumulate_ and param_stats' counts are
+exact; param_stats' sumsq agrees to float64 summation-order rounding.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nto_ext import _reference, ops
+
+pytestmark = pytest.mark.gpu
+
+DEV = torch.device("cuda")
+FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+SIZES = (0, 1, 3, 4097, 65537)
+INT32_MAX = 2**31 - 1
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _op(name: str, device: str):
+    """torch.ops.nto.<name> when a kernel for `device` is registered, else None."""
+    if not ops._ensure_loaded() or not ops._has_kernel(name, torch.device(device)):
+        return None
+    return getattr(torch.ops.nto, name)
+
+
+def _cuda_op(name: str):
+    op = _op(name, "cuda")
+    assert op is not None, (f"nto::{name} has no CUDA kernel: build with NTO_EXT_BUILD=cuda "
+                            "pip install --no-build-isolation -e .")
+    return op
+
+
+def _cpu_or_reference(name: str):
+    op = _op(name, "cpu")
+    return op if op is not None else getattr(_reference, name)
+
+
+def _to(x, device):
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to(v, device) for v in x)
+    return x
+
+
+def _sorted_positions(n: int, density: float, dtype: torch.dtype, gen: torch.Generator):
+    keep = torch.rand(n, generator=gen) < density
+    return torch.nonzero(keep).view(-1).to(dtype)
+
+
+def _free_bytes() -> int:
+    return torch.cuda.mem_get_info()[0]
+
+
+# ------------------------------------------------------------------------- backend
+
+
+def test_backend_is_cuda_ext():
+    assert ops.backend() == "cuda-ext"
+    for name in ("param_stats", "masked_adamw_", "select_topk", "remap_state",
+                 "gather_accumulate_"):
+        _cuda_op(name)
+
+
+# --------------------------------------------------------------------- param_stats
+
+
+def _stats_inputs(dtype, gen):
+    ts = [torch.randn(n, generator=gen).to(dtype) for n in SIZES]
+    special = torch.tensor([0.0, -0.0, 1e-40, -3e-39, float("inf"), -float("inf"), 2.5, -7.0])
+    ts.append(special.to(dtype))
+    nan = torch.randn(1000, generator=gen)
+    nan[17] = float("nan")
+    ts.append(nan.to(dtype))
+    ts.append(torch.randn(3 * (1 << 17) + 5, generator=gen).to(dtype))  # several partials
+    return ts
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_param_stats_agrees(dtype):
+    gen = torch.Generator().manual_seed(1)
+    ts = _stats_inputs(dtype, gen)
+    got = [x.cpu() for x in _cuda_op("param_stats")(_to(ts, DEV))]
+    for want in (_cpu_or_reference("param_stats")(ts), _reference.param_stats(ts)):
+        assert torch.equal(got[0], want[0])
+        torch.testing.assert_close(got[1], want[1], rtol=1e-12, atol=0, equal_nan=True)
+        torch.testing.assert_close(got[2], want[2], rtol=0, atol=0, equal_nan=True)
+        assert torch.equal(got[3], want[3])
+
+
+def test_param_stats_many_tensors_and_mixed_dtypes():
+    gen = torch.Generator().manual_seed(2)
+    ts = [torch.randn(int(n), generator=gen).to(FLOATS[i % 3])
+          for i, n in enumerate(torch.randint(0, 3000, (300,), generator=gen))]
+    got = [x.cpu() for x in _cuda_op("param_stats")(_to(ts, DEV))]
+    want = _reference.param_stats(ts)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[3], want[3])
+    torch.testing.assert_close(got[1], want[1], rtol=1e-12, atol=0, equal_nan=True)
+    assert torch.equal(got[2], want[2])
+
+
+def test_param_stats_is_deterministic():
+    x = [torch.randn(5_000_003, device=DEV), torch.randn(77, device=DEV)]
+    a = _cuda_op("param_stats")(x)
+    for _ in range(3):
+        b = _cuda_op("param_stats")(x)
+        assert all(torch.equal(u, v) for u, v in zip(a, b))
+
+
+# ------------------------------------------------------------------- masked_adamw_
+
+HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
+
+
+def _adamw_case(sizes, pdtype, gdtype, kind, idx_dtype, step_kind, gen, offset=0):
+    """CPU inputs: kind 'dense' | 'compact' | 'dense_grad' (indexed); step_kind 'int' |
+    'cpu' | 'cuda' | 'cuda_f32' | 'elem'. offset=1 makes params unaligned views."""
+    params, grads, ms, vs, idx, steps = [], [], [], [], [], []
+    for n in sizes:
+        base = torch.randn(n + offset, generator=gen).to(pdtype)
+        p = base[offset:]
+        if kind == "dense":
+            pos, length = None, n
+        else:
+            pos = _sorted_positions(n, 0.3, idx_dtype, gen)
+            length = pos.numel()
+        g_len = n if kind in ("dense", "dense_grad") else length
+        grads.append(torch.randn(g_len, generator=gen).to(gdtype))
+        params.append(p)
+        ms.append(torch.randn(length, generator=gen) * 0.1)
+        vs.append(torch.rand(length, generator=gen) * 0.01)
+        idx.append(pos)
+        if step_kind == "elem":
+            steps.append(torch.randint(1, 50, (length,), generator=gen, dtype=torch.int32))
+        else:
+            steps.append(7)
+    return params, grads, ms, vs, idx, steps
+
+
+def _step_list(steps, step_kind, device):
+    if step_kind == "int":
+        return ops._step_tensors(7, len(steps))
+    if step_kind == "cpu":
+        return [torch.tensor([7.0], dtype=torch.float64) for _ in steps]
+    if step_kind == "cuda":
+        return [torch.tensor([7], dtype=torch.int64, device=device) for _ in steps]
+    if step_kind == "cuda_f32":
+        return [torch.tensor([7.0], dtype=torch.float32, device=device) for _ in steps]
+    return [s.to(device) for s in steps]  # per-element int32
+
+
+def _run_adamw(op, case, device, step_kind):
+    params, grads, ms, vs, idx, steps = (_to([t.clone() if isinstance(t, torch.Tensor) else t
+                                              for t in lst], device) for lst in case)
+    op(params, grads, ms, vs, idx, _step_list(steps, step_kind, device), *HYPER.values())
+    return [t.cpu() for t in params], [t.cpu() for t in ms], [t.cpu() for t in vs]
+
+
+def _assert_same(got, want, exact: bool, dtype):
+    tol = {torch.float32: 2e-6, torch.bfloat16: 1e-2, torch.float16: 1e-3}[dtype]
+    for g_list, w_list in zip(got, want):
+        for g, w in zip(g_list, w_list):
+            if exact:
+                assert torch.equal(g, w), (g - w).abs().max()
+            else:
+                torch.testing.assert_close(g.float(), w.float(), rtol=tol, atol=tol * 1e-3)
+
+
+CASES = [(p, g) for p in FLOATS for g in {p, torch.float32}]
+
+
+@pytest.mark.parametrize("pdtype,gdtype", CASES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("kind", ["dense", "compact", "dense_grad"])
+def test_masked_adamw_agrees_with_cpu_and_reference(pdtype, gdtype, kind):
+    gen = torch.Generator().manual_seed(3)
+    for idx_dtype in (torch.int32, torch.int64) if kind != "dense" else (None,):
+        for offset in (0, 1):
+            case = _adamw_case(SIZES + (1 << 20 | 7,), pdtype, gdtype, kind, idx_dtype, "int",
+                               gen, offset)
+            got = _run_adamw(_cuda_op("masked_adamw_"), case, DEV, "int")
+            want_cpu = _run_adamw(_cpu_or_reference("masked_adamw_"), case, "cpu", "int")
+            _assert_same(got, want_cpu, exact=True, dtype=pdtype)
+            want_ref = _run_adamw(_reference.masked_adamw_, case, "cpu", "int")
+            _assert_same(got, want_ref, exact=pdtype == torch.float32, dtype=pdtype)
+
+
+@pytest.mark.parametrize("step_kind", ["cpu", "cuda", "cuda_f32", "elem"])
+@pytest.mark.parametrize("kind", ["dense", "compact"])
+def test_masked_adamw_step_kinds(step_kind, kind):
+    gen = torch.Generator().manual_seed(4)
+    for pdtype in FLOATS:
+        case = _adamw_case((1, 4097, 65537), pdtype, pdtype, kind, torch.int32, step_kind, gen)
+        got = _run_adamw(_cuda_op("masked_adamw_"), case, DEV, step_kind)
+        cpu_kind = "elem" if step_kind == "elem" else "cpu"
+        want = _run_adamw(_cpu_or_reference("masked_adamw_"), case, "cpu", cpu_kind)
+        _assert_same(got, want, exact=step_kind == "cpu", dtype=pdtype)
+
+
+def test_masked_adamw_many_tensors_one_call():
+    # more tensors than one launch's table holds (32 dense / 24 indexed): several launches
+    gen = torch.Generator().manual_seed(5)
+    sizes = [int(n) for n in torch.randint(0, 5000, (100,), generator=gen)]
+    for kind in ("dense", "compact"):
+        case = _adamw_case(sizes, torch.bfloat16, torch.float32, kind, torch.int64, "int", gen)
+        got = _run_adamw(_cuda_op("masked_adamw_"), case, DEV, "int")
+        want = _run_adamw(_cpu_or_reference("masked_adamw_"), case, "cpu", "int")
+        _assert_same(got, want, exact=True, dtype=torch.bfloat16)
+
+
+def test_masked_adamw_untouched_elements_stay_bit_identical():
+    gen = torch.Generator().manual_seed(6)
+    p = torch.randn(100_003, generator=gen).half().to(DEV)
+    before = p.clone()
+    idx = _sorted_positions(p.numel(), 0.1, torch.int32, gen).to(DEV)
+    g, m, v = (torch.randn(idx.numel(), device=DEV) for _ in range(3))
+    _cuda_op("masked_adamw_")([p], [g], [m], [v.abs()], [idx], ops._step_tensors(1, 1),
+                              *HYPER.values())
+    mask = torch.ones(p.numel(), dtype=torch.bool, device=DEV)
+    mask[idx.long()] = False
+    assert torch.equal(p[mask].view(torch.int16), before[mask].view(torch.int16))
+    assert not torch.equal(p[~mask], before[~mask])
+
+
+def test_masked_adamw_matches_torch_fused_adamw():
+    gen = torch.Generator().manual_seed(7)
+    ps = [torch.randn(n, generator=gen).to(DEV) for n in (1, 4097, 65537)]
+    ref = [p.clone().requires_grad_() for p in ps]
+    opt = torch.optim.AdamW(ref, fused=True, lr=HYPER["lr"], betas=(0.9, 0.999), eps=1e-8,
+                            weight_decay=0.1)
+    ms = [torch.zeros_like(p) for p in ps]
+    vs = [torch.zeros_like(p) for p in ps]
+    for step in range(1, 4):
+        grads = [torch.randn(p.numel(), generator=gen).to(DEV) for p in ps]
+        for r, g in zip(ref, grads):
+            r.grad = g.clone()
+        opt.step()
+        ops.masked_adamw_(ps, grads, ms, vs, [None] * 3, step, **HYPER)
+    for p, r in zip(ps, ref):
+        torch.testing.assert_close(p, r.detach(), rtol=1e-5, atol=1e-7)
+
+
+def test_masked_adamw_device_steps_below_one_leave_memory_untouched():
+    # documented difference from the CPU: device step counts are not read on the host
+    p = torch.randn(5000, device=DEV)
+    m, v = torch.zeros_like(p), torch.zeros_like(p)
+    before = p.clone()
+    _cuda_op("masked_adamw_")([p], [torch.ones_like(p)], [m], [v], [None],
+                              [torch.zeros(1, device=DEV)], *HYPER.values())
+    assert torch.equal(p, before) and not m.any()
+    idx = torch.arange(0, 5000, 2, dtype=torch.int32, device=DEV)
+    steps = torch.ones(idx.numel(), dtype=torch.int32, device=DEV)
+    steps[::2] = 0
+    m2, v2 = torch.zeros(idx.numel(), device=DEV), torch.zeros(idx.numel(), device=DEV)
+    _cuda_op("masked_adamw_")([p], [torch.ones(idx.numel(), device=DEV)], [m2], [v2], [idx],
+                              [steps], *HYPER.values())
+    assert not m2[::2].any() and m2[1::2].all()
+    assert torch.equal(p[idx[::2].long()], before[idx[::2].long()])
+
+
+def test_masked_adamw_hot_path_has_no_host_sync():
+    p = torch.randn(70_000, device=DEV)
+    idx = torch.arange(0, 70_000, 7, dtype=torch.int32, device=DEV)
+    g, m, v = (torch.zeros(idx.numel(), device=DEV) for _ in range(3))
+    step = torch.ones(1, device=DEV)
+    args = ([p], [g], [m], [v], [idx])
+    _cuda_op("masked_adamw_")(*args, [step], *HYPER.values())  # first sight: checks indices
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            step.add_(1)
+            _cuda_op("masked_adamw_")(*args, [step], *HYPER.values())
+            _cuda_op("gather_accumulate_")([p], [idx], [g])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_masked_adamw_under_cuda_graph_replay():
+    gen = torch.Generator().manual_seed(8)
+    p = torch.randn(10_000, generator=gen).to(DEV)
+    idx = torch.arange(0, 10_000, 3, dtype=torch.int64, device=DEV)
+    g = torch.randn(idx.numel(), generator=gen).to(DEV)
+    m, v = torch.zeros_like(g), torch.zeros_like(g)
+    step = torch.ones(1, device=DEV)
+    eager = [t.clone() for t in (p, m, v)]
+    op = _cuda_op("masked_adamw_")
+    op([eager[0]], [g], [eager[1]], [eager[2]], [idx], [step.clone()], *HYPER.values())
+    op([p.clone()], [g], [m.clone()], [v.clone()], [idx], [step], *HYPER.values())  # warm up
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # capture fails on any host sync
+        op([p], [g], [m], [v], [idx], [step], *HYPER.values())
+    graph.replay()
+    for a, b in zip((p, m, v), eager):
+        assert torch.equal(a, b)
+    for _ in range(2):
+        step.add_(1)
+        graph.replay()
+        op([eager[0]], [g], [eager[1]], [eager[2]], [idx], [step.clone()], *HYPER.values())
+    for a, b in zip((p, m, v), eager):
+        assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------- select_topk
+
+
+def _topk_inputs(dtype, gen):
+    ts = [torch.randn(n, generator=gen).to(dtype) for n in SIZES]
+    ties = torch.randint(-3, 4, (9000,), generator=gen).to(dtype)  # many exact ties
+    ties[::97] = float("nan")
+    ts.append(ties)
+    ts.append(torch.tensor([float("inf"), -float("inf"), 0.0, -0.0, 1e-40], dtype=dtype))
+    ts.append(torch.randn(1 << 20 | 3, generator=gen).to(dtype))
+    return ts
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_select_topk_agrees(dtype):
+    gen = torch.Generator().manual_seed(9)
+    ts = _topk_inputs(dtype, gen)
+    total = sum(t.numel() for t in ts)
+    dev_ts = _to(ts, DEV)
+    for k in (0, 1, 2, 17, 4097, total // 10, total // 2, total - 1, total):
+        got = [x.cpu() for x in _cuda_op("select_topk")(dev_ts, k)]
+        for want in (_cpu_or_reference("select_topk")(ts, k), _reference.select_topk(ts, k)):
+            assert len(got) == len(want)
+            for g, w in zip(got, want):
+                assert g.dtype == w.dtype and torch.equal(g, w), (k, g[:10], w[:10])
+
+
+def test_select_topk_ties_take_the_lowest_positions():
+    x = [torch.ones(10, device=DEV), torch.ones(5, device=DEV) * 2, torch.ones(10, device=DEV)]
+    got = _cuda_op("select_topk")(x, 8)
+    assert got[0].tolist() == [0, 1, 2] and got[1].tolist() == [0, 1, 2, 3, 4]
+    assert got[2].tolist() == []
+    nan = torch.tensor([float("nan"), 0.0, float("nan")], device=DEV)
+    assert _cuda_op("select_topk")([nan], 2)[0].tolist() == [0, 1]
+
+
+def test_select_topk_mixed_dtypes_and_many_tensors():
+    gen = torch.Generator().manual_seed(10)
+    ts = [torch.randn(int(n), generator=gen).to(FLOATS[i % 3])
+          for i, n in enumerate(torch.randint(0, 2000, (150,), generator=gen))]
+    total = sum(t.numel() for t in ts)
+    for k in (1, total // 3, total - 5):
+        got = _cuda_op("select_topk")(_to(ts, DEV), k)
+        want = _reference.select_topk(ts, k)
+        assert all(torch.equal(g.cpu(), w) for g, w in zip(got, want))
+
+
+# --------------------------------------------------------------------- remap_state
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_remap_state_agrees(dtype):
+    gen = torch.Generator().manual_seed(11)
+    olds, news, states = [], [], []
+    for i, n in enumerate(SIZES + (200_000,)):
+        old = _sorted_positions(n, 0.5, (torch.int32, torch.int64)[i % 2], gen)
+        new = _sorted_positions(n, 0.5, (torch.int64, torch.int32)[i % 2], gen)
+        lead = [(2,), (), (3, 2)][i % 3]
+        olds.append(old)
+        news.append(new)
+        states.append(torch.randn(*lead, old.numel(), generator=gen).to(dtype))
+    got = _cuda_op("remap_state")(_to(olds, DEV), _to(news, DEV), _to(states, DEV))
+    for want in (_cpu_or_reference("remap_state")(olds, news, states),
+                 _reference.remap_state(olds, news, states)):
+        for g, w in zip(got, want):
+            assert g.shape == w.shape and g.dtype == w.dtype
+            assert torch.equal(g.cpu(), w)
+
+
+# --------------------------------------------------------------- gather_accumulate_
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_gather_accumulate_agrees(dtype):
+    gen = torch.Generator().manual_seed(12)
+    dense, idx, compact = [], [], []
+    for i, n in enumerate(SIZES + (300_001,)):
+        dense.append(torch.randn(n, generator=gen).to(dtype))
+        pos = _sorted_positions(n, 0.2, (torch.int32, torch.int64)[i % 2], gen)
+        idx.append(pos)
+        compact.append(torch.randn(pos.numel(), generator=gen))
+    got = [c.clone().to(DEV) for c in compact]
+    _cuda_op("gather_accumulate_")(_to(dense, DEV), _to(idx, DEV), got)
+    for fn in (_cpu_or_reference("gather_accumulate_"), _reference.gather_accumulate_):
+        want = [c.clone() for c in compact]
+        fn(dense, idx, want)
+        assert all(torch.equal(g.cpu(), w) for g, w in zip(got, want))
+
+
+# -------------------------------------------------------------- past 2**31 elements
+
+
+@pytest.fixture(scope="module")
+def big():
+    n = 2**31 + 64
+    if _free_bytes() < 2 * n * 2 + (2 << 30):
+        pytest.skip(f"needs {2 * n * 2 / 2**30:.0f} GiB of free GPU memory")
+    x = torch.zeros(n, dtype=torch.bfloat16, device=DEV)
+    marks = torch.tensor([3, INT32_MAX, 2**31 + 5, n - 1], device=DEV)
+    x[marks] = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.bfloat16, device=DEV)
+    yield x, marks
+    del x
+    torch.cuda.empty_cache()
+
+
+def test_big_param_stats(big):
+    x, _ = big
+    numel, sumsq, absmax, hist = _cuda_op("param_stats")([x])
+    assert numel.item() == x.numel() and sumsq.item() == 30.0 and absmax.item() == 4.0
+    assert hist[0, 0].item() == x.numel() - 4 and hist.sum().item() == x.numel()
+
+
+def test_big_select_topk_uses_int64(big):
+    x, marks = big
+    small = torch.tensor([5.0, 0.5], device=DEV)
+    got = _cuda_op("select_topk")([x, small], 5)
+    assert got[0].dtype == torch.int64 and got[1].dtype == torch.int32
+    assert got[0].tolist() == marks.tolist() and got[1].tolist() == [0]
+    got = _cuda_op("select_topk")([x, small], 9)  # 3 ties at 0: the lowest positions
+    assert got[0].tolist() == [0, 1, 2, 3, INT32_MAX, 2**31 + 5, x.numel() - 1]
+
+
+def test_big_gather_accumulate_and_indexed_adamw(big):
+    x, marks = big
+    idx = marks[1:].clone()  # int64 positions past 2**31 - 1
+    c = torch.zeros(3, device=DEV)
+    _cuda_op("gather_accumulate_")([x], [idx], [c])
+    assert c.tolist() == [2.0, 3.0, 4.0]
+    p = x.clone()
+    g = torch.ones(3, device=DEV)
+    m, v = torch.zeros(3, device=DEV), torch.zeros(3, device=DEV)
+    _cuda_op("masked_adamw_")([p], [g], [m], [v], [idx], ops._step_tensors(1, 1),
+                              *HYPER.values())
+    want_p = x[idx].cpu()
+    wm, wv = torch.zeros(3), torch.zeros(3)
+    _cpu_or_reference("masked_adamw_")([want_p], [torch.ones(3)], [wm], [wv], [None],
+                                       ops._step_tensors(1, 1), *HYPER.values())
+    assert torch.equal(p[idx].cpu(), want_p) and torch.equal(m.cpu(), wm)
+    untouched = torch.tensor([0, 3, 2**31 + 4, x.numel() - 2], device=DEV)
+    assert torch.equal(p[untouched], x[untouched])
+    del p
+
+
+def test_big_dense_adamw():
+    n = 2**31 + 1000
+    need = n * (2 + 2 + 4 + 4) + (1 << 30)
+    if _free_bytes() < need:
+        pytest.skip(f"needs {need / 2**30:.0f} GiB of free GPU memory")
+    p = torch.zeros(n, dtype=torch.bfloat16, device=DEV)
+    tail = torch.randn(4096, device=DEV)
+    p[-4096:] = tail.bfloat16()
+    g = torch.ones(n, dtype=torch.bfloat16, device=DEV)
+    m = torch.zeros(n, device=DEV)
+    v = torch.zeros(n, device=DEV)
+    _cuda_op("masked_adamw_")([p], [g], [m], [v], [None], ops._step_tensors(3, 1),
+                              *HYPER.values())
+    wp, wm, wv = tail.bfloat16().cpu(), torch.zeros(4096), torch.zeros(4096)
+    _cpu_or_reference("masked_adamw_")([wp], [torch.ones(4096, dtype=torch.bfloat16)], [wm],
+                                       [wv], [None], ops._step_tensors(3, 1), *HYPER.values())
+    assert torch.equal(p[-4096:].cpu(), wp) and torch.equal(m[-4096:].cpu(), wm)
+    assert torch.equal(v[-4096:].cpu(), wv) and (m[:1000] == m[0]).all()
+    del p, g, m, v
+    torch.cuda.empty_cache()
+
+
+def test_big_remap_int64_positions():
+    old = torch.tensor([0, 2**40, 2**41], device=DEV)
+    new = torch.tensor([5, 2**40, 2**41, 2**42], device=DEV)
+    s = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], device=DEV)
+    got = _cuda_op("remap_state")([old], [new], [s])[0]
+    assert got.tolist() == [[0.0, 2.0, 3.0, 0.0], [0.0, 5.0, 6.0, 0.0]]
+
+
+# ---------------------------------------------------------------------- bad inputs
+
+
+def _adamw_args(device, **change):
+    p = torch.randn(10, device=device)
+    a = dict(params=[p], grads=[torch.randn(10, device=device)],
+             exp_avgs=[torch.zeros(4, device=device)], exp_avg_sqs=[torch.zeros(4, device=device)],
+             indices=[torch.tensor([1, 3, 5, 9], dtype=torch.int32, device=device)],
+             steps=ops._step_tensors(1, 1), **HYPER)
+    for k, fn in change.items():
+        a[k] = fn(a[k], device)
+    return a
+
+
+BAD_ADAMW = {
+    "lr": dict(lr=lambda v, d: -1.0),
+    "beta2": dict(beta2=lambda v, d: 1.0),
+    "param dtype": dict(params=lambda v, d: [v[0].double()]),
+    "grad dtype": dict(grads=lambda v, d: [v[0].half()]),
+    "lengths": dict(grads=lambda v, d: v * 2),
+    "state length": dict(exp_avgs=lambda v, d: [torch.zeros(5, device=d)]),
+    "grad length": dict(grads=lambda v, d: [torch.zeros(7, device=d)]),
+    "non-contiguous": dict(params=lambda v, d: [torch.randn(20, device=d)[::2]]),
+    "index dtype": dict(indices=lambda v, d: [v[0].short()]),
+    "index 2-D": dict(indices=lambda v, d: [v[0].view(2, 2)]),
+    "index range": dict(indices=lambda v, d: [torch.tensor([1, 3, 5, 10], dtype=torch.int32,
+                                                           device=d)]),
+    "index negative": dict(indices=lambda v, d: [torch.tensor([-1, 3, 5, 9], device=d)]),
+    "index order": dict(indices=lambda v, d: [torch.tensor([1, 5, 3, 9], device=d)]),
+    "index dup": dict(indices=lambda v, d: [torch.tensor([1, 3, 3, 9], device=d)]),
+    "step zero": dict(steps=lambda v, d: [torch.tensor([0.0], dtype=torch.float64)]),
+    "step nan": dict(steps=lambda v, d: [torch.tensor([float("nan")])]),
+    "step shape": dict(steps=lambda v, d: [torch.ones(3, dtype=torch.int32, device=d)]),
+    "step dtype": dict(steps=lambda v, d: [torch.ones(4, dtype=torch.int64, device=d)]),
+}
+
+
+def _error_of(fn):
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - compared below
+        return type(e), str(e).split("\n")[0]
+    return None, None
+
+
+@pytest.mark.parametrize("case", list(BAD_ADAMW))
+def test_masked_adamw_bad_inputs_raise_the_cpu_errors(case):
+    cpu = _adamw_args("cpu", **BAD_ADAMW[case])
+    dev = _adamw_args(DEV, **BAD_ADAMW[case])
+    before = [t.clone() for t in dev["params"] + dev["exp_avgs"]]
+    want = _error_of(lambda: _cpu_or_reference("masked_adamw_")(*cpu.values()))
+    got = _error_of(lambda: _cuda_op("masked_adamw_")(*dev.values()))
+    assert want[0] is not None
+    assert got[0] is want[0], (got, want)
+    assert got[1] == want[1].replace("cpu", str(DEV) + ":0") or got[1] == want[1], (got, want)
+    after = dev["params"] + dev["exp_avgs"]
+    assert all(torch.equal(a, b) for a, b in zip(after, before)), "memory touched before error"
+
+
+def test_mixed_devices_are_named():
+    a = _adamw_args(DEV)
+    a["grads"] = [a["grads"][0].cpu()]
+    with pytest.raises(ValueError, match=r"grads\[0\] is on cpu but the first tensor is on cuda"):
+        _cuda_op("masked_adamw_")(*a.values())
+
+
+def test_index_cache_sees_in_place_changes_and_new_tensors():
+    a = _adamw_args(DEV)
+    op = _cuda_op("masked_adamw_")
+    op(*a.values())
+    a["indices"][0][3] = 10  # in place: the version counter moves, the check runs again
+    with pytest.raises(IndexError, match=r"indices\[0\]\[3\] = 10 is out of range"):
+        op(*a.values())
+    for _ in range(5):  # a freed index tensor's successor is checked, even at the same address
+        a = _adamw_args(DEV)
+        op(*a.values())
+        del a["indices"]
+        a["indices"] = [torch.tensor([1, 3, 5, 11], dtype=torch.int32, device=DEV)]
+        with pytest.raises(IndexError):
+            op(*a.values())
+
+
+BAD_OTHER = {
+    "stats dtype": ("param_stats", lambda d: ([torch.ones(3, dtype=torch.int32, device=d)],)),
+    "topk k": ("select_topk", lambda d: ([torch.ones(3, device=d)], 4)),
+    "topk negative k": ("select_topk", lambda d: ([torch.ones(3, device=d)], -1)),
+    "topk dtype": ("select_topk", lambda d: ([torch.ones(3, dtype=torch.float64, device=d)], 1)),
+    "remap shape": ("remap_state", lambda d: ([torch.arange(3, device=d)],
+                                              [torch.arange(2, device=d)],
+                                              [torch.zeros(2, 4, device=d)])),
+    "remap negative": ("remap_state", lambda d: ([torch.arange(3, device=d)],
+                                                 [torch.tensor([-2, 1], device=d)],
+                                                 [torch.zeros(2, 3, device=d)])),
+    "remap order": ("remap_state", lambda d: ([torch.tensor([0, 2, 1], device=d)],
+                                              [torch.tensor([1], device=d)],
+                                              [torch.zeros(3, device=d)])),
+    "gather range": ("gather_accumulate_", lambda d: ([torch.ones(4, device=d)],
+                                                      [torch.tensor([1, 4], device=d)],
+                                                      [torch.zeros(2, device=d)])),
+    "gather compact dtype": ("gather_accumulate_", lambda d: ([torch.ones(4, device=d)],
+                                                              [torch.tensor([1, 2], device=d)],
+                                                              [torch.zeros(2, device=d).half()])),
+    "gather lengths": ("gather_accumulate_", lambda d: ([torch.ones(4, device=d)] * 2,
+                                                        [torch.tensor([1, 2], device=d)],
+                                                        [torch.zeros(2, device=d)])),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_OTHER))
+def test_other_ops_bad_inputs_raise_the_cpu_errors(case):
+    name, make = BAD_OTHER[case]
+    want = _error_of(lambda: _cpu_or_reference(name)(*make("cpu")))
+    got = _error_of(lambda: _cuda_op(name)(*make(DEV)))
+    assert want[0] is not None and got[0] is want[0], (got, want)
+    assert got[1] == want[1], (got, want)
+
+
+# ----------------------------------------------------------------- hypothesis checks
+
+
+def test_hypothesis_topk_and_adamw_agree_with_reference():
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+
+    @hypothesis.settings(max_examples=60, deadline=None, derandomize=True)
+    @hypothesis.given(sizes=st.lists(st.integers(0, 3000), min_size=1, max_size=6),
+                      dtype=st.sampled_from(FLOATS), frac=st.floats(0, 1),
+                      levels=st.integers(1, 50), seed=st.integers(0, 2**31))
+    def check(sizes, dtype, frac, levels, seed):
+        gen = torch.Generator().manual_seed(seed)
+        ts = [(torch.randint(-levels, levels + 1, (n,), generator=gen) / levels).to(dtype)
+              for n in sizes]
+        k = int(frac * sum(sizes))
+        got = _cuda_op("select_topk")(_to(ts, DEV), k)
+        assert all(torch.equal(g.cpu(), w) for g, w in zip(got, _reference.select_topk(ts, k)))
+        case = _adamw_case(sizes, dtype, dtype, "compact", torch.int64, "int", gen)
+        a = _run_adamw(_cuda_op("masked_adamw_"), case, DEV, "int")
+        b = _run_adamw(_cpu_or_reference("masked_adamw_"), case, "cpu", "int")
+        _assert_same(a, b, exact=True, dtype=dtype)
+
+    check()

@@ -1,0 +1,481 @@
+"""The CUDA kernels' own code, run on the CPU by a small emulator of CUDA's execution model.
+
+No GPU is needed: the csrc/cuda/*.cu sources are copied, their `kernel<<<grid, block>>>(...)`
+launches rewritten into calls of an emulator, and the copies compiled by the host compiler
+against stub c10/cuda headers. The emulator runs every block's threads as fibers on one OS
+thread (deterministic), with real __syncthreads barriers, warp shuffles / match / vote,
+atomics and `__shared__` memory. The host side of each op (checks, index cache, grouping,
+multi-tensor launch tables, workspaces) is the real code, on CPU tensors.
+
+What this verifies: the kernels' indexing, chunking, vector/tail paths, block scans, radix
+select and compaction, merges and the multi-tensor launcher, against the reference and the
+CPU kernels. What it does not: GPU memory-model effects, real warp scheduling, nvcc's device
+code generation (bench/cuda_syntax_check.sh checks that it compiles), 1-element steps held on
+a device (the emulator's tensors are all on the CPU), and speed. Marked slow: building the
+emulated module takes about a minute.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from nto_ext import _reference, ops
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+# ------------------------------------------------------------------- the emulator
+
+CUDA_RUNTIME_H = r"""
+#pragma once
+// Emulated CUDA runtime: each block's threads run as ucontext fibers on the calling thread.
+#include <ucontext.h>
+#include <math.h>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+typedef void* cudaStream_t;
+typedef int cudaError_t;
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16 };
+inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr, int) { *v = 2; return 0; }
+
+namespace emu {
+struct Dim { unsigned x = 0, y = 0, z = 0; };
+struct Fiber {
+  ucontext_t ctx;
+  std::vector<char> stack;
+  bool done = false;
+  int wait = 0;  // 0 runnable, 1 block barrier, 2 warp barrier
+  uint64_t gen = 0;
+};
+struct Sched {
+  ucontext_t main;
+  std::vector<Fiber> fibers;
+  unsigned cur = 0, threads = 0;
+  int live = 0, arrived = 0;
+  uint64_t gen = 0;
+  std::vector<int> warp_live, warp_arrived;
+  std::vector<uint64_t> warp_gen, slot;
+  std::vector<int> flag;
+  std::function<void()> body;
+};
+inline Sched* S = nullptr;
+inline Dim tid, bid, bdim;
+
+inline void release_if_all_arrived(unsigned w) {
+  Sched& s = *S;
+  if (s.arrived > 0 && s.arrived == s.live) { s.arrived = 0; ++s.gen; }
+  if (s.warp_arrived[w] > 0 && s.warp_arrived[w] == s.warp_live[w]) {
+    s.warp_arrived[w] = 0;
+    ++s.warp_gen[w];
+  }
+}
+inline void yield(int kind, uint64_t gen) {
+  Fiber& f = S->fibers[S->cur];
+  f.wait = kind;
+  f.gen = gen;
+  swapcontext(&f.ctx, &S->main);
+  f.wait = 0;
+  tid.x = S->cur;
+}
+inline void block_barrier() {
+  Sched& s = *S;
+  const uint64_t g = s.gen;
+  if (++s.arrived == s.live) { s.arrived = 0; ++s.gen; return; }
+  yield(1, g);
+}
+inline void warp_barrier() {
+  Sched& s = *S;
+  const unsigned w = S->cur / 32;
+  const uint64_t g = s.warp_gen[w];
+  if (++s.warp_arrived[w] == s.warp_live[w]) { s.warp_arrived[w] = 0; ++s.warp_gen[w]; return; }
+  yield(2, g);
+}
+inline void fiber_main() {
+  S->body();
+  Sched& s = *S;
+  const unsigned w = s.cur / 32;
+  s.fibers[s.cur].done = true;
+  --s.live;
+  --s.warp_live[w];
+  release_if_all_arrived(w);
+}
+
+struct Launch {
+  unsigned blocks, threads;
+  template <class F, class... A>
+  void operator()(F f, A... args) const {
+    Sched s;
+    s.threads = threads;
+    s.fibers.resize(threads);
+    for (auto& fb : s.fibers) fb.stack.resize(1 << 17);
+    S = &s;
+    for (unsigned b = 0; b < blocks; ++b) {
+      s.live = threads;
+      s.arrived = 0;
+      s.warp_live.assign(threads / 32, 32);
+      s.warp_arrived.assign(threads / 32, 0);
+      s.warp_gen.assign(threads / 32, 0);
+      s.slot.assign(threads, 0);
+      s.flag.assign(threads, 0);
+      bid.x = b;
+      bdim.x = threads;
+      s.body = [&] { f(args...); };
+      for (unsigned t = 0; t < threads; ++t) {
+        Fiber& fb = s.fibers[t];
+        fb.done = false;
+        fb.wait = 0;
+        getcontext(&fb.ctx);
+        fb.ctx.uc_stack.ss_sp = fb.stack.data();
+        fb.ctx.uc_stack.ss_size = fb.stack.size();
+        fb.ctx.uc_link = &s.main;
+        makecontext(&fb.ctx, fiber_main, 0);
+      }
+      while (s.live > 0) {
+        bool ran = false;
+        for (unsigned t = 0; t < threads; ++t) {
+          Fiber& fb = s.fibers[t];
+          if (fb.done) continue;
+          const bool ready = fb.wait == 0 || (fb.wait == 1 && s.gen != fb.gen) ||
+                             (fb.wait == 2 && s.warp_gen[t / 32] != fb.gen);
+          if (!ready) continue;
+          s.cur = t;
+          tid.x = t;
+          swapcontext(&s.main, &fb.ctx);
+          ran = true;
+        }
+        if (!ran) { std::fprintf(stderr, "emu: deadlock in block %u\n", b); std::abort(); }
+      }
+    }
+    S = nullptr;
+  }
+};
+inline Launch launch(long long blocks, long long threads, int, cudaStream_t) {
+  return {static_cast<unsigned>(blocks), static_cast<unsigned>(threads)};
+}
+
+template <class T>
+T shfl(T v, int src_lane, bool ok) {
+  uint64_t bits = 0;
+  std::memcpy(&bits, &v, sizeof(T));
+  S->slot[S->cur] = bits;
+  warp_barrier();
+  T r = v;
+  const unsigned base = S->cur & ~31u;
+  if (ok) std::memcpy(&r, &S->slot[base + src_lane], sizeof(T));
+  warp_barrier();
+  return r;
+}
+}  // namespace emu
+
+#define threadIdx ::emu::tid
+#define blockIdx ::emu::bid
+#define blockDim ::emu::bdim
+
+inline void __syncthreads() { ::emu::block_barrier(); }
+inline int __syncthreads_or(int p) {
+  auto& s = *::emu::S;
+  s.flag[s.cur] = p;
+  ::emu::block_barrier();
+  int r = 0;
+  for (unsigned t = 0; t < s.threads; ++t) r |= s.flag[t] != 0;
+  ::emu::block_barrier();
+  return r;
+}
+template <class T>
+T __shfl_down_sync(unsigned, T v, int d) {
+  const int lane = ::emu::S->cur & 31;
+  return ::emu::shfl(v, lane + d, lane + d < 32);
+}
+template <class T>
+T __shfl_up_sync(unsigned, T v, int d) {
+  const int lane = ::emu::S->cur & 31;
+  return ::emu::shfl(v, lane - d, lane - d >= 0);
+}
+inline unsigned __match_any_sync(unsigned, unsigned v) {
+  auto& s = *::emu::S;
+  s.slot[s.cur] = v;
+  ::emu::warp_barrier();
+  const unsigned base = s.cur & ~31u;
+  unsigned m = 0;
+  for (unsigned l = 0; l < 32; ++l) m |= (s.slot[base + l] == v ? 1u : 0u) << l;
+  ::emu::warp_barrier();
+  return m;
+}
+inline int __ffs(unsigned x) { return __builtin_ffs(static_cast<int>(x)); }
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline unsigned atomicAdd(unsigned* p, unsigned v) { unsigned o = *p; *p += v; return o; }
+inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
+  unsigned long long o = *p; *p += v; return o;
+}
+inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
+inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
+"""
+
+STUBS = {
+    "cuda_runtime.h": CUDA_RUNTIME_H,
+    "c10/cuda/CUDAException.h": """#pragma once
+#include <cuda_runtime.h>
+#define C10_CUDA_CHECK(x) (void)(x)
+#define C10_CUDA_KERNEL_LAUNCH_CHECK() do { } while (0)
+""",
+    "c10/cuda/CUDAGuard.h": """#pragma once
+#include <c10/core/Device.h>
+namespace c10 { namespace cuda {
+struct CUDAGuard { explicit CUDAGuard(c10::Device) {} };
+} }
+""",
+    "c10/cuda/CUDAStream.h": """#pragma once
+#include <cuda_runtime.h>
+namespace c10 { namespace cuda {
+struct CUDAStream { cudaStream_t stream() const { return nullptr; } };
+inline CUDAStream getCurrentCUDAStream() { return {}; }
+} }
+""",
+}
+
+SCHEMAS = {
+    "param_stats": ("stats::param_stats_cuda",
+                    "param_stats(Tensor[] tensors) -> (Tensor, Tensor, Tensor, Tensor)"),
+    "masked_adamw_": ("adamw::masked_adamw_cuda",
+                      "masked_adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+                      "Tensor(c!)[] exp_avg_sqs, Tensor?[] indices, Tensor[] steps, float lr, "
+                      "float beta1, float beta2, float eps, float weight_decay) -> ()"),
+    "select_topk": ("topk::select_topk_cuda", "select_topk(Tensor[] tensors, int k) -> Tensor[]"),
+    "remap_state": ("remap::remap_state_cuda",
+                    "remap_state(Tensor[] old_indices, Tensor[] new_indices, Tensor[] states) "
+                    "-> Tensor[]"),
+    "gather_accumulate_": ("gather::gather_accumulate_cuda",
+                           "gather_accumulate_(Tensor[] dense, Tensor[] indices, "
+                           "Tensor(a!)[] compact) -> ()"),
+}
+
+LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;()]*>)?)\s*<<<(.*?)>>>\s*\(", re.S)
+
+
+def _emulated_sources(dst: Path) -> Path:
+    """csrc copied to dst with launches rewritten; returns the one source to compile."""
+    shutil.copytree(ROOT / "csrc", dst / "csrc")
+    cuda = dst / "csrc" / "cuda"
+    units = sorted(p.name for p in cuda.glob("*.cu"))
+    for name in units:
+        p = cuda / name
+        text = LAUNCH.sub(lambda m: f"::emu::launch({m.group(2)})({m.group(1)}, ", p.read_text())
+        assert "<<<" not in text, f"{name}: a launch the rewrite missed"
+        p.write_text(text)
+    for rel, body in STUBS.items():
+        f = dst / "stubs" / rel
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(body)
+    defs = "\n".join(f'  m.def("{schema}", &nto::cuda::{fn});'
+                     for fn, schema in SCHEMAS.values())
+    main = cuda / "emu_ops.cpp"
+    main.write_text("\n".join([
+        "#include <cuda_runtime.h>",
+        "#include <torch/library.h>",
+        "#undef TORCH_LIBRARY_IMPL  // the files' CUDA registrations: compiled, not registered",
+        "#define TORCH_LIBRARY_IMPL(ns, k, m) [[maybe_unused]] static void "
+        "C10_CONCATENATE(nto_emu_unused_, __COUNTER__)(torch::Library & m)",
+        '#include "multi_tensor.cuh"',
+        '#include "arg_checks.cuh"',
+        "#define check_on_cuda(...) ((void)0)  // every tensor here is a CPU tensor",
+        *[f'#include "{u}"' for u in units],
+        "TORCH_LIBRARY(nto_emu, m) {",
+        defs,
+        "}",
+        "",
+    ]))
+    return main
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no host C++ compiler")
+    from torch.utils.cpp_extension import load
+
+    root = tmp_path_factory.mktemp("cuda_emu")
+    main = _emulated_sources(root)
+    load(name="nto_cuda_emu", sources=[str(main)], build_directory=str(root),
+         extra_include_paths=[str(root / "stubs")],
+         extra_cflags=["-O1", "-ffp-contract=off", "-w"], is_python_module=False,
+         verbose=False)
+    return torch.ops.nto_emu
+
+
+def _cpu(name):
+    ops._ensure_loaded()
+    if ops._has_kernel(name, torch.device("cpu")):
+        return getattr(torch.ops.nto, name)
+    return getattr(_reference, name)
+
+
+def _positions(n, density, dtype, gen):
+    return torch.nonzero(torch.rand(n, generator=gen) < density).view(-1).to(dtype)
+
+
+SIZES = (0, 1, 3, 4097, 65537)
+HYPER = (1e-2, 0.9, 0.999, 1e-8, 0.1)
+
+# ----------------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_param_stats(emu, dtype):
+    gen = torch.Generator().manual_seed(0)
+    ts = [torch.randn(n, generator=gen).to(dtype) for n in SIZES + (140_000,)]
+    ts.append(torch.tensor([0.0, -0.0, 1e-40, float("inf"), -2.5, float("nan")]).to(dtype))
+    ts[-2] = ts[-2][1:]  # an unaligned start: the scalar path
+    got, want = emu.param_stats(ts), _reference.param_stats(ts)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[3], want[3])
+    torch.testing.assert_close(got[1], want[1], rtol=1e-12, atol=0, equal_nan=True)
+    torch.testing.assert_close(got[2], want[2], rtol=0, atol=0, equal_nan=True)
+
+
+def _adamw_case(sizes, pdtype, gdtype, kind, idx_dtype, per_elem, gen, offset):
+    cols = [[] for _ in range(6)]
+    for n in sizes:
+        p = torch.randn(n + offset, generator=gen).to(pdtype)[offset:]
+        pos = None if kind == "dense" else _positions(n, 0.3, idx_dtype, gen)
+        length = n if pos is None else pos.numel()
+        g = torch.randn(n if kind in ("dense", "dense_grad") else length, generator=gen)
+        step = (torch.randint(1, 30, (length,), generator=gen, dtype=torch.int32) if per_elem
+                else torch.tensor([7.0], dtype=torch.float64))
+        for c, v in zip(cols, (p, g.to(gdtype), torch.randn(length, generator=gen) * 0.1,
+                               torch.rand(length, generator=gen) * 0.01, pos, step)):
+            c.append(v)
+    return cols
+
+
+def _run(op, case):
+    cols = [[t.clone() if isinstance(t, torch.Tensor) else t for t in c] for c in case]
+    op(*cols, *HYPER)
+    return cols[0] + cols[2] + cols[3]
+
+
+@pytest.mark.parametrize("pdtype", FLOATS)
+@pytest.mark.parametrize("kind", ["dense", "compact", "dense_grad"])
+def test_masked_adamw(emu, pdtype, kind):
+    gen = torch.Generator().manual_seed(1)
+    for gdtype in {pdtype, torch.float32}:
+        for idx_dtype, per_elem, offset in ((torch.int32, False, 0), (torch.int64, True, 1)):
+            case = _adamw_case(SIZES, pdtype, gdtype, kind, idx_dtype, per_elem, gen, offset)
+            got, want = _run(emu.masked_adamw_, case), _run(_cpu("masked_adamw_"), case)
+            for g, w in zip(got, want):
+                assert torch.equal(g, w), (kind, gdtype, idx_dtype, per_elem, offset)
+
+
+def test_masked_adamw_many_tensors(emu):
+    gen = torch.Generator().manual_seed(2)
+    sizes = [int(n) for n in torch.randint(0, 300, (70,), generator=gen)]
+    for kind in ("dense", "compact"):
+        case = _adamw_case(sizes, torch.bfloat16, torch.float32, kind, torch.int32, False, gen, 0)
+        got, want = _run(emu.masked_adamw_, case), _run(_cpu("masked_adamw_"), case)
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_select_topk(emu, dtype):
+    gen = torch.Generator().manual_seed(3)
+    ts = [torch.randn(n, generator=gen).to(dtype) for n in SIZES]
+    ties = torch.randint(-3, 4, (9000,), generator=gen).to(dtype)
+    ties[::97] = float("nan")
+    ts += [ties, torch.tensor([float("inf"), -float("inf"), 0.0, -0.0, 1e-40]).to(dtype)]
+    total = sum(t.numel() for t in ts)
+    for k in (0, 1, 2, 17, 4097, total // 10, total // 2, total - 1, total):
+        got, want = emu.select_topk(ts, k), _reference.select_topk(ts, k)
+        for g, w in zip(got, want):
+            assert g.dtype == w.dtype and torch.equal(g, w), (k, g[:8], w[:8])
+
+
+def test_select_topk_many_tensors_mixed_dtypes(emu):
+    gen = torch.Generator().manual_seed(4)
+    ts = [torch.randn(int(n), generator=gen).to(FLOATS[i % 3])
+          for i, n in enumerate(torch.randint(0, 800, (90,), generator=gen))]
+    total = sum(t.numel() for t in ts)
+    for k in (1, total // 3, total - 5):
+        assert all(torch.equal(g, w) for g, w in
+                   zip(emu.select_topk(ts, k), _reference.select_topk(ts, k)))
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_remap_state(emu, dtype):
+    gen = torch.Generator().manual_seed(5)
+    olds, news, states = [], [], []
+    for i, n in enumerate(SIZES + (30_000,)):
+        olds.append(_positions(n, 0.5, (torch.int32, torch.int64)[i % 2], gen))
+        news.append(_positions(n, 0.5, (torch.int64, torch.int32)[i % 2], gen))
+        lead = [(2,), (), (3, 2)][i % 3]
+        states.append(torch.randn(*lead, olds[-1].numel(), generator=gen).to(dtype))
+    got, want = emu.remap_state(olds, news, states), _reference.remap_state(olds, news, states)
+    assert all(g.shape == w.shape and torch.equal(g, w) for g, w in zip(got, want))
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_gather_accumulate(emu, dtype):
+    gen = torch.Generator().manual_seed(6)
+    dense = [torch.randn(n, generator=gen).to(dtype) for n in SIZES + (70_001,)]
+    idx = [_positions(d.numel(), 0.2, (torch.int32, torch.int64)[i % 2], gen)
+           for i, d in enumerate(dense)]
+    compact = [torch.randn(i.numel(), generator=gen) for i in idx]
+    got, want = [c.clone() for c in compact], [c.clone() for c in compact]
+    emu.gather_accumulate_(dense, idx, got)
+    _reference.gather_accumulate_(dense, idx, want)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+def _error(fn):
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - compared by the caller
+        return type(e), str(e).split("\n")[0]
+    return None, None
+
+
+def test_bad_indices_raise_the_cpu_errors_before_any_write(emu):
+    def args(idx):
+        p = torch.randn(10)
+        return ([p], [torch.randn(4)], [torch.zeros(4)], [torch.zeros(4)], [idx],
+                [torch.tensor([1.0], dtype=torch.float64)], *HYPER)
+    for idx in (torch.tensor([1, 3, 5, 10], dtype=torch.int32), torch.tensor([-1, 3, 5, 9]),
+                torch.tensor([1, 5, 3, 9]), torch.tensor([1, 3, 3, 9])):
+        a = args(idx)
+        before = a[0][0].clone()
+        got = _error(lambda a=a: emu.masked_adamw_(*a))
+        want = _error(lambda idx=idx: _cpu("masked_adamw_")(*args(idx)))
+        assert want[0] is not None and got == want
+        assert torch.equal(a[0][0], before)
+    # the index cache: a checked tensor changed in place is checked again
+    idx = torch.tensor([1, 3, 5, 9])
+    emu.masked_adamw_(*args(idx))
+    idx[3] = 12
+    with pytest.raises(IndexError, match=r"indices\[0\]\[3\] = 12 is out of range"):
+        emu.masked_adamw_(*args(idx))
+    got = _error(lambda: emu.remap_state([torch.tensor([0, 2, 1])], [torch.tensor([1])],
+                                         [torch.zeros(3)]))
+    want = _error(lambda: _cpu("remap_state")([torch.tensor([0, 2, 1])], [torch.tensor([1])],
+                                              [torch.zeros(3)]))
+    assert want[0] is not None and got == want
+    got = _error(lambda: emu.gather_accumulate_([torch.ones(4)], [torch.tensor([1, 4])],
+                                                [torch.zeros(2)]))
+    want = _error(lambda: _cpu("gather_accumulate_")([torch.ones(4)], [torch.tensor([1, 4])],
+                                                     [torch.zeros(2)]))
+    assert want[0] is not None and got == want
