@@ -57,8 +57,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     cfg = demo.DemoConfig(model=args.model, data=args.data, steps=args.steps,
                           budget=args.budget, policy=args.policy,
-                          switch_every=args.switch_every, batch_size=args.batch_size,
-                          lr=args.lr, max_length=args.max_length, eval_size=args.eval_size,
+                          switch_every=args.switch_every, order=args.order,
+                          batch_size=args.batch_size, lr=args.lr, lr_nto=args.lr_nto,
+                          lr_adamw=args.lr_adamw, max_length=args.max_length,
+                          eval_size=args.eval_size,
                           seed=args.seed, device=args.device, out=args.out)
     try:
         results = demo.run_demo(cfg)
@@ -121,10 +123,17 @@ def _add_demo(sub) -> None:
                    help="NTO budget: '10%%', 0.1, an element count, or bytes like '64MiB' "
                         "(default: 10%%)")
     d.add_argument("--policy", default="block", help="block, sample or sparse (default: block)")
-    d.add_argument("--switch-every", type=int, default=None,
-                   help="steps between changes of NTO's active set (default: NTO's)")
+    d.add_argument("--switch-every", type=int, default=20,
+                   help="steps between changes of NTO's active set (default: 20)")
+    d.add_argument("--order", default="descending",
+                   help="NTO block order: ascending, descending or random (default: "
+                        "descending: the head and top layers first)")
     d.add_argument("--batch-size", type=int, help="examples per step (default: 16; 4 for LMs)")
-    d.add_argument("--lr", type=float, help="learning rate (default: 1e-4; 5e-5 for LMs)")
+    d.add_argument("--lr", type=float,
+                   help="learning rate of both optimizers (default: NTO 3e-4, AdamW 1e-4, "
+                        "each the better of the two here; 5e-5 for LMs)")
+    d.add_argument("--lr-nto", type=float, help="NTO's learning rate alone")
+    d.add_argument("--lr-adamw", type=float, help="AdamW's learning rate alone")
     d.add_argument("--max-length", type=int,
                    help="tokens per example / LM block (default: 64; 128 for LMs)")
     d.add_argument("--eval-size", type=int,

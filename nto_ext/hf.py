@@ -149,16 +149,20 @@ class TrainerNTO(NTO):
             enable_checkpoint_input_grads(nto_model)
 
     def _check_params_kept(self) -> None:
-        # accelerate's FSDP2 preparation replaces the params in param_groups after the
-        # optimizer is built; NTO does not follow replaced params yet (notes/hf_needs.md N2)
+        # Trainer's FSDP2 mode: accelerate's prepare swaps the params for DTensors. NTO
+        # follows them, but Trainer then checkpoints through torch's
+        # get/set_optimizer_state_dict, which would save one rank's shard of NTO's moments
+        # for all ranks (plain local tensors) and cannot load a changing active set
+        # (notes/hf_needs.md N3).
         now = [id(p) for g in self.param_groups for p in g["params"]]
         if now != self._built_with:
             raise RuntimeError(
                 "the parameters in the optimizer's param_groups were replaced after NTO was "
-                "built (Trainer's FSDP2 integration does this in accelerate's prepare); NTO "
-                "cannot follow replaced parameters yet. Use DDP with Trainer, or shard the "
-                "model with torch.distributed.fsdp.fully_shard before building NTO "
-                "(README, Multi-GPU).")
+                "built: this is Trainer's FSDP2 mode (accelerate's prepare shards them), whose "
+                "optimizer checkpoints cannot hold NTO's state correctly. Use DDP with Trainer "
+                "(torchrun without fsdp), or shard the model with "
+                "torch.distributed.fsdp.fully_shard in your own loop, build NTO after it and "
+                "checkpoint with nto_ext.hf.save_optimizer_state (README, Multi-GPU).")
 
     def train(self) -> None:
         self._check_params_kept()

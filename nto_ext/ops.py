@@ -10,6 +10,7 @@ NTO_EXT_JIT=0 disables the JIT build.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -196,17 +197,21 @@ def _has_schema(name: str) -> bool:
     return True
 
 
-def _has_kernel(name: str, device: torch.device) -> bool:
-    """True when `torch.ops.nto.<name>` has a kernel for this device registered (the C++
-    kernels land one by one; until then the wrapper runs the reference)."""
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
+def _has_kernel(name: str, device: torch.device | str) -> bool:
+    """True when `torch.ops.nto.<name>` has a kernel registered for this device (a backend
+    may lack some ops; the wrapper then runs the reference)."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(torch.device(device).type)
     return (key is not None and _has_schema(name)
             and torch._C._dispatch_has_kernel_for_dispatch_key(f"nto::{name}", key))
 
 
+# _kernel_for asks only after the extension is loaded, when the answer is final.
+_has_kernel_cached = functools.cache(_has_kernel)
+
+
 def _kernel_for(name: str, tensors: Sequence[torch.Tensor]):
     """The compiled op to call for these tensors, or None to run the reference."""
-    if not _use_kernels(tensors) or not _has_kernel(name, tensors[0].device):
+    if not _use_kernels(tensors) or not _has_kernel_cached(name, tensors[0].device.type):
         return None
     return getattr(torch.ops.nto, name)
 

@@ -322,6 +322,7 @@ class NTO(torch.optim.Optimizer):
     def train(self) -> None:
         """Apply the active set now (as the first `step()` would); for Trainer and
         schedule-free style loops."""
+        self._sync_params()
         self._ensure_applied()
 
     def eval(self) -> None:
@@ -333,6 +334,7 @@ class NTO(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._sync_params()
         self._ensure_applied()
         with torch.no_grad():
             self._update()
@@ -345,6 +347,7 @@ class NTO(torch.optim.Optimizer):
         update; the numbers are the same either way. For tools that need a non-empty
         `state` before training (torch.distributed.checkpoint otherwise runs a step with
         zero gradients, which would advance NTO's schedule)."""
+        self._sync_params()
         for i in sorted(self._active):
             self._init_state(self._params[i])
 
@@ -376,6 +379,7 @@ class NTO(torch.optim.Optimizer):
         and before a switch frees anything (grads and state both alive): the step's peak.
         Storages are counted once each (deduplicated by device and data pointer).
         """
+        self._sync_params()
         grad_b, state_b, index_b = self._measure()
         offl = [v for st in self._offloaded.values() for v in st.values()
                 if isinstance(v, torch.Tensor)]
@@ -457,6 +461,35 @@ class NTO(torch.optim.Optimizer):
         name = self._infos[index].name
         return f"parameter {name!r}" if name is not None else f"parameter #{index}"
 
+    # ------------------------------------------------------------------ replaced params
+    def _sync_params(self) -> None:
+        """Follow params that were replaced in `param_groups` after construction (issue 6:
+        accelerate's FSDP2 prepare, `Accelerator.prepare(model, opt)`, swaps every param for
+        its sharded DTensor): re-index them, move their state and hooks over, and apply the
+        active set to them at the next train()/step(). DESIGN.md: NTO finds params only
+        through param_groups."""
+        now = [p for g in self.param_groups for p in g["params"]]
+        if len(now) == len(self._params) and all(a is b for a, b in zip(now, self._params)):
+            return
+        if len(now) != len(self._params):
+            raise ValueError(f"param_groups now hold {len(now)} params, NTO was built over "
+                             f"{len(self._params)}; allowed: the same params, or each "
+                             "replaced by one of the same shape (a sharded or moved copy)")
+        for i, p in enumerate(now):
+            if tuple(p.shape) != tuple(self._infos[i].shape):
+                raise ValueError(f"{self._label(i)} was replaced in param_groups by a tensor of "
+                                 f"shape {tuple(p.shape)}, expected {tuple(self._infos[i].shape)}"
+                                 "; allowed: a copy of the same (global) shape")
+        self.remove_hooks()
+        self.state = defaultdict(dict, {now[self._index[p]]: st for p, st in self.state.items()
+                                        if p in self._index})
+        self._params, self._index = now, {p: i for i, p in enumerate(now)}
+        ref = weakref.ref(self)
+        self._hooks = [_register_hook(p, _drop_grad_hook(ref, i)) for i, p in enumerate(now)]
+        self._applied = False
+        log.info("NTO: %d params were replaced in param_groups (e.g. sharded); following them",
+                 len(now))
+
     # ------------------------------------------------------------------ the active set
     def _ensure_applied(self) -> None:
         if not self._applied:
@@ -465,19 +498,22 @@ class NTO(torch.optim.Optimizer):
 
     def _apply_active(self) -> None:
         """Make params, grads and state agree with `self._active`: inactive params lose
-        requires_grad, grad and (device) state; active params regain them."""
+        requires_grad, grad and (device) state; active params regain them. Retiring runs
+        first, so offloaded state comes back only after the old set's grads and state are
+        gone: the device peak of a switch stays within the budget (issue 10)."""
+        for i, p in enumerate(self._params):
+            if i not in self._active:
+                if p.requires_grad:
+                    p.requires_grad_(False)
+                p.grad = None
+                if p in self.state:
+                    self._retire(i, p)
         for i, p in enumerate(self._params):
             if i in self._active:
                 if not p.requires_grad:
                     p.requires_grad_(True)
                 if i in self._offloaded:
                     self._restore(i, p)
-            else:
-                if p.requires_grad:
-                    p.requires_grad_(False)
-                p.grad = None
-                if p in self.state:
-                    self._retire(i, p)
 
     def _retire(self, i: int, p: torch.Tensor) -> None:
         st = self.state.pop(p)
@@ -518,35 +554,42 @@ class NTO(torch.optim.Optimizer):
         return out
 
     def _check_grads(self, entries: list) -> bool:
-        """Non-finite check and clipping over all active grads; False = skip this step."""
+        """Non-finite check and clipping over all active grads; False = skip this step.
+        Under FSDP2 (DTensor grads, one shard per rank) the squared norm and the count of
+        non-finite shards are summed over the ranks first (nto_ext.hf's engineer, issue 6:
+        with local values each rank clipped by its own norm, and a NaN in one shard made
+        only that rank skip)."""
         if self.nonfinite == "propagate" and self.max_grad_norm is None:
             return True
         by_dev: dict[torch.device, list[int]] = defaultdict(list)
         for k, (_, _, _, g) in enumerate(entries):
             by_dev[g.device].append(k)
-        sumsq = 0.0
+        sumsq, n_bad, first_bad = 0.0, 0, None
         for ks in by_dev.values():
             _, sq, absmax, hist = ops.param_stats([_local(entries[k][3]) for k in ks])
             flags = (hist[:, 255] > 0) | ~torch.isfinite(absmax) | ~torch.isfinite(sq)
             bad = flags.nonzero().flatten().tolist()
-            if bad and self.nonfinite == "raise":
-                i = entries[ks[bad[0]]][1]
-                raise FloatingPointError(f"NTO: the gradient of {self._label(i)} holds NaN or "
-                                         "Inf (nonfinite='raise'); params were not updated")
-            if bad and self.nonfinite == "skip":
-                self.skipped_steps += 1
-                self.last_grad_norm = float("nan")
-                log.warning("NTO: step %d skipped: NaN/Inf in the gradient of %s (%d skipped "
-                            "so far)", self._step, self._label(entries[ks[bad[0]]][1]),
-                            self.skipped_steps)
-                return False
+            if bad and first_bad is None:
+                first_bad = entries[ks[bad[0]]][1]
+            n_bad += len(bad)
             sumsq += float(sq.sum())
+        sumsq, n_bad = _sum_over_shards(entries, sumsq, n_bad)
+        where = self._label(first_bad) if first_bad is not None else "a shard on another rank"
+        if n_bad and self.nonfinite == "raise":
+            raise FloatingPointError(f"NTO: the gradient of {where} holds NaN or Inf "
+                                     "(nonfinite='raise'); params were not updated")
+        if n_bad and self.nonfinite == "skip":
+            self.skipped_steps += 1
+            self.last_grad_norm = float("nan")
+            log.warning("NTO: step %d skipped: NaN/Inf in the gradient of %s (%d skipped so "
+                        "far)", self._step, where, self.skipped_steps)
+            return False
         norm = math.sqrt(sumsq)
         self.last_grad_norm = norm
         if self.max_grad_norm is not None and norm > self.max_grad_norm:
             coef = self.max_grad_norm / (norm + 1e-6)  # as torch.nn.utils.clip_grad_norm_
             for ks in by_dev.values():
-                torch._foreach_mul_([entries[k][3] for k in ks], coef)
+                torch._foreach_mul_([_local(entries[k][3]) for k in ks], coef)
         return True
 
     def _init_state(self, p: torch.Tensor) -> dict[str, Any]:
@@ -590,6 +633,7 @@ class NTO(torch.optim.Optimizer):
         offloaded params is in "state" too (host tensors), listed in nto["offloaded"].
         Only tensors, ints, floats, strings, lists, dicts, tuples and None: loadable with
         torch.load(weights_only=True)."""
+        self._sync_params()
         for hook in self._optimizer_state_dict_pre_hooks.values():
             hook(self)
         groups, start = [], 0
@@ -627,6 +671,7 @@ class NTO(torch.optim.Optimizer):
         param stay fp32). Refuses, with ValueError and without changing anything, a state
         from another optimizer, policy, configuration or parameter layout."""
         sd = dict(state_dict) if isinstance(state_dict, dict) else state_dict
+        self._sync_params()
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = hook(self, sd)
             if result is not None:
@@ -724,12 +769,19 @@ class NTO(torch.optim.Optimizer):
                                  f"{list(s)} in the checkpoint but {m} here; load it into an "
                                  "NTO built over the same model")
         if not isinstance(saved_groups, list) or len(saved_groups) != len(self.param_groups):
-            raise ValueError(f"optimizer state has {len(saved_groups)} param groups but this "
+            got = len(saved_groups) if isinstance(saved_groups, list) else "no list of"
+            raise ValueError(f"optimizer state has {got} param groups but this "
                              f"optimizer has {len(self.param_groups)}")
         for k, (sg, g) in enumerate(zip(saved_groups, self.param_groups)):
             if not isinstance(sg, dict) or len(sg.get("params", ())) != len(g["params"]):
                 raise ValueError(f"optimizer state: param group {k} has a different number "
                                  "of params than this optimizer's")
+            missing = [h for h in HYPER if h not in sg]
+            if missing:  # the next step() would fail on it, after the load changed everything
+                raise ValueError(f"optimizer state: param group {k} has no {missing[0]!r} "
+                                 "(truncated checkpoint?); nothing was loaded")
+            _check_hyper(f"optimizer state: param group {k}: ", sg["lr"], sg["betas"],
+                         sg["eps"], sg["weight_decay"])
 
     def _build_loaded_state(self, sd: dict[str, Any], nto: dict[str, Any],
                             ) -> tuple[dict, dict]:
@@ -764,11 +816,43 @@ class NTO(torch.optim.Optimizer):
                 got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
                 raise ValueError(f"optimizer state for {self._label(i)}: {key} is {got}, "
                                  f"expected shape {tuple(_local(p).shape)}")
-        if "step" not in st:
-            raise ValueError(f"optimizer state for {self._label(i)} has no 'step'")
+            # What the kernels take (fp32, contiguous, with data): refused here, not at the
+            # next step() after the load has replaced everything (issue 10).
+            local = _local(v)
+            if (local.dtype != torch.float32 or local.device.type == "meta"
+                    or not local.is_contiguous()):
+                raise ValueError(f"optimizer state for {self._label(i)}: {key} is a "
+                                 f"{local.dtype} tensor on {local.device}"
+                                 f"{'' if local.is_contiguous() else ' (not contiguous)'}; "
+                                 "expected contiguous torch.float32 moments with data "
+                                 "(as NTO.state_dict() saves them)")
+        step = st.get("step")
+        if not isinstance(step, torch.Tensor) or step.numel() != 1 \
+                or not step.dtype.is_floating_point or step.device.type == "meta":
+            got = (f"a {step.dtype} tensor of shape {tuple(step.shape)} on {step.device}"
+                   if isinstance(step, torch.Tensor) else type(step).__name__)
+            raise ValueError(f"optimizer state for {self._label(i)}: 'step' is {got}; "
+                             "expected a 1-element float tensor (as NTO.state_dict() saves it)")
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _sum_over_shards(entries: list, sumsq: float, n_bad: int) -> tuple[float, int]:
+    """(sumsq, n_bad) summed over the ranks that hold shards of the grads, when the grads
+    are DTensors sharded on a device mesh (FSDP2); unchanged otherwise (DDP grads are
+    replicated, one process has nothing to reduce). Assumes one mesh for all params, as
+    fully_shard with a single mesh gives."""
+    g = next((e[3] for e in entries if hasattr(e[3], "device_mesh")), None)
+    if g is None:
+        return sumsq, n_bad
+    dims = [d for d, pl in enumerate(g.placements) if pl.is_shard()]
+    if not dims:
+        return sumsq, n_bad
+    buf = torch.tensor([sumsq, float(n_bad)], dtype=torch.float64, device=_local(g).device)
+    for d in dims:
+        torch.distributed.all_reduce(buf, group=g.device_mesh.get_group(d))
+    return float(buf[0]), int(buf[1])
 
 
 def _plain(v: object) -> object:

@@ -1,7 +1,8 @@
 """Shared tiny model / data for the HF and distributed tests, and the torchrun worker.
 
 `torchrun --standalone --nproc_per_node 2 tests/dist_worker.py SCENARIO OUT_DIR`
-runs SCENARIO ("ddp" or "fsdp2") with gloo on CPU and writes OUT_DIR/rank{r}.pt; the
+runs SCENARIO ("ddp", "fsdp2" or "all": both in one launch) with gloo on CPU and writes
+OUT_DIR/rank{r}.pt ({scenario: results}); the
 tests in test_distributed.py compare those files with a one-process run of
 `reference_run` (same global batch).
 """
@@ -19,12 +20,11 @@ DATA_VOCAB = 16  # the data uses 16 of the 128 tokens: a fast, visible loss drop
 STEPS = 6
 POLICY_KW = {
     "block": dict(budget="25%", policy="block", switch_every=2),
-    "sample": dict(budget="25%", policy="sample", switch_every=2, seed=3),
+    # NTO's own clipping: under FSDP2 the norm is summed over the shards of every rank
+    "sample": dict(budget="25%", policy="sample", switch_every=2, seed=3, max_grad_norm=0.3),
 }
 LR = 1e-2
-# torch's clipping in the loop (DTensor-aware under FSDP2), where NTO's own max_grad_norm
-# is not yet (notes/hf_needs.md N1)
-CLIP = {"block": None, "sample": 0.3}
+SWAP_CLIP = 0.3  # the swapped FSDP2 run clips with torch (what Trainer does; DTensor-aware)
 
 
 def tiny_llama(seed: int = 0):
@@ -90,7 +90,8 @@ def train_steps(model, opt, steps: range, rank: int = 0, world: int = 1, call_tr
     return losses, active
 
 
-def reference_run(policy: str, steps: int = STEPS, micro: int = 1) -> dict:
+def reference_run(policy: str, steps: int = STEPS, micro: int = 1,
+                  clip: float | None = None) -> dict:
     """One process, the whole global batch: what DDP / FSDP2 must reproduce. With micro=2
     the batch is taken as two accumulated halves (loss / 2 each), which is exactly the sum
     DDP and FSDP2 form from two ranks' gradients: bit-identical results expected."""
@@ -98,9 +99,9 @@ def reference_run(policy: str, steps: int = STEPS, micro: int = 1) -> dict:
 
     model = tiny_llama()
     opt = NTO(model.named_parameters(), lr=LR, **POLICY_KW[policy])
-    losses, active = train_steps(model, opt, range(steps), micro=micro, clip=CLIP[policy])
+    losses, active = train_steps(model, opt, range(steps), micro=micro, clip=clip)
     return {"params": {n: p.detach().clone() for n, p in model.named_parameters()},
-            "losses": losses, "active": active}
+            "losses": losses, "active": active, "last_grad_norm": opt.last_grad_norm}
 
 
 # ----------------------------------------------------------------------------- scenarios
@@ -129,9 +130,10 @@ def scenario_ddp(rank: int, world: int) -> dict:
         # block: first backward before any train()/step() (hooks drop inactive grads);
         # sample: opt.train() before every forward, as Trainer does.
         losses, active = train_steps(ddp, opt, range(STEPS), rank, world,
-                                     call_train=(policy == "sample"), clip=CLIP[policy])
+                                     call_train=(policy == "sample"))
         out[policy] = {"params": {n: _full(p) for n, p in model.named_parameters()},
                        "losses": losses, "active": active, "ddp": info,
+                       "last_grad_norm": opt.last_grad_norm,
                        "report": opt.memory_report()}
     try:
         check_ddp(DDP(tiny_llama()))  # find_unused_parameters=False must be refused
@@ -161,6 +163,26 @@ def _trainer_ddp(rank: int) -> dict:
             "wrapped": type(tr.model_wrapped).__name__}
 
 
+def _fsdp2_swapped(rank: int, world: int) -> dict:
+    """NTO built before fully_shard, then its params swapped for the DTensors, as
+    accelerate's FSDP2 prepare does (Accelerator.prepare(model, optimizer)): NTO follows."""
+    from torch.distributed.fsdp import fully_shard
+
+    from nto_ext import NTO
+
+    model = tiny_llama()
+    opt = NTO(model.named_parameters(), lr=LR, **POLICY_KW["block"])
+    names = {id(p): n for n, p in model.named_parameters()}
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    new = dict(model.named_parameters())
+    for g in opt.param_groups:
+        g["params"] = [new[names[id(p)]] for p in g["params"]]
+    losses, active = train_steps(model, opt, range(STEPS), rank, world, clip=SWAP_CLIP)
+    return {"params": {n: _full(p) for n, p in model.named_parameters()}, "active": active}
+
+
 def scenario_fsdp2(rank: int, world: int) -> dict:
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
@@ -175,7 +197,7 @@ def scenario_fsdp2(rank: int, world: int) -> dict:
         fully_shard(model)
         return model
 
-    out = {}
+    out = {"swapped": _fsdp2_swapped(rank, world)}
     ckpt_root = os.environ["NTO_TEST_CKPT"]
     for policy in POLICY_KW:
         model = sharded_model()
@@ -184,8 +206,7 @@ def scenario_fsdp2(rank: int, world: int) -> dict:
         # save in the middle of a period (switch_every=2): the moments of the active group
         # carry over, so the round trip is tested on real state, not on a fresh switch
         split = 3
-        clip = CLIP[policy]
-        losses, active = train_steps(model, opt, range(split), rank, world, clip=clip)
+        losses, active = train_steps(model, opt, range(split), rank, world)
         # save model + optimizer through DCP, then go on
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import (
@@ -196,7 +217,7 @@ def scenario_fsdp2(rank: int, world: int) -> dict:
         path = os.path.join(ckpt_root, policy)
         dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=path + "/model")
         save_optimizer_state(model, opt, path + "/optim")
-        more, active2 = train_steps(model, opt, range(split, STEPS), rank, world, clip=clip)
+        more, active2 = train_steps(model, opt, range(split, STEPS), rank, world)
         # resume: fresh model + NTO, load both, same remaining steps
         model2 = sharded_model()
         opt2 = NTO(model2.named_parameters(), lr=LR, **POLICY_KW[policy])
@@ -204,12 +225,13 @@ def scenario_fsdp2(rank: int, world: int) -> dict:
         dcp.load(msd, checkpoint_id=path + "/model")
         set_model_state_dict(model2, msd["model"])
         load_optimizer_state(model2, opt2, path + "/optim")
-        more2, _ = train_steps(model2, opt2, range(split, STEPS), rank, world, clip=clip)
+        more2, _ = train_steps(model2, opt2, range(split, STEPS), rank, world)
         out[policy] = {
             "params": {n: _full(p) for n, p in model.named_parameters()},
             "resumed": {n: _full(p) for n, p in model2.named_parameters()},
             "losses": losses + more, "resumed_losses": more2, "active": active + active2,
             "local_numel": sum(p.to_local().numel() for p in model.parameters()),
+            "last_grad_norm": opt.last_grad_norm,
             "report": opt.memory_report(),
         }
     return out
@@ -222,8 +244,9 @@ def main() -> int:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    result = {"scenario_ddp": scenario_ddp, "scenario_fsdp2": scenario_fsdp2}[
-        f"scenario_{scenario}"](rank, world)
+    scenarios = {"ddp": scenario_ddp, "fsdp2": scenario_fsdp2}
+    names = list(scenarios) if scenario == "all" else [scenario]
+    result = {name: scenarios[name](rank, world) for name in names}
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     # every rank finishes its collectives before the group goes away (an exit with
     # collectives in flight aborted the process in an earlier probe)

@@ -3,7 +3,8 @@
 No GPU is needed: the csrc/cuda/*.cu sources are copied, their `kernel<<<grid, block>>>(...)`
 launches rewritten into calls of an emulator, and the copies compiled by the host compiler
 against stub c10/cuda headers. The emulator runs every block's threads as fibers on one OS
-thread (deterministic), with real __syncthreads barriers, warp shuffles / match / vote,
+thread, in a seeded shuffled order (deterministic, yet a race between threads' writes
+changes the result), with real __syncthreads barriers, warp shuffles / match / vote,
 atomics and `__shared__` memory. The host side of each op (checks, index cache, grouping,
 multi-tensor launch tables, workspaces) is the real code, on CPU tensors.
 
@@ -44,6 +45,7 @@ CUDA_RUNTIME_H = r"""
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <utility>
 #include <vector>
 
 #define __global__
@@ -119,6 +121,14 @@ inline void fiber_main() {
   release_if_all_arrived(w);
 }
 
+inline uint64_t rng = 0x9E3779B97F4A7C15ull;
+inline void shuffle(std::vector<unsigned>& v) {
+  for (size_t i = v.size(); i > 1; --i) {
+    rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17;
+    std::swap(v[i - 1], v[rng % i]);
+  }
+}
+
 struct Launch {
   unsigned blocks, threads;
   template <class F, class... A>
@@ -128,7 +138,13 @@ struct Launch {
     s.fibers.resize(threads);
     for (auto& fb : s.fibers) fb.stack.resize(1 << 17);
     S = &s;
-    for (unsigned b = 0; b < blocks; ++b) {
+    // Blocks and fibers run in a shuffled (seeded) order, so a kernel whose result depends on
+    // the order of its threads' writes (a race) gives a different, wrong answer.
+    std::vector<unsigned> border(blocks), torder(threads);
+    for (unsigned b = 0; b < blocks; ++b) border[b] = b;
+    for (unsigned t = 0; t < threads; ++t) torder[t] = t;
+    shuffle(border);
+    for (unsigned b : border) {
       s.live = threads;
       s.arrived = 0;
       s.warp_live.assign(threads / 32, 32);
@@ -151,7 +167,8 @@ struct Launch {
       }
       while (s.live > 0) {
         bool ran = false;
-        for (unsigned t = 0; t < threads; ++t) {
+        shuffle(torder);
+        for (unsigned t : torder) {
           Fiber& fb = s.fibers[t];
           if (fb.done) continue;
           const bool ready = fb.wait == 0 || (fb.wait == 1 && s.gen != fb.gen) ||

@@ -67,7 +67,8 @@ def _fake_results(task="classify"):
         return r
 
     return {"config": {"model": "minilm", "data": "tweets", "task": task, "budget": "10%",
-                       "policy": "block", "steps": 20, "batch_size": 16, "seed": 0},
+                       "policy": "block", "order": "descending", "steps": 20,
+                       "batch_size": 16, "seed": 0, "lr_nto": 3e-4, "lr_adamw": 1e-4},
             "runs": {"nto": run(30 * 2**20, 900 * 2**20, [1.1 - i / 40 for i in range(20)], 0.6),
                      "adamw": run(260 * 2**20, 1200 * 2**20, [1.1 - i / 30 for i in range(20)],
                                   0.7)},

@@ -101,12 +101,14 @@ def test_optimizers_tuple_and_mixin(tmp_path):
     tr2 = NTOTrainer(model=W.tiny_llama(), args=_args(tmp_path), train_dataset=W.SeqDataset(),
                      nto_kwargs=_policy_kwargs("block"), callbacks=[Reporter()])
     tr2.train()
+    metrics = tr2.evaluate(eval_dataset=W.SeqDataset(8))  # calls optimizer.eval()
+    assert "eval_loss" in metrics and not any(k.startswith("nto/") for k in metrics)
     b = _losses(tr2)
     assert a[-1] < a[0] - 0.15 and b[-1] < b[0] - 0.15
     # the mixin adds the numbers in log(): every log entry and every callback has them
     assert all("nto/state_bytes" in h and "nto/active" in h
                for h in tr2.state.log_history if "loss" in h)
-    assert seen and all("nto/trainable_elements" in h for h in seen)
+    assert seen and all("nto/trainable_elements" in h for h in seen if "eval_loss" not in h)
     assert not any(isinstance(v, str) for h in seen for v in h.values())
 
 

@@ -364,6 +364,31 @@ def test_param_stats_agrees_with_float64(specs):
             assert torch.equal(hist[i], torch.bincount(e.long(), minlength=256)), label
 
 
+def test_param_stats_special_values_spread_through_large_tensors():
+    # past the first 2048 elements of a chunk the exponent histogram is counted in vector
+    # registers over a 16-exponent window; zeros, subnormals, inf, NaN and outliers fall
+    # outside it and must still be counted exactly
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(200_003, generator=gen) * 0.02
+    specials = torch.tensor([0.0, -0.0, 1e-40, float("inf"), -float("inf"), 3e38, 1e-30])
+    pos = torch.randint(0, x.numel(), (5000,), generator=gen)
+    x[pos] = specials[torch.randint(0, len(specials), (5000,), generator=gen)]
+    ts = [x, x.bfloat16(), x.half()]
+    with_nan = x.clone()
+    with_nan[150_000] = float("nan")
+    ts.append(with_nan)
+    for label, impl in _impls():
+        numel, sumsq, absmax, hist = impl["param_stats"](ts)
+        for i, t in enumerate(ts):
+            e = (t.float().view(-1).view(torch.int32) >> 23) & 0xFF
+            assert torch.equal(hist[i], torch.bincount(e.long(), minlength=256)), label
+            torch.testing.assert_close(absmax[i], t.float().abs().max(), rtol=0, atol=0,
+                                       equal_nan=True)
+            if i < 3:
+                torch.testing.assert_close(sumsq[i], t.double().square().sum(), rtol=1e-12,
+                                           atol=0)
+
+
 # ------------------------------------------------------------------------- determinism
 
 

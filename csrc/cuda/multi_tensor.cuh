@@ -147,9 +147,13 @@ __device__ T block_exclusive_scan(T x, T* total, T* smem) {
 // Integer counts: the result does not depend on the order of the adds.
 constexpr uint32_t kNoBin = 0xffffffffu;
 __device__ __forceinline__ void warp_hist_add(unsigned int* hist, uint32_t bin) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 700
   const unsigned peers = __match_any_sync(0xffffffffu, bin);
   const int lane = threadIdx.x & 31;
   if (bin != kNoBin && lane == __ffs(peers) - 1) atomicAdd(hist + bin, __popc(peers));
+#else  // no __match_any_sync before Volta: one atomic per lane
+  if (bin != kNoBin) atomicAdd(hist + bin, 1u);
+#endif
 }
 
 // ---------------------------------------------------------------------------- host side
