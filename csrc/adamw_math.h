@@ -16,7 +16,10 @@
 //   template <T> void adamw_update(T& p, T g, T& m, T& v, const AdamWScalars&, T neg_step_size,
 //                                  T bc2_sqrt);     // T = float, or a SIMD type with FloatOps<T>
 // Every op is explicitly rounded: the CPU build passes -ffp-contract=off, and on the device
-// the __f*_rn intrinsics keep nvcc's default fmad contraction out.
+// the __f*_rn intrinsics keep nvcc's default fmad contraction out. The functions are
+// `static` (one private copy per translation unit): the CPU's AVX2/AVX-512 variants include
+// this header after a `#pragma GCC target`, and a shared out-of-line copy compiled for
+// AVX-512 must never be picked by the linker for the portable code.
 #pragma once
 #include <cmath>
 
@@ -41,8 +44,9 @@ struct AdamWScalars {
 
 // Bias corrections in double from the step count (the count after incrementing, >= 1),
 // exactly as torch computes them from a Python float step.
-NTO_HOST_DEVICE void adamw_step_scalars(double lr, double beta1, double beta2, double step,
-                                        float* neg_step_size, float* bc2_sqrt) {
+static NTO_HOST_DEVICE void adamw_step_scalars(double lr, double beta1, double beta2,
+                                               double step, float* neg_step_size,
+                                               float* bc2_sqrt) {
   const double bc1 = 1.0 - pow(beta1, step);
   const double bc2 = 1.0 - pow(beta2, step);
   *neg_step_size = static_cast<float>(-(lr / bc1));
@@ -50,8 +54,9 @@ NTO_HOST_DEVICE void adamw_step_scalars(double lr, double beta1, double beta2, d
 }
 
 // Hyper-parameter scalars, plus the per-step pair for `step` (pass 1 if steps vary).
-NTO_HOST_DEVICE AdamWScalars adamw_scalars(double lr, double beta1, double beta2, double eps,
-                                           double weight_decay, double step = 1.0) {
+static NTO_HOST_DEVICE AdamWScalars adamw_scalars(double lr, double beta1, double beta2,
+                                                  double eps, double weight_decay,
+                                                  double step = 1.0) {
   AdamWScalars s;
   s.decay = static_cast<float>(1.0 - lr * weight_decay);
   const float w = static_cast<float>(1.0 - beta1);
@@ -95,8 +100,8 @@ struct FloatOps<float> {
 // One element (or one SIMD lane group), fp32; p, m, v are updated in place.
 // neg_step_size / bc2_sqrt are arguments so per-element step counts can supply their own.
 template <typename T>
-NTO_HOST_DEVICE void adamw_update(T& p, T g, T& m, T& v, const AdamWScalars& s,
-                                  T neg_step_size, T bc2_sqrt) {
+static NTO_HOST_DEVICE void adamw_update(T& p, T g, T& m, T& v, const AdamWScalars& s,
+                                         T neg_step_size, T bc2_sqrt) {
   using O = FloatOps<T>;
   p = O::mul(p, O::splat(s.decay));
   const T diff = O::sub(g, m);

@@ -538,7 +538,8 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     cfg, runs = results["config"], results["runs"]
-    names = {"nto": f"NTO ({cfg['budget']}, {cfg['policy']})", "adamw": "AdamW (torch)"}
+    names = {"nto": f"NTO ({cfg['budget']}, {cfg['policy']}, lr {cfg['lr_nto']:g})",
+             "adamw": f"AdamW (torch, lr {cfg['lr_adamw']:g})"}
     colors = {"nto": "tab:blue", "adamw": "tab:orange"}
     fig, (ax_loss, ax_state, ax_rss) = plt.subplots(
         1, 3, figsize=(15, 4.8), gridspec_kw={"width_ratios": [2.2, 1, 1]})
@@ -552,7 +553,7 @@ def plot(results: dict, path: Path) -> None:
                 title=f"{cfg['model']} on {cfg['data']}: training loss")
     ax_loss.grid(alpha=0.3)
     ax_loss.legend()
-    labels = [names[w].replace(" (", "\n(") for w in OPTIMIZERS]
+    labels = [f"NTO\n({cfg['budget']}, {cfg['policy']})", "AdamW\n(torch)"]
     state = [runs[w]["training_state"]["total_bytes"] / MIB for w in OPTIMIZERS]
     _bars(ax_state, labels, state, [colors[w] for w in OPTIMIZERS],
           "training state (grads + optimizer state), MiB", "training-state memory (measured)")

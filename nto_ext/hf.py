@@ -153,7 +153,7 @@ class TrainerNTO(NTO):
         # follows them, but Trainer then checkpoints through torch's
         # get/set_optimizer_state_dict, which would save one rank's shard of NTO's moments
         # for all ranks (plain local tensors) and cannot load a changing active set
-        # (notes/hf_needs.md N3).
+        # (docs/hf_notes.md N3).
         now = [id(p) for g in self.param_groups for p in g["params"]]
         if now != self._built_with:
             raise RuntimeError(

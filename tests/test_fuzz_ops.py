@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 
 import pytest
@@ -37,6 +38,7 @@ from nto_ext import _reference, ops  # noqa: E402
 
 if _FUZZ_LIB:
     ops._register_fakes()  # meta implementations for the library loaded above
+    assert "nto_ext._C" not in sys.modules, "the ASan run must not load nto_ext._C"
     HAS_KERNELS = True
 else:
     HAS_KERNELS = ops.backend() != "reference"

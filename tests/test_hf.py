@@ -254,7 +254,7 @@ def test_nto_of_rejects_other_optimizers():
 
 def test_replaced_params_refused(tmp_path):
     """accelerate's FSDP2 prepare swaps the params in param_groups: a clear error, not a
-    KeyError deep inside NTO (notes/hf_needs.md N2)."""
+    KeyError deep inside NTO (docs/hf_notes.md N2)."""
     model = W.tiny_llama()
     cls, kw = nto_optimizer(model, _args(tmp_path), budget="25%")
     opt = cls([p for p in model.parameters()], **kw)

@@ -521,6 +521,14 @@ def test_masked_adamw_bad_hyper_parameters(hyper, msg):
             _call_adamw(impl, _adamw_args(), **hyper)
 
 
+def test_device_mismatch_is_named():
+    # no second device here: the reference's check (the kernels' is the same code path in
+    # csrc/checks.h) against a meta tensor
+    a = _adamw_args(grads=[torch.zeros(10), torch.zeros(3, device="meta")])
+    with pytest.raises(ValueError, match=r"grads\[1\] is on meta but the first tensor is on cpu"):
+        _call_adamw(dict(_impls())["reference"], a)
+
+
 def test_error_messages_are_the_same_in_kernel_and_reference():
     if not HAS_KERNELS:
         pytest.skip("compiled extension not loaded")

@@ -156,12 +156,24 @@ void adamw_chunk_t(const AdamWChunk& c, const AdamWScalars& s, const StepHyper& 
       adamw_block(p + j, g + j, c.m + j, c.v + j, s, nss, bc2);
       continue;
     }
-    if (indexed && full && !c.g_dense) {
+    if (indexed) {
+      // The gathered params kAhead positions on are fetched now: their lines are scattered,
+      // so the hardware prefetcher cannot see them coming. Compact state streams.
+      constexpr int64_t kAhead = 4 * kW;
+      const int64_t stop = std::min(c.n, j + kAhead + kW);
+      for (int64_t t = j + kAhead; t < stop; ++t) {
+        __builtin_prefetch(p + static_cast<int64_t>(idx[t]), 1);
+        if (c.g_dense) __builtin_prefetch(g + static_cast<int64_t>(idx[t]));
+      }
+      prefetch_ahead(c.m + j, kW), prefetch_ahead(c.v + j, kW);
+      if (!c.g_dense) prefetch_ahead(g + j, kW);
+    }
+    if (indexed && full) {
       // A run of kW consecutive positions (sorted and unique, so first and last decide):
-      // the param block is contiguous, no gather needed.
+      // the param block (and a dense grad's) is contiguous, no gather needed.
       const int64_t first = static_cast<int64_t>(idx[j]);
       if (static_cast<int64_t>(idx[j + kW - 1]) - first == kW - 1) {
-        adamw_block(p + first, g + j, c.m + j, c.v + j, s, nss, bc2);
+        adamw_block(p + first, c.g_dense ? g + first : g + j, c.m + j, c.v + j, s, nss, bc2);
         continue;
       }
     }

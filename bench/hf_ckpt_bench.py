@@ -3,7 +3,7 @@
 transformers 5 keeps embedding outputs requiring grad (enable_input_require_grads) when
 checkpointing, so backward runs through every frozen layer; nto_ext.hf's fix
 (enable_checkpoint_input_grads) removes that hook and marks inputs only where a trainable
-layer is checkpointed. Run: python notes/hf_ckpt_bench.py
+layer is checkpointed. Run: python bench/hf_ckpt_bench.py
 """
 import time
 
