@@ -1,0 +1,170 @@
+"""Optimizer-step suite (issue 8): `NTO.step()` at budgets 100% / 25% / 10% / 1% against
+`torch.optim.AdamW` (foreach and fused) on the same model-shaped fp32 tensors.
+
+Run:   python bench/bench_step.py [--shapes minilm|small-llm] [--rounds N] [--out DIR]
+       (runs pytest-benchmark on this file, writes DIR/bench_step.json and prints a table
+       with each time as a fraction of the fused AdamW step)
+or:    python -m pytest bench/bench_step.py --benchmark-json=out.json
+Not part of the test suite (pytest's testpaths is tests/).
+
+Only the step is timed. Gradients are assigned before every round, outside the timer, to
+exactly the params that have one in real training: every param for AdamW, the active ones
+for NTO (its hooks drop the others as backward produces them). The NTO schedule never
+switches during the benchmark (switch_every is larger than the rounds), so the step is the
+steady-state update of the active set, including NTO's default non-finite check
+(nonfinite="skip": one param_stats pass over the active gradients).
+Target (issue 8): NTO at budget b costs <= (b + 0.05) x the fused AdamW step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from nto_ext import NTO  # noqa: E402
+
+ROUNDS = int(os.environ.get("NTO_STEP_ROUNDS", "5"))
+SHAPES = os.environ.get("NTO_STEP_SHAPES", "minilm")
+if os.environ.get("NTO_STEP_THREADS"):
+    torch.set_num_threads(int(os.environ["NTO_STEP_THREADS"]))
+BUDGETS = ("100%", "25%", "10%", "1%")
+HYPER = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+
+
+def model_shapes(kind: str = SHAPES) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of a BERT-style encoder (MiniLM-L6: 22.7M elements) or a small
+    decoder (6 layers, d=768, 32k vocabulary, untied head: 91.7M), with layer names NTO
+    turns into blocks."""
+    if kind == "minilm":
+        d, ff, layers, vocab = 384, 1536, 6, 30522
+        out = [("embeddings.word_embeddings.weight", (vocab, d)),
+               ("embeddings.position_embeddings.weight", (512, d)),
+               ("embeddings.token_type_embeddings.weight", (2, d)),
+               ("embeddings.LayerNorm.weight", (d,)), ("embeddings.LayerNorm.bias", (d,))]
+        for i in range(layers):
+            pre = f"encoder.layer.{i}."
+            for name, shape in (("q.weight", (d, d)), ("q.bias", (d,)), ("k.weight", (d, d)),
+                                ("k.bias", (d,)), ("v.weight", (d, d)), ("v.bias", (d,)),
+                                ("o.weight", (d, d)), ("o.bias", (d,)), ("ln1.weight", (d,)),
+                                ("ln1.bias", (d,)), ("fc1.weight", (ff, d)), ("fc1.bias", (ff,)),
+                                ("fc2.weight", (d, ff)), ("fc2.bias", (d,)),
+                                ("ln2.weight", (d,)), ("ln2.bias", (d,))):
+                out.append((pre + name, shape))
+        return out + [("pooler.dense.weight", (d, d)), ("pooler.dense.bias", (d,)),
+                      ("classifier.weight", (3, d)), ("classifier.bias", (3,))]
+    if kind == "small-llm":
+        d, ff, layers, vocab = 768, 3072, 6, 32000
+        out = [("model.embed_tokens.weight", (vocab, d))]
+        for i in range(layers):
+            pre = f"model.layers.{i}."
+            out += [(pre + n, s) for n, s in (
+                ("ln1.weight", (d,)), ("qkv.weight", (3 * d, d)), ("o.weight", (d, d)),
+                ("ln2.weight", (d,)), ("up.weight", (ff, d)), ("down.weight", (d, ff)))]
+        return out + [("model.norm.weight", (d,)), ("lm_head.weight", (vocab, d))]
+    raise ValueError(f"NTO_STEP_SHAPES={kind!r}; allowed: minilm, small-llm")
+
+
+@pytest.fixture(scope="module")
+def tensors():
+    torch.manual_seed(0)
+    shapes = model_shapes()
+    params = [(n, torch.randn(s) * 0.02) for n, s in shapes]
+    grads = [torch.randn(s) * 1e-3 for _, s in shapes]
+    return params, grads
+
+
+def _leaves(params):
+    return [(n, p.detach().clone().requires_grad_()) for n, p in params]
+
+
+def _run(benchmark, opt, leaves, grads, *, group: str, name: str, budget: float, elements: int):
+    """Time opt.step() only; grads are re-assigned (not copied) before every round."""
+    def setup():
+        for (_, p), g in zip(leaves, grads):
+            if p.requires_grad:  # NTO leaves inactive params without requires_grad
+                p.grad = g
+        return (), {}
+
+    setup()
+    opt.step()  # state allocation and NTO's first apply of the active set: not timed
+    benchmark.group = group
+    benchmark.extra_info.update(name=name, budget=budget, elements=elements,
+                                total=sum(p.numel() for _, p in leaves),
+                                threads=torch.get_num_threads())
+    benchmark.pedantic(opt.step, setup=setup, rounds=ROUNDS, iterations=1, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("impl", ["foreach", "fused"])
+def test_adamw(benchmark, tensors, impl):
+    params, grads = tensors
+    leaves = _leaves(params)
+    opt = torch.optim.AdamW([p for _, p in leaves], **HYPER, **{impl: True})
+    total = sum(p.numel() for _, p in leaves)
+    _run(benchmark, opt, leaves, grads, group="step", name=f"adamw-{impl}", budget=1.0,
+         elements=total)
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_nto(benchmark, tensors, budget):
+    params, grads = tensors
+    leaves = _leaves(params)
+    opt = NTO(leaves, **HYPER, budget=budget, policy="block", switch_every=10**9)
+    opt.train()  # apply the active set: inactive params drop requires_grad
+    active = sum(p.numel() for _, p in leaves if p.requires_grad)
+    _run(benchmark, opt, leaves, grads, group="step", name=f"nto-block-{budget}",
+         budget=float(budget.rstrip("%")) / 100, elements=active)
+
+
+def table(bench_json: dict) -> str:
+    """Markdown: each step's median time and its fraction of the fused AdamW step."""
+    rows = {b["extra_info"]["name"]: b for b in bench_json["benchmarks"]}
+    fused = rows["adamw-fused"]["stats"]["median"]
+    lines = ["| optimizer step | active elements | median, ms | x fused AdamW "
+             "| target (b + 0.05) | met |", "|---|---|---|---|---|---|"]
+    for name, b in rows.items():
+        med, info = b["stats"]["median"], b["extra_info"]
+        x = med / fused
+        target = info["budget"] + 0.05 if name.startswith("nto") else None
+        met = "-" if target is None else ("yes" if x <= target else "no")
+        lines.append(f"| {name} | {info['elements'] / 1e6:.2f}M of {info['total'] / 1e6:.1f}M "
+                     f"| {1e3 * med:.1f} | {x:.3f} | {'-' if target is None else f'{target:.2f}'}"
+                     f" | {met} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description="NTO.step() vs torch AdamW (pytest-benchmark)")
+    p.add_argument("--shapes", default=SHAPES, choices=["minilm", "small-llm"])
+    p.add_argument("--rounds", type=int, default=ROUNDS)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default="docs/results")
+    a = p.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "NTO_STEP_SHAPES": a.shapes, "NTO_STEP_ROUNDS": str(a.rounds)}
+    if a.threads:
+        env["NTO_STEP_THREADS"] = str(a.threads)
+    path = out / "bench_step.json"
+    rc = subprocess.call([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          str(Path(__file__).resolve()), f"--benchmark-json={path}",
+                          "--benchmark-columns=min,median,max,rounds"], env=env)
+    if rc == 0:
+        md = table(json.loads(path.read_text()))
+        (out / "bench_step.md").write_text(md + "\n")
+        print(md)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
