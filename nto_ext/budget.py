@@ -5,12 +5,17 @@ of all elements) or a number of *bytes* of training state ("512MiB", "2GB", "1.5
 "100KB"). Byte budgets go through the memory model below: what training keeps beyond the
 weights, per trainable element, by policy and parameter dtype (DESIGN.md, "Memory model").
 
-| policy        | gradient       | state         | index | B/elem fp32, bf16 |
-|---------------|----------------|---------------|-------|-------------------|
-| adamw (torch) | param dtype    | 2 x param     | -     | 12, 6             |
-| block, sample | param dtype    | 2 x fp32      | -     | 12, 10            |
-| sparse        | fp32 (compact) | 2 x fp32      | int32 | 16, 16            |
-| adamw8bit     | param dtype    | ~2 x 1 B      | -     | 6, 4              |
+| policy        | gradient       | state              | index | B/elem fp32, bf16 |
+|---------------|----------------|--------------------|-------|-------------------|
+| adamw (torch) | param dtype    | 2 x param          | -     | 12, 6             |
+| block, sample | param dtype    | 2 x fp32           | -     | 12, 10            |
+| sparse        | fp32 (compact) | 2 x fp32 + int32   | int32 | 20, 20            |
+| adamw8bit     | param dtype    | ~2 x 1 B           | -     | 6, 4              |
+
+Sparse state keeps one int32 step count per chosen element (elements grown at a regrowth
+start their own count, so their bias correction is AdamW's): 4 (grad) + 8 (moments) + 4
+(index, int64 past 2**31 elements in one tensor) + 4 (step) = 20 B. It also needs one
+dense gradient at a time during backward (the transient, reported apart).
 
 Dense NTO state also holds one `step` scalar per trainable tensor (a 0-dim fp32 tensor, as
 `torch.optim.AdamW` keeps it): `STEP_BYTES` per tensor, counted by the model and measured
@@ -46,7 +51,7 @@ def bytes_per_element(policy: str, dtype: torch.dtype) -> int:
     if policy in ("block", "sample"):
         return size + 8
     if policy == "sparse":
-        return 4 + 8 + 4
+        return 4 + 8 + 4 + 4  # compact fp32 grad, fp32 moments, int32 index, int32 step
     if policy == "adamw":
         return 3 * size
     if policy == "adamw8bit":

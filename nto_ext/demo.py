@@ -172,8 +172,16 @@ def _check_budget_fits(config, task: str, num_labels: int, cfg: DemoConfig) -> N
     from . import plan  # the optimizer package: raises ValueError for a bad budget
 
     model = data.meta_model(config, task, num_labels)
-    plan(model, cfg.budget, policy=cfg.policy, switch_every=cfg.switch_every, order=cfg.order,
-         seed=cfg.seed)
+    plan(model, cfg.budget, **nto_kwargs(cfg))
+
+
+def nto_kwargs(cfg: DemoConfig) -> dict[str, Any]:
+    """NTO's schedule arguments for this run (`order` applies to the block policy only)."""
+    kw: dict[str, Any] = {"policy": cfg.policy, "switch_every": cfg.switch_every,
+                          "seed": cfg.seed}
+    if cfg.policy == "block":
+        kw["order"] = cfg.order
+    return kw
 
 
 # ------------------------------------------------------------------------------ memory
@@ -222,35 +230,42 @@ def peak_rss() -> int:
 # ---------------------------------------------------------------------------- training
 
 def _prepare(r: Resolved, tokenizer):
-    """Tokenized train and eval tensors for the task (deterministic)."""
+    """(n_train, take, test, majority): `take(indices)` builds one training batch; `test` is
+    the tokenized held-out part; `majority` the majority-class share of it (classification).
+
+    Training examples are tokenized per batch: only the steps x batch_size examples a run
+    draws are ever tokenized (the whole tweets split takes ~10 s on one core).
+    """
     cfg = r.cfg
     ds = data.load_dataset(cfg.data)
     if r.task == "lm":
         n_train = cfg.steps * cfg.batch_size
-        train = data.lm_blocks(tokenizer, [t for t, _ in ds.train], cfg.max_length, n_train)
+        blocks = data.lm_blocks(tokenizer, [t for t, _ in ds.train], cfg.max_length, n_train)
         test = data.lm_blocks(tokenizer, [t for t, _ in ds.test], cfg.max_length, cfg.eval_size)
-        return {"input_ids": train}, {"input_ids": test}, None
-    train = data.encode_classification(tokenizer, ds.train, cfg.max_length)
+        return (len(blocks), lambda idx: {"input_ids": blocks[idx], "labels": blocks[idx]},
+                {"input_ids": test}, None)
+
+    def take(idx):
+        rows = [ds.train[i] for i in idx.tolist()]
+        return data.trim_batch(data.encode_classification(tokenizer, rows, cfg.max_length))
+
     test = data.encode_classification(tokenizer, ds.test[: cfg.eval_size], cfg.max_length)
     counts = test["labels"].bincount(minlength=r.num_labels)
-    return train, test, float(counts.max()) / max(1, len(test["labels"]))
+    return len(ds.train), take, test, float(counts.max()) / max(1, len(test["labels"]))
 
 
-def _batches(train: dict, steps: int, batch_size: int, seed: int):
-    """`steps` batches drawn without replacement, reshuffled each epoch (seeded)."""
+def _batches(n: int, take, steps: int, batch_size: int, seed: int):
+    """`steps` batches of `batch_size` indices into n examples, drawn without replacement
+    and reshuffled each epoch (seeded), each built by `take`."""
     import torch
 
-    n = len(train["input_ids"])
     gen = torch.Generator().manual_seed(seed)
     order = torch.empty(0, dtype=torch.long)
     for _ in range(steps):
         while len(order) < batch_size:
             order = torch.cat([order, torch.randperm(n, generator=gen)])
         idx, order = order[:batch_size], order[batch_size:]
-        batch = {k: v[idx] for k, v in train.items()}
-        if "labels" not in batch:
-            batch["labels"] = batch["input_ids"]
-        yield data.trim_batch(batch) if "attention_mask" in batch else batch
+        yield take(idx)
 
 
 def _make_optimizer(which: str, model, cfg: DemoConfig):
@@ -262,8 +277,7 @@ def _make_optimizer(which: str, model, cfg: DemoConfig):
     from . import NTO
 
     return NTO(model.named_parameters(), lr=cfg.lr_nto, weight_decay=WEIGHT_DECAY,
-               budget=cfg.budget, policy=cfg.policy, switch_every=cfg.switch_every,
-               order=cfg.order, seed=cfg.seed)
+               budget=cfg.budget, **nto_kwargs(cfg))
 
 
 def _sync(device) -> None:
@@ -273,14 +287,14 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _train(which: str, model, opt, train: dict, cfg: DemoConfig, device) -> dict:
+def _train(which: str, model, opt, batches, cfg: DemoConfig, device) -> dict:
     """The loop; memory is sampled after backward and after step, outside the timing."""
     from tqdm.auto import tqdm
 
     measure = (lambda: nto_memory(opt)) if which == "nto" else (lambda: adamw_memory(model, opt))
     losses, times, peak_mem, rss_max = [], [], {"total_bytes": -1}, current_rss() or 0
     model.train()
-    bar = tqdm(_batches(train, cfg.steps, cfg.batch_size, cfg.seed), total=cfg.steps,
+    bar = tqdm(batches, total=cfg.steps,
                desc=f"train {which}", unit="step", file=sys.stderr, dynamic_ncols=True)
     for batch in bar:
         batch = {k: v.to(device) for k, v in batch.items()}
@@ -346,27 +360,32 @@ def run_one(r: Resolved, which: str) -> dict:
     cfg, t_start = r.cfg, time.perf_counter()
     device = torch.device(cfg.device)
     tokenizer = data.load_tokenizer(r.source)
-    train, test, majority = _prepare(r, tokenizer)
+    n_train, take, test, majority = _prepare(r, tokenizer)
     torch.manual_seed(cfg.seed)  # same new head for both optimizers
     model = data.load_model(r.source, r.task, r.num_labels).to(device)
     with warnings.catch_warnings(record=True) as caught:  # shown once, under the table
         warnings.simplefilter("always")
         opt = _make_optimizer(which, model, cfg)
+    # the pretrained LM's held-out loss, once (the NTO run): the yardstick for both runs
+    before = _evaluate("pretrained", model, test, r.task, device) \
+        if r.task == "lm" and which == "nto" else None
     rss_loaded = current_rss()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(cfg.seed)  # same dropout masks for both optimizers
-    out = _train(which, model, opt, train, cfg, device)
+    out = _train(which, model, opt, _batches(n_train, take, cfg.steps, cfg.batch_size,
+                                             cfg.seed), cfg, device)
     out.update(_evaluate(which, model, test, r.task, device))
     out.update({
         "optimizer": which,
-        "train_examples": len(train["input_ids"]),
+        "train_examples": n_train,
         "majority_baseline": majority,
         "rss_after_load": rss_loaded,
         "peak_rss": peak_rss(),
         "wall_s": time.perf_counter() - t_start,
         "trainable_elements": sum(p.numel() for p in model.parameters()),
         "warnings": [str(w.message) for w in caught],
+        "before_training": before,
     })
     if device.type == "cuda":
         out["peak_device_allocated"] = torch.cuda.max_memory_allocated(device)
@@ -479,7 +498,8 @@ def format_table(results: dict) -> str:
     cfg, runs, summ = results["config"], results["runs"], results["summary"]
     n, a = runs["nto"], runs["adamw"]
     budget = cfg["budget"] if isinstance(cfg["budget"], str) else repr(cfg["budget"])
-    head = [f"NTO ({budget}, {cfg['policy']}, {cfg['order']})", "AdamW (torch)"]
+    sched = f", {cfg['order']}" if cfg["policy"] == "block" else ""
+    head = [f"NTO ({budget}, {cfg['policy']}{sched})", "AdamW (torch)"]
     rows: list[tuple[str, str, str]] = [
         ("training state, MiB (grads+state)", _mib(n["training_state"]["total_bytes"]),
          _mib(a["training_state"]["total_bytes"])),
@@ -496,6 +516,10 @@ def format_table(results: dict) -> str:
          f"{a['final_loss']:.4f}"),
     ]
     if cfg["task"] == "lm":
+        if n.get("before_training"):
+            b = n["before_training"]
+            rows.append(("held-out loss before training", f"{b['eval_loss']:.4f}",
+                         f"{b['eval_loss']:.4f}"))
         rows.append((f"held-out loss ({n['eval_size']} blocks)", f"{n['eval_loss']:.4f}",
                      f"{a['eval_loss']:.4f}"))
         rows.append(("held-out perplexity", f"{n['perplexity']:.2f}", f"{a['perplexity']:.2f}"))

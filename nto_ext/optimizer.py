@@ -33,14 +33,15 @@ from . import ops
 from .blocks import ParamInfo
 from .budget import (
     FLOAT_DTYPES,
-    STEP_BYTES,
     Budget,
     bytes_per_element,
     format_bytes,
     parse_budget,
     state_bytes,
+    tensor_overhead_bytes,
 )
 from .policies import Policy, make_policy, validate_policy_args
+from .sparse import SparseEngine
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ NONFINITE = ("skip", "raise", "propagate")
 HYPER = ("lr", "betas", "eps", "weight_decay")
 # Arguments that belong to the whole optimizer (they shape one schedule over all groups).
 GLOBAL_ARGS = ("budget", "policy", "switch_every", "order", "seed", "state_on_switch",
-               "nonfinite", "always", "max_grad_norm", "sample_layers")
+               "nonfinite", "always", "max_grad_norm", "sample_layers", "regrow_fraction")
 INDEX_KEYS = ("indices",)  # state entries reported as index bytes (sparse policy)
 FORMAT_VERSION = 1
 
@@ -81,12 +82,18 @@ def _check_hyper(where: str, lr: object, betas: object, eps: object,
 
 def _check_global(budget: object, policy: object, switch_every: object, order: object,
                   seed: object, state_on_switch: object, nonfinite: object, always: object,
-                  max_grad_norm: object, sample_layers: object) -> None:
+                  max_grad_norm: object, sample_layers: object,
+                  regrow_fraction: object = None) -> None:
     validate_policy_args(policy, switch_every=switch_every, order=order, seed=seed,
-                         always=always, sample_layers=sample_layers)
+                         always=always, sample_layers=sample_layers,
+                         regrow_fraction=regrow_fraction)
     if not isinstance(state_on_switch, str) or state_on_switch not in STATE_ON_SWITCH:
         raise ValueError(f"state_on_switch={state_on_switch!r}; allowed: "
                          f"{', '.join(map(repr, STATE_ON_SWITCH))}")
+    if policy == "sparse" and state_on_switch != "drop":
+        raise ValueError(f"state_on_switch={state_on_switch!r} applies to policy='block' and "
+                         "'sample' (policy='sparse' carries the moments of kept elements and "
+                         "starts grown ones at zero); allowed here: 'drop'")
     if not isinstance(nonfinite, str) or nonfinite not in NONFINITE:
         raise ValueError(f"nonfinite={nonfinite!r}; allowed: {', '.join(map(repr, NONFINITE))}")
     if max_grad_norm is not None and (not _is_number(max_grad_norm)
@@ -247,9 +254,11 @@ class NTO(torch.optim.Optimizer):
         budget: int = trainable elements; float in (0, 1] or "N%" = share of all elements;
             byte string ("512MiB", "2GB", "1.5GiB") = device bytes of gradient + state per
             the memory model (`nto_ext.budget`). "100%" is AdamW.
-        policy: "block" (groups of consecutive blocks take turns) or "sample" (random
-            blocks each period); "sparse" is not implemented yet.
-        switch_every: optimizer steps between changes of the active set (>= 1).
+        policy: "block" (groups of consecutive blocks take turns), "sample" (random
+            blocks each period) or "sparse" (individual elements anywhere, a global top-K
+            by gradient score with compact state; see nto_ext.sparse).
+        switch_every: optimizer steps between changes of the active set (>= 1); sparse:
+            between regrowths.
         order: block policy: "ascending", "descending" or "random" (re-shuffled per cycle).
         seed: seeds every random choice (counter-based: identical on all ranks).
         state_on_switch: "drop" (state freed when a param stops training) or "offload"
@@ -259,7 +268,11 @@ class NTO(torch.optim.Optimizer):
             "propagate" (as torch).
         always: block names that train in every period (e.g. ("embed", "head")).
         max_grad_norm: clip the active gradients to this total L2 norm (None: no clipping).
+            Sparse: over the compact gradients (dense ones are freed in backward, so
+            `clip_grad_norm_` and Trainer's own clipping see none: pass it here).
         sample_layers: sample policy: draw exactly this many units per period (LISA).
+        regrow_fraction: sparse policy: share of the chosen elements dropped and regrown
+            every `switch_every` steps, in [0, 0.25] (None: 0.1; 0: keep the first choice).
     """
 
     def __init__(self, params: Iterable[Any], lr: float | torch.Tensor = 1e-3,
@@ -268,10 +281,11 @@ class NTO(torch.optim.Optimizer):
                  policy: str = "block", switch_every: int = 50, order: str = "ascending",
                  seed: int = 0, state_on_switch: str = "drop", nonfinite: str = "skip",
                  always: Sequence[str] = (), max_grad_norm: float | None = None,
-                 sample_layers: int | None = None) -> None:
+                 sample_layers: int | None = None,
+                 regrow_fraction: float | None = None) -> None:
         _check_hyper("", lr, betas, eps, weight_decay)
         _check_global(budget, policy, switch_every, order, seed, state_on_switch, nonfinite,
-                      always, max_grad_norm, sample_layers)
+                      always, max_grad_norm, sample_layers, regrow_fraction)
         groups = _normalize_groups(params)
         for k, g in enumerate(groups):
             _check_hyper(f"param group {k}: ", g.get("lr", lr), g.get("betas", betas),
@@ -282,7 +296,8 @@ class NTO(torch.optim.Optimizer):
         self.budget: Budget = parse_budget(budget, total)
         self.policy: Policy = make_policy(
             policy, self._infos, self.budget, switch_every=switch_every, order=order,
-            seed=seed, always=tuple(always), sample_layers=sample_layers)
+            seed=seed, always=tuple(always), sample_layers=sample_layers,
+            regrow_fraction=regrow_fraction)
         # Everything is valid: from here on the optimizer is built and params are owned.
         self._constructing = True
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
@@ -301,6 +316,7 @@ class NTO(torch.optim.Optimizer):
         self._offloaded: dict[int, dict[str, Any]] = {}
         self._active = self.policy.active(0)
         self._applied = False
+        self._sparse = SparseEngine(self) if self.policy.name == "sparse" else None
         msg = getattr(self.policy, "too_big_message", lambda: None)()
         if msg:
             warnings.warn(f"NTO: {msg}", UserWarning, stacklevel=2)
@@ -342,19 +358,28 @@ class NTO(torch.optim.Optimizer):
         self._advance()
         return loss
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As torch; the sparse policy's compact gradients and candidates go too."""
+        if self._sparse is not None:
+            self._sparse.clear()
+        super().zero_grad(set_to_none)
+
     def init_state(self) -> None:
         """Create the (zero) state of every active param now instead of at its first
         update; the numbers are the same either way. For tools that need a non-empty
         `state` before training (torch.distributed.checkpoint otherwise runs a step with
         zero gradients, which would advance NTO's schedule)."""
         self._sync_params()
+        if self._sparse is not None:
+            self._sparse.init_state()
+            return
         for i in sorted(self._active):
             self._init_state(self._params[i])
 
     # ------------------------------------------------------------------ reporting
     def active(self) -> list[str] | list[int]:
         """Names of the params that train now (indices when params were given unnamed)."""
-        idx = sorted(self._active)
+        idx = sorted(self.policy.selected if self._sparse is not None else self._active)
         if self._named:
             return [self._infos[i].name for i in idx]  # type: ignore[misc]
         return idx
@@ -374,7 +399,9 @@ class NTO(torch.optim.Optimizer):
         grad_bytes: storages of all params' .grad; state_bytes: optimizer state tensors
         (moments and step counts) of every param; index_bytes: index tensors (sparse);
         offload_bytes: state kept in host memory; transient_bytes: temporary buffers
-        (0 here); total_bytes = grad + state + index (the budgeted training state, now).
+        (sparse: the largest dense gradient seen in backward, or drop / regrowth temporary;
+        0 otherwise); total_bytes = grad + state + index (the budgeted training state, now;
+        sparse: compact gradients and scoring candidates count as grad and index).
         peak_total_bytes: the largest total measured inside step(), right after the update
         and before a switch frees anything (grads and state both alive): the step's peak.
         Storages are counted once each (deduplicated by device and data pointer).
@@ -384,13 +411,17 @@ class NTO(torch.optim.Optimizer):
         offl = [v for st in self._offloaded.values() for v in st.values()
                 if isinstance(v, torch.Tensor)]
         total = grad_b + state_b + index_b
+        sp = self._sparse
+        peak = max(self._peak_bytes, total, sp.peak if sp else 0)
         return {
             "grad_bytes": grad_b, "state_bytes": state_b, "index_bytes": index_b,
-            "offload_bytes": _storage_bytes(offl), "transient_bytes": 0,
-            "total_bytes": total, "peak_total_bytes": max(self._peak_bytes, total),
+            "offload_bytes": _storage_bytes(offl),
+            "transient_bytes": sp.transient_bytes() if sp else 0,
+            "total_bytes": total, "peak_total_bytes": peak,
             "budget_bytes": self.budget_bytes(), "budget_elements": self.budget_elements(),
-            "trainable_elements": sum(self._infos[i].numel for i in self._active),
-            "trainable_tensors": len(self._active),
+            "trainable_elements": (sp.trainable_elements() if sp else
+                                   sum(self._infos[i].numel for i in self._active)),
+            "trainable_tensors": len(self.policy.selected if sp else self._active),
             "skipped_steps": self.skipped_steps, "step": self._step,
             "weights_bytes": _storage_bytes(self._params),
             "adamw_bytes": sum(state_bytes("adamw", i.numel, i.dtype) for i in self._infos),
@@ -400,6 +431,8 @@ class NTO(torch.optim.Optimizer):
     def reset_peak(self) -> None:
         """Forget the peak measured so far (memory_report()["peak_total_bytes"])."""
         self._peak_bytes = 0
+        if self._sparse is not None:
+            self._sparse.peak = 0
 
     def _measure(self) -> tuple[int, int, int]:
         """(grad, state, index) bytes from real storage."""
@@ -409,16 +442,20 @@ class NTO(torch.optim.Optimizer):
             for k, v in st.items():
                 if isinstance(v, torch.Tensor):
                     (index if k in INDEX_KEYS else state).append(v)
+        if self._sparse is not None:  # compact gradients and scoring candidates
+            grads += self._sparse.grad_tensors()
+            index += self._sparse.index_tensors()
         return _storage_bytes(grads), _storage_bytes(state), _storage_bytes(index)
 
     def budget_bytes(self) -> int:
         """The budget in device bytes of gradient + state. Element budgets are converted
         with the memory model: elements x bytes/element (largest dtype) plus one step
-        scalar for each tensor that could train at once."""
+        scalar for each tensor that could train at once (dense policies)."""
         if self.budget.kind == "bytes":
             return self.budget.amount
         bpe = max(bytes_per_element(self.policy.name, i.dtype) for i in self._infos)
-        return self.budget.amount * bpe + STEP_BYTES * self._max_tensors(self.budget.amount)
+        per_tensor = tensor_overhead_bytes(self.policy.name)
+        return self.budget.amount * bpe + per_tensor * self._max_tensors(self.budget.amount)
 
     def budget_elements(self) -> int:
         """The budget in elements (byte budgets: bytes / smallest bytes per element)."""
@@ -443,6 +480,8 @@ class NTO(torch.optim.Optimizer):
         elif p.grad is not None and p.grad.layout != torch.strided:
             raise TypeError(f"{self._label(index)} got a sparse gradient; allowed: dense "
                             "gradients (build nn.Embedding with sparse=False)")
+        elif self._sparse is not None:  # gather the chosen entries, free the dense grad
+            self._sparse.on_grad(index, p)
 
     def remove_hooks(self) -> None:
         """Remove NTO's gradient hooks from the params (done automatically when the
@@ -526,6 +565,8 @@ class NTO(torch.optim.Optimizer):
 
     def _advance(self) -> None:
         self._step += 1
+        if self._sparse is not None:  # before a regrowth: drop the weakest elements
+            self._sparse.advance(self._step)
         new = self.policy.active(self._step)
         if new != self._active:
             log.debug("NTO: step %d switches to %s", self._step,
@@ -603,6 +644,9 @@ class NTO(torch.optim.Optimizer):
         return st
 
     def _update(self) -> None:
+        if self._sparse is not None:
+            self._sparse.update()
+            return
         entries = self._active_grads()
         if not entries or not self._check_grads(entries):
             return
@@ -686,6 +730,8 @@ class NTO(torch.optim.Optimizer):
                                  f"schedule at step {nto['step']} (a foreign or edited "
                                  "checkpoint); nothing was loaded")
             new_state, new_offloaded = self._build_loaded_state(sd, nto)
+            if self._sparse is not None:
+                self._sparse.check_loaded(new_state)
         except Exception:
             self.policy.load_state_dict(cursor)  # the cursor is a cache, but leave it as it was
             raise
@@ -704,6 +750,8 @@ class NTO(torch.optim.Optimizer):
         self.skipped_steps = nto["skipped_steps"]
         self._active = active
         self._applied = False  # applied on the next step() / train(), as after __init__
+        if self._sparse is not None:
+            self._sparse.clear()
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
@@ -808,7 +856,8 @@ class NTO(torch.optim.Optimizer):
     def _check_param_state(self, i: int, p: torch.Tensor, st: object) -> None:
         if not isinstance(st, dict):
             raise ValueError(f"optimizer state for {self._label(i)} is not a dict")
-        if "indices" in st:  # compact (sparse) state is checked by its policy
+        if self._sparse is not None:  # compact (sparse) state
+            self._sparse.check_state(i, p, st)
             return
         for key in ("exp_avg", "exp_avg_sq"):
             v = st.get(key)
@@ -891,7 +940,7 @@ def _to_param_device(key: str, v: Any, p: torch.Tensor) -> Any:
     torch.optim.AdamW keeps it), everything else next to the param. Dtypes are kept."""
     if not isinstance(v, torch.Tensor):
         return v
-    if key == "step":
+    if key == "step" and v.is_floating_point():  # sparse: int32 counts, next to the param
         return v.to("cpu")
     return v.to(_local(p).device)
 

@@ -8,6 +8,7 @@ exactly what `NTO` will do, and prices it with the memory model of `budget.py`.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,9 +16,9 @@ from typing import Any
 
 import torch
 
-from .blocks import ParamInfo, group_label
+from .blocks import ParamInfo, discover_blocks, group_label
 from .budget import FLOAT_DTYPES, format_bytes, parse_budget, state_bytes
-from .policies import ScheduledPolicy, make_policy, validate_policy_args
+from .policies import ScheduledPolicy, SparsePolicy, make_policy, validate_policy_args
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -63,6 +64,11 @@ class Plan:
     adamw_bytes: int
     adamw8bit_bytes: int
     untrainable: list[dict[str, Any]] = field(default_factory=list)
+    # sparse: chosen share of all elements, the dense gradient alive during backward (one
+    # tensor at a time: the largest, bytes, outside nto_bytes) and the regrowth share
+    density: float | None = None
+    transient_bytes: int = 0
+    regrow_fraction: float | None = None
 
     @property
     def largest_untrainable(self) -> str | None:
@@ -89,6 +95,8 @@ class Plan:
         for b in self.blocks:
             lines.append(f"{b.name[:36]:<36} {b.kind:<6} {b.tensors:>7} {b.elements:>13,} "
                          f"{format_bytes(b.nto_bytes):>12}")
+        if self.policy == "sparse":
+            return "\n".join(lines + self._sparse_lines())
         lines += ["", f"schedule: {len(self.groups)} period(s) of {self.switch_every} steps "
                       f"per cycle ({self.cycle_steps} steps)"
                       + (f"; always trained: {', '.join(self.always)}" if self.always else "")]
@@ -114,11 +122,33 @@ class Plan:
                          f"{shown}{more}")
         return "\n".join(lines)
 
+    def _sparse_lines(self) -> list[str]:
+        g = self.groups[0]
+        regrow = (f"{math.floor((self.regrow_fraction or 0) * g.elements):,} of them "
+                  f"(regrow_fraction {self.regrow_fraction:g}) dropped and regrown every "
+                  f"{self.switch_every} steps" if g.elements < self.total_elements
+                  and self.regrow_fraction else "no regrowth")
+        ratio = self.nto_bytes / self.adamw_bytes if self.adamw_bytes else float("nan")
+        both = self.nto_bytes + self.transient_bytes
+        return ["", f"selection: {g.elements:,} of {self.total_elements:,} elements "
+                    f"({self.density or 0:.2%}), the top by gradient score in any tensor; "
+                    f"{regrow}",
+                "", "training state (compact grad + moments + index + step count):",
+                f"  NTO (sparse)        {format_bytes(self.nto_bytes):>12}  ({ratio:.3f}x AdamW)",
+                f"  + transient         {format_bytes(self.transient_bytes):>12}  (one dense "
+                "gradient during backward, the largest tensor's)",
+                f"  = device peak       {format_bytes(both):>12}  (leave room for the transient "
+                "in a byte budget)",
+                f"  AdamW (torch)       {format_bytes(self.adamw_bytes):>12}",
+                f"  8-bit AdamW         {format_bytes(self.adamw8bit_bytes):>12}  (approx.)",
+                f"  trainable: any of the {self.total_elements:,} elements"]
+
 
 def plan(model_or_config: Any, budget: int | float | str, policy: str = "block",
          dtype: torch.dtype | str | None = None, *, switch_every: int = 50,
          order: str = "ascending", seed: int = 0, always: tuple[str, ...] = (),
-         sample_layers: int | None = None, task: str | None = None) -> Plan:
+         sample_layers: int | None = None, task: str | None = None,
+         regrow_fraction: float | None = None) -> Plan:
     """Plan an NTO run without allocating weights.
 
     model_or_config: an nn.Module (meta or real), a transformers PretrainedConfig, or a
@@ -128,13 +158,17 @@ def plan(model_or_config: Any, budget: int | float | str, policy: str = "block",
     Other keyword arguments are NTO's. Raises what NTO(...) would raise for these args.
     """
     validate_policy_args(policy, switch_every=switch_every, order=order, seed=seed,
-                         always=always, sample_layers=sample_layers)
+                         always=always, sample_layers=sample_layers,
+                         regrow_fraction=regrow_fraction)
     want = _parse_dtype(dtype)
     infos = _infos(_as_module(model_or_config, task), want)
     total = sum(i.numel for i in infos)
     b = parse_budget(budget, total)
     pol = make_policy(policy, infos, b, switch_every=switch_every, order=order, seed=seed,
-                      always=tuple(always), sample_layers=sample_layers)
+                      always=tuple(always), sample_layers=sample_layers,
+                      regrow_fraction=regrow_fraction)
+    if isinstance(pol, SparsePolicy):
+        return _build_sparse_plan(pol, infos, want)
     assert isinstance(pol, ScheduledPolicy)
     return _build_plan(pol, infos, want)
 
@@ -170,6 +204,36 @@ def _build_plan(pol: ScheduledPolicy, infos: list[ParamInfo], want: torch.dtype 
         adamw8bit_bytes=sum(state_bytes("adamw8bit", i.numel, i.dtype) for i in infos),
         untrainable=[{"name": infos[i].name or f"#{i}", "elements": infos[i].numel,
                       "nto_bytes": nto((i,))} for i in big])
+
+
+def _build_sparse_plan(pol: SparsePolicy, infos: list[ParamInfo],
+                       want: torch.dtype | None) -> Plan:
+    """K elements anywhere: device state 20 B per chosen element (budget.py) plus, during
+    backward, one dense gradient at a time (the largest tensor's, in its dtype)."""
+    def elems(params) -> int:
+        return sum(infos[i].numel for i in params)
+
+    blocks = [PlanBlock(b.name, b.kind, len(b.params), elems(b.params),
+                        state_bytes("sparse", elems(b.params), torch.float32))
+              for b in discover_blocks(infos)]
+    k = pol.k
+    nto = state_bytes("sparse", k, torch.float32)
+    dtypes = sorted({str(i.dtype).removeprefix("torch.") for i in infos})
+    total = elems(range(len(infos)))
+    return Plan(
+        policy=pol.name, budget=pol.budget.given, budget_kind=pol.budget.kind,
+        budget_amount=pol.budget.amount,
+        dtype=str(want).removeprefix("torch.") if want else "/".join(dtypes),
+        total_elements=total, total_tensors=len(infos),
+        weights_bytes=sum(i.numel * i.dtype.itemsize for i in infos),
+        switch_every=pol.switch_every, cycle_steps=pol.switch_every, blocks=blocks,
+        groups=[PlanGroup(f"top {k:,} elements by gradient score", [], k, nto)], always=[],
+        trainable_elements=total, nto_bytes=nto,
+        adamw_bytes=sum(state_bytes("adamw", i.numel, i.dtype) for i in infos),
+        adamw8bit_bytes=sum(state_bytes("adamw8bit", i.numel, i.dtype) for i in infos),
+        density=k / total if total else None,
+        transient_bytes=max(i.numel * i.dtype.itemsize for i in infos),
+        regrow_fraction=pol.regrow_fraction)
 
 
 def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:

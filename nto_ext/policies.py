@@ -16,13 +16,20 @@ generator seeded with a hash of (seed, c), so there is no hidden RNG stream; the
 - `always` blocks (e.g. ("embed", "head")) train in every period and count against the
   budget, under both policies.
 
-The optimizer only asks a policy for `active(step)`; a new policy (sparse) plugs in by
-subclassing `Policy`.
+- sparse (SpIEL-style): K individual elements anywhere, chosen as a global top-K by
+  gradient score, with periodic drop-and-regrow. `SparsePolicy` holds the schedule (which
+  steps score every gradient, how many elements to hold and to regrow) and which tensors
+  hold chosen elements; the element indices and compact state live in the optimizer's
+  state, managed by `nto_ext.sparse`.
+
+The optimizer only asks a policy for `active(step)`: the params that need a gradient at
+that step.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -30,7 +37,7 @@ import torch
 
 from .blocks import Block, ParamInfo, Unit, discover_blocks, group_label, make_units
 from .blocks import pack_consecutive as pack_consecutive
-from .budget import Budget, format_bytes
+from .budget import Budget, bytes_per_element, format_bytes
 
 ORDERS = ("ascending", "descending", "random")
 
@@ -297,9 +304,123 @@ class SamplePolicy(ScheduledPolicy):
         return {**super().config(), "sample_layers": self.sample_layers}
 
 
+# Largest share of the chosen elements one regrowth replaces. The drop keeps its weakest
+# candidates (8 B each, up to 2x the count) in the compact gradients' room (4 B per chosen
+# element, free between steps): 16 * fraction <= 4 keeps the drop inside the budget.
+MAX_REGROW_FRACTION = 0.25
+DEFAULT_REGROW_FRACTION = 0.1
+
+
+class SparsePolicy(Policy):
+    """SpIEL-style: K individual elements anywhere, a global top-K by gradient score.
+
+    K is the budget in elements (byte budgets: bytes // the sparse bytes per element). Step
+    0 is a scoring step (every tensor gets its gradient, reduced to candidates tensor by
+    tensor; the step chooses K elements and updates nothing). Every `switch_every` steps
+    after it is a regrowth: `floor(regrow_fraction * K)` of the weakest chosen elements
+    were dropped at the end of the step before, the step's gradients update the kept
+    elements and score the rest, and as many new elements are grown from the top scores.
+    Between scoring steps only tensors holding chosen elements need a gradient. With K >=
+    all elements every element is chosen from the start: no scoring step, no regrowth
+    (AdamW to fp32 rounding).
+    """
+
+    name = "sparse"
+
+    def __init__(self, infos: Sequence[ParamInfo], budget: Budget, *, switch_every: int = 50,
+                 regrow_fraction: float | None = None) -> None:
+        self.infos = list(infos)
+        self.budget = budget
+        self.switch_every = switch_every
+        self.regrow_fraction = float(DEFAULT_REGROW_FRACTION if regrow_fraction is None
+                                     else regrow_fraction)
+        self.total = sum(i.numel for i in self.infos)
+        self.k = min(self._budget_elements(), self.total)
+        self.dense = self.k >= self.total
+        self.regrow = 0 if self.dense else math.floor(self.regrow_fraction * self.k)
+        everything = frozenset(range(len(self.infos)))
+        self._everything = everything
+        self._selected = everything if self.dense else frozenset()
+
+    def _budget_elements(self) -> int:
+        if self.budget.kind == "elements":
+            return self.budget.amount
+        bpe = bytes_per_element(self.name, torch.float32)  # the same for every dtype
+        k = self.budget.amount // bpe
+        if k < 1:
+            raise ValueError(
+                f"budget={self.budget.given} ({self.budget.describe()}) is below one element "
+                f"under policy='sparse' ({bpe} B per chosen element: fp32 gradient, two fp32 "
+                "moments, an int32 index and an int32 step count); nothing would train. "
+                f"Raise the budget to at least {bpe}B.")
+        return k
+
+    # ---------------------------------------------------------------- the schedule
+    def is_scoring(self, step: int) -> bool:
+        """True when every tensor's gradient is scored at `step`: the first step, each
+        regrowth, and any step while nothing is chosen (a first step without gradients)."""
+        if self.dense:
+            return False
+        return (step == 0 or not self._selected
+                or (self.regrow > 0 and step % self.switch_every == 0))
+
+    def active(self, step: int) -> frozenset[int]:
+        if self.dense or self.is_scoring(step):
+            return self._everything
+        return self._selected
+
+    @property
+    def selected(self) -> frozenset[int]:
+        """Params that hold chosen elements now."""
+        return self._selected
+
+    def set_selected(self, params: Sequence[int] | frozenset[int]) -> None:
+        self._selected = frozenset(params)
+
+    def active_names(self, step: int) -> list[str]:
+        return [self.infos[i].name if self.infos[i].name is not None else f"#{i}"
+                for i in sorted(self._selected)]
+
+    @property
+    def trainable(self) -> frozenset[int]:
+        return self._everything  # every element can be chosen
+
+    def describe(self) -> str:
+        regrow = (f"{self.regrow:,} regrown every {self.switch_every} steps"
+                  if self.regrow else "no regrowth")
+        return (f"{self.k:,} of {self.total:,} elements ({self.k / max(self.total, 1):.2%}), "
+                f"{regrow}")
+
+    # ---------------------------------------------------------------- persistence
+    def config(self) -> dict[str, Any]:
+        return {"policy": self.name, "budget_kind": self.budget.kind,
+                "budget_amount": self.budget.amount, "switch_every": self.switch_every,
+                "regrow_fraction": self.regrow_fraction}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"selected": sorted(self._selected)}
+
+    def check_state_dict(self, state: object) -> None:
+        super().check_state_dict(state)
+        sel = state.get("selected")  # type: ignore[union-attr]
+        n = len(self.infos)
+        if not isinstance(sel, (list, tuple)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n for i in sel):
+            raise ValueError(f"policy state 'selected' must list param indices in [0, {n}), "
+                             f"got {sel!r}"[:300])
+        if self.dense and len(set(sel)) != n:
+            raise ValueError("policy state 'selected' must list every param when the budget "
+                             "covers every element")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.check_state_dict(state)
+        self._selected = frozenset(state["selected"])
+
+
 def validate_policy_args(policy: object, *, switch_every: object = 50,
                          order: object = "ascending", seed: object = 0,
-                         always: object = (), sample_layers: object = None) -> None:
+                         always: object = (), sample_layers: object = None,
+                         regrow_fraction: object = None) -> None:
     """Check the policy arguments; TypeError / ValueError say what was given and allowed."""
     allowed = ", ".join(repr(p) for p in ("block", "sample", "sparse"))
     if not isinstance(policy, str) or policy not in ("block", "sample", "sparse"):
@@ -325,11 +446,29 @@ def validate_policy_args(policy: object, *, switch_every: object = 50,
         if policy != "sample":
             raise ValueError(f"sample_layers={sample_layers!r} applies to policy='sample' only "
                              f"(policy={policy!r}); allowed here: None")
+    _validate_sparse_args(policy, always, regrow_fraction)
+
+
+def _validate_sparse_args(policy: object, always: object, regrow_fraction: object) -> None:
+    if regrow_fraction is not None:
+        if isinstance(regrow_fraction, bool) or not isinstance(regrow_fraction, (int, float)) \
+                or not 0.0 <= regrow_fraction <= MAX_REGROW_FRACTION:
+            raise ValueError(f"regrow_fraction={regrow_fraction!r}; allowed: None (0.1) or a "
+                             f"number in [0, {MAX_REGROW_FRACTION}] (share of the chosen "
+                             "elements replaced at each regrowth; 0 keeps the first choice)")
+        if policy != "sparse":
+            raise ValueError(f"regrow_fraction={regrow_fraction!r} applies to policy='sparse' "
+                             f"only (policy={policy!r}); allowed here: None")
+    if policy == "sparse" and always:
+        raise ValueError(f"always={tuple(always)!r} applies to policy='block' and 'sample' "
+                         "(policy='sparse' chooses elements in every tensor by gradient "
+                         "score); allowed here: ()")
 
 
 def make_policy(policy: str, infos: Sequence[ParamInfo], budget: Budget, *,
                 switch_every: int = 50, order: str = "ascending", seed: int = 0,
-                always: Sequence[str] = (), sample_layers: int | None = None) -> Policy:
+                always: Sequence[str] = (), sample_layers: int | None = None,
+                regrow_fraction: float | None = None) -> Policy:
     """Build the policy named `policy` (arguments already validated)."""
     common = {"switch_every": switch_every, "seed": seed, "always": tuple(always)}
     if policy == "block":
@@ -337,9 +476,8 @@ def make_policy(policy: str, infos: Sequence[ParamInfo], budget: Budget, *,
     if policy == "sample":
         return SamplePolicy(infos, budget, sample_layers=sample_layers, **common)
     if policy == "sparse":
-        raise NotImplementedError(
-            "policy='sparse' is not implemented yet (element-level budgets with compact "
-            "state come in a later release); use policy='block' or policy='sample'")
+        return SparsePolicy(infos, budget, switch_every=switch_every,
+                            regrow_fraction=regrow_fraction)
     raise ValueError(f"policy={policy!r}; allowed: 'block', 'sample', 'sparse'")
 
 

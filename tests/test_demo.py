@@ -104,11 +104,13 @@ def test_adamw_memory_matches_its_state():
 
 
 def test_batches_are_seeded_and_cover_an_epoch():
-    train = {"input_ids": torch.arange(10).view(10, 1), "labels": torch.arange(10)}
-    a = [b["labels"].tolist() for b in demo._batches(train, 5, 4, seed=3)]
-    assert a == [b["labels"].tolist() for b in demo._batches(train, 5, 4, seed=3)]
+    def draw(seed):
+        return [b.tolist() for b in demo._batches(10, lambda idx: idx, 5, 4, seed=seed)]
+
+    a = draw(3)
+    assert a == draw(3) and a != draw(4)
     assert sorted(sum(a, [])[:10]) == list(range(10))  # the first epoch sees each once
-    assert a != [b["labels"].tolist() for b in demo._batches(train, 5, 4, seed=4)]
+    assert all(len(b) == 4 for b in a)
 
 
 def test_smooth_is_a_trailing_mean():
@@ -119,3 +121,11 @@ def test_parse_budget():
     assert demo.parse_budget("10%") == "10%"
     assert demo.parse_budget("2000") == 2000 and demo.parse_budget("0.1") == 0.1
     assert demo.parse_budget("1.5GiB") == "1.5GiB"
+
+
+def test_order_applies_to_the_block_policy_only():
+    cfg = demo.DemoConfig(policy="block", order="descending", switch_every=20, seed=1)
+    assert demo.nto_kwargs(cfg) == {"policy": "block", "switch_every": 20, "seed": 1,
+                                    "order": "descending"}
+    cfg.policy = "sample"
+    assert "order" not in demo.nto_kwargs(cfg)

@@ -153,11 +153,6 @@ def test_bad_input(kwargs, exc, msg):
         assert p.requires_grad and not p._post_accumulate_grad_hooks
 
 
-def test_sparse_policy_is_not_implemented_yet():
-    with pytest.raises(NotImplementedError, match="policy='sparse' is not implemented yet"):
-        NTO(tiny_llama().named_parameters(), policy="sparse")
-
-
 def test_sparse_gradient_is_refused():
     emb = torch.nn.Embedding(10, 4, sparse=True)
     opt = NTO(emb.named_parameters(), budget="100%")

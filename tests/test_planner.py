@@ -110,7 +110,9 @@ BAD = [
     ((None, "lots"), {}, ValueError, r"budget='lots': cannot parse it"),
     ((None, 3), {}, ValueError, r"budget=3 .* is below the smallest unit"),
     ((None, "10%"), {"policy": "lisa"}, ValueError, r"policy='lisa'; allowed"),
-    ((None, "10%"), {"policy": "sparse"}, NotImplementedError, r"not implemented yet"),
+    ((None, "10%"), {"regrow_fraction": 0.2}, ValueError,
+     r"regrow_fraction=0.2 applies to policy='sparse' only"),
+    ((None, "10B"), {"policy": "sparse"}, ValueError, r"below one element .*nothing would"),
 ]
 
 

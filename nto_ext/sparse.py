@@ -1,0 +1,580 @@
+"""The sparse policy inside NTO: compact gradients, scoring, drop and regrowth.
+
+`policies.SparsePolicy` says which steps score every gradient and how many elements to
+hold (K) and to regrow; `SparseEngine` does it on the optimizer's tensors. `NTO` calls it
+from its gradient hook (`on_grad`), its update (`update`) and its schedule (`advance`).
+
+State of a param that holds chosen elements (in `NTO.state[param]`, torch's key names):
+  indices     int32 [L] (int64 past 2**31-1 elements): sorted unique flat positions
+  exp_avg     fp32 [L];  exp_avg_sq  fp32 [L]
+  step        int32 [L]: updates each element has had. Elements grown at a regrowth start
+              at 0, so their bias corrections are AdamW's from their own first update.
+20 B per chosen element with the compact gradient (budget.py). A param without a chosen
+element has no state and, between scoring steps, no gradient (requires_grad=False).
+
+Compact gradients: the post-accumulate-grad hook gathers the chosen entries of each dense
+gradient into an fp32 buffer of L elements (`gather_accumulate_` adds, so accumulation
+over micro-batches is exact) and frees the dense gradient at once. Gradient memory is the
+compact buffers plus the dense gradient autograd hands over, one tensor at a time: the
+largest one seen is `transient_bytes`. Buffers are freed at the end of `step()` (their
+values are used up) and by `zero_grad()`.
+
+Scoring (step 0, and each regrowth), tensor by tensor, never all dense gradients at once:
+the hook checks the dense gradient for NaN/Inf (a NaN anywhere skips the step under
+nonfinite="skip"), adds it into the candidates it already holds for that tensor (exact),
+masks chosen and candidate positions with NaN (which select_topk ranks last), and takes
+the tensor's top `want` by |g| as new candidates (position, value); once all candidates
+together exceed 1.5 x `want` (the number of elements to grow) only the global top `want`
+are kept (one select_topk over every candidate list; afterwards the want-th value is a
+threshold below which nothing can join). Candidates count in the budget (fp32 value as
+gradient, position as index): 8 B each, at most 2.5 x want of them, exactly the room the
+dropped elements (20 B each) freed. With one backward per step the grown
+set is the exact global top `want` by |gradient| of the free elements; with accumulation
+an element scores the gradient summed from the micro-batch where it became a candidate
+on (the training gradient itself stays exact). Step 0 chooses K elements and updates
+nothing.
+
+Drop (at the end of the step before a regrowth, so the regrowth's candidates fit): the
+weakest chosen elements by the size of their AdamW update, |m_hat| / (sqrt(v_hat) + eps)
+with each element's bias corrections, go until K - floor(regrow_fraction * K) remain
+(found tensor by tensor with the same candidate pool, in the compact gradients' room).
+Elements grown at the last regrowth that have not been updated yet are kept; NaN moments
+go first; ties drop the lowest position. Kept elements' moments and step counts are
+carried bit for bit by `remap_state` (the int32 counts travel as their fp32 bit pattern).
+
+Regrowth (in the scoring step's `step()`, after the kept elements' update): the top
+candidates join the chosen set with zero moments and step count 0; they first train on
+the next step. The step is skipped (nonfinite) or not, the regrowth happens, so the
+chosen count, and the memory, stay the same from step to step.
+
+Memory of a drop / regrowth beyond grad + state + index: per tensor, a score buffer (two
+fp32 arrays of that tensor's chosen count) and the new rows of a `remap_state` call,
+batched up to the largest dense gradient seen; the largest is reported with the dense
+gradients in `transient_bytes`.
+
+Limits: one device for all params (the top-K is global); DTensor params (FSDP2) and DDP
+(whose reducer reads the gradients this hook frees) are not supported with sparse.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from . import ops
+
+if TYPE_CHECKING:
+    from .optimizer import NTO
+    from .policies import SparsePolicy
+
+log = logging.getLogger(__name__)
+
+STATE_KEYS = ("indices", "exp_avg", "exp_avg_sq", "step")
+ROWS = ("exp_avg", "exp_avg_sq", "step")
+_FILL_CHUNK = 1 << 20  # positions masked per indexing call (bounds its int64 temporary)
+_SMALL = 1 << 16  # tensors this small take every free element without a selection
+_INF_BITS = 0x7F800000  # fp32 +inf; INF_BITS - bits(s) reverses the order of scores s >= 0
+
+Chunks = dict[int, list[list[torch.Tensor]]]  # param index -> [[positions, values], ...]
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.untyped_storage().nbytes()
+
+
+def _index_dtype(numel: int) -> torch.dtype:
+    return torch.int64 if numel > 2**31 - 1 else torch.int32
+
+
+def _fill(flat: torch.Tensor, positions: torch.Tensor, value: float) -> None:
+    """flat[positions] = value, a chunk at a time (indexing converts positions to int64)."""
+    for start in range(0, positions.numel(), _FILL_CHUNK):
+        flat[positions[start:start + _FILL_CHUNK]] = value
+
+
+def _union(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Sorted union of two disjoint sorted index tensors (of a's dtype), without sorting:
+    b[j] lands at (number of a below it) + j, a fills the remaining slots in order."""
+    if b.numel() == 0:
+        return a
+    if a.numel() == 0:
+        return b.to(a.dtype)
+    b = b.to(a.dtype)
+    slots = torch.searchsorted(a, b)
+    slots += torch.arange(b.numel(), device=b.device)
+    out = torch.empty(a.numel() + b.numel(), dtype=a.dtype, device=a.device)
+    rest = torch.ones(out.numel(), dtype=torch.bool, device=a.device)
+    rest[slots] = False
+    out[slots] = b
+    out[rest] = a
+    return out
+
+
+def _keep_top(chunks: Chunks, k: int) -> Chunks:
+    """The k largest |value| over all chunks (one select_topk; ties: lowest param index,
+    then position), chunk order and each chunk's position order kept."""
+    flat = [(i, c) for i in sorted(chunks) for c in chunks[i]]
+    picks = ops.select_topk([c[1] for _, c in flat], k)
+    out: Chunks = {}
+    for (i, c), sel in zip(flat, picks):
+        if sel.numel() == c[0].numel():
+            out.setdefault(i, []).append(c)
+        elif sel.numel():
+            out.setdefault(i, []).append([c[0][sel], c[1][sel]])
+    return out
+
+
+class _Pool:
+    """Candidates (to grow, or to drop): per param, chunks of (sorted positions, values).
+    Keeps the top `k` by |value| of everything added, exactly: it reduces (one
+    select_topk over every chunk) only when it holds more than `slack`. After a reduce,
+    `tau` (the k-th largest |value|) filters what can still join (|v| >= tau; ties are
+    settled by the next reduce); it stays valid while at least k held values reach it
+    (`above` counts them per param), which `changed(i)` re-checks after param i's values
+    changed (accumulation of a later micro-batch)."""
+
+    def __init__(self, k: int, slack: int) -> None:
+        self.k, self.slack = k, max(k, slack)
+        self.chunks: Chunks = {}
+        self.n = 0
+        self.nbytes = 0
+        self.tau: float | None = None
+        self.above: dict[int, int] = {}
+
+    def add(self, i: int, pos: torch.Tensor, val: torch.Tensor, checked: bool = False) -> None:
+        """Add candidates (positions sorted); `checked`: already filtered by tau."""
+        if self.tau is not None:
+            if not checked:
+                ok = val.abs() >= self.tau
+                if not bool(ok.all()):
+                    pos, val = pos[ok], val[ok]
+            self.above[i] = self.above.get(i, 0) + pos.numel()
+        if pos.numel() == 0:
+            return
+        self.chunks.setdefault(i, []).append([pos, val])
+        self.n += pos.numel()
+        self.nbytes += _nbytes(pos) + _nbytes(val)
+        if self.n > self.slack:
+            self.reduce()
+
+    def changed(self, i: int) -> None:
+        if self.tau is None:
+            return
+        self.above[i] = sum(int((c[1].abs() >= self.tau).sum()) for c in self.chunks[i])
+        if sum(self.above.values()) < self.k:
+            self.tau = None
+
+    def reduce(self) -> None:
+        if self.n <= self.k:
+            return
+        self.chunks = _keep_top(self.chunks, self.k)
+        kept = [c for lst in self.chunks.values() for c in lst]
+        self.n = sum(c[0].numel() for c in kept)
+        self.nbytes = sum(_nbytes(c[0]) + _nbytes(c[1]) for c in kept)
+        tau = min(float(c[1].abs().min()) for c in kept)
+        self.tau = None if math.isnan(tau) else tau  # NaN kept: fewer than k numbers
+        self.above = {i: sum(c[0].numel() for c in lst) for i, lst in self.chunks.items()}
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for lst in self.chunks.values() for c in lst for t in c]
+
+
+class SparseEngine:
+    """Compact gradients, scoring, drop and regrowth of `NTO(policy="sparse")`."""
+
+    def __init__(self, opt: NTO) -> None:
+        self.opt = opt
+        self.policy: SparsePolicy = opt.policy  # type: ignore[assignment]
+        self.compact: dict[int, torch.Tensor] = {}  # param index -> fp32 [L] gradient
+        self.compact_bytes = 0
+        self.pool: _Pool | None = None  # scoring: candidate positions, summed gradients
+        self.bad: int | None = None  # first param with NaN/Inf in a scored dense gradient
+        self.dense_bytes = 0  # largest dense gradient handed to the hook
+        self.temp_bytes = 0  # largest temporary of a drop / regrowth
+        self.peak = 0  # largest grad + state + index measured in hooks and regrowth
+        self._want = (-1, 0)  # (step, elements to grow at that step)
+        self._base: tuple[int, int] | None = None  # (step, state + index bytes) in backward
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _state(self, p: torch.Tensor) -> dict[str, Any] | None:
+        st = self.opt.state.get(p)
+        return st if st and "indices" in st else None
+
+    def count(self) -> int:
+        """Chosen elements now."""
+        return sum(st["indices"].numel() for st in self.opt.state.values()
+                   if st and "indices" in st)
+
+    def trainable_elements(self) -> int:
+        return self.policy.total if self.policy.dense else self.count()
+
+    def transient_bytes(self) -> int:
+        return max(self.dense_bytes, self.temp_bytes)
+
+    @property
+    def cands(self) -> Chunks:
+        """Scoring candidates by param index (empty outside a scoring step)."""
+        return self.pool.chunks if self.pool is not None else {}
+
+    def grad_tensors(self) -> list[torch.Tensor]:
+        """Compact gradients and candidate values (reported as gradient bytes)."""
+        return list(self.compact.values()) + [c[1] for lst in self.cands.values() for c in lst]
+
+    def index_tensors(self) -> list[torch.Tensor]:
+        """Candidate positions (reported as index bytes; chosen indices are in state)."""
+        return [c[0] for lst in self.cands.values() for c in lst]
+
+    def clear(self) -> None:
+        """Forget gradients and candidates (zero_grad, load_state_dict)."""
+        self._free_compact()
+        self.pool = None
+        self.bad = None
+        self._want = (-1, 0)
+        self._base = None
+
+    def _free_compact(self) -> None:
+        self.compact.clear()
+        self.compact_bytes = 0
+
+    def _note_peak(self) -> None:
+        self.peak = max(self.peak, sum(self.opt._measure()))
+
+    def _note_peak_in_backward(self) -> None:
+        """As _note_peak, from counters: state does not change during backward, and the
+        dense gradients are freed by the time this runs (one measure per step, not per
+        tensor)."""
+        step = self.opt._step
+        if self._base is None or self._base[0] != step:
+            self._base = (step, sum(self.opt._measure()) - self.compact_bytes
+                          - (self.pool.nbytes if self.pool else 0))
+        total = self._base[1] + self.compact_bytes + (self.pool.nbytes if self.pool else 0)
+        self.peak = max(self.peak, total)
+
+    def want(self) -> int:
+        """Elements to grow at the current step (K minus the chosen count)."""
+        step = self.opt._step
+        if self._want[0] != step:
+            self._want = (step, max(0, self.policy.k - self.count()))
+        return self._want[1]
+
+    def _dense_state(self, p: torch.Tensor) -> dict[str, Any]:
+        """K = every element: the whole param is chosen, state made at its first use."""
+        n, dev = p.numel(), p.device
+        st = {"indices": torch.arange(n, dtype=_index_dtype(n), device=dev),
+              "exp_avg": torch.zeros(n, dtype=torch.float32, device=dev),
+              "exp_avg_sq": torch.zeros(n, dtype=torch.float32, device=dev),
+              "step": torch.zeros(n, dtype=torch.int32, device=dev)}
+        self.opt.state[p] = st
+        return st
+
+    def init_state(self) -> None:
+        """NTO.init_state(): with K = every element, make all state now; otherwise state
+        exists exactly for the chosen elements already."""
+        if self.policy.dense:
+            for p in self.opt._params:
+                if self._state(p) is None:
+                    self._dense_state(p)
+
+    # ------------------------------------------------------------------ the hook
+    def on_grad(self, i: int, p: torch.Tensor) -> None:
+        """Fold the dense gradient of active param i into its compact buffer (and into
+        the candidates on a scoring step), then free it."""
+        g = p.grad
+        if g is None:
+            return
+        if hasattr(p, "device_mesh") or hasattr(g, "device_mesh"):
+            raise NotImplementedError(
+                f"{self.opt._label(i)} is a DTensor (FSDP2): policy='sparse' does not support "
+                "sharded params yet; use policy='block' or 'sample' with FSDP2")
+        self.dense_bytes = max(self.dense_bytes, _nbytes(g))
+        with torch.no_grad():
+            scored = self._fold(i, p, g.reshape(-1))
+        p.grad = None
+        if scored:
+            self._note_peak_in_backward()  # with the new candidates, the dense grad gone
+
+    def _fold(self, i: int, p: torch.Tensor, flat: torch.Tensor) -> bool:
+        st = self._state(p)
+        if st is None and self.policy.dense:
+            st = self._dense_state(p)
+        if st is not None:
+            buf = self.compact.get(i)
+            if buf is None:
+                buf = torch.zeros(st["indices"].numel(), dtype=torch.float32,
+                                  device=flat.device)
+                self.compact[i] = buf
+                self.compact_bytes += _nbytes(buf)
+            ops.gather_accumulate_([flat], [st["indices"]], [buf])
+        if not self.policy.is_scoring(self.opt._step):
+            return False
+        self._score(i, flat, st)
+        return True
+
+    def _score(self, i: int, flat: torch.Tensor, st: dict[str, Any] | None) -> None:
+        want = self.want()
+        if want <= 0:
+            return
+        _, _, absmax, hist = ops.param_stats([flat])  # before NaN masking hides it
+        if self.bad is None and (int(hist[0, 255]) > 0 or not math.isfinite(float(absmax[0]))):
+            self.bad = i
+        if self.pool is None:  # room: the dropped elements' 20 B = 2.5 candidates each
+            self.pool = _Pool(want, want + want // 2)
+        pool = self.pool
+        chunks = pool.chunks.get(i, [])
+        for pos, val in chunks:  # already candidates: their score sums the micro-batches
+            ops.gather_accumulate_([flat], [pos], [val])
+        if chunks:
+            pool.changed(i)
+        taken = ([st["indices"]] if st is not None else []) + [c[0] for c in chunks]
+        free = flat.numel() - sum(t.numel() for t in taken)
+        k = min(want, free)
+        if k <= 0:
+            return
+        for t in taken:  # the dense gradient is used up: mask in place
+            _fill(flat, t, float("nan"))
+        if flat.numel() <= _SMALL:  # small: a mask is cheaper than a selection
+            # |g| >= tau (only what can still join; NaN compares false), else not NaN
+            mask = flat.abs() >= pool.tau if pool.tau is not None else flat == flat
+            if int(mask.sum()) <= k:
+                pos = mask.nonzero().view(-1).to(_index_dtype(flat.numel()))
+                pool.add(i, pos, flat[pos].float(), checked=True)
+                return
+        pos = ops.select_topk([flat], k)[0]
+        val = flat[pos].float()
+        ok = ~torch.isnan(val)  # masked positions (and NaN gradients) never join
+        if not bool(ok.all()):
+            pos, val = pos[ok], val[ok]
+        pool.add(i, pos, val)
+
+    # ------------------------------------------------------------------ step()
+    def update(self) -> None:
+        """NTO._update for sparse: AdamW on the chosen elements with their compact
+        gradients (non-finite check and clipping over them), then, on a scoring step,
+        the regrowth. Compact gradients are used up."""
+        opt = self.opt
+        for i, p in enumerate(opt._params):  # gradients written outside a backward
+            if p.grad is not None:
+                if i in opt._active:
+                    opt._on_grad(i, p)
+                else:
+                    p.grad = None
+        scoring = self.policy.is_scoring(opt._step)
+        entries = [(gi, opt._index[p], p, self.compact[opt._index[p]])
+                   for gi, group in enumerate(opt.param_groups) for p in group["params"]
+                   if opt._index[p] in self.compact]
+        if self._scores_finite() and entries and opt._check_grads(entries):
+            self._adamw(entries)
+        if scoring and self.pool is not None:
+            self.pool.reduce()
+        self._note_peak()  # compact gradients, state and candidates: the step's peak
+        self._free_compact()
+        self.bad = None
+        if scoring:
+            self._grow()
+            self._note_peak()
+
+    def _scores_finite(self) -> bool:
+        """nonfinite handling of a scoring step's dense gradients (non-scoring steps:
+        NTO._check_grads over the compact gradients)."""
+        opt = self.opt
+        if self.bad is None or opt.nonfinite == "propagate":
+            return True
+        where = opt._label(self.bad)
+        if opt.nonfinite == "raise":
+            raise FloatingPointError(f"NTO: the gradient of {where} holds NaN or Inf "
+                                     "(nonfinite='raise'); params were not updated")
+        opt.skipped_steps += 1
+        opt.last_grad_norm = float("nan")
+        log.warning("NTO: step %d skipped: NaN/Inf in the gradient of %s (%d skipped so far)",
+                    opt._step, where, opt.skipped_steps)
+        return False
+
+    def _adamw(self, entries: list) -> None:
+        opt = self.opt
+        batches: dict[tuple, list] = defaultdict(list)
+        for gi, _, p, g in entries:
+            batches[(gi, p.device, p.dtype)].append((p, g, opt.state[p]))
+        for (gi, _, _), items in batches.items():
+            group = opt.param_groups[gi]
+            states = [st for _, _, st in items]
+            steps = [st["step"] for st in states]
+            torch._foreach_add_(steps, 1)
+            beta1, beta2 = group["betas"]
+            ops.masked_adamw_(
+                [p for p, _, _ in items], [g for _, g, _ in items],
+                [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
+                [st["indices"] for st in states], steps, lr=float(group["lr"]),
+                beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
+                weight_decay=float(group["weight_decay"]))
+
+    # ------------------------------------------------------------------ regrowth
+    def _grow(self) -> None:
+        """The candidates join the chosen set (zero moments, step 0)."""
+        cands = self.cands
+        self.pool = None
+        items = []
+        for i in sorted(cands):
+            p = self.opt._params[i]
+            pos = cands[i][0][0]
+            for c in cands[i][1:]:
+                pos = _union(pos, c[0])
+            st = self._state(p)
+            items.append((i, pos if st is None else _union(st["indices"], pos)))
+        del cands  # candidate values are freed before any new state is made
+        self._remap(items)
+
+    def advance(self, step: int) -> None:
+        """Called when the schedule reaches `step`: before a regrowth, drop the weakest
+        chosen elements so that floor(regrow_fraction * K) slots are free."""
+        if step == 0 or not self.policy.is_scoring(step):
+            return
+        n_drop = self.count() - (self.policy.k - self.policy.regrow)
+        if n_drop <= 0:
+            return
+        opt = self.opt
+        group_of = {opt._index[p]: g for g in opt.param_groups for p in g["params"]}
+        # room: the compact gradients' 4 B per chosen element (freed between steps)
+        pool = _Pool(n_drop, self.policy.k // 2 - n_drop)
+        with torch.no_grad():
+            for i, p in enumerate(opt._params):
+                st = self._state(p)
+                if st is None:
+                    continue
+                key = self._weakness(st, group_of[i])
+                n = key.numel()
+                if n <= n_drop and n <= _SMALL:  # every element is a candidate
+                    pool.add(i, torch.arange(n, dtype=_index_dtype(n), device=key.device), key)
+                else:
+                    pos = ops.select_topk([key], min(n_drop, n))[0]
+                    pool.add(i, pos, key[pos])
+                del key
+            pool.reduce()
+            items = []
+            for i in sorted(pool.chunks):
+                st = self.opt.state[opt._params[i]]
+                keep = torch.ones(st["indices"].numel(), dtype=torch.bool,
+                                  device=st["indices"].device)
+                for pos, _ in pool.chunks[i]:
+                    keep[pos] = False
+                items.append((i, st["indices"][keep]))
+            del pool
+            self._remap(items)
+        self._note_peak()
+
+    def _weakness(self, st: dict[str, Any], group: dict[str, Any]) -> torch.Tensor:
+        """Per chosen element, a key whose |value| is largest for the weakest element:
+        the AdamW update size |m / bc1| / (sqrt(v / bc2) + eps), in reversed order (the
+        fp32 bit pattern of s >= 0 is monotone: INF_BITS - bits(s)). Not yet updated:
+        kept (s = inf, key 0); NaN moments: dropped first (s = 0, key inf)."""
+        beta1, beta2 = group["betas"]
+        steps = st["step"]
+        t = steps.to(torch.float32)
+        score = torch.pow(float(beta1), t).neg_().add_(1)  # bc1
+        torch.pow(float(beta2), t, out=t).neg_().add_(1)  # bc2
+        torch.div(st["exp_avg_sq"], t, out=t).sqrt_().add_(float(group["eps"]))
+        score.mul_(t)
+        self.temp_bytes = max(self.temp_bytes, _nbytes(t) + _nbytes(score))
+        del t
+        torch.div(st["exp_avg"], score, out=score).abs_()
+        score.nan_to_num_(nan=0.0, posinf=float("inf"))
+        score.masked_fill_(steps == 0, float("inf"))
+        bits = score.view(torch.int32)
+        bits.neg_().add_(_INF_BITS)
+        return score
+
+    def _remap(self, items: list[tuple[int, torch.Tensor]]) -> None:
+        """Give param i the chosen set items[i][1]: kept elements carry their moments and
+        step counts (remap_state, bit for bit), new ones start at zero, a param left with
+        none loses its state. Rows are remapped in batches of at most the largest dense
+        gradient's bytes (one row if larger), so the old and new copies alive together stay
+        within the transient allowance."""
+        opt = self.opt
+        self._base = None
+        cap = max(self.dense_bytes, 1)
+        work: list[tuple[torch.Tensor, str, torch.Tensor, torch.Tensor]] = []
+        for i, new in items:
+            p = opt._params[i]
+            st = self._state(p)
+            if new.numel() == 0:
+                opt.state.pop(p, None)
+            elif st is None:
+                n, dev = new.numel(), new.device
+                opt.state[p] = {"indices": new,
+                                "exp_avg": torch.zeros(n, dtype=torch.float32, device=dev),
+                                "exp_avg_sq": torch.zeros(n, dtype=torch.float32, device=dev),
+                                "step": torch.zeros(n, dtype=torch.int32, device=dev)}
+            else:
+                work += [(p, key, st["indices"], new) for key in ROWS]
+        batch: list = []
+        size = 0
+        for w in work:
+            b = 4 * w[3].numel()
+            if batch and size + b > cap:
+                self._remap_batch(batch)
+                batch, size = [], 0
+            batch.append(w)
+            size += b
+        if batch:
+            self._remap_batch(batch)
+        self.policy.set_selected(opt._index[p] for p in opt._params if self._state(p))
+
+    def _remap_batch(self, batch: list) -> None:
+        opt = self.opt
+        rows = []
+        for p, key, _, _ in batch:
+            row = opt.state[p][key]
+            rows.append(row.view(torch.float32) if key == "step" else row)
+        out = ops.remap_state([w[2] for w in batch], [w[3] for w in batch], rows)
+        self.temp_bytes = max(self.temp_bytes, sum(_nbytes(o) for o in out))
+        for (p, key, _, new), row in zip(batch, out):
+            st = opt.state[p]
+            st[key] = row.view(torch.int32) if key == "step" else row
+            if key == ROWS[-1]:  # the param's last row: its new index set takes over
+                st["indices"] = new
+
+    # ------------------------------------------------------------------ loading
+    def check_state(self, i: int, p: torch.Tensor, st: dict[str, Any]) -> None:
+        """ValueError unless `st` is compact state NTO.state_dict() could have saved."""
+        where = f"optimizer state for {self.opt._label(i)}"
+        for key in STATE_KEYS:
+            if not isinstance(st.get(key), torch.Tensor):
+                raise ValueError(f"{where}: compact (sparse) state needs tensors "
+                                 f"{', '.join(STATE_KEYS)}; {key!r} is missing or not a tensor")
+        idx = st["indices"]
+        if idx.dtype not in (torch.int32, torch.int64) or idx.dim() != 1 or idx.numel() == 0:
+            raise ValueError(f"{where}: indices is a {idx.dtype} tensor of shape "
+                             f"{tuple(idx.shape)}; expected a non-empty 1-D int32/int64 tensor")
+        n = idx.numel()
+        want = {"exp_avg": torch.float32, "exp_avg_sq": torch.float32, "step": torch.int32}
+        for key, dtype in want.items():
+            v = st[key]
+            if v.dtype != dtype or v.shape != (n,) or not v.is_contiguous() \
+                    or v.device.type == "meta":
+                raise ValueError(f"{where}: {key} is a {v.dtype} tensor of shape "
+                                 f"{tuple(v.shape)} on {v.device}; expected a contiguous "
+                                 f"{dtype} tensor of {n} elements (one per index)")
+        x = idx.long().cpu()
+        if int(x[0]) < 0 or int(x[-1]) >= p.numel() or (n > 1 and not bool((x[1:] > x[:-1]).all())):
+            raise ValueError(f"{where}: indices must be sorted, unique positions in "
+                             f"[0, {p.numel()})")
+        if int(st["step"].min()) < 0:
+            raise ValueError(f"{where}: step holds a negative count")
+
+    def check_loaded(self, new_state: dict[torch.Tensor, dict[str, Any]]) -> None:
+        """The loaded state agrees with the loaded policy state: exactly the params listed
+        as holding chosen elements have state, and together at most K elements."""
+        opt = self.opt
+        have = {opt._index[p] for p, st in new_state.items() if st}
+        if have != set(self.policy.selected) and not (self.policy.dense and have <= set(
+                self.policy.selected)):
+            raise ValueError("optimizer state: the params with compact state do not match the "
+                             "sparse policy's chosen params (a foreign or edited checkpoint); "
+                             "nothing was loaded")
+        n = sum(st["indices"].numel() for st in new_state.values() if st)
+        if n > self.policy.k:
+            raise ValueError(f"optimizer state holds {n:,} chosen elements but the budget "
+                             f"allows {self.policy.k:,}; nothing was loaded")
