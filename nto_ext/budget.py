@@ -9,13 +9,13 @@ weights, per trainable element, by policy and parameter dtype (DESIGN.md, "Memor
 |---------------|----------------|--------------------|-------|-------------------|
 | adamw (torch) | param dtype    | 2 x param          | -     | 12, 6             |
 | block, sample | param dtype    | 2 x fp32           | -     | 12, 10            |
-| sparse        | fp32 (compact) | 2 x fp32 + int32   | int32 | 20, 20            |
+| sparse        | fp32 (compact) | 2 x fp32           | int32 | 16, 16            |
 | adamw8bit     | param dtype    | ~2 x 1 B           | -     | 6, 4              |
 
-Sparse state keeps one int32 step count per chosen element (elements grown at a regrowth
-start their own count, so their bias correction is AdamW's): 4 (grad) + 8 (moments) + 4
-(index, int64 past 2**31 elements in one tensor) + 4 (step) = 20 B. It also needs one
-dense gradient at a time during backward (the transient, reported apart).
+Sparse: 4 (compact grad) + 8 (moments) + 4 (index, int64 past 2**31 elements in one
+tensor) = 16 B. Step counts are kept per cohort (the elements grown at one regrowth) in
+small host tables, not per element (see sparse.py). It also needs one dense gradient at a
+time during backward (the transient, reported apart).
 
 Dense NTO state also holds one `step` scalar per trainable tensor (a 0-dim fp32 tensor, as
 `torch.optim.AdamW` keeps it): `STEP_BYTES` per tensor, counted by the model and measured
@@ -51,7 +51,7 @@ def bytes_per_element(policy: str, dtype: torch.dtype) -> int:
     if policy in ("block", "sample"):
         return size + 8
     if policy == "sparse":
-        return 4 + 8 + 4 + 4  # compact fp32 grad, fp32 moments, int32 index, int32 step
+        return 4 + 8 + 4  # compact fp32 grad, two fp32 moments, int32 index
     if policy == "adamw":
         return 3 * size
     if policy == "adamw8bit":

@@ -940,7 +940,7 @@ def _to_param_device(key: str, v: Any, p: torch.Tensor) -> Any:
     torch.optim.AdamW keeps it), everything else next to the param. Dtypes are kept."""
     if not isinstance(v, torch.Tensor):
         return v
-    if key == "step" and v.is_floating_point():  # sparse: int32 counts, next to the param
+    if key == "step":
         return v.to("cpu")
     return v.to(_local(p).device)
 

@@ -133,7 +133,7 @@ class Plan:
         return ["", f"selection: {g.elements:,} of {self.total_elements:,} elements "
                     f"({self.density or 0:.2%}), the top by gradient score in any tensor; "
                     f"{regrow}",
-                "", "training state (compact grad + moments + index + step count):",
+                "", "training state (compact grad + moments + index):",
                 f"  NTO (sparse)        {format_bytes(self.nto_bytes):>12}  ({ratio:.3f}x AdamW)",
                 f"  + transient         {format_bytes(self.transient_bytes):>12}  (one dense "
                 "gradient during backward, the largest tensor's)",
@@ -208,7 +208,7 @@ def _build_plan(pol: ScheduledPolicy, infos: list[ParamInfo], want: torch.dtype 
 
 def _build_sparse_plan(pol: SparsePolicy, infos: list[ParamInfo],
                        want: torch.dtype | None) -> Plan:
-    """K elements anywhere: device state 20 B per chosen element (budget.py) plus, during
+    """K elements anywhere: device state 16 B per chosen element (budget.py) plus, during
     backward, one dense gradient at a time (the largest tensor's, in its dtype)."""
     def elems(params) -> int:
         return sum(infos[i].numel for i in params)

@@ -351,7 +351,7 @@ class SparsePolicy(Policy):
             raise ValueError(
                 f"budget={self.budget.given} ({self.budget.describe()}) is below one element "
                 f"under policy='sparse' ({bpe} B per chosen element: fp32 gradient, two fp32 "
-                "moments, an int32 index and an int32 step count); nothing would train. "
+                "moments and an int32 index); nothing would train. "
                 f"Raise the budget to at least {bpe}B.")
         return k
 

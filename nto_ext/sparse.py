@@ -5,12 +5,16 @@ hold (K) and to regrow; `SparseEngine` does it on the optimizer's tensors. `NTO`
 from its gradient hook (`on_grad`), its update (`update`) and its schedule (`advance`).
 
 State of a param that holds chosen elements (in `NTO.state[param]`, torch's key names):
-  indices     int32 [L] (int64 past 2**31-1 elements): sorted unique flat positions
+  indices     int32 [L] (int64 past 2**31-1 elements): flat positions, in cohorts (the
+              elements grown at one regrowth, or at step 0), each cohort sorted and unique
   exp_avg     fp32 [L];  exp_avg_sq  fp32 [L]
-  step        int32 [L]: updates each element has had. Elements grown at a regrowth start
-              at 0, so their bias corrections are AdamW's from their own first update.
-20 B per chosen element with the compact gradient (budget.py). A param without a chosen
-element has no state and, between scoring steps, no gradient (requires_grad=False).
+  step        list of C ints: updates each cohort has had. A cohort starts at 0, so its
+              bias corrections are AdamW's from its own first update.
+  sizes       list of C ints: elements per cohort, in the order of `indices`.
+16 B of tensors per chosen element with the compact gradient (budget.py); the cohort
+tables are a few host ints per regrowth (a step count per element would cost 4 B each).
+A param without a chosen element has no state and, between scoring steps, no gradient
+(requires_grad=False).
 
 Compact gradients: the post-accumulate-grad hook gathers the chosen entries of each dense
 gradient into an fp32 buffer of L elements (`gather_accumulate_` adds, so accumulation
@@ -27,8 +31,8 @@ the tensor's top `want` by |g| as new candidates (position, value); once all can
 together exceed 1.5 x `want` (the number of elements to grow) only the global top `want`
 are kept (one select_topk over every candidate list; afterwards the want-th value is a
 threshold below which nothing can join). Candidates count in the budget (fp32 value as
-gradient, position as index): 8 B each, at most 2.5 x want of them, exactly the room the
-dropped elements (20 B each) freed. With one backward per step the grown
+gradient, position as index): 8 B each, at most 2 x want of them, exactly the room the
+dropped elements (16 B each with their compact gradient) freed. With one backward per step the grown
 set is the exact global top `want` by |gradient| of the free elements; with accumulation
 an element scores the gradient summed from the micro-batch where it became a candidate
 on (the training gradient itself stays exact). Step 0 chooses K elements and updates
@@ -39,18 +43,17 @@ weakest chosen elements by the size of their AdamW update, |m_hat| / (sqrt(v_hat
 with each element's bias corrections, go until K - floor(regrow_fraction * K) remain
 (found tensor by tensor with the same candidate pool, in the compact gradients' room).
 Elements grown at the last regrowth that have not been updated yet are kept; NaN moments
-go first; ties drop the lowest position. Kept elements' moments and step counts are
-carried bit for bit by `remap_state` (the int32 counts travel as their fp32 bit pattern).
+go first; ties drop the lowest position. Kept elements' moments are carried bit for bit by
+`remap_state`, cohort by cohort; a cohort left empty is removed.
 
 Regrowth (in the scoring step's `step()`, after the kept elements' update): the top
-candidates join the chosen set with zero moments and step count 0; they first train on
-the next step. The step is skipped (nonfinite) or not, the regrowth happens, so the
+candidates join the chosen set as a new cohort with zero moments and step count 0; they
+first train on the next step. The step is skipped (nonfinite) or not, the regrowth happens, so the
 chosen count, and the memory, stay the same from step to step.
 
-Memory of a drop / regrowth beyond grad + state + index: per tensor, a score buffer (two
-fp32 arrays of that tensor's chosen count) and the new rows of a `remap_state` call,
-batched up to the largest dense gradient seen; the largest is reported with the dense
-gradients in `transient_bytes`.
+Memory of a drop / regrowth beyond grad + state + index: per tensor, a score buffer (one
+fp32 array of that tensor's chosen count) and the new copy of one state row at a time;
+the largest is reported with the dense gradients in `transient_bytes`.
 
 Limits: one device for all params (the top-K is global); DTensor params (FSDP2) and DDP
 (whose reducer reads the gradients this hook frees) are not supported with sparse.
@@ -73,8 +76,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-STATE_KEYS = ("indices", "exp_avg", "exp_avg_sq", "step")
-ROWS = ("exp_avg", "exp_avg_sq", "step")
+ROWS = ("exp_avg", "exp_avg_sq")  # one fp32 value per chosen element
 _FILL_CHUNK = 1 << 20  # positions masked per indexing call (bounds its int64 temporary)
 _SMALL = 1 << 16  # tensors this small take every free element without a selection
 _INF_BITS = 0x7F800000  # fp32 +inf; INF_BITS - bits(s) reverses the order of scores s >= 0
@@ -88,6 +90,24 @@ def _nbytes(t: torch.Tensor) -> int:
 
 def _index_dtype(numel: int) -> torch.dtype:
     return torch.int64 if numel > 2**31 - 1 else torch.int32
+
+
+def _new_state(positions: torch.Tensor) -> dict[str, Any]:
+    """State of a param whose chosen elements are `positions` (one cohort, not updated)."""
+    n, dev = positions.numel(), positions.device
+    return {"indices": positions,
+            "exp_avg": torch.zeros(n, dtype=torch.float32, device=dev),
+            "exp_avg_sq": torch.zeros(n, dtype=torch.float32, device=dev),
+            "step": [0], "sizes": [n]}
+
+
+def _cohorts(st: dict[str, Any]) -> list[tuple[int, int, int]]:
+    """(start, end, step count) of each cohort's rows in `st`."""
+    out, start = [], 0
+    for n, t in zip(st["sizes"], st["step"]):
+        out.append((start, start + n, t))
+        start += n
+    return out
 
 
 def _fill(flat: torch.Tensor, positions: torch.Tensor, value: float) -> None:
@@ -263,11 +283,8 @@ class SparseEngine:
 
     def _dense_state(self, p: torch.Tensor) -> dict[str, Any]:
         """K = every element: the whole param is chosen, state made at its first use."""
-        n, dev = p.numel(), p.device
-        st = {"indices": torch.arange(n, dtype=_index_dtype(n), device=dev),
-              "exp_avg": torch.zeros(n, dtype=torch.float32, device=dev),
-              "exp_avg_sq": torch.zeros(n, dtype=torch.float32, device=dev),
-              "step": torch.zeros(n, dtype=torch.int32, device=dev)}
+        n = p.numel()
+        st = _new_state(torch.arange(n, dtype=_index_dtype(n), device=p.device))
         self.opt.state[p] = st
         return st
 
@@ -308,7 +325,9 @@ class SparseEngine:
                                   device=flat.device)
                 self.compact[i] = buf
                 self.compact_bytes += _nbytes(buf)
-            ops.gather_accumulate_([flat], [st["indices"]], [buf])
+            bounds = _cohorts(st)  # the op takes sorted positions: one entry per cohort
+            ops.gather_accumulate_([flat] * len(bounds), [st["indices"][a:b] for a, b, _ in bounds],
+                                   [buf[a:b] for a, b, _ in bounds])
         if not self.policy.is_scoring(self.opt._step):
             return False
         self._score(i, flat, st)
@@ -321,8 +340,8 @@ class SparseEngine:
         _, _, absmax, hist = ops.param_stats([flat])  # before NaN masking hides it
         if self.bad is None and (int(hist[0, 255]) > 0 or not math.isfinite(float(absmax[0]))):
             self.bad = i
-        if self.pool is None:  # room: the dropped elements' 20 B = 2.5 candidates each
-            self.pool = _Pool(want, want + want // 2)
+        if self.pool is None:  # room: the dropped elements' 16 B = 2 candidates each
+            self.pool = _Pool(want, want)  # holds <= 2 x want: reduces past want
         pool = self.pool
         chunks = pool.chunks.get(i, [])
         for pos, val in chunks:  # already candidates: their score sums the micro-batches
@@ -400,32 +419,53 @@ class SparseEngine:
             batches[(gi, p.device, p.dtype)].append((p, g, opt.state[p]))
         for (gi, _, _), items in batches.items():
             group = opt.param_groups[gi]
-            states = [st for _, _, st in items]
-            steps = [st["step"] for st in states]
-            torch._foreach_add_(steps, 1)
+            args: tuple[list, ...] = ([], [], [], [], [], [])  # one entry per cohort
+            for p, g, st in items:
+                st["step"] = [t + 1 for t in st["step"]]
+                for a, b, t in _cohorts(st):
+                    for lst, v in zip(args, (p, g[a:b], st["exp_avg"][a:b],
+                                             st["exp_avg_sq"][a:b], st["indices"][a:b], t)):
+                        lst.append(v)
             beta1, beta2 = group["betas"]
-            ops.masked_adamw_(
-                [p for p, _, _ in items], [g for _, g, _ in items],
-                [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
-                [st["indices"] for st in states], steps, lr=float(group["lr"]),
-                beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
-                weight_decay=float(group["weight_decay"]))
+            ops.masked_adamw_(*args, lr=float(group["lr"]), beta1=float(beta1),
+                              beta2=float(beta2), eps=float(group["eps"]),
+                              weight_decay=float(group["weight_decay"]))
 
     # ------------------------------------------------------------------ regrowth
     def _grow(self) -> None:
-        """The candidates join the chosen set (zero moments, step 0)."""
+        """The candidates join the chosen set: per param, one new cohort (zero moments,
+        step 0)."""
         cands = self.cands
         self.pool = None
-        items = []
+        grown = []
         for i in sorted(cands):
-            p = self.opt._params[i]
             pos = cands[i][0][0]
             for c in cands[i][1:]:
                 pos = _union(pos, c[0])
-            st = self._state(p)
-            items.append((i, pos if st is None else _union(st["indices"], pos)))
+            grown.append((i, pos))
         del cands  # candidate values are freed before any new state is made
-        self._remap(items)
+        self._base = None
+        for i, pos in grown:
+            self._append(i, pos)
+        self._selected_changed()
+
+    def _append(self, i: int, pos: torch.Tensor) -> None:
+        p = self.opt._params[i]
+        st = self._state(p)
+        if st is None:
+            self.opt.state[p] = _new_state(pos.to(_index_dtype(p.numel())))
+            return
+        n = pos.numel()
+        for key in ROWS:  # one row's new copy alive with the old at a time
+            st[key] = torch.cat([st[key], st[key].new_zeros(n)])
+            self.temp_bytes = max(self.temp_bytes, _nbytes(st[key]))
+        st["indices"] = torch.cat([st["indices"], pos.to(st["indices"].dtype)])
+        st["step"] = [*st["step"], 0]
+        st["sizes"] = [*st["sizes"], n]
+
+    def _selected_changed(self) -> None:
+        opt = self.opt
+        self.policy.set_selected(opt._index[p] for p in opt._params if self._state(p))
 
     def advance(self, step: int) -> None:
         """Called when the schedule reaches `step`: before a regrowth, drop the weakest
@@ -453,116 +493,106 @@ class SparseEngine:
                     pool.add(i, pos, key[pos])
                 del key
             pool.reduce()
-            items = []
+            self._base = None
             for i in sorted(pool.chunks):
                 st = self.opt.state[opt._params[i]]
                 keep = torch.ones(st["indices"].numel(), dtype=torch.bool,
                                   device=st["indices"].device)
                 for pos, _ in pool.chunks[i]:
                     keep[pos] = False
-                items.append((i, st["indices"][keep]))
+                self._keep(i, keep)
             del pool
-            self._remap(items)
+            self._selected_changed()
         self._note_peak()
 
     def _weakness(self, st: dict[str, Any], group: dict[str, Any]) -> torch.Tensor:
         """Per chosen element, a key whose |value| is largest for the weakest element:
-        the AdamW update size |m / bc1| / (sqrt(v / bc2) + eps), in reversed order (the
-        fp32 bit pattern of s >= 0 is monotone: INF_BITS - bits(s)). Not yet updated:
-        kept (s = inf, key 0); NaN moments: dropped first (s = 0, key inf)."""
+        the AdamW update size |m / bc1| / (sqrt(v / bc2) + eps) with its cohort's bias
+        corrections, in reversed order (the fp32 bit pattern of s >= 0 is monotone:
+        INF_BITS - bits(s)). Not yet updated: kept (s = inf, key 0); NaN moments: dropped
+        first (s = 0, key inf)."""
         beta1, beta2 = group["betas"]
-        steps = st["step"]
-        t = steps.to(torch.float32)
-        score = torch.pow(float(beta1), t).neg_().add_(1)  # bc1
-        torch.pow(float(beta2), t, out=t).neg_().add_(1)  # bc2
-        torch.div(st["exp_avg_sq"], t, out=t).sqrt_().add_(float(group["eps"]))
-        score.mul_(t)
-        self.temp_bytes = max(self.temp_bytes, _nbytes(t) + _nbytes(score))
-        del t
-        torch.div(st["exp_avg"], score, out=score).abs_()
+        eps = float(group["eps"])
+        m, v = st["exp_avg"], st["exp_avg_sq"]
+        score = torch.empty_like(m)
+        self.temp_bytes = max(self.temp_bytes, _nbytes(score))
+        for a, b, t in _cohorts(st):
+            seg = score[a:b]
+            if t == 0:
+                seg.fill_(float("inf"))
+                continue
+            torch.div(v[a:b], 1 - float(beta2) ** t, out=seg).sqrt_().add_(eps)
+            seg.mul_(1 - float(beta1) ** t)
+            torch.div(m[a:b], seg, out=seg).abs_()
         score.nan_to_num_(nan=0.0, posinf=float("inf"))
-        score.masked_fill_(steps == 0, float("inf"))
         bits = score.view(torch.int32)
         bits.neg_().add_(_INF_BITS)
         return score
 
-    def _remap(self, items: list[tuple[int, torch.Tensor]]) -> None:
-        """Give param i the chosen set items[i][1]: kept elements carry their moments and
-        step counts (remap_state, bit for bit), new ones start at zero, a param left with
-        none loses its state. Rows are remapped in batches of at most the largest dense
-        gradient's bytes (one row if larger), so the old and new copies alive together stay
-        within the transient allowance."""
-        opt = self.opt
-        self._base = None
-        cap = max(self.dense_bytes, 1)
-        work: list[tuple[torch.Tensor, str, torch.Tensor, torch.Tensor]] = []
-        for i, new in items:
-            p = opt._params[i]
-            st = self._state(p)
-            if new.numel() == 0:
-                opt.state.pop(p, None)
-            elif st is None:
-                n, dev = new.numel(), new.device
-                opt.state[p] = {"indices": new,
-                                "exp_avg": torch.zeros(n, dtype=torch.float32, device=dev),
-                                "exp_avg_sq": torch.zeros(n, dtype=torch.float32, device=dev),
-                                "step": torch.zeros(n, dtype=torch.int32, device=dev)}
-            else:
-                work += [(p, key, st["indices"], new) for key in ROWS]
-        batch: list = []
-        size = 0
-        for w in work:
-            b = 4 * w[3].numel()
-            if batch and size + b > cap:
-                self._remap_batch(batch)
-                batch, size = [], 0
-            batch.append(w)
-            size += b
-        if batch:
-            self._remap_batch(batch)
-        self.policy.set_selected(opt._index[p] for p in opt._params if self._state(p))
-
-    def _remap_batch(self, batch: list) -> None:
-        opt = self.opt
-        rows = []
-        for p, key, _, _ in batch:
-            row = opt.state[p][key]
-            rows.append(row.view(torch.float32) if key == "step" else row)
-        out = ops.remap_state([w[2] for w in batch], [w[3] for w in batch], rows)
-        self.temp_bytes = max(self.temp_bytes, sum(_nbytes(o) for o in out))
-        for (p, key, _, new), row in zip(batch, out):
-            st = opt.state[p]
-            st[key] = row.view(torch.int32) if key == "step" else row
-            if key == ROWS[-1]:  # the param's last row: its new index set takes over
-                st["indices"] = new
+    def _keep(self, i: int, keep: torch.Tensor) -> None:
+        """Param i keeps the chosen elements where `keep` is True: their moments are
+        carried bit for bit (remap_state, cohort by cohort), cohorts left empty go, a param
+        left with none loses its state."""
+        p = self.opt._params[i]
+        st = self.opt.state[p]
+        idx = st["indices"]
+        live, olds, news = [], [], []
+        for c, (a, b, _) in enumerate(_cohorts(st)):
+            new = idx[a:b][keep[a:b]]
+            if new.numel():
+                live.append(c)
+                olds.append(idx[a:b])
+                news.append(new)
+        if not live:
+            self.opt.state.pop(p)
+            return
+        for key in ROWS:  # one row's new copy alive with the old at a time
+            row = st[key]
+            bounds = _cohorts(st)
+            parts = ops.remap_state(olds, news, [row[bounds[c][0]:bounds[c][1]] for c in live])
+            st[key] = torch.cat(parts) if len(parts) > 1 else parts[0]
+            self.temp_bytes = max(self.temp_bytes, 2 * _nbytes(st[key]))
+            del parts
+        st["indices"] = torch.cat(news)
+        st["step"] = [st["step"][c] for c in live]
+        st["sizes"] = [n.numel() for n in news]
 
     # ------------------------------------------------------------------ loading
     def check_state(self, i: int, p: torch.Tensor, st: dict[str, Any]) -> None:
         """ValueError unless `st` is compact state NTO.state_dict() could have saved."""
         where = f"optimizer state for {self.opt._label(i)}"
-        for key in STATE_KEYS:
+        for key in ("indices", *ROWS):
             if not isinstance(st.get(key), torch.Tensor):
-                raise ValueError(f"{where}: compact (sparse) state needs tensors "
-                                 f"{', '.join(STATE_KEYS)}; {key!r} is missing or not a tensor")
+                raise ValueError(f"{where}: compact (sparse) state needs tensors indices, "
+                                 f"exp_avg, exp_avg_sq; {key!r} is missing or not a tensor")
         idx = st["indices"]
         if idx.dtype not in (torch.int32, torch.int64) or idx.dim() != 1 or idx.numel() == 0:
             raise ValueError(f"{where}: indices is a {idx.dtype} tensor of shape "
                              f"{tuple(idx.shape)}; expected a non-empty 1-D int32/int64 tensor")
         n = idx.numel()
-        want = {"exp_avg": torch.float32, "exp_avg_sq": torch.float32, "step": torch.int32}
-        for key, dtype in want.items():
+        for key in ROWS:
             v = st[key]
-            if v.dtype != dtype or v.shape != (n,) or not v.is_contiguous() \
+            if v.dtype != torch.float32 or v.shape != (n,) or not v.is_contiguous() \
                     or v.device.type == "meta":
                 raise ValueError(f"{where}: {key} is a {v.dtype} tensor of shape "
                                  f"{tuple(v.shape)} on {v.device}; expected a contiguous "
-                                 f"{dtype} tensor of {n} elements (one per index)")
+                                 f"torch.float32 tensor of {n} elements (one per index)")
+        step, sizes = st.get("step"), st.get("sizes")
+        ints = [v for v in (step, sizes) if isinstance(v, (list, tuple))
+                and all(type(x) is int for x in v)]
+        if len(ints) != 2 or len(step) != len(sizes) or not step or min(step) < 0 \
+                or min(sizes) <= 0 or sum(sizes) != n:
+            raise ValueError(f"{where}: step and sizes are {step!r:.80} and {sizes!r:.80}; "
+                             "expected two equally long lists of ints, one entry per cohort: "
+                             f"step counts >= 0, sizes > 0 summing to {n} (the indices)")
         x = idx.long().cpu()
-        if int(x[0]) < 0 or int(x[-1]) >= p.numel() or (n > 1 and not bool((x[1:] > x[:-1]).all())):
-            raise ValueError(f"{where}: indices must be sorted, unique positions in "
-                             f"[0, {p.numel()})")
-        if int(st["step"].min()) < 0:
-            raise ValueError(f"{where}: step holds a negative count")
+        ok = int(x.min()) >= 0 and int(x.max()) < p.numel()
+        for a, b, _ in _cohorts(st):
+            ok = ok and (b - a < 2 or bool((x[a + 1:b] > x[a:b - 1]).all()))
+        xs = torch.sort(x).values
+        if not ok or (n > 1 and not bool((xs[1:] > xs[:-1]).all())):
+            raise ValueError(f"{where}: indices must be unique positions in [0, {p.numel()}), "
+                             "sorted within each cohort")
 
     def check_loaded(self, new_state: dict[torch.Tensor, dict[str, Any]]) -> None:
         """The loaded state agrees with the loaded policy state: exactly the params listed

@@ -77,14 +77,14 @@ def test_small_share_is_at_least_one_element():
 
 def test_memory_model_table():
     # DESIGN.md "Memory model": fp32 param, bf16 param. Sparse: 4 (compact fp32 grad) + 8
-    # (fp32 moments) + 4 (int32 index) + 4 (int32 per-element step count).
+    # (fp32 moments) + 4 (int32 index); step counts are per cohort, not per element.
     assert bytes_per_element("adamw", torch.float32) == 12
     assert bytes_per_element("adamw", torch.bfloat16) == 6
     assert bytes_per_element("block", torch.float32) == 12
     assert bytes_per_element("block", torch.bfloat16) == 10
     assert bytes_per_element("sample", torch.float16) == 10
-    assert bytes_per_element("sparse", torch.float32) == 20
-    assert bytes_per_element("sparse", torch.bfloat16) == 20
+    assert bytes_per_element("sparse", torch.float32) == 16
+    assert bytes_per_element("sparse", torch.bfloat16) == 16
     assert bytes_per_element("adamw8bit", torch.bfloat16) == 4
     assert state_bytes("block", 10, torch.float32) == 120 + STEP_BYTES
     with pytest.raises(ValueError, match="unknown policy 'lion'; allowed"):

@@ -47,7 +47,34 @@ def measured(opt: NTO) -> int:
 
 
 def chosen(opt: NTO) -> dict[int, torch.Tensor]:
-    return {opt._index[p]: st["indices"].clone() for p, st in opt.state.items() if st}
+    """Chosen positions by param index, sorted (state keeps them in cohorts)."""
+    return {opt._index[p]: st["indices"].sort().values for p, st in opt.state.items() if st}
+
+
+def element_steps(st) -> torch.Tensor:
+    """Each chosen element's update count (its cohort's)."""
+    return torch.repeat_interleave(torch.tensor(st["step"]), torch.tensor(st["sizes"]))
+
+
+def test_state_layout_is_cohorts_of_sorted_positions():
+    """16 B of tensors per chosen element: compact grad + two moments + index; step counts
+    per cohort (the elements grown at one regrowth) as lists of host ints."""
+    model = tiny_llama()
+    opt = sparse(model, budget="10%", switch_every=2)
+    for step in range(7):
+        train_step(model, opt, step)
+    cohorts = 0
+    for st in opt.state.values():
+        assert all(type(v) is int for v in st["step"] + st["sizes"])
+        assert len(st["step"]) == len(st["sizes"]) and sum(st["sizes"]) == st["indices"].numel()
+        start = 0
+        for n in st["sizes"]:
+            seg = st["indices"][start:start + n]
+            assert bool((seg[1:] > seg[:-1]).all())
+            start += n
+        cohorts += len(st["step"])
+    assert cohorts > len(opt.state)  # regrowths made new cohorts
+    assert opt.memory_report()["state_bytes"] == 8 * opt._sparse.count()
 
 
 # ----------------------------------------------------------------------- memory bound
@@ -60,7 +87,7 @@ def test_memory_within_budget_plus_one_dense_gradient_at_every_point(budget, k):
     model = tiny_llama()
     opt = sparse(model, budget=budget, switch_every=3)
     limit = opt.budget_bytes()
-    assert limit == k * 20 and opt.policy.k == k
+    assert limit == k * 16 and opt.policy.k == k
     seen = []
 
     def check(_p=None):
@@ -83,7 +110,7 @@ def test_memory_within_budget_plus_one_dense_gradient_at_every_point(budget, k):
         # K chosen after every step but the one before a regrowth (slots freed for it)
         want = k - opt.policy.regrow if (step + 1) % 3 == 0 else k
         assert rep["trainable_elements"] == want, (step, rep["trainable_elements"], want)
-        assert rep["state_bytes"] == 12 * want and rep["index_bytes"] == 4 * want
+        assert rep["state_bytes"] == 8 * want and rep["index_bytes"] == 4 * want
         opt.zero_grad()
     assert len(seen) > 3 * 2 * 39 and max(seen) <= limit + LARGEST_DENSE  # 3 scoring steps
 
@@ -132,7 +159,7 @@ def test_every_element_chosen_equals_adamw(clip):
     for a, b in zip(ref.parameters(), mine.parameters()):
         torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)
     assert opt.memory_report()["trainable_elements"] == N_ELEMENTS
-    assert all(int(st["step"].min()) == int(st["step"].max()) == 6 for st in opt.state.values())
+    assert all(st["step"] == [6] for st in opt.state.values())
 
 
 # ----------------------------------------------------------------------- accumulation
@@ -186,7 +213,7 @@ def test_first_step_chooses_the_global_top_k_by_gradient_and_updates_nothing():
         else:
             assert i not in got
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    assert all(int(st["step"].max()) == 0 for st in opt.state.values())
+    assert all(st["step"] == [0] for st in opt.state.values())
 
 
 def test_regrowth_drops_the_weakest_and_grows_the_top_free_gradients():
@@ -218,7 +245,8 @@ def test_regrowth_drops_the_weakest_and_grows_the_top_free_gradients():
     for p, st in opt.state.items():  # kept elements were updated at step 2, grown ones not
         i = opt._index[p]
         is_new = torch.isin(st["indices"], grown[i])
-        assert bool((st["step"][is_new] == 0).all()) and bool((st["step"][~is_new] == 2).all())
+        steps = element_steps(st)
+        assert bool((steps[is_new] == 0).all()) and bool((steps[~is_new] == 2).all())
 
 
 def test_dropped_elements_are_the_weakest_by_update_size():
@@ -234,7 +262,7 @@ def test_dropped_elements_are_the_weakest_by_update_size():
     def spy():  # runs inside step(), after the update and before the drop
         update()
         for p, st in opt.state.items():
-            m, v, t = st["exp_avg"].double(), st["exp_avg_sq"].double(), st["step"].double()
+            m, v, t = st["exp_avg"].double(), st["exp_avg_sq"].double(), element_steps(st).double()
             size = (m / (1 - 0.9**t)).abs() / ((v / (1 - 0.999**t)).sqrt() + 1e-8)
             sizes.update({(opt._index[p], int(j)): float(s)
                           for j, s in zip(st["indices"], size)})
@@ -248,39 +276,39 @@ def test_dropped_elements_are_the_weakest_by_update_size():
 
 
 def test_regrowth_carries_kept_moments_bit_identically():
-    """Every remap (drop and grow): kept elements' exp_avg, exp_avg_sq and step are the
-    same bits before and after, new elements start at zero, dropped ones are gone."""
+    """Every drop and every regrowth: kept elements' exp_avg, exp_avg_sq and step count
+    are the same before and after (bits), new elements start at zero, dropped ones are
+    gone."""
     model = tiny_llama()
     opt = sparse(model, budget="10%", switch_every=2)
-    remap = opt._sparse._remap
-    calls = []
+    engine = opt._sparse
+    events = []
 
-    def spy(items):
-        before = {i: {k: v.clone() for k, v in opt.state[opt._params[i]].items()}
-                  for i, _ in items if opt.state.get(opt._params[i])}
-        remap(items)
-        for i, _ in items:
-            st = opt.state.get(opt._params[i])
-            old = before.get(i)
-            if old is None:
-                assert all(int(st[k].abs().max()) == 0 for k in ("exp_avg", "exp_avg_sq", "step"))
-                continue
-            if not st:
-                continue
-            both = torch.isin(st["indices"], old["indices"])
-            was = torch.isin(old["indices"], st["indices"])
-            for k in ("exp_avg", "exp_avg_sq", "step"):
-                assert torch.equal(st[k][both].view(torch.int32),
-                                   old[k][was].view(torch.int32)), (i, k)
-                assert int((st[k][~both] != 0).sum()) == 0
-            calls.append((int(both.sum()), int((~both).sum()), int((~was).sum())))
+    def snapshot():
+        out = {}
+        for p, st in opt.state.items():
+            rows = zip(st["indices"].tolist(), st["exp_avg"].view(torch.int32).tolist(),
+                       st["exp_avg_sq"].view(torch.int32).tolist(), element_steps(st).tolist())
+            out.update({(opt._index[p], j): rest for j, *rest in rows})
+        return out
 
-    opt._sparse._remap = spy
+    def spied(fn):
+        def run(*args):
+            before = snapshot()
+            fn(*args)
+            after = snapshot()
+            kept = before.keys() & after.keys()
+            assert all(before[e] == after[e] for e in kept)
+            assert all(after[e] == [0, 0, 0] for e in after.keys() - before.keys())
+            events.append((len(kept), len(after.keys() - before.keys()),
+                           len(before.keys() - after.keys())))
+        return run
+
+    engine.advance, engine._grow = spied(engine.advance), spied(engine._grow)
     for step in range(7):
         train_step(model, opt, step)
-    kept_and_new = [c for c in calls if c[0] and c[1]]
-    kept_and_dropped = [c for c in calls if c[0] and c[2]]
-    assert kept_and_new and kept_and_dropped
+    assert any(k and new for k, new, _ in events)  # regrowths
+    assert any(k and gone for k, _, gone in events)  # drops
 
 
 def test_memory_is_flat_from_step_to_step():
@@ -294,8 +322,8 @@ def test_memory_is_flat_from_step_to_step():
         totals.append(rep["total_bytes"])
         peaks.append(rep["peak_total_bytes"])
     k, r = opt.policy.k, opt.policy.regrow
-    assert set(totals) == {16 * (k - r)}  # after each step: K - R chosen, grads used up
-    assert set(peaks[1:]) == {20 * (k - r) + 8 * r}  # update: compact grads + candidates
+    assert set(totals) == {12 * (k - r)}  # after each step: K - R chosen, grads used up
+    assert set(peaks[1:]) == {16 * (k - r) + 8 * r}  # update: compact grads + candidates
 
 
 # ----------------------------------------------------------------------- robustness
@@ -352,9 +380,9 @@ def test_bf16_params_and_param_groups():
     for step in range(5):
         train_step(model, opt, step)
         rep = opt.memory_report()
-        assert rep["peak_total_bytes"] <= rep["budget_bytes"] == 4534 * 20
+        assert rep["peak_total_bytes"] <= rep["budget_bytes"] == 4534 * 16
     for st in opt.state.values():
-        assert st["exp_avg"].dtype == torch.float32 and st["step"].dtype == torch.int32
+        assert st["exp_avg"].dtype == torch.float32 and st["indices"].dtype == torch.int32
     changed = sum(int((a != b).sum()) for a, b in zip(before, model.parameters()))
     assert 0 < changed <= 4534 + 2 * 453  # K, and the elements of two regrowths
 
@@ -402,13 +430,15 @@ def test_load_refuses_foreign_or_edited_sparse_state():
         block.load_state_dict(sd)
     i = next(iter(sd["state"]))
     bad = {**sd, "state": {**sd["state"], i: {**sd["state"][i],
-                                               "step": sd["state"][i]["step"].float()}}}
-    with pytest.raises(ValueError, match="step is a torch.float32 tensor"):
+                                               "step": [0.5] * len(sd["state"][i]["step"])}}}
+    with pytest.raises(ValueError, match=r"step and sizes are \[0.5.*expected two equally long "
+                       "lists of ints"):
         fresh.load_state_dict(bad)
     idx = sd["state"][i]["indices"].flip(0)
     bad = {**sd, "state": {**sd["state"], i: {**sd["state"][i], "indices": idx}}}
     if idx.numel() > 1:
-        with pytest.raises(ValueError, match="indices must be sorted, unique"):
+        with pytest.raises(ValueError, match="indices must be unique positions .* sorted within "
+                           "each cohort"):
             fresh.load_state_dict(bad)
     missing = {**sd, "state": {k: v for k, v in sd["state"].items() if k != i}}
     with pytest.raises(ValueError, match="do not match the sparse policy's chosen params"):
@@ -423,8 +453,8 @@ BAD = [
     ({"regrow_fraction": 0.5}, r"regrow_fraction=0.5; allowed: None \(0.1\) or a number in "
      r"\[0, 0.25\]"),
     ({"regrow_fraction": "all"}, r"regrow_fraction='all'; allowed"),
-    ({"budget": "19B"}, r"budget='19B' .* is below one element under policy='sparse' \(20 B "
-     r"per chosen element.*nothing would train. Raise the budget to at least 20B"),
+    ({"budget": "15B"}, r"budget='15B' .* is below one element under policy='sparse' \(16 B "
+     r"per chosen element.*nothing would train. Raise the budget to at least 16B"),
     ({"policy": "block", "regrow_fraction": 0.2},
      r"regrow_fraction=0.2 applies to policy='sparse' only \(policy='block'\)"),
 ]
@@ -452,7 +482,7 @@ def test_byte_budget_and_static_selection():
 def test_plan_for_sparse():
     p = plan(llama_config(), "10%", policy="sparse", switch_every=20)
     assert p.policy == "sparse" and p.groups[0].elements == 4534
-    assert p.nto_bytes == 4534 * 20 and p.density == pytest.approx(0.1, abs=1e-4)
+    assert p.nto_bytes == 4534 * 16 and p.density == pytest.approx(0.1, abs=1e-4)
     assert p.transient_bytes == LARGEST_DENSE and not p.untrainable
     assert p.trainable_elements == N_ELEMENTS and p.regrow_fraction == 0.1
     text = str(p)
