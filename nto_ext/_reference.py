@@ -12,6 +12,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _INDEX_DTYPES = (torch.int32, torch.int64)
@@ -58,13 +59,19 @@ def _check_index_meta(op: str, what: str, i: int, idx, device: torch.device | No
         raise ValueError(f"{op}: {what}[{i}] has {idx.dim()} dimensions; indices must be 1-D")
 
 
+def _has_values(t: torch.Tensor) -> bool:
+    """False for meta and fake tensors (tracing, the ops' fake implementations): their
+    metadata is checked, their contents cannot be."""
+    return t.device.type != "meta" and not isinstance(t, FakeTensor)
+
+
 def _check_index_values(op: str, what: str, i: int, idx: torch.Tensor,
                         limit: int | None, target: str) -> None:
     """Sorted ascending, unique, and in [0, limit) (limit None: only >= 0).
 
     Names the first offending entry; runs before anything is read or written through them.
     """
-    if idx.numel() == 0:
+    if idx.numel() == 0 or not _has_values(idx):
         return
     x = idx.long().cpu()
     bad_order = torch.nonzero(x[1:] <= x[:-1])
@@ -166,7 +173,7 @@ def _check_adamw_entry(i: int, p, g, m, v, idx, step, dev: torch.device) -> None
 
 
 def _check_steps_values(i: int, step: torch.Tensor) -> None:
-    if step.numel() == 0:
+    if step.numel() == 0 or not _has_values(step):
         return
     low = float(step.min())
     if not low >= 1:  # also refuses NaN

@@ -160,8 +160,11 @@ def _register_fakes() -> None:
             return lambda fn: fn
         return torch.library.register_fake(f"nto::{name}")
 
+    # The fakes run the reference's argument checks (metadata only: contents of meta and
+    # fake tensors are unknown), so a bad call fails while tracing as it would when run.
     @fake("param_stats")
     def _(tensors):
+        _reference._check_float_list("param_stats", "tensors", tensors)
         n = len(tensors)
         dev = tensors[0].device
         return (torch.empty(n, dtype=torch.int64, device=dev),
@@ -170,23 +173,24 @@ def _register_fakes() -> None:
                 torch.empty(n, 256, dtype=torch.int64, device=dev))
 
     @fake("masked_adamw_")
-    def _(params, grads, exp_avgs, exp_avg_sqs, indices, steps, lr, beta1, beta2, eps,
-          weight_decay):
-        return None
+    def _(*args):
+        _reference.check_masked_adamw(*args)
 
     @fake("select_topk")
     def _(tensors, k):
+        _reference.check_select_topk(tensors, k)
         ctx = torch.library.get_ctx()
         return [torch.empty(ctx.new_dynamic_size(), device=t.device,
                             dtype=_reference._index_dtype_for(t.numel())) for t in tensors]
 
     @fake("remap_state")
     def _(old_indices, new_indices, states):
+        _reference.check_remap_state(old_indices, new_indices, states)
         return [s.new_empty(*s.shape[:-1], n.shape[0]) for n, s in zip(new_indices, states)]
 
     @fake("gather_accumulate_")
     def _(dense, indices, compact):
-        return None
+        _reference.check_gather_accumulate(dense, indices, compact)
 
 
 def _has_schema(name: str) -> bool:

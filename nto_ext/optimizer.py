@@ -243,6 +243,30 @@ def _register_hook(p: torch.Tensor, hook: Callable[[torch.Tensor], None]) -> Any
         p.requires_grad_(False)
 
 
+class _ParamHandles:
+    """What NTO changes on the params it trains: its gradient hooks, and requires_grad
+    (switched off while a param is inactive). `release()` removes the hooks and gives each
+    param back the flag it had when NTO was built; it runs when the optimizer is
+    garbage-collected (weakref.finalize, reference cycles included) or on
+    `NTO.remove_hooks()`, so a model outlives its NTO unchanged (issue 10)."""
+
+    def __init__(self, params: list[torch.Tensor]) -> None:
+        self.params = params
+        self.flags = [p.requires_grad for p in params]
+        self.hooks: list[Any] = []
+
+    def remove_hooks(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
+
+    def release(self) -> None:
+        self.remove_hooks()
+        for p, flag in zip(self.params, self.flags):
+            if p.requires_grad != flag:
+                p.requires_grad_(flag)
+
+
 class NTO(torch.optim.Optimizer):
     """AdamW that keeps gradients and moments only for what trains now, within `budget`.
 
@@ -320,9 +344,9 @@ class NTO(torch.optim.Optimizer):
         msg = getattr(self.policy, "too_big_message", lambda: None)()
         if msg:
             warnings.warn(f"NTO: {msg}", UserWarning, stacklevel=2)
-        ref = weakref.ref(self)
-        self._hooks = [_register_hook(p, _drop_grad_hook(ref, i))
-                       for i, p in enumerate(self._params)]
+        self._handles = _ParamHandles(self._params)
+        self._hook_params()
+        weakref.finalize(self, self._handles.release).atexit = False
         log.info("NTO: %s policy, budget %s, %d of %d tensors trainable, first active: %s",
                  policy, self.budget.describe(), len(self.policy.trainable), len(self._params),
                  ", ".join(self.policy.active_names(0))[:200])
@@ -484,17 +508,16 @@ class NTO(torch.optim.Optimizer):
             self._sparse.on_grad(index, p)
 
     def remove_hooks(self) -> None:
-        """Remove NTO's gradient hooks from the params (done automatically when the
-        optimizer is garbage-collected: the hooks hold only a weak reference)."""
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
+        """Detach NTO from the params: remove its gradient hooks and give each param the
+        requires_grad it had when NTO was built (done automatically when the optimizer is
+        garbage-collected). Do not step this optimizer afterwards."""
+        self._handles.release()
 
-    def __del__(self) -> None:
-        try:
-            self.remove_hooks()
-        except Exception:  # interpreter shutdown: nothing left to clean
-            pass
+    def _hook_params(self) -> None:
+        """NTO's post-accumulate-grad hook on every param (weak reference to self)."""
+        ref = weakref.ref(self)
+        self._handles.hooks = [_register_hook(p, _drop_grad_hook(ref, i))
+                               for i, p in enumerate(self._params)]
 
     def _label(self, index: int) -> str:
         name = self._infos[index].name
@@ -519,12 +542,12 @@ class NTO(torch.optim.Optimizer):
                 raise ValueError(f"{self._label(i)} was replaced in param_groups by a tensor of "
                                  f"shape {tuple(p.shape)}, expected {tuple(self._infos[i].shape)}"
                                  "; allowed: a copy of the same (global) shape")
-        self.remove_hooks()
+        self._handles.remove_hooks()
         self.state = defaultdict(dict, {now[self._index[p]]: st for p, st in self.state.items()
                                         if p in self._index})
         self._params, self._index = now, {p: i for i, p in enumerate(now)}
-        ref = weakref.ref(self)
-        self._hooks = [_register_hook(p, _drop_grad_hook(ref, i)) for i, p in enumerate(now)]
+        self._handles.params = now  # same order: the flags recorded at __init__ apply
+        self._hook_params()
         self._applied = False
         log.info("NTO: %d params were replaced in param_groups (e.g. sharded); following them",
                  len(now))
@@ -702,13 +725,18 @@ class NTO(torch.optim.Optimizer):
             "skipped_steps": self.skipped_steps,
             "active": sorted(self._active),
             "offloaded": sorted(self._offloaded),
-            "policy_state": self.policy.state_dict(),
+            "with_state": sorted(state),  # a checkpoint that lost an entry is refused
+            "policy_state": self._policy_state(),
         }
         for hook in self._optimizer_state_dict_post_hooks.values():
             result = hook(self, sd)
             if result is not None:
                 sd = result
         return sd
+
+    def _policy_state(self) -> dict[str, Any]:
+        self.policy.active(self._step)  # the schedule's cursor at the current step
+        return self.policy.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state from `state_dict()`; keeps the saved dtypes (fp32 moments of a bf16
@@ -725,6 +753,8 @@ class NTO(torch.optim.Optimizer):
         self.policy.load_state_dict(nto["policy_state"])
         active = frozenset(nto["active"])
         try:
+            if hasattr(self.policy, "check_cursor"):
+                self.policy.check_cursor(nto["step"])
             if self.policy.active(nto["step"]) != active:
                 raise ValueError("optimizer state: the saved active set does not match the "
                                  f"schedule at step {nto['step']} (a foreign or edited "
@@ -769,7 +799,7 @@ class NTO(torch.optim.Optimizer):
             raise ValueError(f"optimizer state: format {nto.get('format')!r}; this version "
                              f"reads format {FORMAT_VERSION}")
         for key in ("config", "layout", "step", "skipped_steps", "active", "offloaded",
-                    "policy_state"):
+                    "with_state", "policy_state"):
             if key not in nto:
                 raise ValueError(f"optimizer state: nto[{key!r}] is missing (truncated "
                                  "checkpoint?); nothing was loaded")
@@ -780,12 +810,21 @@ class NTO(torch.optim.Optimizer):
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"optimizer state: nto[{key!r}]={v!r}; allowed: an int >= 0")
         n = len(self._params)
-        for key in ("active", "offloaded"):
+        for key in ("active", "offloaded", "with_state"):
             v = nto[key]
             if not isinstance(v, (list, tuple)) or not all(
                     isinstance(i, int) and 0 <= i < n for i in v):
                 raise ValueError(f"optimizer state: nto[{key!r}] must list param indices in "
                                  f"[0, {n})")
+        have = sorted(sd["state"]) if isinstance(sd["state"], dict) and all(
+            isinstance(i, int) and 0 <= i < n for i in sd["state"]) else None
+        if have is not None and have != sorted(nto["with_state"]):  # else: refused below
+            lost = sorted(set(nto["with_state"]) - set(have))
+            raise ValueError("optimizer state: 'state' holds entries for params "
+                             f"{have[:8]} but the optimizer saved state for "
+                             f"{sorted(nto['with_state'])[:8]}"
+                             f"{f' (missing: {lost[:8]})' if lost else ''}; an edited or "
+                             "partial checkpoint; nothing was loaded")
         self.policy.check_state_dict(nto["policy_state"])
         return nto
 

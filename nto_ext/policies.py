@@ -235,6 +235,17 @@ class ScheduledPolicy(Policy):
         self.check_state_dict(state)
         self._cycle, self._cycle_start = state["cycle"], state["cycle_start"]
 
+    def check_cursor(self, step: int) -> None:
+        """ValueError unless the cursor's cycle holds `step` (as every saved state's does:
+        NTO.state_dict() places it there), so a loaded state never walks cycles to reach
+        its step: an edited step or cursor is refused at once instead of walking for hours."""
+        period = step // self.switch_every
+        end = self._cycle_start + len(self.schedule(self._cycle))
+        if not self._cycle_start <= period < end:
+            raise ValueError(f"policy state: cycle {self._cycle} covers periods "
+                             f"{self._cycle_start}..{end - 1}, but step {step} is in period "
+                             f"{period} (a foreign or edited checkpoint); nothing was loaded")
+
 
 class BlockPolicy(ScheduledPolicy):
     """BAdam generalized: consecutive units packed into groups; groups take turns."""

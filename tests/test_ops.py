@@ -587,6 +587,33 @@ def test_fake_implementations_give_shapes():
         assert top[0].dtype == torch.int32 and top[0].dim() == 1
 
 
+@needs_kernels
+def test_fake_implementations_check_arguments():
+    """A bad call fails while tracing (meta or fake tensors) as it would when run; contents
+    (index order and range) cannot be checked there."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    meta = {"device": "meta"}
+    idx = torch.zeros(3, dtype=torch.int32, **meta)
+    with pytest.raises(ValueError, match=r"exp_avgs\[0\] has 2 elements but len\(indices\[0\]\)"):
+        torch.ops.nto.masked_adamw_([torch.zeros(8, **meta)], [torch.zeros(3, **meta)],
+                                    [torch.zeros(2, **meta)], [torch.zeros(3, **meta)], [idx],
+                                    [torch.ones(1, dtype=torch.float64)], 1e-3, 0.9, 0.999,
+                                    1e-8, 0.0)
+    with pytest.raises(ValueError, match=r"compact\[0\] has 4 elements"):
+        torch.ops.nto.gather_accumulate_([torch.zeros(8, **meta)], [idx], [torch.zeros(4, **meta)])
+    with pytest.raises(ValueError, match=r"k=9 is out of range"):
+        torch.ops.nto.select_topk([torch.zeros(4, **meta)], 9)
+    with FakeTensorMode():
+        with pytest.raises(ValueError, match=r"last dimension \(3\) must equal"):
+            torch.ops.nto.remap_state([torch.zeros(2, dtype=torch.long)],
+                                      [torch.zeros(5, dtype=torch.long)], [torch.zeros(3)])
+        with pytest.raises(TypeError, match=r"tensors\[1\]"):
+            torch.ops.nto.param_stats([torch.zeros(4), torch.zeros(2, dtype=torch.int64)])
+    # unsorted indices on meta: metadata is fine, contents unknown -> no error
+    torch.ops.nto.gather_accumulate_([torch.zeros(8, **meta)], [idx], [torch.zeros(3, **meta)])
+
+
 def test_steps_argument_errors():
     with pytest.raises(TypeError, match=r"steps\[0\] is str"):
         ops._step_tensors(["1"], 1)

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import copy
 import functools
+import gc
 import io
+import time
 import warnings
 from pathlib import Path
 
@@ -604,6 +606,8 @@ LOAD_BAD_INPUTS = [
      r"key 99 in 'state' is not a param index"),
     ("'active' edited to another set", _edit(lambda sd: sd["nto"].update(active=[0])),
      ValueError, r"the saved active set does not match the schedule at step 3"),
+    ("'step' edited to 10**12", _edit(lambda sd: sd["nto"].update(step=10**12)), ValueError,
+     r"step 1000000000000 is in period 500000000000 \(a foreign or edited checkpoint\)"),
     ("policy cursor cycle = -1",
      _edit(lambda sd: sd["nto"]["policy_state"].update(cycle=-1)), ValueError,
      r"policy state 'cycle' must be an int >= 0, got -1"),
@@ -678,18 +682,34 @@ def test_truncated_checkpoint_file_is_refused_by_torch_load(tmp_path):
     assert opt.step_count == 3
 
 
-def test_missing_state_of_an_active_param_is_loaded_as_fresh_state():
-    """Documented limit: a checkpoint whose 'state' lacks an active param's entry cannot be
-    told from one saved before that param's first update (state is created lazily), so it
-    loads and the param restarts from zero moments. Checkpoints are written whole by
-    torch.save; a truncated file fails in torch.load (test above)."""
+@pytest.mark.parametrize("edit", [{"step": 10**12}, {"cycle": 0, "cycle_start": 0}])
+def test_sample_checkpoint_with_edited_step_or_cursor_is_refused_without_walking(edit):
+    """policy='sample' cycles differ in length, so the schedule is walked from the saved
+    cursor; a cursor that does not hold the saved step is refused at once."""
+    sd = _sd_after(steps=9, policy="sample", budget=100, switch_every=1)
+    assert sd["nto"]["policy_state"]["cycle"] > 0
+    (sd["nto"] if "step" in edit else sd["nto"]["policy_state"]).update(edit)
+    opt = build(toy_params(), **{**LOAD_KW, "policy": "sample", "budget": 100,
+                                 "switch_every": 1})
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=r"is in period .* \(a foreign or edited checkpoint\)"):
+        opt.load_state_dict(sd)
+    assert time.perf_counter() - start < 1.0 and opt.step_count == 0
+
+
+def test_missing_state_of_a_param_is_refused():
+    """A checkpoint whose 'state' lost a param's entry (its moments would silently restart
+    from zero) or gained one is refused: nto['with_state'] lists what was saved."""
     sd = _sd_after()
     active_with_state = [i for i in sd["nto"]["active"] if i in sd["state"]]
     assert active_with_state
-    sd["state"].pop(active_with_state[0])
+    lost = active_with_state[0]
+    sd["state"].pop(lost)
     opt = build(toy_params(), **LOAD_KW)
-    opt.load_state_dict(sd)
-    assert opt.state_dict()["state"].keys() == sd["state"].keys()
+    with pytest.raises(ValueError, match=rf"optimizer saved state for .* \(missing: \[{lost}\]\)"
+                       ".*nothing was loaded"):
+        opt.load_state_dict(sd)
+    assert not opt.state and opt.step_count == 0
 
 
 # ----------------------------------------------------------------------------- lifecycle
@@ -706,18 +726,26 @@ def test_hooks_are_removed_with_the_optimizer_and_never_pile_up():
     assert all(not p._post_accumulate_grad_hooks for p in params)
 
 
-@pytest.mark.xfail(strict=True, reason="known issue (issue 10 report): params frozen by an "
-                   "NTO stay requires_grad=False after it is gone; a new optimizer's first "
-                   "backward then gets no gradient for them")
-def test_a_new_optimizer_over_the_same_model_gets_every_gradient():
+@pytest.mark.parametrize("policy", ["block", "sparse"])
+def test_a_new_optimizer_over_the_same_model_gets_every_gradient(policy):
+    """Params NTO froze get their requires_grad back when it is gone (garbage collection,
+    also of the sparse engine's reference cycle) or detached by remove_hooks()."""
     named = toy_params()
     params = [p for _, p in named]
-    opt = build(named, budget=80, switch_every=1)
+    params[-1].requires_grad_(False)  # frozen by the user: stays frozen
+    opt = build(named, budget=80 if policy == "block" else 10, switch_every=3, policy=policy)
     train(opt, params, range(2))
+    assert not all(p.requires_grad for p in params[:-1])
     del opt
+    gc.collect()
     torch.optim.AdamW(params)  # e.g. full fine-tuning after an NTO phase
     backward(params, 5)
-    assert all(p.grad is not None for p in params)
+    assert all(p.grad is not None for p in params[:-1]) and params[-1].grad is None
+    assert all(not p._post_accumulate_grad_hooks for p in params)
+    opt = build(toy_params(), budget=80, switch_every=1)
+    train(opt, opt._params, range(2))
+    opt.remove_hooks()
+    assert all(p.requires_grad for p in opt._params)
 
 
 # --------------------------------------------------------------------------- determinism

@@ -441,7 +441,7 @@ def test_load_refuses_foreign_or_edited_sparse_state():
                            "each cohort"):
             fresh.load_state_dict(bad)
     missing = {**sd, "state": {k: v for k, v in sd["state"].items() if k != i}}
-    with pytest.raises(ValueError, match="do not match the sparse policy's chosen params"):
+    with pytest.raises(ValueError, match=rf"\(missing: \[{i}\]\); an edited or partial"):
         fresh.load_state_dict(missing)
     assert fresh.step_count == 0 and not fresh.state
 
