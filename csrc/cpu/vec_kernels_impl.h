@@ -441,12 +441,19 @@ struct OneHotConsts {
   }
 };
 
-// a, b: |x| of one 32-element block.
-inline __m512i one_hot(const Vec& a, const Vec& b, const OneHotConsts& k) {
+// The fp32 exponents of |x| of one 32-element block (a, b), one per 16-bit word.
+inline __m512i exponents(const Vec& a, const Vec& b, const OneHotConsts& k) {
   const __m512i hi = _mm512_permutex2var_epi16(_mm512_castps_si512(a), k.odd_words,
                                                _mm512_castps_si512(b));
-  const __m512i d = _mm512_sub_epi16(_mm512_srli_epi16(hi, 7), k.base);
-  return _mm512_sllv_epi16(k.one, d);
+  return _mm512_srli_epi16(hi, 7);
+}
+
+inline __m512i one_hot(const __m512i& e, const OneHotConsts& k) {
+  return _mm512_sllv_epi16(k.one, _mm512_sub_epi16(e, k.base));
+}
+
+inline __m512i one_hot(const Vec& a, const Vec& b, const OneHotConsts& k) {
+  return one_hot(exponents(a, b, k), k);
 }
 
 // Carry-save adder: h = majority(a, b, c), l = a ^ b ^ c.
@@ -535,12 +542,16 @@ void stats_chunk_t(const T* x, int64_t n, StatsPartial* out) {
       for (int64_t g = 0; g < blocks; ++g, p += kLanes) {
         Vec a, b;
         load2(p, a, b);
-        a = a.abs();
-        b = b.abs();
-        const __m512i o = one_hot(a, b, k);
-        if (_mm512_testn_epi16_mask(o, o) != 0) {
-          hist_out_of_window(a, base, h);
-          hist_out_of_window(b, base, h);
+        const __m512i e = exponents(a.abs(), b.abs(), k);
+        const __m512i o = one_hot(e, k);
+        uint32_t out_words = _mm512_testn_epi16_mask(o, o);
+        if (out_words != 0) {
+          alignas(64) uint16_t ex[32];
+          _mm512_store_si512(ex, e);
+          for (; out_words != 0; out_words &= out_words - 1) {
+            const int w = __builtin_ctz(out_words);
+            ++h[w & 7][ex[w]];
+          }
         }
       }
     };
