@@ -531,9 +531,10 @@ void stats_chunk_t(const T* x, int64_t n, StatsPartial* out) {
     const OneHotConsts k(base);
     __m512i planes[kPlanes];
     for (auto& p : planes) p = _mm512_setzero_si512();
-    // the block at p: sums (in block order), then its one-hot words
+    // the block at p: sums (in block order), then its one-hot words. No software prefetch
+    // here: this loop is light enough for the hardware prefetcher, and prefetch_ahead cost
+    // ~15% of the fp32 time in measurements (bench: 6-layer decoder, 1 and 2 threads).
     auto block = [&](const T* p) {
-      prefetch_ahead(p, kLanes);
       Vec a, b;
       sums_step(p, acc, amax, a, b);
       return one_hot(a, b, k);
