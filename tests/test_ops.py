@@ -365,7 +365,7 @@ def test_param_stats_agrees_with_float64(specs):
 
 
 def test_param_stats_special_values_spread_through_large_tensors():
-    # past the first 2048 elements of a chunk the exponent histogram is counted in vector
+    # past the first 128 elements of a chunk the exponent histogram is counted in vector
     # registers over a 16-exponent window; zeros, subnormals, inf, NaN and outliers fall
     # outside it and must still be counted exactly
     gen = torch.Generator().manual_seed(3)
