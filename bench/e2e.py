@@ -149,7 +149,8 @@ def build_optimizer(spec: RunSpec, task: str, model):
 
     from nto_ext import NTO
 
-    name, lr = spec.config, LR[task][CONFIGS[spec.config][0]]
+    name, family = spec.config, CONFIGS[spec.config][0]
+    lr = spec.extra.get("lr", {}).get(family, LR[task][family])
     total = sum(p.numel() for p in model.parameters())
     info: dict[str, Any] = {"lr": lr, "total_elements": total}
     common = {"lr": lr, "weight_decay": demo.WEIGHT_DECAY, "seed": spec.seed,
@@ -497,6 +498,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--nice", type=int, default=10, help="niceness of each child (0: off)")
     p.add_argument("--out", default="docs/results")
     p.add_argument("--tag", default="", help="suffix of the output file names")
+    p.add_argument("--lr", nargs="+", default=[], metavar="FAMILY=LR",
+                   help="override the learning rate of a family (full, nto, lora), e.g. "
+                        "nto=1.5e-4; use with --tag so the runs go to their own file")
     p.add_argument("--resume", action="store_true",
                    help="keep runs already in the output JSON, run only the missing ones")
     p.add_argument("--list", action="store_true", help="print the configurations and exit")
@@ -538,6 +542,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume and json_path.exists():
         runs = [r for r in json.loads(json_path.read_text())["runs"] if "error" not in r]
     done = {(r["config"], r["seed"]) for r in runs}
+    lr_override = {}
+    for item in args.lr:
+        family, _, value = item.partition("=")
+        if family not in LR[TASKS[args.task][2]] or not value:
+            raise SystemExit(f"--lr {item!r}; allowed: FAMILY=LR with FAMILY in "
+                             f"{', '.join(LR[TASKS[args.task][2]])}")
+        lr_override[family] = float(value)
     env = environment()
     command = "python bench/e2e.py " + " ".join(sys.argv[1:])
     for seed in args.seeds:
@@ -550,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
                            eval_size=args.eval_size or defaults["eval_size"],
                            switch_every=args.switch_every or max(1, steps // 8),
                            lisa_layers=args.lisa_layers, lora_match=args.lora_match,
-                           threads=args.threads)
+                           threads=args.threads, extra={"lr": lr_override} if lr_override else {})
             t0 = time.perf_counter()
             res = run_in_child(spec, args.nice)
             res["spec"] = asdict(spec)
