@@ -374,8 +374,8 @@ def table(rows: list[dict], task: str) -> str:
             f"| {metric} | Δ vs AdamW |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        x = r["training_state_bytes_x_adamw"]
-        t = r["mean_step_s_x_adamw"]
+        x, t = (f"{v:.3f}" if v is not None else "-"  # no AdamW row (yet)
+                for v in (r["training_state_bytes_x_adamw"], r["mean_step_s_x_adamw"]))
         if cls:
             score = _pm(100 * r["accuracy"], r["accuracy_spread"] and 100 * r["accuracy_spread"],
                         ".1f")
@@ -393,8 +393,8 @@ def table(rows: list[dict], task: str) -> str:
             f"| {r['config']} | {len(r['seeds'])} | {r['lr']:g} "
             f"| {r['max_elements_with_grad'] / 1e6:.2f}M "
             f"| {state} "
-            f"| {x:.3f} | {_pm(r['peak_rss'] / MIB, _div(r['peak_rss_spread']), ',.0f')} "
-            f"| {_pm(1e3 * r['mean_step_s'], _mul(r['mean_step_s_spread']), '.0f')} | {t:.2f} "
+            f"| {x} | {_pm(r['peak_rss'] / MIB, _div(r['peak_rss_spread']), ',.0f')} "
+            f"| {_pm(1e3 * r['mean_step_s'], _mul(r['mean_step_s_spread']), '.0f')} | {t} "
             f"| {1e3 * r['mean_opt_step_s']:.1f} "
             f"| {_pm(r['final_loss'], r['final_loss_spread'], '.3f')} | {score} | {delta} |")
     return "\n".join(lines)

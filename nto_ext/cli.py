@@ -124,7 +124,7 @@ def _add_demo(sub) -> None:
                         "(default: 10%%)")
     d.add_argument("--policy", default="block", help="block, sample or sparse (default: block)")
     d.add_argument("--switch-every", type=int,
-                   help="steps between changes of NTO's active set (default: 8; 3 for LMs)")
+                   help="steps between changes of NTO's active set (default: 20; 3 for LMs)")
     d.add_argument("--order", default="descending",
                    help="NTO block order: ascending, descending or random (default: "
                         "descending: the head and top layers first)")
