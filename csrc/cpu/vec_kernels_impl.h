@@ -277,17 +277,7 @@ inline VecI float_bits(const Vec& a) {  // reinterpret, no conversion
 #endif
 }
 
-// max / min without NaN handling (one instruction); callers detect NaN apart.
-inline Vec plain_min(const Vec& a, const Vec& b) {
-#if defined(CPU_CAPABILITY_AVX512)
-  return _mm512_min_ps(a, b);
-#elif defined(CPU_CAPABILITY_AVX2)
-  return _mm256_min_ps(a, b);
-#else
-  return at::vec::minimum(a, b);
-#endif
-}
-
+// max without NaN handling (one instruction); callers detect NaN apart.
 inline Vec plain_max(const Vec& a, const Vec& b) {
 #if defined(CPU_CAPABILITY_AVX512)
   return _mm512_max_ps(a, b);
