@@ -103,7 +103,10 @@ def _index_dtype_for(numel: int) -> torch.dtype:
 def param_stats(tensors: Sequence[torch.Tensor]):
     """Per tensor: numel (int64[n]), sum of squares (float64[n]), abs-max (float32[n]) and
     hist (int64[n, 256]): counts of elements whose |x| has fp32 exponent field e (zeros and
-    subnormals in 0, inf/NaN in 255); bf16/fp16 are widened to fp32 first."""
+    subnormals in 0, inf/NaN in 255); bf16/fp16 are widened to fp32 first. This reference sums
+    squares in float64; the CPU kernel accumulates them in fp32 lanes flushed to float64 every
+    <= 260 squares (relative error <= ~1.6e-5 worst case, ~1e-7 typical; all in float64 for a
+    65536-element work item whose |x| max is outside [2^-40, 2^56])."""
     _check_float_list("param_stats", "tensors", tensors)
     n = len(tensors)
     dev = tensors[0].device if n else torch.device("cpu")

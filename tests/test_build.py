@@ -34,11 +34,11 @@ def test_forced_reference_gives_same_results():
     assert ref.returncode == 0, ref.stderr
     assert ref.stdout.splitlines()[0] == "reference"
     a, b = ref.stdout.splitlines()[1], ext.stdout.splitlines()[1]
-    # numel/absmax/hist exact; sumsq agrees to float64 summation-order rounding
+    # numel/absmax/hist exact; sumsq: fp32-lane accumulation (see test_ops.SUMSQ_RTOL)
     ra, rb = a.split("] ["), b.split("] [")
     assert ra[0] == rb[0] and ra[2] == rb[2]
     for x, y in zip(ra[1].strip("[]").split(","), rb[1].strip("[]").split(",")):
-        assert float(x) == pytest.approx(float(y), rel=1e-12)
+        assert float(x) == pytest.approx(float(y), rel=1e-5)
 
 
 def test_bad_backend_env_is_named():
@@ -98,6 +98,6 @@ def test_param_stats_plumbing_agrees_with_reference():
     ts = [torch.randn(70000), torch.randn(5, 7).half(), torch.empty(0),
           torch.tensor([float("inf"), 0.0, 1e-40, -2.0])]
     got, want = ops.param_stats(ts), _reference.param_stats(ts)
-    torch.testing.assert_close(got[1], want[1], rtol=1e-12, atol=0)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=0)  # sumsq: fp32 lanes
     for g, w in zip((got[0], got[2], got[3]), (want[0], want[2], want[3])):
         assert torch.equal(g, w)

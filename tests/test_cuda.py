@@ -6,7 +6,8 @@ Equality rules: masked_adamw_ with host step counts is bit-exact against the CPU
 (same csrc/adamw_math.h, every op IEEE-rounded on both); with device step counts the bias
 corrections come from the GPU's double pow (within an ulp of the CPU's), so tolerances are
 tight but not zero. select_topk, remap_state, gather_accumulate_ and param_stats' counts are
-exact; param_stats' sumsq agrees to float64 summation-order rounding.
+exact; param_stats' sumsq agrees with float64 to summation-order rounding (the CPU op's to 1e-5:
+fp32 lanes).
 """
 
 from __future__ import annotations
@@ -92,9 +93,10 @@ def test_param_stats_agrees(dtype):
     gen = torch.Generator().manual_seed(1)
     ts = _stats_inputs(dtype, gen)
     got = [x.cpu() for x in _cuda_op("param_stats")(_to(ts, DEV))]
-    for want in (_cpu_or_reference("param_stats")(ts), _reference.param_stats(ts)):
+    for want, rtol in ((_cpu_or_reference("param_stats")(ts), 1e-5),
+                       (_reference.param_stats(ts), 1e-12)):
         assert torch.equal(got[0], want[0])
-        torch.testing.assert_close(got[1], want[1], rtol=1e-12, atol=0, equal_nan=True)
+        torch.testing.assert_close(got[1], want[1], rtol=rtol, atol=0, equal_nan=True)
         torch.testing.assert_close(got[2], want[2], rtol=0, atol=0, equal_nan=True)
         assert torch.equal(got[3], want[3])
 

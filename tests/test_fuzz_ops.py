@@ -472,7 +472,8 @@ def test_fuzz_param_stats(call):
             assert _same_bits(k_out[j], r_out[j])
         # absmax: exact, any NaN bit pattern for NaN
         torch.testing.assert_close(k_out[2], r_out[2], rtol=0, atol=0, equal_nan=True)
-        torch.testing.assert_close(k_out[1], r_out[1], rtol=1e-12, atol=0, equal_nan=True)
+        # sumsq: fp32 lanes (see test_ops.SUMSQ_RTOL)
+        torch.testing.assert_close(k_out[1], r_out[1], rtol=1e-5, atol=0, equal_nan=True)
 
     run_both("param_stats", [build_list(entries, seed)], outputs=[], compare=compare)
 

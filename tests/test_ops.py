@@ -342,6 +342,12 @@ def test_gather_accumulate_matches_reference(specs):
 
 # ------------------------------------------------------------------------------ param_stats
 
+# sumsq is accumulated in 32 fp32 lanes, each flushed into double after <= 260 squares: a
+# worst-case relative error of 260 * 2^-24 ~ 1.6e-5; measured <= ~1e-6 on random and
+# structured data (fp32 and bf16, see vec_kernels_impl.h). 1e-5 still catches a missing or
+# doubled block in tensors of a few thousand elements.
+SUMSQ_RTOL = 1e-5
+
 
 @SETTINGS
 @given(st.lists(st.tuples(st.sampled_from(SIZES) | st.integers(0, 300), st.sampled_from(DTYPES),
@@ -358,7 +364,7 @@ def test_param_stats_agrees_with_float64(specs):
         for i, t in enumerate(ts):
             x = t.double().view(-1)
             assert numel[i] == t.numel() and hist[i].sum() == t.numel(), label
-            torch.testing.assert_close(sumsq[i], x.square().sum(), rtol=1e-12, atol=0)
+            torch.testing.assert_close(sumsq[i], x.square().sum(), rtol=SUMSQ_RTOL, atol=0)
             assert absmax[i] == (x.abs().max().float() if t.numel() else 0.0), label
             e = (t.float().view(-1).view(torch.int32) >> 23) & 0xFF
             assert torch.equal(hist[i], torch.bincount(e.long(), minlength=256)), label
@@ -385,8 +391,8 @@ def test_param_stats_special_values_spread_through_large_tensors():
             torch.testing.assert_close(absmax[i], t.float().abs().max(), rtol=0, atol=0,
                                        equal_nan=True)
             if i < 3:
-                torch.testing.assert_close(sumsq[i], t.double().square().sum(), rtol=1e-12,
-                                           atol=0)
+                torch.testing.assert_close(sumsq[i], t.double().square().sum(),
+                                           rtol=SUMSQ_RTOL, atol=0)
 
 
 # ------------------------------------------------------------------------- determinism

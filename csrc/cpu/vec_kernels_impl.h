@@ -233,54 +233,35 @@ void adamw_chunk(const AdamWChunk& c, const AdamWScalars& s, const StepHyper& h)
 
 // ------------------------------------------------------------------------ param_stats
 
-using VecD = at::vec::Vectorized<double>;
-
-// Sums of squares go to 32 double lanes, element j of each 32-element block to lane j, in
-// every variant, and the lanes are added in one fixed order: the same bits whatever the
-// vector width (squares of fp32 values are exact in double; only the summation rounds).
+// Sums of squares go to 32 fp32 lanes, element j of each 32-element block to lane j, in
+// every variant, as a separate multiply and add (two roundings; no FMA, which the generic
+// variant lacks): the same bits whatever the vector width. After every kFlushBlocks blocks of
+// the windowed loop (the same blocks in every variant) and at the end of the work item the
+// fp32 lanes are added into 32 double lanes, which are added in one fixed order at the end.
+// An fp32 lane thus sums at most 4 + 256 squares: relative error below 260 * 2^-24 ~ 1.6e-5
+// worst case (~1e-7 on random data; a few 1e-6 on data with few distinct values, such as
+// bf16 near 1, whose rounding errors do not cancel). A work item whose abs-max is outside
+// [2^-40, 2^56] (fp32 squares could underflow or overflow) is summed again in double: see
+// sumsq_double.
 constexpr int64_t kLanes = 32;
 static_assert(kLanes % kW == 0, "a 32-element block is a whole number of vector blocks");
+constexpr int64_t kFlushBlocks = 256;
+static_assert(kFlushBlocks % 16 == 0, "flushes fall between AVX-512 16-block groups");
+constexpr float kSquareSafeLo = 0x1p-40f, kSquareSafeHi = 0x1p56f;
 
-// acc[0] += lower half of a squared, acc[1] += upper half squared. The products of widened
-// fp32 values are exact in double, so the fused multiply-add (one rounding) gives the same
-// bits as the generic variant's separate multiply and add.
-inline void add_squares(const Vec& a, VecD* acc) {
-#if defined(CPU_CAPABILITY_AVX512)
-  const __m512 f = a;
-  const VecD lo(_mm512_cvtps_pd(_mm512_castps512_ps256(f)));
-  const VecD hi(_mm512_cvtps_pd(_mm512_extractf32x8_ps(f, 1)));
-#elif defined(CPU_CAPABILITY_AVX2)
-  const __m256 f = a;
-  const VecD lo(_mm256_cvtps_pd(_mm256_castps256_ps128(f)));
-  const VecD hi(_mm256_cvtps_pd(_mm256_extractf128_ps(f, 1)));
-#else
-  static_assert(kV == 2 * VecD::size(), "a float vector holds two double vectors");
-  float x[kV];
-  double d[kV];
-  a.store(x);
-  for (int64_t t = 0; t < kV; ++t) d[t] = x[t];
-  const VecD lo = VecD::loadu(d), hi = VecD::loadu(d + VecD::size());
-#endif
-  acc[0] = at::vec::fmadd(lo, lo, acc[0]);
-  acc[1] = at::vec::fmadd(hi, hi, acc[1]);
-}
-
-// The same for kV fp32 values in memory: the halves are widened straight from memory (no
-// lane extraction); |x| or x squares alike.
-inline void add_squares(const float* p, VecD* acc) {
-#if defined(CPU_CAPABILITY_AVX512)
-  const VecD lo(_mm512_cvtps_pd(_mm256_loadu_ps(p)));
-  const VecD hi(_mm512_cvtps_pd(_mm256_loadu_ps(p + 8)));
-  acc[0] = at::vec::fmadd(lo, lo, acc[0]);
-  acc[1] = at::vec::fmadd(hi, hi, acc[1]);
-#elif defined(CPU_CAPABILITY_AVX2)
-  const VecD lo(_mm256_cvtps_pd(_mm_loadu_ps(p)));
-  const VecD hi(_mm256_cvtps_pd(_mm_loadu_ps(p + 4)));
-  acc[0] = at::vec::fmadd(lo, lo, acc[0]);
-  acc[1] = at::vec::fmadd(hi, hi, acc[1]);
-#else
-  add_squares(Vec::loadu(p), acc);
-#endif
+// The rare second pass: 32 double lanes (squares of fp32 values are exact in double), lanes
+// added in the fixed pairwise order. Scalar code, independent lanes: the same bits in every
+// variant whether or not the compiler vectorizes it.
+template <typename T>
+double sumsq_double(const T* x, int64_t n) {
+  double lanes[kLanes] = {};
+  for (int64_t j = 0; j < n; ++j) {
+    const double d = static_cast<float>(x[j]);
+    lanes[j % kLanes] += d * d;
+  }
+  for (int64_t w = kLanes / 2; w >= 1; w /= 2)
+    for (int64_t t = 0; t < w; ++t) lanes[t] += lanes[t + w];
+  return lanes[0];
 }
 
 using VecI = at::vec::Vectorized<int32_t>;
@@ -417,14 +398,14 @@ inline VecI flush_bytes(int32_t base, int k, const VecI& c, SubHist& h) {
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
-// AVX-512 histogram of the window: positional popcount. A 32-element block's |x| (two
-// float vectors) is packed to its 32 upper 16-bit halves (sign, exponent, 7 mantissa
-// bits); each word becomes the one-hot 1 << (exponent - base), which is 0 outside the
-// window (vpsllvw gives 0 for counts over 15). Bit k of the words, summed over all words
-// and blocks, is the count of bin base + k: one-hot vectors are added into bit-sliced
-// counters (Harley-Seal carry-save adders over 16 blocks, then a ripple into deeper
-// planes), so each block costs a handful of instructions and no per-bin work. A group of
-// 16 blocks with an out-of-window element (a zero word, found through a running minimum)
+// AVX-512 histogram of the window: positional popcount. A 32-element block is reduced to
+// 32 16-bit words, the upper halves of its fp32 values (sign, exponent, 7 mantissa bits;
+// for bf16 the words in memory); each word becomes the one-hot 1 << (exponent - base),
+// which is 0 outside the window (vpsllvw gives 0 for counts over 15). Bit k of the words,
+// summed over all words and blocks, is the count of bin base + k: one-hot vectors are added
+// into bit-sliced counters (Harley-Seal carry-save adders over 16 blocks, then a ripple into
+// deeper planes), so each block costs a handful of instructions and no per-bin work. A group
+// of 16 blocks with an out-of-window element (a zero word, found through a running minimum)
 // is rescanned block by block and those elements are counted scalar.
 constexpr int kPlanes = 12;          // bit j of the per-(lane, bin) counts, weight 2^j
 constexpr int kGroupsPerFlush = 255;  // <= 255 * 16 + 15 < 2^12 per counter between flushes
@@ -441,20 +422,26 @@ struct OneHotConsts {
   }
 };
 
-// The fp32 exponents of |x| of one 32-element block (a, b), one per 16-bit word.
-inline __m512i exponents(const Vec& a, const Vec& b, const OneHotConsts& k) {
-  const __m512i hi = _mm512_permutex2var_epi16(_mm512_castps_si512(a), k.odd_words,
-                                               _mm512_castps_si512(b));
-  return _mm512_srli_epi16(hi, 7);
+// The upper 16 bits of each element of a block (in some fixed order), shifted left by one:
+// exponent in the high byte, then 7 mantissa bits and a zero (no sign). As unsigned words
+// these order like |x| truncated to bf16 (NaN above inf). a, b: the block as floats.
+template <typename T>
+inline __m512i top_words2(const T* p, const Vec& a, const Vec& b, const OneHotConsts& k) {
+  __m512i w;
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    w = _mm512_loadu_si512(p);
+  } else {  // words 0-15: upper halves of a, 16-31: of b
+    w = _mm512_permutex2var_epi16(_mm512_castps_si512(a), k.odd_words, _mm512_castps_si512(b));
+  }
+  return _mm512_slli_epi16(w, 1);
 }
+
+inline __m512i exponents(const __m512i& w2) { return _mm512_srli_epi16(w2, 8); }
 
 inline __m512i one_hot(const __m512i& e, const OneHotConsts& k) {
   return _mm512_sllv_epi16(k.one, _mm512_sub_epi16(e, k.base));
 }
 
-inline __m512i one_hot(const Vec& a, const Vec& b, const OneHotConsts& k) {
-  return one_hot(exponents(a, b, k), k);
-}
 
 // Carry-save adder: h = majority(a, b, c), l = a ^ b ^ c.
 inline void csa(__m512i& h, __m512i& l, __m512i a, __m512i b, __m512i c) {
@@ -485,23 +472,18 @@ inline void flush_planes(__m512i* planes, int32_t base, SubHist& h) {
 }
 #endif
 
-// Sum of squares and running abs-max of the kW elements at p; a, b get their |x|.
+// Sum of squares (fp32 lanes) and running abs-max of the kW elements at p; a, b get |x|.
 template <typename T>
-inline void sums_step(const T* p, VecD* lane, Vec& amax, Vec& a, Vec& b) {
+inline void sums_step(const T* p, Vec* lane, Vec& amax, Vec& a, Vec& b) {
   load2(p, a, b);
-  if constexpr (std::is_same_v<T, float>) {
-    add_squares(p, lane);
-    add_squares(p + kV, lane + 2);
-  } else {
-    add_squares(a, lane);
-    add_squares(b, lane + 2);
-  }
+  lane[0] = lane[0] + a * a;
+  lane[1] = lane[1] + b * b;
   a = a.abs();
   b = b.abs();
   amax = plain_max(amax, plain_max(a, b));
 }
 
-// One pass: sum of squares (double), abs-max and the exponent histogram. NaN is found
+// One pass: sum of squares (fp32 lanes), abs-max and the exponent histogram. NaN is found
 // through the histogram: only a chunk with exponent-255 elements (inf or NaN) is rescanned.
 // Whole 32-element blocks go through a scalar-histogram prefix (which chooses the window)
 // and then the windowed loop; a last partial block is zero padded and counted scalar.
@@ -509,9 +491,15 @@ template <typename T>
 void stats_chunk_t(const T* x, int64_t n, StatsPartial* out) {
   SubHist h;
   std::memset(h, 0, sizeof(h));
-  constexpr int64_t kAcc = kLanes / VecD::size();
-  VecD acc[kAcc];
-  for (auto& a : acc) a = VecD(0.0);
+  constexpr int64_t kAcc = kLanes / kV;
+  Vec acc[kAcc];
+  for (auto& a : acc) a = Vec(0.0f);
+  double lanes[kLanes] = {};
+  auto flush_sums = [&]() {  // fp32 lanes into the double lanes
+    alignas(64) float f[kLanes];
+    for (int64_t a = 0; a < kAcc; ++a) acc[a].store(f + a * kV), acc[a] = Vec(0.0f);
+    for (int64_t t = 0; t < kLanes; ++t) lanes[t] += static_cast<double>(f[t]);
+  };
   Vec amax(0.0f);
   const int64_t full = n - n % kLanes;
   const int64_t prefix = std::min(full, kScalarPrefix);
@@ -520,7 +508,7 @@ void stats_chunk_t(const T* x, int64_t n, StatsPartial* out) {
     prefetch_ahead(x + j, kLanes);
     for (int64_t off = 0; off < kLanes; off += kW) {
       Vec a, b;
-      sums_step(x + j + off, acc + off / VecD::size(), amax, a, b);
+      sums_step(x + j + off, acc + off / kV, amax, a, b);
       hist_scalar(a, b, h);
     }
   }
@@ -531,19 +519,33 @@ void stats_chunk_t(const T* x, int64_t n, StatsPartial* out) {
     const OneHotConsts k(base);
     __m512i planes[kPlanes];
     for (auto& p : planes) p = _mm512_setzero_si512();
-    // the block at p: sums (in block order), then its one-hot words. No software prefetch
-    // here: this loop is light enough for the hardware prefetcher, and prefetch_ahead cost
-    // ~15% of the fp32 time in measurements (bench: 6-layer decoder, 1 and 2 threads).
+    // the block at p: sums (in block order), then its one-hot words. Software prefetch:
+    // prefetch_ahead (L1, 2 KiB ahead, per block) cost ~15% of the fp32 time here; one L2
+    // prefetch per line 8 KiB ahead, issued per 16-block group, gained ~5% (fp32) to ~10%
+    // (bf16) (bench: 6-layer decoder, 1 and 2 threads; 16-32 KiB measured the same).
+    constexpr int64_t kGroupPrefetchBytes = 8192;
+    // abs-max: bf16 from the words (exact: bf16 is the upper half of fp32), others from |x|
+    constexpr bool kBF16 = std::is_same_v<T, c10::BFloat16>;
+    Vec vmax(0.0f);
+    __m512i wmax = _mm512_setzero_si512();
     auto block = [&](const T* p) {
       Vec a, b;
-      sums_step(p, acc, amax, a, b);
-      return one_hot(a, b, k);
+      load2(p, a, b);
+      acc[0] = acc[0] + a * a;  // as sums_step: element t of the block to lane t
+      acc[1] = acc[1] + b * b;
+      const __m512i w2 = top_words2(p, a, b, k);
+      if constexpr (kBF16) {
+        wmax = _mm512_max_epu16(wmax, w2);
+      } else {
+        vmax = plain_max(vmax, plain_max(a.abs(), b.abs()));
+      }
+      return one_hot(exponents(w2), k);
     };
     auto rescan = [&](const T* p, int64_t blocks) {  // count out-of-window elements
       for (int64_t g = 0; g < blocks; ++g, p += kLanes) {
         Vec a, b;
         load2(p, a, b);
-        const __m512i e = exponents(a.abs(), b.abs(), k);
+        const __m512i e = exponents(top_words2(p, a, b, k));
         const __m512i o = one_hot(e, k);
         uint32_t out_words = _mm512_testn_epi16_mask(o, o);
         if (out_words != 0) {
@@ -556,10 +558,15 @@ void stats_chunk_t(const T* x, int64_t n, StatsPartial* out) {
         }
       }
     };
-    int groups = 0;
+    int groups = 0, sum_groups = 0;
     constexpr int64_t kGroup = 16 * kLanes;
     for (; j + kGroup <= full; j += kGroup) {
       const T* p = x + j;
+      {  // the group kGroupPrefetchBytes ahead, into L2 (see above)
+        const char* c = reinterpret_cast<const char*>(p) + kGroupPrefetchBytes;
+        for (int64_t q = 0; q < kGroup * static_cast<int64_t>(sizeof(T)); q += 64)
+          _mm_prefetch(c + q, _MM_HINT_T1);
+      }
       __m512i& ones = planes[0];
       __m512i& twos = planes[1];
       __m512i& fours = planes[2];
@@ -591,6 +598,7 @@ void stats_chunk_t(const T* x, int64_t n, StatsPartial* out) {
       ripple_add(planes, 4, sixteens);
       if (_mm512_testn_epi16_mask(mn, mn) != 0) rescan(p, 16);
       if (++groups == kGroupsPerFlush) flush_planes(planes, base, h), groups = 0;
+      if (++sum_groups == kFlushBlocks / 16) flush_sums(), sum_groups = 0;
     }
     for (; j < full; j += kLanes) {
       const __m512i o = block(x + j);
@@ -598,6 +606,18 @@ void stats_chunk_t(const T* x, int64_t n, StatsPartial* out) {
       if (_mm512_testn_epi16_mask(o, o) != 0) rescan(x + j, 1);
     }
     flush_planes(planes, base, h);
+    if constexpr (kBF16) {
+      alignas(64) uint16_t words[32];
+      _mm512_store_si512(words, wmax);
+      uint32_t top = 0;
+      for (int t = 0; t < 32; ++t) top = std::max<uint32_t>(top, words[t]);
+      top = (top >> 1) << 16;  // the fp32 bits of the largest |x|
+      float f;
+      std::memcpy(&f, &top, sizeof(f));
+      amax = plain_max(amax, Vec(f));
+    } else {
+      amax = plain_max(amax, vmax);
+    }
   }
 #else
   if (j < full) {
@@ -606,12 +626,13 @@ void stats_chunk_t(const T* x, int64_t n, StatsPartial* out) {
     const VecI m2(0x33333333), m4(0x0F0F0F0F);
     VecI wa(0), wb(0), n0(0), n1(0), c0(0), c1(0), c2(0), c3(0);
     int steps = 0, widenings = 0, nibble_flushes = 0;
+    int64_t sum_blocks = 0;
     for (; j < full; j += kLanes) {
       // ahead of the hardware prefetcher: this loop does enough work per line to fall behind
       prefetch_ahead(x + j, kLanes);
       for (int64_t off = 0; off < kLanes; off += kW) {
         Vec a, b;
-        sums_step(x + j + off, acc + off / VecD::size(), amax, a, b);
+        sums_step(x + j + off, acc + off / kV, amax, a, b);
         hist_window(a, b, base, k, wa, wb, h);
         if (++steps == 3) {  // 2-bit counters hold 3
           widen2(wa, wb, m2, n0, n1);
@@ -629,6 +650,7 @@ void stats_chunk_t(const T* x, int64_t n, StatsPartial* out) {
           }
         }
       }
+      if (++sum_blocks == kFlushBlocks) flush_sums(), sum_blocks = 0;
     }
     widen2(wa, wb, m2, n0, n1);
     widen4(n0, n1, m4, c0, c1, c2, c3);
@@ -642,13 +664,12 @@ void stats_chunk_t(const T* x, int64_t n, StatsPartial* out) {
     std::memcpy(pad, x + full, (n - full) * sizeof(T));
     for (int64_t off = 0; off < kLanes; off += kW) {
       Vec a, b;
-      sums_step(pad + off, acc + off / VecD::size(), amax, a, b);
+      sums_step(pad + off, acc + off / kV, amax, a, b);
       hist_scalar(a, b, h);
     }
     h[1][0] -= static_cast<uint32_t>(kLanes - (n - full));
   }
-  alignas(64) double lanes[kLanes];
-  for (int64_t a = 0; a < kAcc; ++a) acc[a].store(lanes + a * VecD::size());
+  flush_sums();
   for (int64_t w = kLanes / 2; w >= 1; w /= 2)  // fixed pairwise order
     for (int64_t t = 0; t < w; ++t) lanes[t] += lanes[t + w];
   float lane_max[kV];
@@ -664,7 +685,9 @@ void stats_chunk_t(const T* x, int64_t n, StatsPartial* out) {
     for (int64_t j = 0; j < n; ++j)
       if (std::isnan(static_cast<float>(x[j]))) m = NAN;
   }
-  out->sumsq = lanes[0];
+  // outside the safe range (NaN and inf included) fp32 squares may underflow or overflow
+  const bool safe = m == 0.0f || (m >= kSquareSafeLo && m <= kSquareSafeHi);
+  out->sumsq = safe ? lanes[0] : sumsq_double(x, n);
   out->absmax = m;
 }
 
