@@ -344,6 +344,10 @@ def summarize(runs: list[dict], task: str) -> list[dict]:
         if not rs:
             continue
         row = {"config": name, "seeds": [r["seed"] for r in rs], "lr": rs[0]["lr"]}
+        for r in rs:  # sparse keeps compact gradients (no .grad): count its chosen elements
+            if r.get("nto_memory_report", {}).get("policy") == "sparse":
+                r["max_elements_with_grad"] = max(r["max_elements_with_grad"],
+                                                  r["nto_memory_report"]["trainable_elements"])
         for key in ("training_state_bytes", "peak_rss", "mean_step_s", "mean_opt_step_s",
                     "final_loss", metric, "max_elements_with_grad"):
             vals = [float(r[key]) for r in rs]
@@ -369,8 +373,9 @@ def _pm(v: float, spread: float | None, fmt: str) -> str:
 def table(rows: list[dict], task: str) -> str:
     cls = TASKS[task][2] == "classify"
     metric = "held-out acc, %" if cls else "held-out loss (ppl)"
-    head = ("| configuration | seeds | lr | elements w/ grad (max) | training state, MiB | x AdamW "
-            "| peak RSS, MiB | step, ms | x AdamW | opt step, ms | final train loss "
+    head = ("| configuration | seeds | lr | elements w/ grad (max; sparse: chosen) "
+            "| training state, MiB | x AdamW | peak RSS, MiB | step, ms | x AdamW | opt step, ms "
+            "| final train loss "
             f"| {metric} | Δ vs AdamW |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:

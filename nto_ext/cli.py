@@ -118,7 +118,7 @@ def _add_demo(sub) -> None:
     d.add_argument("--data", choices=DATASETS, default=None,
                    help="dataset (default: tweets for encoders, bbc for causal LMs; bbc with "
                         "a causal LM is language modelling, otherwise 5-topic classification)")
-    d.add_argument("--steps", type=int, help="training steps (default: 60; 30 for causal LMs)")
+    d.add_argument("--steps", type=int, help="training steps (default: 150; 30 for causal LMs)")
     d.add_argument("--budget", default="10%",
                    help="NTO budget: '10%%', 0.1, an element count, or bytes like '64MiB' "
                         "(default: 10%%)")
@@ -137,7 +137,7 @@ def _add_demo(sub) -> None:
     d.add_argument("--max-length", type=int,
                    help="tokens per example / LM block (default: 64; 128 for LMs)")
     d.add_argument("--eval-size", type=int,
-                   help="held-out examples (default: 500) or LM blocks (default: 32)")
+                   help="held-out examples (default: 1000) or LM blocks (default: 32)")
     d.add_argument("--seed", type=int, default=0, help="seed for init, batches, dropout, NTO")
     d.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     d.add_argument("--out", default="nto-demo-out", metavar="DIR",
