@@ -80,6 +80,8 @@ CONFIGS: dict[str, tuple[str, str]] = {
     "adamw": ("full", "torch.optim.AdamW (foreach), every parameter"),
     "nto-block-25": ("nto", "NTO block, budget 25%, order descending, state dropped"),
     "nto-block-10": ("nto", "NTO block, budget 10%, order descending, state dropped"),
+    "nto-block-25-offload": ("nto", "NTO block, budget 25%, order descending, inactive state "
+                                    "kept in host memory (state_on_switch='offload')"),
     "nto-sample-25": ("nto", "NTO sample, budget 25%"),
     "nto-sample-10": ("nto", "NTO sample, budget 10%"),
     "nto-sparse-25": ("nto", "NTO sparse, budget 25%"),
@@ -159,10 +161,12 @@ def build_optimizer(spec: RunSpec, task: str, model):
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=demo.WEIGHT_DECAY,
                                  foreach=True), model, info
     if name.startswith("nto-"):
-        _, policy, pct = name.split("-")
-        order = {"order": "descending"} if policy == "block" else {}
+        _, policy, pct, *how = name.split("-")
+        extra = {"order": "descending"} if policy == "block" else {}
+        if how:
+            extra["state_on_switch"] = how[0]
         info["budget"] = f"{pct}%"
-        return NTO(model.named_parameters(), budget=f"{pct}%", policy=policy, **order,
+        return NTO(model.named_parameters(), budget=f"{pct}%", policy=policy, **extra,
                    **common), model, info
     sizes = _units(model)
     layers = _layer_sizes(sizes)
