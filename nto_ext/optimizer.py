@@ -753,8 +753,7 @@ class NTO(torch.optim.Optimizer):
         self.policy.load_state_dict(nto["policy_state"])
         active = frozenset(nto["active"])
         try:
-            if hasattr(self.policy, "check_cursor"):
-                self.policy.check_cursor(nto["step"])
+            self.policy.check_cursor(nto["step"])
             if self.policy.active(nto["step"]) != active:
                 raise ValueError("optimizer state: the saved active set does not match the "
                                  f"schedule at step {nto['step']} (a foreign or edited "

@@ -80,6 +80,11 @@ class Policy:
         if not isinstance(state, dict):
             raise ValueError(f"policy state must be a dict, got {type(state).__name__}")
 
+    def check_cursor(self, step: int) -> None:
+        """Raise ValueError when the loaded state cannot reach `step` directly (policies
+        with a schedule cursor); nothing to check otherwise."""
+        return None
+
 
 def _generator(seed: int, cycle: int, salt: str) -> torch.Generator:
     digest = hashlib.blake2b(f"nto:{salt}:{seed}:{cycle}".encode(), digest_size=8).digest()

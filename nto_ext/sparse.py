@@ -540,7 +540,7 @@ class SparseEngine:
         for c, (a, b, _) in enumerate(_cohorts(st)):
             new = idx[a:b][keep[a:b]]
             if new.numel():
-                live.append(c)
+                live.append((c, a, b))
                 olds.append(idx[a:b])
                 news.append(new)
         if not live:
@@ -548,13 +548,12 @@ class SparseEngine:
             return
         for key in ROWS:  # one row's new copy alive with the old at a time
             row = st[key]
-            bounds = _cohorts(st)
-            parts = ops.remap_state(olds, news, [row[bounds[c][0]:bounds[c][1]] for c in live])
+            parts = ops.remap_state(olds, news, [row[a:b] for _, a, b in live])
             st[key] = torch.cat(parts) if len(parts) > 1 else parts[0]
             self.temp_bytes = max(self.temp_bytes, 2 * _nbytes(st[key]))
             del parts
         st["indices"] = torch.cat(news)
-        st["step"] = [st["step"][c] for c in live]
+        st["step"] = [st["step"][c] for c, _, _ in live]
         st["sizes"] = [n.numel() for n in news]
 
     # ------------------------------------------------------------------ loading

@@ -1,7 +1,6 @@
 """class NTO (nto_ext/optimizer.py): AdamW equality, the budget invariant, lifecycle,
 non-finite handling, state_dict and the bad-input table."""
 
-import io
 import math
 import warnings
 
@@ -10,6 +9,7 @@ import torch
 from tiny import (
     batch,
     one_thread,  # noqa: F401  (autouse fixture)
+    roundtrip,
     three_groups,
     tiny_llama,
     train_step,
@@ -502,20 +502,13 @@ def test_nan_in_inactive_grad_is_ignored():
 # ----------------------------------------------------------------------- state_dict
 
 
-def _roundtrip(obj):
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
-
-
 def test_state_dict_weights_only_and_dtypes_kept():
     model = tiny_llama(dtype=torch.bfloat16)
     opt = NTO(model.named_parameters(), budget="30%", switch_every=2,
               state_on_switch="offload")
     for step in range(5):
         train_step(model, opt, step)
-    sd = _roundtrip(opt.state_dict())
+    sd = roundtrip(opt.state_dict())
     assert sd["nto"]["step"] == 5 and sd["nto"]["offloaded"]
     opt2 = NTO(tiny_llama(dtype=torch.bfloat16).named_parameters(), budget="30%",
                switch_every=2, state_on_switch="offload")

@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import functools
 import gc
-import io
 import time
 import warnings
 from pathlib import Path
@@ -30,7 +29,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from tiny import batch, tiny_llama
+from tiny import batch, roundtrip, tiny_llama
 from toy import Layout, backward, same, snapshot, toy_params, train
 
 from nto_ext import NTO
@@ -460,13 +459,6 @@ def test_exception_mid_accumulation_then_skipping_the_batch():
 # ------------------------------------------------------- checkpoints around a switch
 
 
-def _roundtrip(obj):
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
-
-
 @pytest.mark.parametrize("kw", [
     {"policy": "block", "state_on_switch": "drop"},
     {"policy": "block", "state_on_switch": "offload", "order": "random"},
@@ -491,7 +483,7 @@ def test_checkpoint_at_every_position_around_a_switch(kw):
         pending = k in (2, 5)  # the next step() switches: save with its grads pending
         if pending:
             backward(params, k)
-        ckpt = _roundtrip({"params": snapshot(params), "opt": opt.state_dict()})
+        ckpt = roundtrip({"params": snapshot(params), "opt": opt.state_dict()})
         if pending:  # saving did not disturb the running optimizer
             opt.step()
             opt.zero_grad()
@@ -516,10 +508,10 @@ def test_save_load_save_is_a_fixed_point():
     kw = {"budget": 80, "switch_every": 2, "state_on_switch": "offload"}
     opt = build(named, **kw)
     train(opt, params, range(5))
-    first = _roundtrip(opt.state_dict())
+    first = roundtrip(opt.state_dict())
     again = build(toy_params(), **kw)
     again.load_state_dict(first)
-    second = _roundtrip(again.state_dict())
+    second = roundtrip(again.state_dict())
     assert first["nto"] == second["nto"] and first["param_groups"] == second["param_groups"]
     assert first["state"].keys() == second["state"].keys()
     for i in first["state"]:
@@ -535,7 +527,7 @@ def _sd_after(steps: int = 3, layout: Layout | None = None, **kw) -> dict:
     named = toy_params(layout or Layout())
     opt = build(named, **{**LOAD_KW, **kw})
     train(opt, [p for _, p in named], range(steps))
-    return _roundtrip(opt.state_dict())
+    return roundtrip(opt.state_dict())
 
 
 def _edit(fn):
@@ -804,7 +796,7 @@ def test_same_seed_bit_identical_across_save_resume_with_2_threads():
     params = [p for _, p in named]
     opt = build(named, lr=1e-2, **kw)
     train(opt, params, range(5))
-    ckpt = _roundtrip({"params": snapshot(params), "opt": opt.state_dict()})
+    ckpt = roundtrip({"params": snapshot(params), "opt": opt.state_dict()})
     torch.set_num_threads(1)  # resumed on another thread count
     fresh = toy_params(layout, seed=5)
     with torch.no_grad():

@@ -3,7 +3,6 @@ K = every element, exact gradient accumulation, the scoring rule, regrowth carry
 moments bit for bit, state_dict, bad inputs and the plan. Fresh-process resume is in
 test_resume.py."""
 
-import io
 import math
 
 import pytest
@@ -12,6 +11,7 @@ from tiny import (
     batch,
     llama_config,
     one_thread,  # noqa: F401  (autouse fixture)
+    roundtrip,
     three_groups,
     tiny_llama,
     train_step,
@@ -387,20 +387,13 @@ def test_bf16_params_and_param_groups():
     assert 0 < changed <= 4534 + 2 * 453  # K, and the elements of two regrowths
 
 
-def _roundtrip(obj):
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
-
-
 def test_state_dict_weights_only_roundtrip_continues_identically():
     kw = {"budget": "5%", "switch_every": 2}
     model = tiny_llama()
     opt = sparse(model, **kw)
     for step in range(4):  # ends right before a regrowth (after its drop)
         train_step(model, opt, step)
-    sd = _roundtrip(opt.state_dict())
+    sd = roundtrip(opt.state_dict())
     assert sd["nto"]["policy_state"]["selected"] == sorted(chosen(opt))
     assert sd["nto"]["config"]["regrow_fraction"] == 0.1
     m2 = tiny_llama(seed=3)

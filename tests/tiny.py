@@ -6,6 +6,8 @@ child (test_resume.py adds tests/ to its path).
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 
@@ -56,6 +58,14 @@ def three_groups(model, named: bool = True) -> list[dict]:
 
     return [{"params": f(dec)}, {"params": f(nodec), "weight_decay": 0.0},
             {"params": f(emb), "lr": 3e-3}]
+
+
+def roundtrip(obj):
+    """obj through torch.save / torch.load(weights_only=True), as a checkpoint would go."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
 
 
 @pytest.fixture(autouse=True)
