@@ -14,8 +14,8 @@ const char nto_build_marker[] = "nto-ext-built-against-torch:" NTO_TORCH_VERSION
 
 TORCH_LIBRARY(nto, m) {
   m.def(
-      "param_stats(Tensor[] tensors) -> (Tensor numel, Tensor sumsq, Tensor absmax, "
-      "Tensor hist)");
+      "param_stats(Tensor[] tensors, bool histogram=True) -> (Tensor numel, Tensor sumsq, "
+      "Tensor absmax, Tensor hist)");
   m.def(
       "masked_adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor?[] indices, Tensor[] steps, float lr, float beta1, "

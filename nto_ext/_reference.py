@@ -100,10 +100,12 @@ def _index_dtype_for(numel: int) -> torch.dtype:
 # ------------------------------------------------------------------------ param_stats
 
 
-def param_stats(tensors: Sequence[torch.Tensor]):
+def param_stats(tensors: Sequence[torch.Tensor], histogram: bool = True):
     """Per tensor: numel (int64[n]), sum of squares (float64[n]), abs-max (float32[n]) and
     hist (int64[n, 256]): counts of elements whose |x| has fp32 exponent field e (zeros and
-    subnormals in 0, inf/NaN in 255); bf16/fp16 are widened to fp32 first. This reference sums
+    subnormals in 0, inf/NaN in 255); bf16/fp16 are widened to fp32 first. With
+    histogram=False, hist is int64[n, 0] and the CPU kernel skips its work (a NaN still
+    makes absmax NaN, an inf makes it inf: enough for a non-finite check). This reference sums
     squares in float64; the CPU kernel accumulates them in fp32 lanes flushed to float64 every
     <= 260 squares (relative error <= ~1.6e-5 worst case, ~1e-7 typical; all in float64 for a
     65536-element work item whose |x| max is outside [2^-40, 2^56])."""
@@ -113,15 +115,16 @@ def param_stats(tensors: Sequence[torch.Tensor]):
     numel = torch.tensor([t.numel() for t in tensors], dtype=torch.int64, device=dev)
     sumsq = torch.zeros(n, dtype=torch.float64, device=dev)
     absmax = torch.zeros(n, dtype=torch.float32, device=dev)
-    hist = torch.zeros(n, 256, dtype=torch.int64, device=dev)
+    hist = torch.zeros(n, 256 if histogram else 0, dtype=torch.int64, device=dev)
     for i, t in enumerate(tensors):
         x = t.detach().reshape(-1).float()
         if x.numel() == 0:
             continue
         sumsq[i] = x.double().square().sum()
         absmax[i] = x.abs().max()
-        exponent = (x.view(torch.int32) >> 23) & 0xFF
-        hist[i] = torch.bincount(exponent.long(), minlength=256)
+        if histogram:
+            exponent = (x.view(torch.int32) >> 23) & 0xFF
+            hist[i] = torch.bincount(exponent.long(), minlength=256)
     return numel, sumsq, absmax, hist
 
 

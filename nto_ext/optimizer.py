@@ -630,8 +630,10 @@ class NTO(torch.optim.Optimizer):
             by_dev[g.device].append(k)
         sumsq, n_bad, first_bad = 0.0, 0, None
         for ks in by_dev.values():
-            _, sq, absmax, hist = ops.param_stats([_local(entries[k][3]) for k in ks])
-            flags = (hist[:, 255] > 0) | ~torch.isfinite(absmax) | ~torch.isfinite(sq)
+            # no histogram: a NaN or inf in a grad makes its absmax non-finite
+            _, sq, absmax, _ = ops.param_stats([_local(entries[k][3]) for k in ks],
+                                               histogram=False)
+            flags = ~torch.isfinite(absmax) | ~torch.isfinite(sq)
             bad = flags.nonzero().flatten().tolist()
             if bad and first_bad is None:
                 first_bad = entries[ks[bad[0]]][1]

@@ -101,6 +101,16 @@ def test_param_stats_agrees(dtype):
         assert torch.equal(got[3], want[3])
 
 
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_param_stats_without_histogram(dtype):
+    ts = _to(_stats_inputs(dtype, torch.Generator().manual_seed(1)), DEV)
+    full = _cuda_op("param_stats")(ts)
+    fast = _cuda_op("param_stats")(ts, False)
+    assert fast[3].shape == (len(ts), 0)
+    for a, b in zip(full[:3], fast[:3]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
 def test_param_stats_many_tensors_and_mixed_dtypes():
     gen = torch.Generator().manual_seed(2)
     ts = [torch.randn(int(n), generator=gen).to(FLOATS[i % 3])

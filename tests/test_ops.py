@@ -272,6 +272,9 @@ def test_wrappers_accept_empty_lists():
     ops.masked_adamw_([], [], [], [], [], 1, **HYPER)
     ops.gather_accumulate_([], [], [])
     assert ops.param_stats([])[3].shape == (0, 256)
+    assert ops.param_stats([], histogram=False)[3].shape == (0, 0)
+    with pytest.raises(TypeError, match=r"histogram='no'; allowed: True or False"):
+        ops.param_stats([torch.zeros(2)], histogram="no")
 
 
 def test_select_topk_k_zero_and_all():
@@ -395,6 +398,34 @@ def test_param_stats_special_values_spread_through_large_tensors():
                                            rtol=SUMSQ_RTOL, atol=0)
 
 
+@SETTINGS
+@given(st.lists(st.tuples(st.sampled_from(SIZES + [32 * 300 + 17, 32 * 260 * 4 + 5])
+                          | st.integers(0, 300), st.sampled_from(DTYPES),
+                          st.integers(0, 2**16),
+                          st.sampled_from(["plain", "nan", "inf", "huge", "tiny", "zero"])),
+                min_size=1, max_size=3))
+def test_param_stats_without_histogram_gives_the_same_bits(specs):
+    """histogram=False (the optimizer's norm and non-finite check) skips the histogram and
+    keeps numel, sumsq and absmax bit-identical to histogram=True: NaN and inf, values whose
+    squares leave fp32's range (the double-precision rescan), zeros, sizes across the
+    kernel's flush points (the 4-block prefix, then every 256 blocks of 32)."""
+    ts = []
+    for n, dtype, seed, kind in specs:
+        t = torch.randn(n, generator=torch.Generator().manual_seed(seed))
+        if n and kind in ("nan", "inf"):
+            t[seed % n] = float(kind)
+        scale = {"huge": 6e4 if dtype == torch.float16 else 1e30,
+                 "tiny": 1e-6 if dtype == torch.float16 else 1e-30, "zero": 0.0}
+        ts.append((t * scale.get(kind, 1.0)).to(dtype))
+    for label, impl in _impls():
+        full = impl["param_stats"](ts)
+        fast = impl["param_stats"](ts, False)
+        assert fast[3].shape == (len(ts), 0) and fast[3].dtype == torch.int64, label
+        for a, b in zip(full[:3], fast[:3]):
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), label
+        assert torch.equal(torch.isnan(full[2]), torch.isnan(fast[2])), label
+
+
 # ------------------------------------------------------------------------- determinism
 
 
@@ -413,7 +444,7 @@ def _all_ops_outputs():
     compact = [torch.zeros(lengths[0])]
     ops.gather_accumulate_([gs[0]], [idx[0]], compact)
     top = ops.select_topk(big, 37_000)
-    stats = ops.param_stats(big)
+    stats = ops.param_stats(big) + ops.param_stats(big, histogram=False)[:3]
     remap = ops.remap_state([idx[0]], [torch.arange(0, 300_001, 2)], [torch.stack([ms[0], vs[0]])])
     return ps + ms + vs + compact + top + list(stats) + remap
 
@@ -589,6 +620,7 @@ def test_fake_implementations_give_shapes():
         assert out[0].shape == (2, 5)
         stats = torch.ops.nto.param_stats([torch.zeros(4), torch.zeros(2)])
         assert stats[3].shape == (2, 256)
+        assert torch.ops.nto.param_stats([torch.zeros(4)], False)[3].shape == (1, 0)
         top = torch.ops.nto.select_topk([torch.zeros(4)], 2)
         assert top[0].dtype == torch.int32 and top[0].dim() == 1
 

@@ -1,5 +1,5 @@
-// param_stats on CPU: numel, sum of squares (double), abs-max and a 256-bin histogram of
-// the IEEE fp32 exponent field of |x|, in one pass over each tensor. at::parallel_for over
+// param_stats on CPU: numel, sum of squares (double), abs-max and (unless histogram=False)
+// a 256-bin histogram of the IEEE fp32 exponent field of |x|, in one pass over each tensor. at::parallel_for over
 // (tensor, chunk) work items; the per-chunk vector scan is vec_kernels_impl.h's; partials
 // are combined in item order, so results do not depend on the thread count.
 #include <ATen/ATen.h>
@@ -20,21 +20,23 @@ FType ftype(c10::ScalarType t) {
   return t == at::kFloat ? FType::F32 : t == at::kBFloat16 ? FType::BF16 : FType::F16;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> param_stats_cpu(at::TensorList ts) {
+using Stats = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+Stats param_stats_cpu(at::TensorList ts, bool histogram) {
   check_float_list("param_stats", "tensors", ts);
   const int64_t n = ts.size();
   std::vector<int64_t> sizes(n);
   for (int64_t i = 0; i < n; ++i) sizes[i] = ts[i].numel();
   const auto items = make_work_items(sizes);
   std::vector<StatsPartial> parts(items.size());
-  const auto& k = cpu_kernels();
+  const auto chunk = histogram ? cpu_kernels().stats : cpu_kernels().sums;
 
   at::parallel_for(0, (int64_t)items.size(), 1, [&](int64_t lo, int64_t hi) {
     for (int64_t w = lo; w < hi; ++w) {
       const auto& it = items[w];
       const auto& t = ts[it.tensor];
       const char* base = static_cast<const char*>(t.const_data_ptr());
-      k.stats(base + it.begin * t.element_size(), ftype(t.scalar_type()), it.end - it.begin,
+      chunk(base + it.begin * t.element_size(), ftype(t.scalar_type()), it.end - it.begin,
               &parts[w]);
     }
   });
@@ -42,7 +44,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> param_stats_cpu(at::T
   auto numel = at::empty({n}, at::kLong);
   auto sumsq = at::zeros({n}, at::kDouble);
   auto absmax = at::zeros({n}, at::kFloat);
-  auto hist = at::zeros({n, 256}, at::kLong);
+  auto hist = at::zeros({n, histogram ? 256 : 0}, at::kLong);
   auto* pn = numel.data_ptr<int64_t>();
   auto* ps = sumsq.data_ptr<double>();
   auto* pa = absmax.data_ptr<float>();
@@ -53,7 +55,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> param_stats_cpu(at::T
     ps[t] += parts[w].sumsq;
     const float a = parts[w].absmax;
     pa[t] = (std::isnan(a) || std::isnan(pa[t])) ? NAN : std::fmax(pa[t], a);
-    for (int e = 0; e < 256; ++e) ph[t * 256 + e] += parts[w].hist[e];
+    if (histogram)
+      for (int e = 0; e < 256; ++e) ph[t * 256 + e] += parts[w].hist[e];
   }
   return {numel, sumsq, absmax, hist};
 }

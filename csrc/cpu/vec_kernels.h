@@ -48,7 +48,8 @@ using TopkKeysFn = void (*)(const void* x, FType t, int64_t n, uint32_t* keys);
 struct CpuKernels {
   const char* name;  // "default", "avx2", "avx512"
   AdamWChunkFn adamw;
-  StatsChunkFn stats;
+  StatsChunkFn stats;  // sumsq, absmax and hist
+  StatsChunkFn sums;   // sumsq and absmax only (the same bits as `stats`); hist untouched
   TopkKeysFn topk_keys;
 };
 

@@ -691,6 +691,75 @@ void stats_chunk_t(const T* x, int64_t n, StatsPartial* out) {
   out->absmax = m;
 }
 
+// param_stats without the histogram (histogram=False): the same fp32 lanes, flushed at the
+// same blocks as stats_chunk_t (after the scalar prefix, every kFlushBlocks blocks), so
+// sumsq and absmax are bit-identical to it, for one read of memory and two vector ops per
+// element. NaN needs no histogram to be found: a NaN makes its fp32 lane, and so the double
+// total, NaN (squares of finite fp32 values never overflow a double lane); only a chunk whose
+// total is not finite or whose abs-max is inf is scanned for NaN. `out->hist` is not written.
+template <typename T>
+void sums_chunk_t(const T* x, int64_t n, StatsPartial* out) {
+  constexpr int64_t kAcc = kLanes / kV;
+  Vec acc[kAcc];
+  for (auto& a : acc) a = Vec(0.0f);
+  double lanes[kLanes] = {};
+  auto flush_sums = [&]() {
+    alignas(64) float f[kLanes];
+    for (int64_t a = 0; a < kAcc; ++a) acc[a].store(f + a * kV), acc[a] = Vec(0.0f);
+    for (int64_t t = 0; t < kLanes; ++t) lanes[t] += static_cast<double>(f[t]);
+  };
+  Vec amax(0.0f);
+  const int64_t full = n - n % kLanes;
+  const int64_t prefix = std::min(full, kScalarPrefix);
+  int64_t blocks = 0;
+  // One read stream with little work per line: the hardware prefetcher alone left it ~25%
+  // slower (1 thread, 6-layer decoder grads; 2-16 KiB ahead measured within noise of 4).
+  constexpr int64_t kGroup = 16 * kLanes, kAheadBytes = 4096;
+  for (int64_t j = 0; j < full; j += kLanes) {
+    if (j % kGroup == 0) {
+      const char* c = reinterpret_cast<const char*>(x + j) + kAheadBytes;
+      for (int64_t q = 0; q < kGroup * static_cast<int64_t>(sizeof(T)); q += 64)
+        __builtin_prefetch(c + q);
+    }
+    for (int64_t off = 0; off < kLanes; off += kW) {
+      Vec a, b;
+      sums_step(x + j + off, acc + off / kV, amax, a, b);
+    }
+    if (j >= prefix && ++blocks == kFlushBlocks) flush_sums(), blocks = 0;
+  }
+  if (full < n) {
+    alignas(64) T pad[kLanes];
+    std::memset(pad, 0, sizeof(pad));
+    std::memcpy(pad, x + full, (n - full) * sizeof(T));
+    for (int64_t off = 0; off < kLanes; off += kW) {
+      Vec a, b;
+      sums_step(pad + off, acc + off / kV, amax, a, b);
+    }
+  }
+  flush_sums();
+  for (int64_t w = kLanes / 2; w >= 1; w /= 2)  // fixed pairwise order, as stats_chunk_t
+    for (int64_t t = 0; t < w; ++t) lanes[t] += lanes[t + w];
+  float lane_max[kV];
+  amax.store(lane_max);
+  float m = 0.0f;
+  for (int t = 0; t < kV; ++t) m = std::max(m, lane_max[t]);
+  if (!std::isfinite(lanes[0]) || std::isinf(m)) {  // inf or NaN may be present
+    for (int64_t j = 0; j < n; ++j)
+      if (std::isnan(static_cast<float>(x[j]))) m = NAN;
+  }
+  const bool safe = m == 0.0f || (m >= kSquareSafeLo && m <= kSquareSafeHi);
+  out->sumsq = safe ? lanes[0] : sumsq_double(x, n);
+  out->absmax = m;
+}
+
+void sums_chunk(const void* x, FType t, int64_t n, StatsPartial* out) {
+  switch (t) {
+    case FType::F32: sums_chunk_t(static_cast<const float*>(x), n, out); break;
+    case FType::BF16: sums_chunk_t(static_cast<const c10::BFloat16*>(x), n, out); break;
+    case FType::F16: sums_chunk_t(static_cast<const c10::Half*>(x), n, out); break;
+  }
+}
+
 void stats_chunk(const void* x, FType t, int64_t n, StatsPartial* out) {
   switch (t) {
     case FType::F32: stats_chunk_t(static_cast<const float*>(x), n, out); break;
@@ -741,7 +810,8 @@ void topk_keys(const void* x, FType t, int64_t n, uint32_t* keys) {
 }  // namespace
 
 const CpuKernels& kernels() {
-  static const CpuKernels k{NTO_CAP_NAME, &adamw_chunk, &stats_chunk, &topk_keys};
+  static const CpuKernels k{NTO_CAP_NAME, &adamw_chunk, &stats_chunk, &sums_chunk,
+                            &topk_keys};
   return k;
 }
 

@@ -175,7 +175,10 @@ void launch_partials(const std::vector<int64_t>& ids, at::TensorList ts,
       });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> param_stats_cuda(at::TensorList ts) {
+// histogram=False returns hist as [n, 0]; the device computes it anyway (the CPU kernel
+// skips it to save its time; on a GPU the histogram shares the one read of memory).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> param_stats_cuda(at::TensorList ts,
+                                                                             bool histogram) {
   check_float_list("param_stats", "tensors", ts);
   check_on_cuda("param_stats", "tensors", ts[0]);  // the dispatcher never sends an empty list
   const at::Device dev = ts[0].device();
@@ -221,7 +224,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> param_stats_cuda(at::
         absmax.mutable_data_ptr<float>(), hist.mutable_data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  return {numel, sumsq, absmax, hist};
+  return {numel, sumsq, absmax, histogram ? hist : hist.narrow(1, 0, 0)};
 }
 
 }  // namespace
