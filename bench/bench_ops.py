@@ -158,6 +158,15 @@ def test_param_stats_ours(benchmark, model):
          pair="torch._foreach_norm")
 
 
+def test_param_stats_no_histogram(benchmark, model):
+    """What NTO's step uses for its norm and non-finite check."""
+    params = model[0]
+    n = _numel(params)
+    _run(benchmark, lambda: ops.param_stats(params, histogram=False), group="param_stats",
+         name="param_stats, histogram=False (sumsq + absmax)", nbytes=4 * n, elements=n,
+         pair="torch._foreach_norm")
+
+
 # ---------------------------------------------------------------------------- select_topk
 
 

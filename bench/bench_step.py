@@ -12,7 +12,8 @@ exactly the params that have one in real training: every param for AdamW, the ac
 for NTO (its hooks drop the others as backward produces them). The NTO schedule never
 switches during the benchmark (switch_every is larger than the rounds), so the step is the
 steady-state update of the active set, including NTO's default non-finite check
-(nonfinite="skip": one param_stats pass over the active gradients).
+(nonfinite="skip": one param_stats(histogram=False) read of the active gradients), and again
+with nonfinite="propagate" (no check, torch's AdamW semantics).
 Target (issue 8): NTO at budget b costs <= (b + 0.05) x the fused AdamW step.
 """
 
@@ -115,14 +116,19 @@ def test_adamw(benchmark, tensors, impl):
          elements=total)
 
 
+@pytest.mark.parametrize("nonfinite", ["skip", "propagate"])
 @pytest.mark.parametrize("budget", BUDGETS)
-def test_nto(benchmark, tensors, budget):
+def test_nto(benchmark, tensors, budget, nonfinite):
+    """nonfinite="skip" (the default) reads the active grads once more to find NaN/Inf before
+    updating; "propagate" does not check, as torch's AdamW does not: the like-for-like row."""
     params, grads = tensors
     leaves = _leaves(params)
-    opt = NTO(leaves, **HYPER, budget=budget, policy="block", switch_every=10**9)
+    opt = NTO(leaves, **HYPER, budget=budget, policy="block", switch_every=10**9,
+              nonfinite=nonfinite)
     opt.train()  # apply the active set: inactive params drop requires_grad
     active = sum(p.numel() for _, p in leaves if p.requires_grad)
-    _run(benchmark, opt, leaves, grads, group="step", name=f"nto-block-{budget}",
+    suffix = "" if nonfinite == "skip" else f" ({nonfinite})"
+    _run(benchmark, opt, leaves, grads, group="step", name=f"nto-block-{budget}{suffix}",
          budget=float(budget.rstrip("%")) / 100, elements=active)
 
 

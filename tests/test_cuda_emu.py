@@ -271,8 +271,8 @@ inline CUDAStream getCurrentCUDAStream() { return {}; }
 
 SCHEMAS = {
     "param_stats": ("stats::param_stats_cuda",
-                    "param_stats(Tensor[] tensors, bool histogram=True) -> (Tensor, Tensor, Tensor, "
-                    "Tensor)"),
+                    "param_stats(Tensor[] tensors, bool histogram=True) "
+                    "-> (Tensor, Tensor, Tensor, Tensor)"),
     "masked_adamw_": ("adamw::masked_adamw_cuda",
                       "masked_adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
                       "Tensor(c!)[] exp_avg_sqs, Tensor?[] indices, Tensor[] steps, float lr, "
