@@ -82,10 +82,18 @@ CONFIGS: dict[str, tuple[str, str]] = {
     "nto-block-10": ("nto", "NTO block, budget 10%, order descending, state dropped"),
     "nto-block-25-offload": ("nto", "NTO block, budget 25%, order descending, inactive state "
                                     "kept in host memory (state_on_switch='offload')"),
+    "nto-block-25-head": ("nto", "NTO block, budget 25%, descending, state dropped, "
+                                 "always=(head, other): the new classifier trains every step"),
+    "nto-block-25-offload-head": ("nto", "NTO block, budget 25%, descending, offload, "
+                                         "always=(head, other)"),
     "nto-sample-25": ("nto", "NTO sample, budget 25%"),
     "nto-sample-10": ("nto", "NTO sample, budget 10%"),
+    "nto-sample-10-head": ("nto", "NTO sample, budget 10%, always=(head, other)"),
+    "nto-sample-25-head": ("nto", "NTO sample, budget 25%, always=(head, other)"),
     "nto-sparse-25": ("nto", "NTO sparse, budget 25%"),
     "nto-sparse-10": ("nto", "NTO sparse, budget 10%"),
+    "nto-sparse-7.5": ("nto", "NTO sparse, budget 7.5%: 16 B per chosen element, so the "
+                              "training-state bytes of block at 10% (0.10x AdamW's)"),
     "badam": ("nto", "BAdam = NTO block, one layer per group (budget = largest layer), "
                      "descending, state dropped on switch; embed frozen (BAdam default)"),
     "lisa": ("nto", "LISA = NTO sample, always=(embed, head, other), sample_layers=N "
@@ -161,8 +169,13 @@ def build_optimizer(spec: RunSpec, task: str, model):
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=demo.WEIGHT_DECAY,
                                  foreach=True), model, info
     if name.startswith("nto-"):
+        # nto-POLICY-PCT[-drop|-offload][-head]
         _, policy, pct, *how = name.split("-")
-        extra = {"order": "descending"} if policy == "block" else {}
+        extra: dict[str, Any] = {"order": "descending"} if policy == "block" else {}
+        if "head" in how:  # the new task head (and BERT's pooler) train in every period
+            how.remove("head")
+            extra["always"] = tuple(b for b in ("head", "other") if b in _units(model))
+            info["always"] = extra["always"]
         if how:
             extra["state_on_switch"] = how[0]
         info["budget"] = f"{pct}%"
