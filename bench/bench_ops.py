@@ -140,6 +140,60 @@ def test_adamw_indexed_10pct_ours(benchmark, model, layout):
          pair="torch.optim.AdamW(fused=True).step() float32")
 
 
+# ------------------------------------------------- real positions: SmolLM2-135M's gradient
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    try:
+        return smollm2_gradient()
+    except ValueError as e:  # resolve_model: the package is not installed
+        pytest.skip(f"SmolLM2-135M not available: {e}")
+
+
+def smollm2_gradient():
+    """SmolLM2-135M's fp32 parameters (134.5M elements), the gradient of one batch of BBC
+    News text (4 x 128 tokens) and its top 10% by |g|: the positions NTO's sparse policy
+    picks at a scoring step."""
+    from nto_ext import data, demo
+
+    src = data.resolve_model("smollm2")
+    torch.manual_seed(0)
+    tokenizer = data.load_tokenizer(src)
+    model = data.load_model(src, "lm")
+    cfg = demo.DemoConfig(model="smollm2", data="bbc", steps=1, batch_size=4, max_length=128,
+                          eval_size=4, seed=0)
+    n, take, _, _ = demo._prepare(demo.Resolved(cfg, "lm", src, 0), tokenizer)
+    model(**next(iter(demo._batches(n, take, 1, 4, 0)))).loss.backward()
+    params = [p.detach() for p in model.parameters()]  # the tied embedding once
+    grads = [p.grad for p in model.parameters()]
+    idx = ops.select_topk(grads, _numel(grads) // 10)
+    return params, grads, idx
+
+
+def test_adamw_fused_torch_smollm2(benchmark, smollm2):
+    params, grads, _ = smollm2
+    opt = _fused_adamw(params, grads)
+    n = _numel(params)
+    _run(benchmark, opt.step, group="adamw smollm2",
+         name="torch.optim.AdamW(fused=True).step() SmolLM2-135M", nbytes=28 * n, elements=n)
+
+
+def test_adamw_indexed_topk_smollm2(benchmark, smollm2):
+    params, dense_grads, idx = smollm2
+    params = [p.clone() for p in params]
+    grads = [g.view(-1)[i.long()] for g, i in zip(dense_grads, idx)]
+    ms = [torch.zeros(i.numel()) for i in idx]
+    vs = [torch.zeros(i.numel()) for i in idx]
+    k = _numel(idx)
+    step = iter(range(1, 10**6))
+    fn = lambda: ops.masked_adamw_(params, grads, ms, vs, idx, next(step), **HYPER)
+    _run(benchmark, fn, group="adamw smollm2",
+         name="masked_adamw_ indexed 10% fp32, top 10% |g| of SmolLM2-135M",
+         nbytes=k * (8 + 4 + 16 + 4), elements=k,
+         pair="torch.optim.AdamW(fused=True).step() SmolLM2-135M")
+
+
 # ---------------------------------------------------------------------------- param_stats
 
 

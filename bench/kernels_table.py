@@ -29,6 +29,8 @@ TARGETS = {
                                                           0.25, "le"),
     "masked_adamw_ indexed 10% fp32, in runs of 256": ("<= 0.25x fused AdamW (full step)",
                                                        0.25, "le"),
+    "masked_adamw_ indexed 10% fp32, top 10% |g| of SmolLM2-135M": (
+        "<= 0.25x fused AdamW (full step)", 0.25, "le"),
     "param_stats (sumsq + absmax + histogram)": ("<= 1.0x _foreach_norm", 1.0, "le"),
     "param_stats, histogram=False (sumsq + absmax)": ("<= 1.0x _foreach_norm", 1.0, "le"),
     "select_topk (10%)": (">= 3x faster than torch.topk", 3.0, "speedup"),
