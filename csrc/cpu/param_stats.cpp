@@ -1,7 +1,8 @@
 // param_stats on CPU: numel, sum of squares (double), abs-max and (unless histogram=False)
-// a 256-bin histogram of the IEEE fp32 exponent field of |x|, in one pass over each tensor. at::parallel_for over
-// (tensor, chunk) work items; the per-chunk vector scan is vec_kernels_impl.h's; partials
-// are combined in item order, so results do not depend on the thread count.
+// a 256-bin histogram of the IEEE fp32 exponent field of |x|, in one pass over each tensor.
+// at::parallel_for over (tensor, chunk) work items; the per-chunk vector scan is
+// vec_kernels_impl.h's; partials are combined in item order, so results do not depend on
+// the thread count.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

@@ -693,8 +693,7 @@ void stats_chunk_t(const T* x, int64_t n, StatsPartial* out) {
 
 // param_stats without the histogram (histogram=False): the same fp32 lanes, flushed at the
 // same blocks as stats_chunk_t (after the scalar prefix, every kFlushBlocks blocks), so
-// sumsq and absmax are bit-identical to it, for one read of memory and two vector ops per
-// element. NaN needs no histogram to be found: a NaN makes its fp32 lane, and so the double
+// sumsq and absmax are bit-identical to it, for one plain read of memory. NaN needs no histogram to be found: a NaN makes its fp32 lane, and so the double
 // total, NaN (squares of finite fp32 values never overflow a double lane); only a chunk whose
 // total is not finite or whose abs-max is inf is scanned for NaN. `out->hist` is not written.
 template <typename T>
