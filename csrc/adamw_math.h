@@ -53,7 +53,7 @@ static NTO_HOST_DEVICE void adamw_step_scalars(double lr, double beta1, double b
   *bc2_sqrt = static_cast<float>(sqrt(bc2));
 }
 
-// Hyper-parameter scalars, plus the per-step pair for `step` (pass 1 if steps vary).
+// Hyper-parameter scalars, plus the per-step pair for `step` (pass 1 if steps vary by tensor).
 static NTO_HOST_DEVICE AdamWScalars adamw_scalars(double lr, double beta1, double beta2,
                                                   double eps, double weight_decay,
                                                   double step = 1.0) {
@@ -98,7 +98,7 @@ struct FloatOps<float> {
 };
 
 // One element (or one SIMD lane group), fp32; p, m, v are updated in place.
-// neg_step_size / bc2_sqrt are arguments so per-element step counts can supply their own.
+// neg_step_size / bc2_sqrt are arguments: each tensor's step count supplies its own pair.
 template <typename T>
 static NTO_HOST_DEVICE void adamw_update(T& p, T g, T& m, T& v, const AdamWScalars& s,
                                          T neg_step_size, T bc2_sqrt) {

@@ -116,11 +116,6 @@ inline void check_adamw_hyper(double lr, double beta1, double beta2, double eps,
   rule("weight_decay", wd, wd >= 0.0, ">= 0");
 }
 
-// A 1-element step tensor: one count for the whole tensor (read on the host).
-inline bool is_scalar_step(const at::Tensor& step) {
-  return step.numel() == 1 && step.scalar_type() != at::kBool && !step.is_complex();
-}
-
 // Metadata of entry i (no tensor contents): dtypes, layouts, devices and lengths.
 inline void check_adamw_entry(size_t i, const at::Tensor& p, const at::Tensor& g,
                               const at::Tensor& m, const at::Tensor& v,
@@ -150,17 +145,15 @@ inline void check_adamw_entry(size_t i, const at::Tensor& p, const at::Tensor& g
                     g.numel(), " elements; allowed: ", length, " (compact) or ", p.numel(),
                     " (dense, like params[", i, "])");
   TORCH_CHECK_VALUE(step.defined(), op, ": steps[", i, "] is undefined; expected a Tensor");
-  if (is_scalar_step(step)) {
-    TORCH_CHECK_VALUE(step.device() == dev || step.device().is_cpu(), op, ": steps[", i,
-                      "] is on ", step.device(), "; a 1-element step must be on the cpu or on ",
-                      dev);
-    return;
-  }
-  TORCH_CHECK_VALUE(step.scalar_type() == at::kInt && step.dim() == 1 && step.numel() == length,
-                    op, ": steps[", i, "] has shape ", shape_str(step.sizes()), " and dtype ",
-                    dtype_name(step.scalar_type()), "; allowed: a 1-element tensor or an int32 ",
-                    "tensor of ", length, " per-element step counts");
-  check_tensor(op, "steps", i, step, {at::kInt}, "torch.int32", dev);
+  TORCH_CHECK_VALUE(step.numel() == 1, op, ": steps[", i, "] has ", step.numel(),
+                    " elements; allowed: one step count per tensor (a 1-element tensor or a "
+                    "number)");
+  TORCH_CHECK_TYPE(step.scalar_type() != at::kBool && !step.is_complex(), op, ": steps[", i,
+                   "] has dtype ", dtype_name(step.scalar_type()),
+                   "; allowed: a real (integer or floating-point) dtype");
+  TORCH_CHECK_VALUE(step.device() == dev || step.device().is_cpu(), op, ": steps[", i,
+                    "] is on ", step.device(), "; a 1-element step must be on the cpu or on ",
+                    dev);
 }
 
 inline void check_adamw_meta(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,

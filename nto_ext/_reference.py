@@ -166,22 +166,21 @@ def _check_adamw_entry(i: int, p, g, m, v, idx, step, dev: torch.device) -> None
     if not isinstance(step, torch.Tensor):
         raise TypeError(f"{op}: steps[{i}] is {type(step).__name__}; expected a Tensor "
                         "(ops.masked_adamw_ converts ints)")
-    if step.numel() == 1 and step.dtype != torch.bool and not step.is_complex():
-        if step.device != dev and step.device.type != "cpu":
-            raise ValueError(f"{op}: steps[{i}] is on {step.device}; a 1-element step must "
-                             f"be on the cpu or on {dev}")
-        return
-    if step.dtype != torch.int32 or step.dim() != 1 or step.numel() != length:
-        raise ValueError(f"{op}: steps[{i}] has shape {tuple(step.shape)} and dtype "
-                         f"{step.dtype}; allowed: a 1-element tensor or an int32 tensor of "
-                         f"{length} per-element step counts")
-    _check_tensor(op, "steps", i, step, (torch.int32,), "torch.int32", dev)
+    if step.numel() != 1:
+        raise ValueError(f"{op}: steps[{i}] has {step.numel()} elements; allowed: one step "
+                         "count per tensor (a 1-element tensor or a number)")
+    if step.dtype == torch.bool or step.is_complex():
+        raise TypeError(f"{op}: steps[{i}] has dtype {step.dtype}; allowed: a real (integer "
+                        "or floating-point) dtype")
+    if step.device != dev and step.device.type != "cpu":
+        raise ValueError(f"{op}: steps[{i}] is on {step.device}; a 1-element step must "
+                         f"be on the cpu or on {dev}")
 
 
 def _check_steps_values(i: int, step: torch.Tensor) -> None:
-    if step.numel() == 0 or not _has_values(step):
+    if not _has_values(step):
         return
-    low = float(step.min())
+    low = float(step.item())
     if not low >= 1:  # also refuses NaN
         raise ValueError(f"masked_adamw_: steps[{i}] holds a step count of {low:g}; step "
                          "counts start at 1 (the count after incrementing)")
@@ -218,20 +217,6 @@ def _adamw_scalar_step(p, g, m, v, step: float, lr, beta1, beta2, eps, weight_de
     p.addcdiv_(m, denom, value=-step_size)
 
 
-def _adamw_elementwise_step(p, g, m, v, steps: torch.Tensor, lr, beta1, beta2, eps,
-                            weight_decay) -> None:
-    """Same as _adamw_scalar_step with one step count per element: the bias corrections are
-    computed in double per element, then rounded to fp32 like torch rounds the scalars."""
-    p.mul_(1 - lr * weight_decay)
-    m.lerp_(g, 1 - beta1)
-    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    s = steps.double()
-    neg_step_size = (-(lr / (1 - beta1**s))).float()
-    bias_correction2_sqrt = (1 - beta2**s).sqrt().float()
-    denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
-    p.add_(neg_step_size * m / denom)
-
-
 def masked_adamw_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
                   exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor],
                   indices: Sequence[torch.Tensor | None], steps: Sequence[torch.Tensor],
@@ -242,8 +227,8 @@ def masked_adamw_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
     of len(indices[i]) elements; grad compact or dense). Math in fp32; bf16/fp16 params are
     widened, updated and rounded back once. Elements not indexed are not written.
 
-    steps[i]: a 1-element tensor (the count after incrementing, bias corrections in double)
-    or an int32 tensor with one count per updated element."""
+    steps[i]: one count for the whole tensor, a 1-element tensor of any real dtype (the count
+    after incrementing; bias corrections in double)."""
     check_masked_adamw(params, grads, exp_avgs, exp_avg_sqs, indices, steps,
                        lr, beta1, beta2, eps, weight_decay)
     with torch.no_grad():
@@ -258,12 +243,8 @@ def masked_adamw_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
                 g32 = g.reshape(-1)[pos] if g.numel() != idx.numel() else g.reshape(-1)
                 g32 = g32.float()
             m32, v32 = m.view(-1), v.view(-1)
-            if step.numel() == 1:
-                _adamw_scalar_step(p32, g32, m32, v32, float(step.item()),
-                                   lr, beta1, beta2, eps, weight_decay)
-            else:
-                _adamw_elementwise_step(p32, g32, m32, v32, step.view(-1),
-                                        lr, beta1, beta2, eps, weight_decay)
+            _adamw_scalar_step(p32, g32, m32, v32, float(step.item()),
+                               lr, beta1, beta2, eps, weight_decay)
             if idx is None:
                 if p32.data_ptr() != flat.data_ptr():
                     flat.copy_(p32)  # round back once

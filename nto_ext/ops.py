@@ -241,9 +241,9 @@ StepsArg = int | float | torch.Tensor | Sequence[int | float | torch.Tensor]
 
 
 def _step_tensors(steps: StepsArg, n: int) -> list[torch.Tensor]:
-    """`steps` as the schema wants it: one tensor per param (a 1-element count, or an int32
-    tensor of per-element counts). Plain numbers become float64 CPU scalars (exact up to
-    2**53), read once on the host; tensors pass through unchanged."""
+    """`steps` as the schema wants it: one 1-element tensor per param (one count per tensor).
+    Plain numbers become float64 CPU scalars (exact up to 2**53), read once on the host;
+    tensors pass through unchanged (the op refuses any that is not 1-element)."""
     if isinstance(steps, (int, float, torch.Tensor)):
         if isinstance(steps, torch.Tensor) and steps.numel() != 1:
             raise ValueError(f"masked_adamw_: steps is a tensor of {steps.numel()} elements; "
@@ -259,8 +259,8 @@ def _step_tensors(steps: StepsArg, n: int) -> list[torch.Tensor]:
                 cache[s] = torch.tensor([float(s)], dtype=torch.float64)
             out.append(cache[s])
         else:
-            raise TypeError(f"masked_adamw_: steps[{i}] is {type(s).__name__}; allowed: an "
-                            "int, a 1-element tensor or an int32 tensor of per-element steps")
+            raise TypeError(f"masked_adamw_: steps[{i}] is {type(s).__name__}; allowed: a "
+                            "number or a 1-element tensor")
     return out
 
 
@@ -273,8 +273,8 @@ def masked_adamw_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
     indices[i] None: dense (state numel == param numel); else sorted unique int32/int64
     positions in the flattened param, state of len(indices[i]) fp32 elements, grad compact
     (len(indices[i])) or dense (param numel, read at the positions). steps: an int for all,
-    or one entry per param: an int, a 1-element tensor, or an int32 tensor of per-element
-    counts (len(indices[i])). The step is the count after incrementing (first update: 1).
+    or one count per param: an int or a 1-element tensor (on the cpu or the params' device).
+    The step is the count after incrementing (first update: 1).
     Params/grads fp32/bf16/fp16 (grad dtype = param dtype or fp32), state fp32, math fp32.
     Elements not indexed stay bit-identical. See `_reference.masked_adamw_`."""
     params, grads, exp_avgs, exp_avg_sqs = list(params), list(grads), list(exp_avgs), \

@@ -135,9 +135,9 @@ def test_param_stats_is_deterministic():
 HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
 
 
-def _adamw_case(sizes, pdtype, gdtype, kind, idx_dtype, step_kind, gen, offset=0):
-    """CPU inputs: kind 'dense' | 'compact' | 'dense_grad' (indexed); step_kind 'int' |
-    'cpu' | 'cuda' | 'cuda_f32' | 'elem'. offset=1 makes params unaligned views."""
+def _adamw_case(sizes, pdtype, gdtype, kind, idx_dtype, gen, offset=0):
+    """CPU inputs: kind 'dense' | 'compact' | 'dense_grad' (indexed); steps are set by
+    _step_list. offset=1 makes params unaligned views."""
     params, grads, ms, vs, idx, steps = [], [], [], [], [], []
     for n in sizes:
         base = torch.randn(n + offset, generator=gen).to(pdtype)
@@ -153,23 +153,20 @@ def _adamw_case(sizes, pdtype, gdtype, kind, idx_dtype, step_kind, gen, offset=0
         ms.append(torch.randn(length, generator=gen) * 0.1)
         vs.append(torch.rand(length, generator=gen) * 0.01)
         idx.append(pos)
-        if step_kind == "elem":
-            steps.append(torch.randint(1, 50, (length,), generator=gen, dtype=torch.int32))
-        else:
-            steps.append(7)
+        steps.append(7)
     return params, grads, ms, vs, idx, steps
 
 
 def _step_list(steps, step_kind, device):
+    """step_kind 'int' | 'cpu' | 'cuda' | 'cuda_f32': one count (7) per tensor."""
     if step_kind == "int":
         return ops._step_tensors(7, len(steps))
     if step_kind == "cpu":
         return [torch.tensor([7.0], dtype=torch.float64) for _ in steps]
     if step_kind == "cuda":
         return [torch.tensor([7], dtype=torch.int64, device=device) for _ in steps]
-    if step_kind == "cuda_f32":
-        return [torch.tensor([7.0], dtype=torch.float32, device=device) for _ in steps]
-    return [s.to(device) for s in steps]  # per-element int32
+    assert step_kind == "cuda_f32", step_kind
+    return [torch.tensor([7.0], dtype=torch.float32, device=device) for _ in steps]
 
 
 def _run_adamw(op, case, device, step_kind):
@@ -198,8 +195,8 @@ def test_masked_adamw_agrees_with_cpu_and_reference(pdtype, gdtype, kind):
     gen = torch.Generator().manual_seed(3)
     for idx_dtype in (torch.int32, torch.int64) if kind != "dense" else (None,):
         for offset in (0, 1):
-            case = _adamw_case(SIZES + (1 << 20 | 7,), pdtype, gdtype, kind, idx_dtype, "int",
-                               gen, offset)
+            case = _adamw_case(SIZES + (1 << 20 | 7,), pdtype, gdtype, kind, idx_dtype, gen,
+                               offset)
             got = _run_adamw(_cuda_op("masked_adamw_"), case, DEV, "int")
             want_cpu = _run_adamw(_cpu_or_reference("masked_adamw_"), case, "cpu", "int")
             _assert_same(got, want_cpu, exact=True, dtype=pdtype)
@@ -207,15 +204,14 @@ def test_masked_adamw_agrees_with_cpu_and_reference(pdtype, gdtype, kind):
             _assert_same(got, want_ref, exact=pdtype == torch.float32, dtype=pdtype)
 
 
-@pytest.mark.parametrize("step_kind", ["cpu", "cuda", "cuda_f32", "elem"])
+@pytest.mark.parametrize("step_kind", ["cpu", "cuda", "cuda_f32"])
 @pytest.mark.parametrize("kind", ["dense", "compact"])
 def test_masked_adamw_step_kinds(step_kind, kind):
     gen = torch.Generator().manual_seed(4)
     for pdtype in FLOATS:
-        case = _adamw_case((1, 4097, 65537), pdtype, pdtype, kind, torch.int32, step_kind, gen)
+        case = _adamw_case((1, 4097, 65537), pdtype, pdtype, kind, torch.int32, gen)
         got = _run_adamw(_cuda_op("masked_adamw_"), case, DEV, step_kind)
-        cpu_kind = "elem" if step_kind == "elem" else "cpu"
-        want = _run_adamw(_cpu_or_reference("masked_adamw_"), case, "cpu", cpu_kind)
+        want = _run_adamw(_cpu_or_reference("masked_adamw_"), case, "cpu", "cpu")
         _assert_same(got, want, exact=step_kind == "cpu", dtype=pdtype)
 
 
@@ -224,7 +220,7 @@ def test_masked_adamw_many_tensors_one_call():
     gen = torch.Generator().manual_seed(5)
     sizes = [int(n) for n in torch.randint(0, 5000, (100,), generator=gen)]
     for kind in ("dense", "compact"):
-        case = _adamw_case(sizes, torch.bfloat16, torch.float32, kind, torch.int64, "int", gen)
+        case = _adamw_case(sizes, torch.bfloat16, torch.float32, kind, torch.int64, gen)
         got = _run_adamw(_cuda_op("masked_adamw_"), case, DEV, "int")
         want = _run_adamw(_cpu_or_reference("masked_adamw_"), case, "cpu", "int")
         _assert_same(got, want, exact=True, dtype=torch.bfloat16)
@@ -271,13 +267,13 @@ def test_masked_adamw_device_steps_below_one_leave_memory_untouched():
                               [torch.zeros(1, device=DEV)], *HYPER.values())
     assert torch.equal(p, before) and not m.any()
     idx = torch.arange(0, 5000, 2, dtype=torch.int32, device=DEV)
-    steps = torch.ones(idx.numel(), dtype=torch.int32, device=DEV)
-    steps[::2] = 0
     m2, v2 = torch.zeros(idx.numel(), device=DEV), torch.zeros(idx.numel(), device=DEV)
-    _cuda_op("masked_adamw_")([p], [torch.ones(idx.numel(), device=DEV)], [m2], [v2], [idx],
-                              [steps], *HYPER.values())
-    assert not m2[::2].any() and m2[1::2].all()
-    assert torch.equal(p[idx[::2].long()], before[idx[::2].long()])
+    ones = torch.ones(idx.numel(), device=DEV)
+    _cuda_op("masked_adamw_")([p, p.clone()], [ones, ones], [m2, m2.clone()], [v2, v2.clone()],
+                              [idx, idx], [torch.zeros(1, dtype=torch.int32, device=DEV),
+                                           torch.ones(1, dtype=torch.int32, device=DEV)],
+                              *HYPER.values())
+    assert not m2.any() and torch.equal(p, before)
 
 
 def test_masked_adamw_hot_path_has_no_host_sync():
@@ -530,7 +526,7 @@ BAD_ADAMW = {
     "step zero": dict(steps=lambda v, d: [torch.tensor([0.0], dtype=torch.float64)]),
     "step nan": dict(steps=lambda v, d: [torch.tensor([float("nan")])]),
     "step shape": dict(steps=lambda v, d: [torch.ones(3, dtype=torch.int32, device=d)]),
-    "step dtype": dict(steps=lambda v, d: [torch.ones(4, dtype=torch.int64, device=d)]),
+    "step dtype": dict(steps=lambda v, d: [torch.tensor([True], device=d)]),
 }
 
 
@@ -632,7 +628,7 @@ def test_hypothesis_topk_and_adamw_agree_with_reference():
         k = int(frac * sum(sizes))
         got = _cuda_op("select_topk")(_to(ts, DEV), k)
         assert all(torch.equal(g.cpu(), w) for g, w in zip(got, _reference.select_topk(ts, k)))
-        case = _adamw_case(sizes, dtype, dtype, "compact", torch.int64, "int", gen)
+        case = _adamw_case(sizes, dtype, dtype, "compact", torch.int64, gen)
         a = _run_adamw(_cuda_op("masked_adamw_"), case, DEV, "int")
         b = _run_adamw(_cpu_or_reference("masked_adamw_"), case, "cpu", "int")
         _assert_same(a, b, exact=True, dtype=dtype)

@@ -368,17 +368,15 @@ def test_param_stats(emu, dtype):
     torch.testing.assert_close(got[2], want[2], rtol=0, atol=0, equal_nan=True)
 
 
-def _adamw_case(sizes, pdtype, gdtype, kind, idx_dtype, per_elem, gen, offset):
+def _adamw_case(sizes, pdtype, gdtype, kind, idx_dtype, step, gen, offset):
     cols = [[] for _ in range(6)]
     for n in sizes:
         p = torch.randn(n + offset, generator=gen).to(pdtype)[offset:]
         pos = None if kind == "dense" else _positions(n, 0.3, idx_dtype, gen)
         length = n if pos is None else pos.numel()
         g = torch.randn(n if kind in ("dense", "dense_grad") else length, generator=gen)
-        step = (torch.randint(1, 30, (length,), generator=gen, dtype=torch.int32) if per_elem
-                else torch.tensor([7.0], dtype=torch.float64))
         for c, v in zip(cols, (p, g.to(gdtype), torch.randn(length, generator=gen) * 0.1,
-                               torch.rand(length, generator=gen) * 0.01, pos, step)):
+                               torch.rand(length, generator=gen) * 0.01, pos, step.clone())):
             c.append(v)
     return cols
 
@@ -394,18 +392,20 @@ def _run(op, case):
 def test_masked_adamw(emu, pdtype, kind):
     gen = torch.Generator().manual_seed(1)
     for gdtype in {pdtype, torch.float32}:
-        for idx_dtype, per_elem, offset in ((torch.int32, False, 0), (torch.int64, True, 1)):
-            case = _adamw_case(SIZES, pdtype, gdtype, kind, idx_dtype, per_elem, gen, offset)
+        for idx_dtype, step, offset in ((torch.int32, torch.tensor([7.0], dtype=torch.float64), 0),
+                                        (torch.int64, torch.tensor([13], dtype=torch.int32), 1)):
+            case = _adamw_case(SIZES, pdtype, gdtype, kind, idx_dtype, step, gen, offset)
             got, want = _run(emu.masked_adamw_, case), _run(_cpu("masked_adamw_"), case)
             for g, w in zip(got, want):
-                assert torch.equal(g, w), (kind, gdtype, idx_dtype, per_elem, offset)
+                assert torch.equal(g, w), (kind, gdtype, idx_dtype, step, offset)
 
 
 def test_masked_adamw_many_tensors(emu):
     gen = torch.Generator().manual_seed(2)
     sizes = [int(n) for n in torch.randint(0, 300, (70,), generator=gen)]
     for kind in ("dense", "compact"):
-        case = _adamw_case(sizes, torch.bfloat16, torch.float32, kind, torch.int32, False, gen, 0)
+        case = _adamw_case(sizes, torch.bfloat16, torch.float32, kind, torch.int32,
+                           torch.tensor([7.0], dtype=torch.float64), gen, 0)
         got, want = _run(emu.masked_adamw_, case), _run(_cpu("masked_adamw_"), case)
         assert all(torch.equal(g, w) for g, w in zip(got, want))
 

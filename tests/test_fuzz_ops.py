@@ -265,9 +265,9 @@ def adamw_call(draw, min_n: int = 1):
              "v_len": draw(st.sampled_from(["ok"] * 6 + ["short", "long"])),
              "m_dtype": draw(st.sampled_from([torch.float32] * 6 + [torch.bfloat16,
                                                                     torch.float64])),
-             "step": draw(st.sampled_from(["int", "int", "fp32", "int64", "zero", "negative",
-                                           "nan", "bool", "per_elem", "per_elem_zero",
-                                           "per_elem_short", "per_elem_int64", "two"])),
+             "step": draw(st.sampled_from(["int", "int", "fp32", "int64", "int32", "zero",
+                                           "negative", "nan", "bool", "two", "empty",
+                                           "per_elem"])),
              "places": [draw(placement) for _ in range(5)],
              "values": draw(st.sampled_from(["normal", "special"]))}
         entries.append(e)
@@ -280,19 +280,17 @@ def adamw_call(draw, min_n: int = 1):
 
 
 def _step_tensor(kind: str, length: int, gen: torch.Generator) -> torch.Tensor:
-    """A step argument of one form: scalar counts (good and bad) or per-element int32."""
+    """A step argument of one form: one count per tensor (good and bad values), or a tensor
+    of another size (refused; "per_elem" is one int32 count per updated element, accepted
+    only when that is one element)."""
     if kind == "per_elem":
-        return torch.randint(1, 30, (length,), generator=gen, dtype=torch.int32)
-    if kind == "per_elem_zero":
-        return torch.randint(0, 3, (length,), generator=gen, dtype=torch.int32)
-    if kind == "per_elem_short":
-        return torch.ones(max(length - 1, 0), dtype=torch.int32)
-    if kind == "per_elem_int64":
-        return torch.ones(length, dtype=torch.int64)
+        return torch.randint(0, 30, (length,), generator=gen, dtype=torch.int32)
     return {"int": torch.tensor([7.0], dtype=torch.float64), "fp32": torch.tensor(3.0),
-            "int64": torch.tensor([2]), "zero": torch.tensor([0.0], dtype=torch.float64),
+            "int64": torch.tensor([2]), "int32": torch.tensor([5], dtype=torch.int32),
+            "zero": torch.tensor([0.0], dtype=torch.float64),
             "negative": torch.tensor([-4.0]), "nan": torch.tensor([float("nan")]),
-            "bool": torch.tensor([True]), "two": torch.tensor([1.0, 2.0])}[kind]
+            "bool": torch.tensor([True]), "two": torch.tensor([1.0, 2.0]),
+            "empty": torch.zeros(0, dtype=torch.int32)}[kind]
 
 
 def build_adamw(entries, hyper, lists_drop, seed):

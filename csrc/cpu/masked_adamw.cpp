@@ -33,14 +33,6 @@ double scalar_step(const at::Tensor& step) {
   return out;
 }
 
-// The smallest per-element step count (int32), or 1 when there are none.
-int32_t min_step(const at::Tensor& step) {
-  const int32_t* s = step.const_data_ptr<int32_t>();
-  int32_t lo = 1;
-  for (int64_t j = 0; j < step.numel(); ++j) lo = std::min(lo, s[j]);
-  return lo;
-}
-
 void throw_step(size_t i, double low) {
   TORCH_CHECK_VALUE(false, kOp, ": steps[", i, "] holds a step count of ", fmt_g(low),
                     "; step counts start at 1 (the count after incrementing)");
@@ -62,24 +54,15 @@ void check_values(at::TensorList params, const c10::List<std::optional<at::Tenso
                        "params[" + std::to_string(i) + "]"});
   bool ok = all_indices_ok(lists);
   scalar_steps.assign(n, 0.0);
-  for (size_t i = 0; i < n && ok; ++i) {
-    if (is_scalar_step(steps[i])) {
-      scalar_steps[i] = scalar_step(steps[i]);
-      ok = scalar_steps[i] >= 1.0;  // also refuses NaN
-    } else {
-      ok = steps[i].numel() == 0 || min_step(steps[i]) >= 1;
-    }
+  for (size_t i = 0; i < n; ++i) {
+    scalar_steps[i] = scalar_step(steps[i]);
+    ok = ok && scalar_steps[i] >= 1.0;  // also refuses NaN
   }
   if (ok) return;
   size_t li = 0;
   for (size_t i = 0; i < n; ++i) {  // something is wrong: name the first offence
     if (idx[i].defined()) explain_first(kOp, lists[li++]);
-    if (is_scalar_step(steps[i])) {
-      const double s = scalar_step(steps[i]);
-      if (!(s >= 1.0)) throw_step(i, s);
-    } else if (steps[i].numel() > 0 && min_step(steps[i]) < 1) {
-      throw_step(i, min_step(steps[i]));
-    }
+    if (!(scalar_steps[i] >= 1.0)) throw_step(i, scalar_steps[i]);
   }
 }
 
@@ -94,7 +77,6 @@ void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
   check_values(params, indices, steps, scalar_steps);
 
   const AdamWScalars base = adamw_scalars(lr, beta1, beta2, eps, weight_decay);
-  const StepHyper hyper{lr, beta1, beta2};
   std::vector<AdamWScalars> scal(n, base);
   std::vector<AdamWChunk> proto(n);
   std::vector<int64_t> sizes(n);
@@ -112,10 +94,8 @@ void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
     c.g_type = ftype(grads[i].scalar_type());
     sizes[i] = indexed ? o->numel() : params[i].numel();
     c.g_dense = indexed && grads[i].numel() != sizes[i];
-    c.steps = is_scalar_step(steps[i]) ? nullptr : steps[i].const_data_ptr<int32_t>();
-    if (!c.steps)
-      adamw_step_scalars(lr, beta1, beta2, scalar_steps[i], &scal[i].neg_step_size,
-                         &scal[i].bc2_sqrt);
+    adamw_step_scalars(lr, beta1, beta2, scalar_steps[i], &scal[i].neg_step_size,
+                       &scal[i].bc2_sqrt);
   }
 
   const auto items = make_work_items(sizes);
@@ -129,7 +109,6 @@ void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
       const int64_t gsize = grads[it.tensor].element_size();
       c.m += b;
       c.v += b;
-      if (c.steps) c.steps += b;
       if (c.idx) {
         c.idx = static_cast<const char*>(c.idx) + b * (c.idx64 ? 8 : 4);
         if (!c.g_dense) c.g = static_cast<const char*>(c.g) + b * gsize;
@@ -137,7 +116,7 @@ void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
         c.p = static_cast<char*>(c.p) + b * params[it.tensor].element_size();
         c.g = static_cast<const char*>(c.g) + b * gsize;
       }
-      k.adamw(c, scal[it.tensor], hyper);
+      k.adamw(c, scal[it.tensor]);
     }
   });
 }

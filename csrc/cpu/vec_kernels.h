@@ -13,24 +13,19 @@ namespace nto {
 enum class FType : int8_t { F32 = 0, BF16 = 1, F16 = 2 };
 
 // One work item of masked_adamw_. Dense (idx null): p, g, m, v point at the chunk's first
-// element. Indexed: p (and g when g_dense) point at the whole flattened tensor; idx, m, v,
-// steps (and compact g) at the chunk's first position.
+// element. Indexed: p (and g when g_dense) point at the whole flattened tensor; idx, m, v
+// (and compact g) at the chunk's first position.
 struct AdamWChunk {
   void* p;
   const void* g;
   float* m;
   float* v;
-  const void* idx;       // null: dense
-  const int32_t* steps;  // null: the scalar step in AdamWScalars; else one count per element
-  int64_t n;             // elements (dense) or positions (indexed) in this chunk
+  const void* idx;  // null: dense
+  int64_t n;        // elements (dense) or positions (indexed) in this chunk
   FType p_type;
   FType g_type;
   bool idx64;
-  bool g_dense;          // indexed only: g is the dense grad, read at idx
-};
-
-struct StepHyper {  // for per-element bias corrections
-  double lr, beta1, beta2;
+  bool g_dense;     // indexed only: g is the dense grad, read at idx
 };
 
 // Per-chunk partial statistics of param_stats.
@@ -40,7 +35,7 @@ struct StatsPartial {
   int64_t hist[256];
 };
 
-using AdamWChunkFn = void (*)(const AdamWChunk&, const AdamWScalars&, const StepHyper&);
+using AdamWChunkFn = void (*)(const AdamWChunk&, const AdamWScalars&);
 using StatsChunkFn = void (*)(const void* x, FType t, int64_t n, StatsPartial* out);
 // select_topk's ranking key of each element: fp32 bits of |x| plus one, NaN -> 0.
 using TopkKeysFn = void (*)(const void* x, FType t, int64_t n, uint32_t* keys);

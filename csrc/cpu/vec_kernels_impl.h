@@ -85,41 +85,17 @@ inline void store2(T* dst, const Vec& a, const Vec& b) {
   }
 }
 
-// Per-element bias corrections, cached on the last step value: compact state activated at
-// the same time shares its count, so runs are long and pow() is rarely called.
-struct StepCache {
-  int32_t step = -1;
-  float neg_step_size = 0.0f, bc2_sqrt = 1.0f;
-  void get(int32_t s, const StepHyper& h, float* nss, float* bc2) {
-    if (s != step) {
-      step = s;
-      adamw_step_scalars(h.lr, h.beta1, h.beta2, static_cast<double>(s), &neg_step_size,
-                         &bc2_sqrt);
-    }
-    *nss = neg_step_size;
-    *bc2 = bc2_sqrt;
-  }
-};
-
 // One block of kW contiguous elements (p/g possibly gathered into buffers by the caller).
 template <typename P, typename G>
-inline void adamw_block(P* p, const G* g, float* m, float* v, const AdamWScalars& s,
-                        const float* nss, const float* bc2) {
+inline void adamw_block(P* p, const G* g, float* m, float* v, const AdamWScalars& s) {
   Vec p0, p1, g0, g1;
   load2(p, p0, p1);
   load2(g, g0, g1);
   Vec m0 = Vec::loadu(m), m1 = Vec::loadu(m + kV);
   Vec v0 = Vec::loadu(v), v1 = Vec::loadu(v + kV);
-  Vec n0, n1, b0, b1;
-  if (nss) {
-    n0 = Vec::loadu(nss), n1 = Vec::loadu(nss + kV);
-    b0 = Vec::loadu(bc2), b1 = Vec::loadu(bc2 + kV);
-  } else {
-    n0 = n1 = Vec(s.neg_step_size);
-    b0 = b1 = Vec(s.bc2_sqrt);
-  }
-  adamw_update(p0, g0, m0, v0, s, n0, b0);
-  adamw_update(p1, g1, m1, v1, s, n1, b1);
+  const Vec nss(s.neg_step_size), bc2(s.bc2_sqrt);
+  adamw_update(p0, g0, m0, v0, s, nss, bc2);
+  adamw_update(p1, g1, m1, v1, s, nss, bc2);
   store2(p, p0, p1);
   m0.store(m);
   m1.store(m + kV);
@@ -131,29 +107,21 @@ inline void adamw_block(P* p, const G* g, float* m, float* v, const AdamWScalars
 // dense g) into small buffers; the last partial block runs on zero-padded buffers, so every
 // element goes through the same vector code (dense and indexed results are bit-identical).
 template <typename P, typename G, typename I>
-void adamw_chunk_t(const AdamWChunk& c, const AdamWScalars& s, const StepHyper& h) {
+void adamw_chunk_t(const AdamWChunk& c, const AdamWScalars& s) {
   P* p = static_cast<P*>(c.p);
   const G* g = static_cast<const G*>(c.g);
   const I* idx = static_cast<const I*>(c.idx);
   const bool indexed = idx != nullptr;
   alignas(64) P pb[kW];
   alignas(64) G gb[kW];
-  alignas(64) float mb[kW], vb[kW], nb[kW], bb[kW];
-  StepCache cache;
+  alignas(64) float mb[kW], vb[kW];
   for (int64_t j = 0; j < c.n; j += kW) {
     const int64_t cnt = std::min<int64_t>(kW, c.n - j);
     const bool full = cnt == kW;
-    float* nss = nullptr;
-    float* bc2 = nullptr;
-    if (c.steps) {
-      nss = nb, bc2 = bb;
-      for (int64_t t = 0; t < cnt; ++t) cache.get(c.steps[j + t], h, nb + t, bb + t);
-      for (int64_t t = cnt; t < kW; ++t) nb[t] = 0.0f, bb[t] = 1.0f;
-    }
     if (!indexed && full) {
       prefetch_ahead(p + j, kW), prefetch_ahead(g + j, kW);
       prefetch_ahead(c.m + j, kW), prefetch_ahead(c.v + j, kW);
-      adamw_block(p + j, g + j, c.m + j, c.v + j, s, nss, bc2);
+      adamw_block(p + j, g + j, c.m + j, c.v + j, s);
       continue;
     }
     if (indexed) {
@@ -173,7 +141,7 @@ void adamw_chunk_t(const AdamWChunk& c, const AdamWScalars& s, const StepHyper& 
       // the param block (and a dense grad's) is contiguous, no gather needed.
       const int64_t first = static_cast<int64_t>(idx[j]);
       if (static_cast<int64_t>(idx[j + kW - 1]) - first == kW - 1) {
-        adamw_block(p + first, c.g_dense ? g + first : g + j, c.m + j, c.v + j, s, nss, bc2);
+        adamw_block(p + first, c.g_dense ? g + first : g + j, c.m + j, c.v + j, s);
         continue;
       }
     }
@@ -198,7 +166,7 @@ void adamw_chunk_t(const AdamWChunk& c, const AdamWScalars& s, const StepHyper& 
       std::memcpy(vb, vp, cnt * sizeof(float));
       mp = mb, vp = vb;
     }
-    adamw_block(pb, gp, mp, vp, s, nss, bc2);
+    adamw_block(pb, gp, mp, vp, s);
     for (int64_t t = 0; t < cnt; ++t) p[indexed ? static_cast<int64_t>(idx[j + t]) : j + t] = pb[t];
     if (!full) {
       std::memcpy(c.m + j, mb, cnt * sizeof(float));
@@ -208,26 +176,26 @@ void adamw_chunk_t(const AdamWChunk& c, const AdamWScalars& s, const StepHyper& 
 }
 
 template <typename P, typename G>
-void adamw_chunk_pg(const AdamWChunk& c, const AdamWScalars& s, const StepHyper& h) {
+void adamw_chunk_pg(const AdamWChunk& c, const AdamWScalars& s) {
   if (c.idx == nullptr || !c.idx64)
-    adamw_chunk_t<P, G, int32_t>(c, s, h);
+    adamw_chunk_t<P, G, int32_t>(c, s);
   else
-    adamw_chunk_t<P, G, int64_t>(c, s, h);
+    adamw_chunk_t<P, G, int64_t>(c, s);
 }
 
 template <typename P>
-void adamw_chunk_p(const AdamWChunk& c, const AdamWScalars& s, const StepHyper& h) {
+void adamw_chunk_p(const AdamWChunk& c, const AdamWScalars& s) {
   if (c.g_type == FType::F32)
-    adamw_chunk_pg<P, float>(c, s, h);
+    adamw_chunk_pg<P, float>(c, s);
   else
-    adamw_chunk_pg<P, P>(c, s, h);  // checks allow only the param's dtype or fp32
+    adamw_chunk_pg<P, P>(c, s);  // checks allow only the param's dtype or fp32
 }
 
-void adamw_chunk(const AdamWChunk& c, const AdamWScalars& s, const StepHyper& h) {
+void adamw_chunk(const AdamWChunk& c, const AdamWScalars& s) {
   switch (c.p_type) {
-    case FType::F32: adamw_chunk_p<float>(c, s, h); break;
-    case FType::BF16: adamw_chunk_p<c10::BFloat16>(c, s, h); break;
-    case FType::F16: adamw_chunk_p<c10::Half>(c, s, h); break;
+    case FType::F32: adamw_chunk_p<float>(c, s); break;
+    case FType::BF16: adamw_chunk_p<c10::BFloat16>(c, s); break;
+    case FType::F16: adamw_chunk_p<c10::Half>(c, s); break;
   }
 }
 

@@ -3,11 +3,11 @@
 // group and kind: dense (aligned vector loads, 4 independent vectors in flight per thread)
 // or indexed (sorted unique positions; compact fp32 state; grad compact or dense).
 //
-// Steps: an int becomes a CPU scalar in ops.py and its bias corrections are computed here on
-// the host, in double. A 1-element CUDA step tensor is read by the kernel itself and a
-// per-element int32 step tensor likewise, so a step needs no host sync. Those device counts
-// are not checked on the host (that would sync every step): an element whose device step
-// is < 1 or NaN is left untouched (bit-identical) instead of raising as a CPU step does.
+// Steps (one count per tensor): an int becomes a CPU scalar in ops.py and its bias
+// corrections are computed here on the host, in double. A 1-element CUDA step tensor is read
+// by the kernel itself, so it needs no host sync. Those device counts are not checked on the
+// host (that would sync every step): a tensor whose device step is < 1 or NaN is left
+// untouched (bit-identical) instead of raising as a CPU step does.
 // Index tensors are checked before any write (index_check.cuh: a host sync only the first
 // time a given index tensor is seen).
 #include <ATen/core/List.h>
@@ -40,7 +40,6 @@ enum StepCode : int8_t {
   kStepF32,
   kStepI64,
   kStepI32,
-  kStepPerElem,  // int32 CUDA tensor, one count per updated element
 };
 
 struct Hyper {  // what a device step needs to compute its bias corrections
@@ -167,7 +166,7 @@ struct IndexedMeta {
   float nss[kTensors];
   float bc2[kTensors];
   int8_t code[kTensors];
-  uint8_t idx_mode[kTensors];  // 0: none (positions 0..n-1), 1: int32, 2: int64
+  uint8_t idx_mode[kTensors];  // 1: int32, 2: int64
   uint8_t g_dense[kTensors];   // grad has the param's numel: read it at the positions
   uint8_t block_slot[kBlocks];
   int32_t block_chunk[kBlocks];
@@ -177,18 +176,13 @@ template <typename P, typename G>
 __global__ void __launch_bounds__(kThreads)
     indexed_kernel(IndexedMeta meta, AdamWScalars s, Hyper h) {
   const int slot = meta.block_slot[blockIdx.x];
-  const int code = meta.code[slot];
+  float nss, bc2;
+  if (!tensor_step(meta.code[slot], meta.step[slot], meta.nss[slot], meta.bc2[slot], h, &nss,
+                   &bc2))
+    return;  // uniform over the block
   const int64_t begin = static_cast<int64_t>(meta.block_chunk[blockIdx.x]) * kChunk;
   const int64_t rest = meta.n[slot] - begin;
   const int64_t len = rest < kChunk ? rest : kChunk;
-  float nss = 0.0f, bc2 = 1.0f;
-  const int32_t* estep = nullptr;
-  if (code == kStepPerElem) {
-    estep = static_cast<const int32_t*>(meta.step[slot]) + begin;
-  } else if (!tensor_step(code, meta.step[slot], meta.nss[slot], meta.bc2[slot], h, &nss,
-                          &bc2)) {
-    return;
-  }
   const int mode = meta.idx_mode[slot];
   const bool g_dense = meta.g_dense[slot];
   const int32_t* idx32 = static_cast<const int32_t*>(meta.idx[slot]) + (mode == 1 ? begin : 0);
@@ -197,40 +191,26 @@ __global__ void __launch_bounds__(kThreads)
   const G* __restrict__ g = static_cast<const G*>(meta.g[slot]) + (g_dense ? 0 : begin);
   float* __restrict__ m = meta.m[slot] + begin;
   float* __restrict__ v = meta.v[slot] + begin;
-  int32_t cached = 0;  // per-element steps: recompute the scalars only when the count changes
-  float cnss = 0.0f, cbc2 = 1.0f;
 
   for (int64_t j0 = threadIdx.x; j0 < len; j0 += static_cast<int64_t>(kThreads) * kIlp) {
     int64_t pos[kIlp];
     float pf[kIlp], gf[kIlp], mf[kIlp], vf[kIlp];
-    int32_t st[kIlp];
 #pragma unroll
     for (int u = 0; u < kIlp; ++u) {
       const int64_t j = j0 + static_cast<int64_t>(u) * kThreads;
       if (j < len) {
-        pos[u] = mode == 0 ? begin + j : (mode == 1 ? static_cast<int64_t>(idx32[j]) : idx64[j]);
+        pos[u] = mode == 1 ? static_cast<int64_t>(idx32[j]) : idx64[j];
         pf[u] = to_float(p[pos[u]]);
         gf[u] = to_float(g_dense ? g[pos[u]] : g[j]);
         mf[u] = m[j];
         vf[u] = v[j];
-        st[u] = estep ? estep[j] : 1;
       }
     }
 #pragma unroll
     for (int u = 0; u < kIlp; ++u) {
       const int64_t j = j0 + static_cast<int64_t>(u) * kThreads;
       if (j >= len) continue;
-      float a = nss, b = bc2;
-      if (estep) {
-        if (st[u] < 1) continue;  // see the file comment: device steps < 1 are skipped
-        if (st[u] != cached) {
-          adamw_step_scalars(h.lr, h.beta1, h.beta2, static_cast<double>(st[u]), &cnss, &cbc2);
-          cached = st[u];
-        }
-        a = cnss;
-        b = cbc2;
-      }
-      adamw_update(pf[u], gf[u], mf[u], vf[u], s, a, b);
+      adamw_update(pf[u], gf[u], mf[u], vf[u], s, nss, bc2);
       p[pos[u]] = from_float<P>(pf[u]);
       m[j] = mf[u];
       v[j] = vf[u];
@@ -290,7 +270,7 @@ void launch_indexed(const std::vector<Entry>& es, at::TensorList params, at::Ten
         meta.g[slot] = grads[e.i].const_data_ptr();
         meta.m[slot] = exp_avgs[e.i].mutable_data_ptr<float>();
         meta.v[slot] = exp_avg_sqs[e.i].mutable_data_ptr<float>();
-        meta.idx[slot] = idx[e.i].has_value() ? idx[e.i]->const_data_ptr() : nullptr;
+        meta.idx[slot] = idx[e.i]->const_data_ptr();
         meta.step[slot] = e.step;
         meta.n[slot] = lengths[k];
         meta.nss[slot] = e.nss;
@@ -337,8 +317,8 @@ void launch_group(c10::ScalarType pt, bool g_fp32, const std::vector<Entry>& es,
 
 // _reference._check_steps_values, for steps the host can read without a sync (CPU ones).
 void check_host_step_value(size_t i, const at::Tensor& step) {
-  if (!step.device().is_cpu() || step.numel() == 0) return;
-  const double low = step.numel() == 1 ? step.item<double>() : step.min().item<double>();
+  if (!step.device().is_cpu()) return;
+  const double low = step.item<double>();
   TORCH_CHECK_VALUE(low >= 1.0, kOp, ": steps[", i, "] holds a step count of ", fmt_g(low),
                     "; step counts start at 1 (the count after incrementing)");
 }
@@ -389,10 +369,7 @@ void masked_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& st = steps[i];
     Entry e{i, kStepHost, nullptr, 0.0f, 1.0f, 0, false};
-    if (st.numel() != 1) {
-      e.code = kStepPerElem;
-      e.step = st.const_data_ptr();
-    } else if (st.device().is_cpu()) {
+    if (st.device().is_cpu()) {
       adamw_step_scalars(lr, beta1, beta2, st.item<double>(), &e.nss, &e.bc2);
     } else {
       e.code = device_step_code(st.scalar_type());
@@ -404,8 +381,8 @@ void masked_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
         e.step = st.const_data_ptr();
       }
     }
-    const bool indexed = idx[i].has_value() || e.code == kStepPerElem;
-    if (idx[i].has_value()) {
+    const bool indexed = idx[i].has_value();
+    if (indexed) {
       e.idx_mode = idx[i]->scalar_type() == at::kLong ? 2 : 1;
       e.g_dense = grads[i].numel() != idx[i]->numel();
     }
