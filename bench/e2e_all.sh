@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Every end-to-end run published in docs/results/e2e.md (and the README), one command:
+#     bash bench/e2e_all.sh            # from the repo root, in the README's venv
+# With --resume each line runs only the (configuration, seed) pairs missing from its JSON, so
+# the script can be stopped and started again; delete docs/results/e2e_*.json to redo all.
+# Each run is its own child process on one thread. On the 2-core CPU machine the whole set
+# takes about 6 hours (SmolLM2 runs take 2-10 min each, MiniLM runs 1-4 min); two copies of
+# a line with different --configs may run side by side (the JSON of a --tag is its own file,
+# but two processes must never write the same one).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1
+e2e() { python bench/e2e.py --threads 1 --nice 10 --out docs/results --resume "$@"; }
+
+# (a) all-MiniLM-L6-v2 on the tweets corpus: 150 steps of 16, 1,000 held-out, 3 seeds
+A=(--task sentiment --steps 150 --eval-size 1000 --max-length 64 --batch-size 16)
+e2e "${A[@]}" --seeds 0 1 2 --configs adamw nto-block-25 nto-block-10 nto-block-25-offload \
+    nto-block-25-head nto-block-25-offload-head nto-sample-25 nto-sample-10 \
+    nto-sample-10-head nto-sparse-25 nto-sparse-10 nto-sparse-7.5 badam lisa adamw8bit \
+    torchao-adamw8bit lora
+e2e "${A[@]}" --seeds 0 1 2 --tag offload36 --switch-every 36 \
+    --configs nto-block-25 nto-block-25-offload
+e2e "${A[@]}" --seeds 0 --tag lr1e-4 --lr nto=1e-4 --configs nto-block-25 nto-block-10
+# the shorter run: 50 steps, 300 held-out
+e2e --task sentiment --steps 50 --eval-size 300 --max-length 48 --batch-size 16 --tag 50steps \
+    --seeds 0 1 2 --configs adamw nto-block-25 nto-block-10 nto-sample-25 nto-sample-10 \
+    nto-sparse-25 nto-sparse-10
+e2e --task sentiment --steps 50 --eval-size 300 --max-length 48 --batch-size 16 --tag 50steps \
+    --seeds 0 --configs badam lisa adamw8bit lora
+
+# (b) SmolLM2-135M on BBC News: 30 steps of 4 x 128 tokens, 4,096 held-out tokens
+e2e --task lm --seeds 0 1 2 --configs adamw badam lisa lora adamw8bit
+e2e --task lm --seeds 0 --configs nto-block-25 nto-block-10 nto-sample-10 nto-sparse-10
+e2e --task lm --seeds 0 1 2 --tag lr2e-4 --lr full=2e-4 nto=2e-4 --configs nto-block-25 \
+    nto-block-10 nto-sample-25 nto-sample-10 nto-sparse-25 nto-sparse-10 badam lisa
+e2e --task lm --seeds 0 --tag lr2e-4 --lr full=2e-4 nto=2e-4 --configs adamw
