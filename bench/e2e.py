@@ -89,7 +89,6 @@ CONFIGS: dict[str, tuple[str, str]] = {
     "nto-sample-25": ("nto", "NTO sample, budget 25%"),
     "nto-sample-10": ("nto", "NTO sample, budget 10%"),
     "nto-sample-10-head": ("nto", "NTO sample, budget 10%, always=(head, other)"),
-    "nto-sample-25-head": ("nto", "NTO sample, budget 25%, always=(head, other)"),
     "nto-sparse-25": ("nto", "NTO sparse, budget 25%"),
     "nto-sparse-10": ("nto", "NTO sparse, budget 10%"),
     "nto-sparse-7.5": ("nto", "NTO sparse, budget 7.5%: 16 B per chosen element, so the "
