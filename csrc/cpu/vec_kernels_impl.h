@@ -451,6 +451,62 @@ inline void sums_step(const T* p, Vec* lane, Vec& amax, Vec& a, Vec& b) {
   amax = plain_max(amax, plain_max(a, b));
 }
 
+// A chunk's fp32 square lanes (element t of each 32-element block to lane t) and the double
+// lanes they are flushed into: one definition for the histogram loop and the plain one, so
+// both give the same bits.
+struct SquareLanes {
+  static constexpr int64_t kAcc = kLanes / kV;
+  Vec acc[kAcc];
+  double lanes[kLanes] = {};
+  SquareLanes() {
+    for (auto& a : acc) a = Vec(0.0f);
+  }
+  void flush() {  // fp32 lanes into the double lanes
+    alignas(64) float f[kLanes];
+    for (int64_t a = 0; a < kAcc; ++a) acc[a].store(f + a * kV), acc[a] = Vec(0.0f);
+    for (int64_t t = 0; t < kLanes; ++t) lanes[t] += static_cast<double>(f[t]);
+  }
+  double total() {  // the last flush, then the lanes added in one fixed pairwise order
+    flush();
+    for (int64_t w = kLanes / 2; w >= 1; w /= 2)
+      for (int64_t t = 0; t < w; ++t) lanes[t] += lanes[t + w];
+    return lanes[0];
+  }
+};
+
+// The last partial block of `count` elements, zero padded (zeros add nothing to the
+// sums); each(a, b) gets its |x| vectors.
+template <typename T, typename F>
+void padded_block(const T* x, int64_t count, SquareLanes& sq, Vec& amax, F&& each) {
+  alignas(64) T pad[kLanes];
+  std::memset(pad, 0, sizeof(pad));
+  std::memcpy(pad, x, count * sizeof(T));
+  for (int64_t off = 0; off < kLanes; off += kW) {
+    Vec a, b;
+    sums_step(pad + off, sq.acc + off / kV, amax, a, b);
+    each(a, b);
+  }
+}
+
+// sumsq and absmax of a chunk from its lane total and running abs-max. NaN wins the abs-max
+// (as in torch's amax) and is looked for only when `maybe_nan` or the abs-max is inf;
+// outside the safe range (NaN and inf included) fp32 squares may underflow or overflow, so
+// the sum is taken again in double.
+template <typename T>
+void finish_sums(const T* x, int64_t n, double total, const Vec& amax, bool maybe_nan,
+                 StatsPartial* out) {
+  float lane_max[kV];
+  amax.store(lane_max);
+  float m = 0.0f;
+  for (int t = 0; t < kV; ++t) m = std::max(m, lane_max[t]);
+  if (maybe_nan || std::isinf(m))
+    for (int64_t j = 0; j < n; ++j)
+      if (std::isnan(static_cast<float>(x[j]))) m = NAN;
+  const bool safe = m == 0.0f || (m >= kSquareSafeLo && m <= kSquareSafeHi);
+  out->sumsq = safe ? total : sumsq_double(x, n);
+  out->absmax = m;
+}
+
 // One pass: sum of squares (fp32 lanes), abs-max and the exponent histogram. NaN is found
 // through the histogram: only a chunk with exponent-255 elements (inf or NaN) is rescanned.
 // Whole 32-element blocks go through a scalar-histogram prefix (which chooses the window)
@@ -459,15 +515,8 @@ template <typename T>
 void stats_chunk_t(const T* x, int64_t n, StatsPartial* out) {
   SubHist h;
   std::memset(h, 0, sizeof(h));
-  constexpr int64_t kAcc = kLanes / kV;
-  Vec acc[kAcc];
-  for (auto& a : acc) a = Vec(0.0f);
-  double lanes[kLanes] = {};
-  auto flush_sums = [&]() {  // fp32 lanes into the double lanes
-    alignas(64) float f[kLanes];
-    for (int64_t a = 0; a < kAcc; ++a) acc[a].store(f + a * kV), acc[a] = Vec(0.0f);
-    for (int64_t t = 0; t < kLanes; ++t) lanes[t] += static_cast<double>(f[t]);
-  };
+  SquareLanes sq;
+  Vec* acc = sq.acc;
   Vec amax(0.0f);
   const int64_t full = n - n % kLanes;
   const int64_t prefix = std::min(full, kScalarPrefix);
@@ -566,7 +615,7 @@ void stats_chunk_t(const T* x, int64_t n, StatsPartial* out) {
       ripple_add(planes, 4, sixteens);
       if (_mm512_testn_epi16_mask(mn, mn) != 0) rescan(p, 16);
       if (++groups == kGroupsPerFlush) flush_planes(planes, base, h), groups = 0;
-      if (++sum_groups == kFlushBlocks / 16) flush_sums(), sum_groups = 0;
+      if (++sum_groups == kFlushBlocks / 16) sq.flush(), sum_groups = 0;
     }
     for (; j < full; j += kLanes) {
       const __m512i o = block(x + j);
@@ -618,7 +667,7 @@ void stats_chunk_t(const T* x, int64_t n, StatsPartial* out) {
           }
         }
       }
-      if (++sum_blocks == kFlushBlocks) flush_sums(), sum_blocks = 0;
+      if (++sum_blocks == kFlushBlocks) sq.flush(), sum_blocks = 0;
     }
     widen2(wa, wb, m2, n0, n1);
     widen4(n0, n1, m4, c0, c1, c2, c3);
@@ -626,55 +675,29 @@ void stats_chunk_t(const T* x, int64_t n, StatsPartial* out) {
     flush_bytes(base, 2, c2, h), flush_bytes(base, 3, c3, h);
   }
 #endif
-  if (full < n) {  // zero padding: adds 0 to the sums and to bin 0 (undone below)
-    alignas(64) T pad[kLanes];
-    std::memset(pad, 0, sizeof(pad));
-    std::memcpy(pad, x + full, (n - full) * sizeof(T));
-    for (int64_t off = 0; off < kLanes; off += kW) {
-      Vec a, b;
-      sums_step(pad + off, acc + off / kV, amax, a, b);
+  if (full < n) {  // the padding's zeros also land in bin 0: undone below
+    padded_block(x + full, n - full, sq, amax, [&](const Vec& a, const Vec& b) {
       hist_scalar(a, b, h);
-    }
+    });
     h[1][0] -= static_cast<uint32_t>(kLanes - (n - full));
   }
-  flush_sums();
-  for (int64_t w = kLanes / 2; w >= 1; w /= 2)  // fixed pairwise order
-    for (int64_t t = 0; t < w; ++t) lanes[t] += lanes[t + w];
-  float lane_max[kV];
-  amax.store(lane_max);
-  float m = 0.0f;
-  for (int t = 0; t < kV; ++t) m = std::max(m, lane_max[t]);
   for (int e = 0; e < 256; ++e) {
     uint32_t c = 0;  // modulo 2^32 (the padding fix-up may wrap a sub-histogram); < 2^32
     for (int u = 0; u < 8; ++u) c += h[u][e];
     out->hist[e] = c;
   }
-  if (out->hist[255] > 0) {  // inf or NaN present: NaN wins, as in torch's amax
-    for (int64_t j = 0; j < n; ++j)
-      if (std::isnan(static_cast<float>(x[j]))) m = NAN;
-  }
-  // outside the safe range (NaN and inf included) fp32 squares may underflow or overflow
-  const bool safe = m == 0.0f || (m >= kSquareSafeLo && m <= kSquareSafeHi);
-  out->sumsq = safe ? lanes[0] : sumsq_double(x, n);
-  out->absmax = m;
+  finish_sums(x, n, sq.total(), amax, out->hist[255] > 0, out);  // bin 255: inf or NaN
 }
 
-// param_stats without the histogram (histogram=False): the same fp32 lanes, flushed at the
-// same blocks as stats_chunk_t (after the scalar prefix, every kFlushBlocks blocks), so
-// sumsq and absmax are bit-identical to it, for one plain read of memory. NaN needs no histogram to be found: a NaN makes its fp32 lane, and so the double
-// total, NaN (squares of finite fp32 values never overflow a double lane); only a chunk whose
-// total is not finite or whose abs-max is inf is scanned for NaN. `out->hist` is not written.
+// param_stats without the histogram (histogram=False): the same square lanes, flushed at
+// the same blocks as stats_chunk_t (after the scalar prefix, every kFlushBlocks blocks), so
+// sumsq and absmax are bit-identical to it, for one plain read of memory. NaN needs no
+// histogram to be found: a NaN makes its fp32 lane, and so the double total, NaN (squares of
+// finite fp32 values never overflow a double lane); only a chunk whose total is not finite
+// or whose abs-max is inf is scanned for NaN. `out->hist` is not written.
 template <typename T>
 void sums_chunk_t(const T* x, int64_t n, StatsPartial* out) {
-  constexpr int64_t kAcc = kLanes / kV;
-  Vec acc[kAcc];
-  for (auto& a : acc) a = Vec(0.0f);
-  double lanes[kLanes] = {};
-  auto flush_sums = [&]() {
-    alignas(64) float f[kLanes];
-    for (int64_t a = 0; a < kAcc; ++a) acc[a].store(f + a * kV), acc[a] = Vec(0.0f);
-    for (int64_t t = 0; t < kLanes; ++t) lanes[t] += static_cast<double>(f[t]);
-  };
+  SquareLanes sq;
   Vec amax(0.0f);
   const int64_t full = n - n % kLanes;
   const int64_t prefix = std::min(full, kScalarPrefix);
@@ -690,33 +713,13 @@ void sums_chunk_t(const T* x, int64_t n, StatsPartial* out) {
     }
     for (int64_t off = 0; off < kLanes; off += kW) {
       Vec a, b;
-      sums_step(x + j + off, acc + off / kV, amax, a, b);
+      sums_step(x + j + off, sq.acc + off / kV, amax, a, b);
     }
-    if (j >= prefix && ++blocks == kFlushBlocks) flush_sums(), blocks = 0;
+    if (j >= prefix && ++blocks == kFlushBlocks) sq.flush(), blocks = 0;
   }
-  if (full < n) {
-    alignas(64) T pad[kLanes];
-    std::memset(pad, 0, sizeof(pad));
-    std::memcpy(pad, x + full, (n - full) * sizeof(T));
-    for (int64_t off = 0; off < kLanes; off += kW) {
-      Vec a, b;
-      sums_step(pad + off, acc + off / kV, amax, a, b);
-    }
-  }
-  flush_sums();
-  for (int64_t w = kLanes / 2; w >= 1; w /= 2)  // fixed pairwise order, as stats_chunk_t
-    for (int64_t t = 0; t < w; ++t) lanes[t] += lanes[t + w];
-  float lane_max[kV];
-  amax.store(lane_max);
-  float m = 0.0f;
-  for (int t = 0; t < kV; ++t) m = std::max(m, lane_max[t]);
-  if (!std::isfinite(lanes[0]) || std::isinf(m)) {  // inf or NaN may be present
-    for (int64_t j = 0; j < n; ++j)
-      if (std::isnan(static_cast<float>(x[j]))) m = NAN;
-  }
-  const bool safe = m == 0.0f || (m >= kSquareSafeLo && m <= kSquareSafeHi);
-  out->sumsq = safe ? lanes[0] : sumsq_double(x, n);
-  out->absmax = m;
+  if (full < n) padded_block(x + full, n - full, sq, amax, [](const Vec&, const Vec&) {});
+  const double total = sq.total();
+  finish_sums(x, n, total, amax, !std::isfinite(total), out);
 }
 
 void sums_chunk(const void* x, FType t, int64_t n, StatsPartial* out) {
