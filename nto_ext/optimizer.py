@@ -633,7 +633,7 @@ class NTO(torch.optim.Optimizer):
             # no histogram: a NaN or inf in a grad makes its absmax non-finite
             _, sq, absmax, _ = ops.param_stats([_local(entries[k][3]) for k in ks],
                                                histogram=False)
-            flags = ~torch.isfinite(absmax) | ~torch.isfinite(sq)
+            flags = ~torch.isfinite(absmax)
             bad = flags.nonzero().flatten().tolist()
             if bad and first_bad is None:
                 first_bad = entries[ks[bad[0]]][1]

@@ -217,6 +217,13 @@ constexpr int64_t kFlushBlocks = 256;
 static_assert(kFlushBlocks % 16 == 0, "flushes fall between AVX-512 16-block groups");
 constexpr float kSquareSafeLo = 0x1p-40f, kSquareSafeHi = 0x1p56f;
 
+// The kLanes double lanes added in one fixed pairwise order (in place; returns the total).
+inline double pairwise_total(double* lanes) {
+  for (int64_t w = kLanes / 2; w >= 1; w /= 2)
+    for (int64_t t = 0; t < w; ++t) lanes[t] += lanes[t + w];
+  return lanes[0];
+}
+
 // The rare second pass: 32 double lanes (squares of fp32 values are exact in double), lanes
 // added in the fixed pairwise order. Scalar code, independent lanes: the same bits in every
 // variant whether or not the compiler vectorizes it.
@@ -227,9 +234,7 @@ double sumsq_double(const T* x, int64_t n) {
     const double d = static_cast<float>(x[j]);
     lanes[j % kLanes] += d * d;
   }
-  for (int64_t w = kLanes / 2; w >= 1; w /= 2)
-    for (int64_t t = 0; t < w; ++t) lanes[t] += lanes[t + w];
-  return lanes[0];
+  return pairwise_total(lanes);
 }
 
 using VecI = at::vec::Vectorized<int32_t>;
@@ -410,7 +415,6 @@ inline __m512i one_hot(const __m512i& e, const OneHotConsts& k) {
   return _mm512_sllv_epi16(k.one, _mm512_sub_epi16(e, k.base));
 }
 
-
 // Carry-save adder: h = majority(a, b, c), l = a ^ b ^ c.
 inline void csa(__m512i& h, __m512i& l, __m512i a, __m512i b, __m512i c) {
   const __m512i hh = _mm512_ternarylogic_epi32(a, b, c, 0xE8);
@@ -468,9 +472,7 @@ struct SquareLanes {
   }
   double total() {  // the last flush, then the lanes added in one fixed pairwise order
     flush();
-    for (int64_t w = kLanes / 2; w >= 1; w /= 2)
-      for (int64_t t = 0; t < w; ++t) lanes[t] += lanes[t + w];
-    return lanes[0];
+    return pairwise_total(lanes);
   }
 };
 
