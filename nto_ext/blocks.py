@@ -34,6 +34,9 @@ class ParamInfo:
     name: str | None
     shape: tuple[int, ...]
     dtype: torch.dtype
+    # False: the user froze it (requires_grad=False when the optimizer was built): it is in
+    # no block, never trains and is never counted in a budget (as torch.optim.AdamW skips it).
+    trainable: bool = True
 
     @property
     def numel(self) -> int:
@@ -41,7 +44,7 @@ class ParamInfo:
 
     @classmethod
     def of(cls, name: str | None, t: torch.Tensor) -> ParamInfo:
-        return cls(name, tuple(t.shape), t.dtype)
+        return cls(name, tuple(t.shape), t.dtype, bool(t.requires_grad))
 
 
 @dataclass(frozen=True)
@@ -81,10 +84,12 @@ def block_of(name: str | None, index: int) -> tuple[str, str]:
 
 
 def discover_blocks(infos: Sequence[ParamInfo]) -> list[Block]:
-    """Blocks of all parameters, ordered by their first parameter's position."""
+    """Blocks of all trainable parameters, ordered by their first parameter's position."""
     members: dict[str, list[int]] = {}
     kinds: dict[str, str] = {}
     for i, info in enumerate(infos):
+        if not info.trainable:
+            continue
         name, kind = block_of(info.name, i)
         members.setdefault(name, []).append(i)
         kinds[name] = kind

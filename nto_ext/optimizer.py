@@ -19,8 +19,11 @@ Lifecycle (DESIGN.md, "The user-facing contract"):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+import numbers
+import re
 import warnings
 import weakref
 from collections import defaultdict
@@ -28,6 +31,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import ops
 from .blocks import ParamInfo
@@ -53,19 +57,38 @@ GLOBAL_ARGS = ("budget", "policy", "switch_every", "order", "seed", "state_on_sw
                "nonfinite", "always", "max_grad_norm", "sample_layers", "regrow_fraction")
 INDEX_KEYS = ("indices",)  # state entries reported as index bytes (sparse policy)
 FORMAT_VERSION = 1
+# The anchor (kept requiring grad in every period) is the smallest of the first params
+# whose gradient arrives in the first backward: those nearest the loss.
+_ANCHOR_CANDIDATES = 3
 
 
 # --------------------------------------------------------------------------- validation
 
 
 def _is_number(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+    """A real number of any type (Python, numpy, ...), not a bool."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _plain_number(x: object) -> object:
+    """numpy and other real scalars as Python floats (ints stay ints), so state_dict() loads
+    with torch.load(weights_only=True); anything else unchanged."""
+    if _is_number(x) and type(x) not in (int, float):  # np.float64 subclasses float
+        return int(x) if isinstance(x, numbers.Integral) else float(x)
+    return x
 
 
 def _check_hyper(where: str, lr: object, betas: object, eps: object,
                  weight_decay: object) -> None:
     """AdamW hyper-parameters: ValueError / TypeError saying what was given and allowed."""
-    lr_value = lr.item() if isinstance(lr, torch.Tensor) and lr.numel() == 1 else lr
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1 or lr.device.type == "meta" or lr.is_complex():
+            raise ValueError(f"{where}lr is a tensor of shape {tuple(lr.shape)} on "
+                             f"{lr.device}; allowed: a number or a 1-element real tensor "
+                             "with data")
+        lr_value: object = lr.item()
+    else:
+        lr_value = lr
     if not _is_number(lr_value) or not math.isfinite(lr_value) or lr_value < 0:
         raise ValueError(f"{where}lr={lr!r}; allowed: a finite number >= 0")
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
@@ -78,6 +101,25 @@ def _check_hyper(where: str, lr: object, betas: object, eps: object,
     for name, v in (("eps", eps), ("weight_decay", weight_decay)):
         if not _is_number(v) or not math.isfinite(v) or v < 0:
             raise ValueError(f"{where}{name}={v!r}; allowed: a finite number >= 0")
+
+
+def _check_knobs(where: str, group: dict[str, Any]) -> None:
+    """torch.optim.AdamW's implementation keywords, accepted at the values that change
+    nothing here (NTO always runs its own fused kernel); `maximize` is implemented."""
+    for key in ("foreach", "fused"):
+        v = group.get(key)
+        if v is not None and not isinstance(v, bool):
+            raise TypeError(f"{where}{key}={v!r}; allowed: None, True or False (NTO always "
+                            "runs its own fused kernel)")
+    if not isinstance(group.get("maximize", False), bool):
+        raise TypeError(f"{where}maximize={group['maximize']!r}; allowed: True or False")
+    why = {"amsgrad": "NTO keeps two moments per trained element (no max_exp_avg_sq)",
+           "capturable": "NTO's step reads its schedule on the host (no CUDA-graph capture)",
+           "differentiable": "NTO's kernels update params in place under no_grad"}
+    for key, reason in why.items():
+        if group.get(key, False) not in (False, None):
+            raise ValueError(f"{where}{key}={group[key]!r} is not supported: {reason}; "
+                             f"allowed: {key}=False")
 
 
 def _check_global(budget: object, policy: object, switch_every: object, order: object,
@@ -101,7 +143,7 @@ def _check_global(budget: object, policy: object, switch_every: object, order: o
                                       or max_grad_norm <= 0):
         raise ValueError(f"max_grad_norm={max_grad_norm!r}; allowed: None or a finite "
                          "number > 0")
-    if isinstance(budget, bool) or not isinstance(budget, (int, float, str)):
+    if isinstance(budget, bool) or not isinstance(budget, (numbers.Real, str)):
         raise TypeError(f"budget={budget!r} has type {type(budget).__name__}; allowed: an int "
                         "(elements), a float in (0, 1] or 'N%' (share of all elements), or "
                         "a byte size such as '512MiB', '2GB', '1.5GiB', '100KB'")
@@ -116,13 +158,26 @@ def _check_param(where: str, p: object) -> None:
                         "tensors. NTO does not train sparse tensors")
     if p.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{where} has dtype {p.dtype}; allowed: torch.float32, "
-                        "torch.bfloat16, torch.float16")
+                        "torch.bfloat16, torch.float16 (NTO's fused kernels compute in fp32: "
+                        "for float64 or complex params use torch.optim.AdamW)")
     if not p.is_leaf:
         raise ValueError(f"{where} is not a leaf tensor (it was computed from others); "
                          "allowed: leaf tensors such as nn.Parameter")
-    if not _local(p).is_contiguous():
-        raise ValueError(f"{where} is not contiguous; allowed: contiguous tensors (make it "
-                         "so with `param.data = param.data.contiguous()`)")
+
+
+def _check_sparse_layout(policy: object, groups: list[dict[str, Any]]) -> None:
+    """The sparse policy addresses elements of the flattened param in place: contiguous
+    params only (block and sample train strided params through a contiguous copy)."""
+    if policy != "sparse":
+        return
+    for k, g in enumerate(groups):
+        for j, p in enumerate(g["params"]):
+            if not _local(p).is_contiguous():
+                name = g["param_names"][j] if "param_names" in g else f"params[{j}]"
+                raise ValueError(f"param group {k}: param {name!r} is not contiguous; "
+                                 "policy='sparse' needs contiguous params (make it so with "
+                                 "`param.data = param.data.contiguous()`), or use "
+                                 "policy='block' / 'sample', which train strided params")
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -152,12 +207,22 @@ def _normalize_groups(params: object) -> list[dict[str, Any]]:
                             "or none")
         items = [{"params": items}]
     groups = [_normalize_group(k, dict(g)) for k, g in enumerate(items)]
-    named = ["param_names" in g for g in groups]
-    if any(named) and not all(named):
-        raise ValueError("some param groups have names and some do not; allowed: name all "
-                         "params ((name, param) pairs) or none")
+    _check_named(groups)
+    if any("param_names" in g for g in groups):  # torch: all groups named, empty ones too
+        for g in groups:
+            g.setdefault("param_names", [])
     _check_duplicates(groups)
     return groups
+
+
+def _check_named(groups: list[dict[str, Any]], named: bool | None = None) -> None:
+    """All groups with names or none (empty groups go either way)."""
+    flags = [("param_names" in g) for g in groups if g["params"]]
+    if named is not None:
+        flags.append(named)
+    if any(flags) and not all(flags):
+        raise ValueError("some param groups have names and some do not; allowed: name all "
+                         "params ((name, param) pairs) or none")
 
 
 def _normalize_group(k: int, group: dict[str, Any]) -> dict[str, Any]:
@@ -176,8 +241,6 @@ def _normalize_group(k: int, group: dict[str, Any]) -> dict[str, Any]:
         raise TypeError(f"{where}params is a set, whose order changes between runs; allowed: "
                         "a list or other ordered iterable")
     raw = list(raw)
-    if not raw:
-        raise ValueError(f"{where}params is empty; allowed: at least one parameter")
     tensors, names = [], []
     for j, x in enumerate(raw):
         if isinstance(x, tuple):
@@ -191,7 +254,7 @@ def _normalize_group(k: int, group: dict[str, Any]) -> dict[str, Any]:
     if names and len(names) != len(tensors):
         raise ValueError(f"{where}some params have names and some do not; allowed: all "
                          "(name, param) pairs or all plain params")
-    if "param_names" in group and not names:
+    if "param_names" in group and not names and tensors:
         names = list(group["param_names"])
         if len(names) != len(tensors) or not all(isinstance(n, str) for n in names):
             raise ValueError(f"{where}param_names has {len(names)} entries for "
@@ -199,15 +262,22 @@ def _normalize_group(k: int, group: dict[str, Any]) -> dict[str, Any]:
     for j, p in enumerate(tensors):
         label = f"{where}param {names[j]!r}" if names else f"{where}params[{j}]"
         _check_param(label, p)
-    g = {key: v for key, v in group.items() if key not in ("params", "param_names")}
+    g = {key: _plain_number(v) for key, v in group.items()
+         if key not in ("params", "param_names")}
+    if isinstance(g.get("betas"), (tuple, list)):
+        g["betas"] = tuple(_plain_number(b) for b in g["betas"])
+    _check_knobs(where, g)
     g["params"] = tensors
     if names:
         g["param_names"] = names
     return g
 
 
-def _check_duplicates(groups: list[dict[str, Any]]) -> None:
-    seen: dict[int, str] = {}
+def _check_duplicates(groups: list[dict[str, Any]],
+                      seen: dict[int, str] | None = None,
+                      seen_names: set[str] | None = None) -> None:
+    seen = {} if seen is None else dict(seen)
+    seen_names = set() if seen_names is None else set(seen_names)
     for k, g in enumerate(groups):
         names = g.get("param_names")
         for j, p in enumerate(g["params"]):
@@ -217,9 +287,20 @@ def _check_duplicates(groups: list[dict[str, Any]]) -> None:
                                  "allowed: each parameter once (tied weights appear once in "
                                  "model.named_parameters())")
             seen[id(p)] = label
+            if names:
+                if names[j] in seen_names:
+                    raise ValueError(f"two parameters are named {names[j]!r}; allowed: "
+                                     "unique names (checkpoints map state by name)")
+                seen_names.add(names[j])
 
 
-# --------------------------------------------------------------------------- the optimizer
+# --------------------------------------------------------------------------- ownership
+
+
+# param -> the _ParamHandles of the live NTO that owns it. A second NTO built over the same
+# params takes them over (a re-run notebook cell): it reads the flags the user set from
+# here, not the False flags the first NTO left, and detaches the first (issue 17).
+_OWNERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def _drop_grad_hook(ref: weakref.ReferenceType, index: int) -> Callable[[torch.Tensor], None]:
@@ -243,17 +324,41 @@ def _register_hook(p: torch.Tensor, hook: Callable[[torch.Tensor], None]) -> Any
         p.requires_grad_(False)
 
 
+def _user_flag(p: torch.Tensor) -> bool:
+    """The requires_grad the user set on `p`: recorded by the NTO that owns it, if any."""
+    owner = _OWNERS.get(p)
+    return owner.flag_of(p) if owner is not None else bool(p.requires_grad)
+
+
 class _ParamHandles:
     """What NTO changes on the params it trains: its gradient hooks, and requires_grad
     (switched off while a param is inactive). `release()` removes the hooks and gives each
     param back the flag it had when NTO was built; it runs when the optimizer is
-    garbage-collected (weakref.finalize, reference cycles included) or on
-    `NTO.remove_hooks()`, so a model outlives its NTO unchanged (issue 10)."""
+    garbage-collected (weakref.finalize, reference cycles included), on
+    `NTO.remove_hooks()`, or when a newer NTO takes the params over, so a model outlives its
+    NTO unchanged."""
 
-    def __init__(self, params: list[torch.Tensor]) -> None:
-        self.params = params
-        self.flags = [p.requires_grad for p in params]
+    def __init__(self, params: list[torch.Tensor], flags: list[bool]) -> None:
+        self.params: list[torch.Tensor] = []
+        self.flags: list[bool] = []
         self.hooks: list[Any] = []
+        self.released = False
+        self.add(params, flags)
+
+    def add(self, params: list[torch.Tensor], flags: list[bool]) -> None:
+        """Own `params` (their user flags given): a previous owner is released first."""
+        for prev in {id(o): o for p in params if (o := _OWNERS.get(p)) is not None
+                     and o is not self}.values():
+            prev.release()
+            warnings.warn("NTO: another NTO was built over the same parameters; the older "
+                          "one is detached (stepping it raises)", UserWarning, stacklevel=4)
+        self.params += params
+        self.flags += flags
+        for p in params:
+            _OWNERS[p] = self
+
+    def flag_of(self, p: torch.Tensor) -> bool:
+        return next(f for q, f in zip(self.params, self.flags) if q is p)
 
     def remove_hooks(self) -> None:
         for h in self.hooks:
@@ -262,9 +367,12 @@ class _ParamHandles:
 
     def release(self) -> None:
         self.remove_hooks()
+        self.released = True
         for p, flag in zip(self.params, self.flags):
             if p.requires_grad != flag:
                 p.requires_grad_(flag)
+            if _OWNERS.get(p) is self:
+                del _OWNERS[p]
 
 
 class NTO(torch.optim.Optimizer):
@@ -297,6 +405,12 @@ class NTO(torch.optim.Optimizer):
         sample_layers: sample policy: draw exactly this many units per period (LISA).
         regrow_fraction: sparse policy: share of the chosen elements dropped and regrown
             every `switch_every` steps, in [0, 0.25] (None: 0.1; 0: keep the first choice).
+        maximize: as torch.optim.AdamW (per group too). `foreach`, `fused` (None/True/False)
+            and `amsgrad`, `capturable`, `differentiable` (False only) are accepted so code
+            written for AdamW runs unchanged; NTO always runs its own fused kernel.
+
+    Params with requires_grad=False when NTO is built are the user's frozen params: never
+    trained, never counted in the budget, their flag never turned on (as AdamW skips them).
     """
 
     def __init__(self, params: Iterable[Any], lr: float | torch.Tensor = 1e-3,
@@ -306,62 +420,180 @@ class NTO(torch.optim.Optimizer):
                  seed: int = 0, state_on_switch: str = "drop", nonfinite: str = "skip",
                  always: Sequence[str] = (), max_grad_norm: float | None = None,
                  sample_layers: int | None = None,
-                 regrow_fraction: float | None = None) -> None:
+                 regrow_fraction: float | None = None, *, maximize: bool = False,
+                 amsgrad: bool = False, foreach: bool | None = None,
+                 fused: bool | None = None, capturable: bool = False,
+                 differentiable: bool = False) -> None:
+        lr, eps, weight_decay = (_plain_number(v) for v in (lr, eps, weight_decay))
+        if isinstance(betas, (tuple, list)):
+            betas = tuple(_plain_number(b) for b in betas)  # type: ignore[assignment]
+        budget = _plain_number(budget)  # type: ignore[assignment]
         _check_hyper("", lr, betas, eps, weight_decay)
+        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay,
+                    "maximize": maximize, "amsgrad": amsgrad, "foreach": foreach,
+                    "fused": fused, "capturable": capturable, "differentiable": differentiable}
+        _check_knobs("", defaults)
         _check_global(budget, policy, switch_every, order, seed, state_on_switch, nonfinite,
                       always, max_grad_norm, sample_layers, regrow_fraction)
         groups = _normalize_groups(params)
         for k, g in enumerate(groups):
             _check_hyper(f"param group {k}: ", g.get("lr", lr), g.get("betas", betas),
                          g.get("eps", eps), g.get("weight_decay", weight_decay))
-        self._infos = [ParamInfo.of(g["param_names"][j] if "param_names" in g else None, p)
-                       for g in groups for j, p in enumerate(g["params"])]
-        total = sum(i.numel for i in self._infos)
-        self.budget: Budget = parse_budget(budget, total)
-        self.policy: Policy = make_policy(
-            policy, self._infos, self.budget, switch_every=switch_every, order=order,
-            seed=seed, always=tuple(always), sample_layers=sample_layers,
-            regrow_fraction=regrow_fraction)
+        self._args = {"budget": budget, "policy": policy, "switch_every": switch_every,
+                      "order": order, "seed": seed, "always": tuple(always),
+                      "sample_layers": sample_layers, "regrow_fraction": regrow_fraction}
+        tensors = [p for g in groups for p in g["params"]]
+        _check_sparse_layout(policy, groups)
+        infos = [ParamInfo(g["param_names"][j] if "param_names" in g else None,
+                           tuple(p.shape), p.dtype, _user_flag(p))
+                 for g in groups for j, p in enumerate(g["params"])]
+        self.budget, self.policy = self._plan(infos)
         # Everything is valid: from here on the optimizer is built and params are owned.
         self._constructing = True
-        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
         super().__init__(groups, defaults)
         self._constructing = False
         self.state_on_switch = state_on_switch
         self.nonfinite = nonfinite
         self.max_grad_norm = max_grad_norm
-        self._params = [p for g in self.param_groups for p in g["params"]]
-        self._index = {p: i for i, p in enumerate(self._params)}
-        self._named = "param_names" in self.param_groups[0]
         self._step = 0
         self.skipped_steps = 0
         self.last_grad_norm: float | None = None
-        self._peak_bytes = 0
         self._offloaded: dict[int, dict[str, Any]] = {}
-        self._active = self.policy.active(0)
-        self._applied = False
-        self._sparse = SparseEngine(self) if self.policy.name == "sparse" else None
+        self._attach(infos, [i.trainable for i in infos])
         msg = getattr(self.policy, "too_big_message", lambda: None)()
         if msg:
             warnings.warn(f"NTO: {msg}", UserWarning, stacklevel=2)
-        self._handles = _ParamHandles(self._params)
+        log.info("NTO: %s policy, budget %s, %d of %d tensors trainable, first active: %s",
+                 policy, self.budget.describe(), len(self.policy.trainable), len(tensors),
+                 ", ".join(self.policy.active_names(0))[:200])
+
+    def _plan(self, infos: list[ParamInfo]) -> tuple[Budget, Policy]:
+        """Budget and policy over `infos` (the budget's shares count trainable elements)."""
+        total = sum(i.numel for i in infos if i.trainable)
+        if total == 0:
+            raise ValueError("no parameter requires grad (every param given has "
+                             "requires_grad=False or no elements); nothing would train. Set "
+                             "requires_grad=True on what should train before building NTO")
+        budget = parse_budget(self._args["budget"], total)
+        args = {k: v for k, v in self._args.items() if k not in ("budget", "policy")}
+        return budget, make_policy(self._args["policy"], infos, budget, **args)
+
+    def _attach(self, infos: list[ParamInfo], flags: list[bool]) -> None:
+        """Runtime wiring over param_groups: indices, hooks, ownership (after __init__'s
+        checks, and again after unpickling / deepcopy)."""
+        self._params = [p for g in self.param_groups for p in g["params"]]
+        self._index = {p: i for i, p in enumerate(self._params)}
+        self._infos = infos
+        self._named = any("param_names" in g for g in self.param_groups)
+        self._peak_bytes = 0
+        self._active = self.policy.active(self._step)
+        self._applied = False
+        self._fired: list[int] = []  # first params whose gradient came in the first backward
+        self._anchor: int | None = None
+        self._sparse = SparseEngine(self) if self.policy.name == "sparse" else None
+        owned = self._trainable_indices()
+        self._handles = _ParamHandles([self._params[i] for i in owned],
+                                      [flags[i] for i in owned])
         self._hook_params()
         weakref.finalize(self, self._handles.release).atexit = False
-        log.info("NTO: %s policy, budget %s, %d of %d tensors trainable, first active: %s",
-                 policy, self.budget.describe(), len(self.policy.trainable), len(self._params),
-                 ", ".join(self.policy.active_names(0))[:200])
+
+    def _trainable_indices(self) -> list[int]:
+        return [i for i, info in enumerate(self._infos) if info.trainable]
+
+    # ------------------------------------------------------------------ pickling
+    def __getstate__(self) -> dict[str, Any]:
+        """What deepcopy / pickle need to rebuild a working NTO over the copied params."""
+        return {"defaults": self.defaults, "state": self.state,
+                "param_groups": self.param_groups,
+                "_nto": {"args": self._args, "state_on_switch": self.state_on_switch,
+                         "nonfinite": self.nonfinite, "max_grad_norm": self.max_grad_norm,
+                         "infos": self._infos, "flags": self._user_flags(),
+                         "step": self._step, "skipped_steps": self.skipped_steps,
+                         "offloaded": self._offloaded, "anchor": self._anchor,
+                         "policy_state": self._policy_state()}}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        nto = state.pop("_nto", None)
+        super().__setstate__(state)
+        if nto is None:  # torch's own pickled layout: nothing to rebuild from
+            raise ValueError("NTO cannot be unpickled from a torch.optim state without its "
+                             "'_nto' entry; build NTO(...) and use load_state_dict")
+        self._args = nto["args"]
+        self.state_on_switch, self.nonfinite = nto["state_on_switch"], nto["nonfinite"]
+        self.max_grad_norm = nto["max_grad_norm"]
+        self._step, self.skipped_steps = nto["step"], nto["skipped_steps"]
+        self.last_grad_norm = None
+        self._offloaded = nto["offloaded"]
+        self.budget, self.policy = self._plan(nto["infos"])
+        self.policy.load_state_dict(nto["policy_state"])
+        self._attach(nto["infos"], nto["flags"])
+        self._anchor = nto["anchor"]
+
+    def _user_flags(self) -> list[bool]:
+        """requires_grad as the user set it, per param (frozen ones: False)."""
+        flags = [False] * len(self._params)
+        for p, f in zip(self._handles.params, self._handles.flags):
+            flags[self._index[p]] = f
+        return flags
 
     # ------------------------------------------------------------------ torch API
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if not getattr(self, "_constructing", False):
-            raise ValueError("NTO plans its schedule over all params at construction; "
-                             "add_param_group after that is not allowed: pass every group to "
-                             "NTO(...)")
-        super().add_param_group(param_group)
+        """As torch: the new params join the schedule, the budget (a share budget counts
+        them too) and the state from the next step()."""
+        if getattr(self, "_constructing", False):
+            super().add_param_group(param_group)
+            return
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group is a {type(param_group).__name__}; allowed: a dict "
+                            "like {'params': [...], 'lr': 1e-4}")
+        self._check_usable()
+        k = len(self.param_groups)
+        group = _normalize_group(k, dict(param_group))
+        _check_named([group], self._named if self._params else None)
+        if self._named:
+            group.setdefault("param_names", [])
+        g_full = {**self.defaults, **group}
+        _check_hyper(f"param group {k}: ", g_full["lr"], g_full["betas"], g_full["eps"],
+                     g_full["weight_decay"])
+        seen = {id(p): repr(self._infos[i].name) if self._infos[i].name else f"#{i}"
+                for i, p in enumerate(self._params)}
+        _check_duplicates([group], seen, {i.name for i in self._infos if i.name})
+        _check_sparse_layout(self._args["policy"], [group])
+        names = group.get("param_names")
+        new = [ParamInfo(names[j] if names else None, tuple(p.shape), p.dtype, _user_flag(p))
+               for j, p in enumerate(group["params"])]
+        infos = self._infos + new
+        budget, policy = self._plan(infos)  # may refuse: nothing changed yet
+        flags = self._user_flags() + [i.trainable for i in new]
+        self._constructing = True
+        try:
+            super().add_param_group(group)
+        finally:
+            self._constructing = False
+        self._replace_plan(budget, policy, infos, flags)
+        log.info("NTO: a param group of %d params joined the plan (budget %s)",
+                 len(new), budget.describe())
+
+    def _replace_plan(self, budget: Budget, policy: Policy, infos: list[ParamInfo],
+                      flags: list[bool]) -> None:
+        """Switch to a new plan over the params now in param_groups; the active set is
+        applied at the next step() (state of params that keep training carries over)."""
+        old_sparse = self._sparse
+        selected = self.policy.selected if old_sparse is not None else None
+        self._handles.release()
+        self.budget, self.policy = budget, policy
+        if selected is not None:
+            policy.set_selected(selected)
+        anchor = self._anchor
+        self._attach(infos, flags)
+        self._anchor = anchor
+        if old_sparse is not None and self._sparse is not None:
+            self._sparse.clear()
 
     def train(self) -> None:
         """Apply the active set now (as the first `step()` would); for Trainer and
         schedule-free style loops."""
+        self._check_usable()
         self._sync_params()
         self._ensure_applied()
 
@@ -369,18 +601,28 @@ class NTO(torch.optim.Optimizer):
         """Nothing to do: NTO keeps no separate evaluation weights."""
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One AdamW update of the active params, then advance the schedule."""
+        """One AdamW update of the active params, then advance the schedule. A step refused
+        with an error changes nothing: fix the cause and step again."""
+        self._check_usable()
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         self._sync_params()
+        self._follow_dtypes()
+        self._choose_anchor()
         self._ensure_applied()
         with torch.no_grad():
             self._update()
         self._peak_bytes = max(self._peak_bytes, sum(self._measure()))
         self._advance()
         return loss
+
+    def _check_usable(self) -> None:
+        if self._handles.released:
+            raise RuntimeError("this NTO is detached from its params (remove_hooks() was "
+                               "called, or a newer NTO was built over the same params); "
+                               "build a new NTO to train them")
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As torch; the sparse policy's compact gradients and candidates go too."""
@@ -448,7 +690,8 @@ class NTO(torch.optim.Optimizer):
             "trainable_tensors": len(self.policy.selected if sp else self._active),
             "skipped_steps": self.skipped_steps, "step": self._step,
             "weights_bytes": _storage_bytes(self._params),
-            "adamw_bytes": sum(state_bytes("adamw", i.numel, i.dtype) for i in self._infos),
+            "adamw_bytes": sum(state_bytes("adamw", i.numel, i.dtype) for i in self._infos
+                               if i.trainable),
             "policy": self.policy.name, "budget": self.budget.text,
         }
 
@@ -477,7 +720,8 @@ class NTO(torch.optim.Optimizer):
         scalar for each tensor that could train at once (dense policies)."""
         if self.budget.kind == "bytes":
             return self.budget.amount
-        bpe = max(bytes_per_element(self.policy.name, i.dtype) for i in self._infos)
+        bpe = max(bytes_per_element(self.policy.name, i.dtype) for i in self._infos
+                  if i.trainable)
         per_tensor = tensor_overhead_bytes(self.policy.name)
         return self.budget.amount * bpe + per_tensor * self._max_tensors(self.budget.amount)
 
@@ -485,12 +729,13 @@ class NTO(torch.optim.Optimizer):
         """The budget in elements (byte budgets: bytes / smallest bytes per element)."""
         if self.budget.kind == "elements":
             return self.budget.amount
-        bpe = min(bytes_per_element(self.policy.name, i.dtype) for i in self._infos)
+        bpe = min(bytes_per_element(self.policy.name, i.dtype) for i in self._infos
+                  if i.trainable)
         return self.budget.amount // bpe
 
     def _max_tensors(self, elements: int) -> int:
         n, used = 0, 0
-        for size in sorted(i.numel for i in self._infos):
+        for size in sorted(i.numel for i in self._infos if i.trainable):
             if used + size > elements:
                 break
             n, used = n + 1, used + size
@@ -499,6 +744,10 @@ class NTO(torch.optim.Optimizer):
     # ------------------------------------------------------------------ hooks
     def _on_grad(self, index: int, p: torch.Tensor) -> None:
         """Post-accumulate-grad hook: drop the gradient of an inactive param at once."""
+        if index >= len(self._params) or self._params[index] is not p:
+            return  # a copied param (deepcopy copies hooks): not one of ours
+        if len(self._fired) < _ANCHOR_CANDIDATES and self._anchor is None:
+            self._fired.append(index)
         if index not in self._active:
             p.grad = None
         elif p.grad is not None and p.grad.layout != torch.strided:
@@ -509,15 +758,18 @@ class NTO(torch.optim.Optimizer):
 
     def remove_hooks(self) -> None:
         """Detach NTO from the params: remove its gradient hooks and give each param the
-        requires_grad it had when NTO was built (done automatically when the optimizer is
-        garbage-collected). Do not step this optimizer afterwards."""
+        requires_grad it had when NTO was built. Done automatically when the optimizer is
+        garbage-collected or a newer NTO is built over the same params; call it yourself
+        when something else (an LR scheduler, Trainer) still holds this NTO and you want
+        the model back now. Stepping this optimizer afterwards raises."""
         self._handles.release()
 
     def _hook_params(self) -> None:
-        """NTO's post-accumulate-grad hook on every param (weak reference to self)."""
+        """NTO's post-accumulate-grad hook on every trainable param (weak reference to
+        self, so the hooks never keep NTO alive)."""
         ref = weakref.ref(self)
-        self._handles.hooks = [_register_hook(p, _drop_grad_hook(ref, i))
-                               for i, p in enumerate(self._params)]
+        self._handles.hooks = [_register_hook(self._params[i], _drop_grad_hook(ref, i))
+                               for i in self._trainable_indices()]
 
     def _label(self, index: int) -> str:
         name = self._infos[index].name
@@ -536,7 +788,8 @@ class NTO(torch.optim.Optimizer):
         if len(now) != len(self._params):
             raise ValueError(f"param_groups now hold {len(now)} params, NTO was built over "
                              f"{len(self._params)}; allowed: the same params, or each "
-                             "replaced by one of the same shape (a sharded or moved copy)")
+                             "replaced by one of the same shape (a sharded or moved copy); "
+                             "add params with add_param_group")
         for i, p in enumerate(now):
             if tuple(p.shape) != tuple(self._infos[i].shape):
                 raise ValueError(f"{self._label(i)} was replaced in param_groups by a tensor of "
@@ -546,13 +799,51 @@ class NTO(torch.optim.Optimizer):
         self.state = defaultdict(dict, {now[self._index[p]]: st for p, st in self.state.items()
                                         if p in self._index})
         self._params, self._index = now, {p: i for i, p in enumerate(now)}
-        self._handles.params = now  # same order: the flags recorded at __init__ apply
+        owned = self._trainable_indices()  # same order: the flags recorded at __init__ apply
+        self._handles.params = [now[i] for i in owned]
+        for p in self._handles.params:
+            _OWNERS[p] = self._handles
         self._hook_params()
         self._applied = False
         log.info("NTO: %d params were replaced in param_groups (e.g. sharded); following them",
                  len(now))
 
+    def _follow_dtypes(self) -> None:
+        """A param whose dtype changed since the plan (`model.to(torch.float32)`) changes
+        its bytes per element: re-plan so a byte budget still holds. A changed shape is
+        refused (its state no longer fits): nothing is changed."""
+        changed = []
+        for i, p in enumerate(self._params):
+            info = self._infos[i]
+            if tuple(p.shape) != info.shape:
+                raise ValueError(f"{self._label(i)} has shape {tuple(p.shape)} but NTO was "
+                                 f"built over shape {info.shape} (p.data was replaced or "
+                                 "reshaped); its state no longer fits: restore the shape, or "
+                                 "build a new NTO; nothing was changed")
+            if p.dtype != info.dtype:
+                _check_param(self._label(i), p)
+                changed.append(i)
+        if not changed:
+            return
+        infos = [dataclasses.replace(info, dtype=self._params[i].dtype) if i in changed
+                 else info for i, info in enumerate(self._infos)]
+        budget, policy = self._plan(infos)
+        log.info("NTO: %d params changed dtype (e.g. %s is now %s); re-planned the budget",
+                 len(changed), self._label(changed[0]), self._params[changed[0]].dtype)
+        self._replace_plan(budget, policy, infos, self._user_flags())
+
     # ------------------------------------------------------------------ the active set
+    def _choose_anchor(self) -> None:
+        """After the first backward, keep one cheap used param requiring grad in every
+        period: the smallest of the first params whose gradient arrived (nearest the loss).
+        Then a period whose active params are all unused in forward (a pooler under mean
+        pooling, an unrouted expert) leaves the loss something to differentiate, and the
+        user's backward never fails where AdamW's would run (issue 16). Its gradient is
+        dropped in the hook like any inactive one."""
+        if self._anchor is None and self._fired:
+            self._anchor = min(self._fired, key=lambda i: self._infos[i].numel)
+            self._applied = False
+
     def _ensure_applied(self) -> None:
         if not self._applied:
             self._apply_active()
@@ -562,15 +853,20 @@ class NTO(torch.optim.Optimizer):
         """Make params, grads and state agree with `self._active`: inactive params lose
         requires_grad, grad and (device) state; active params regain them. Retiring runs
         first, so offloaded state comes back only after the old set's grads and state are
-        gone: the device peak of a switch stays within the budget (issue 10)."""
-        for i, p in enumerate(self._params):
+        gone: the device peak of a switch stays within the budget (issue 10). Before the
+        first backward (no anchor known yet) nothing is frozen: the hooks drop the inactive
+        gradients as they come."""
+        owned = self._trainable_indices()
+        for i in owned:
+            p = self._params[i]
             if i not in self._active:
-                if p.requires_grad:
+                if p.requires_grad and self._anchor is not None and i != self._anchor:
                     p.requires_grad_(False)
                 p.grad = None
                 if p in self.state:
                     self._retire(i, p)
-        for i, p in enumerate(self._params):
+        for i in owned:
+            p = self._params[i]
             if i in self._active:
                 if not p.requires_grad:
                     p.requires_grad_(True)
@@ -600,22 +896,49 @@ class NTO(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ the update
     def _active_grads(self) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
-        """(group index, param index, param, grad) of every active param with a grad."""
+        """(group index, param index, param, grad) of every active param with a grad,
+        each checked before anything changes (a refused step changes nothing)."""
         out = []
         for gi, group in enumerate(self.param_groups):
+            _check_hyper(f"param group {gi}: ", group["lr"], group["betas"], group["eps"],
+                         group["weight_decay"])
             for p in group["params"]:
                 g = p.grad
                 if g is None:
                     continue
                 i = self._index[p]
-                if i not in self._active:  # set by hand after the hook ran: not ours to use
-                    p.grad = None
+                if i not in self._active:  # set by hand after the hook ran, or frozen by the
+                    if self._infos[i].trainable:  # user: not ours to use (AdamW would)
+                        p.grad = None
                     continue
-                if g.layout != torch.strided:
-                    raise TypeError(f"{self._label(i)} has a sparse gradient; allowed: dense "
-                                    "gradients (build nn.Embedding with sparse=False)")
+                self._check_entry(i, p, g)
                 out.append((gi, i, p, g))
         return out
+
+    def _check_entry(self, i: int, p: torch.Tensor, g: torch.Tensor) -> None:
+        """What the kernels need of one param, its grad and state, named by the param."""
+        local, lg = _local(p), _local(g)
+        if local.device.type == "meta":
+            raise ValueError(f"{self._label(i)} is on the meta device (no data); materialize "
+                             "the model (to_empty(), load weights) before step()")
+        _check_param(self._label(i), p)
+        if g.layout != torch.strided:
+            raise TypeError(f"{self._label(i)} has a sparse gradient; allowed: dense "
+                            "gradients (build nn.Embedding with sparse=False)")
+        if lg.shape != local.shape or lg.dtype != local.dtype or lg.device != local.device:
+            raise ValueError(f"the gradient of {self._label(i)} is a {lg.dtype} tensor of "
+                             f"shape {tuple(lg.shape)} on {lg.device}; expected "
+                             f"{local.dtype}, {tuple(local.shape)} on {local.device} (as the "
+                             "param); nothing was changed")
+        st = self.state.get(p)
+        if self._sparse is None and st:
+            for key in ("exp_avg", "exp_avg_sq"):
+                v = _local(st[key])
+                if v.shape != local.shape or v.device != local.device:
+                    raise ValueError(f"the {key} of {self._label(i)} has shape "
+                                     f"{tuple(v.shape)} on {v.device}; the param has "
+                                     f"{tuple(local.shape)} on {local.device}; nothing was "
+                                     "changed")
 
     def _check_grads(self, entries: list) -> bool:
         """Non-finite check and clipping over all active grads; False = skip this step.
@@ -631,8 +954,9 @@ class NTO(torch.optim.Optimizer):
         sumsq, n_bad, first_bad = 0.0, 0, None
         for ks in by_dev.values():
             # no histogram: a NaN or inf in a grad makes its absmax non-finite
-            _, sq, absmax, _ = ops.param_stats([_local(entries[k][3]) for k in ks],
-                                               histogram=False)
+            grads = [_local(entries[k][3]).contiguous() for k in ks]
+            _, sq, absmax, _ = self._op(ops.param_stats, [entries[k][1] for k in ks], grads,
+                                        histogram=False)
             flags = ~torch.isfinite(absmax)
             bad = flags.nonzero().flatten().tolist()
             if bad and first_bad is None:
@@ -658,6 +982,16 @@ class NTO(torch.optim.Optimizer):
                 torch._foreach_mul_([_local(entries[k][3]) for k in ks], coef)
         return True
 
+    def _op(self, op: Callable[..., Any], index: list[int], *args: Any, **kw: Any) -> Any:
+        """Call an op over params `index`; its errors name the param, not a list position."""
+        try:
+            return op(*args, **kw)
+        except (RuntimeError, ValueError, TypeError, IndexError) as e:
+            text = re.sub(r"(\w+)\[(\d+)\]", lambda m: (
+                f"{m.group(1)}[{m.group(2)}] ({self._label(index[int(m.group(2))])})"
+                if int(m.group(2)) < len(index) else m.group(0)), str(e))
+            raise type(e)(text) from e
+
     def _init_state(self, p: torch.Tensor) -> dict[str, Any]:
         st = self.state[p]
         if not st:  # lazily, like torch: only params that get a gradient have state
@@ -676,21 +1010,36 @@ class NTO(torch.optim.Optimizer):
         if not entries or not self._check_grads(entries):
             return
         batches: dict[tuple, list] = defaultdict(list)
-        for gi, _, p, g in entries:
+        for gi, i, p, g in entries:
             local = _local(p)
-            batches[(gi, local.device, local.dtype)].append((local, _local(g), p))
+            batches[(gi, local.device, local.dtype)].append((i, local, _local(g), p))
         for (gi, _, _), items in batches.items():
-            group = self.param_groups[gi]
-            states = [self._init_state(p) for _, _, p in items]
-            steps = [st["step"] for st in states]
-            torch._foreach_add_(steps, 1.0)
-            beta1, beta2 = group["betas"]
-            ops.masked_adamw_(
-                [t for t, _, _ in items], [g for _, g, _ in items],
-                [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
-                [None] * len(items), steps, lr=float(group["lr"]), beta1=float(beta1),
-                beta2=float(beta2), eps=float(group["eps"]),
-                weight_decay=float(group["weight_decay"]))
+            self._update_batch(self.param_groups[gi], items)
+
+    def _update_batch(self, group: dict[str, Any], items: list) -> None:
+        """One fused kernel call over params of one group, device and dtype. Strided params
+        (transposed views, channels_last) go through contiguous copies, written back."""
+        states = [self._init_state(p) for _, _, _, p in items]
+        params = [t if t.is_contiguous() else t.contiguous() for _, t, _, _ in items]
+        grads = [g if g.is_contiguous() else g.contiguous() for _, _, g, _ in items]
+        steps = [st["step"] for st in states]
+        beta1, beta2 = group["betas"]
+        maximize = group.get("maximize", False)
+        if maximize:  # AdamW's maximize: descend on -grad (negated in place, then back)
+            torch._foreach_neg_(grads)
+        try:
+            self._op(ops.masked_adamw_, [i for i, _, _, _ in items], params, grads,
+                     [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
+                     [None] * len(items), [s + 1 for s in steps], lr=float(group["lr"]),
+                     beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
+                     weight_decay=float(group["weight_decay"]))
+        finally:
+            if maximize:
+                torch._foreach_neg_(grads)
+        torch._foreach_add_(steps, 1.0)  # counted once the kernel has run
+        for (_, t, _, _), staged in zip(items, params):
+            if staged is not t:
+                t.copy_(staged)
 
     # ------------------------------------------------------------------ persistence
     def _config(self) -> dict[str, Any]:

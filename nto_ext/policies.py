@@ -350,11 +350,11 @@ class SparsePolicy(Policy):
         self.switch_every = switch_every
         self.regrow_fraction = float(DEFAULT_REGROW_FRACTION if regrow_fraction is None
                                      else regrow_fraction)
-        self.total = sum(i.numel for i in self.infos)
+        self.total = sum(i.numel for i in self.infos if i.trainable)
         self.k = min(self._budget_elements(), self.total)
         self.dense = self.k >= self.total
         self.regrow = 0 if self.dense else math.floor(self.regrow_fraction * self.k)
-        everything = frozenset(range(len(self.infos)))
+        everything = frozenset(j for j, i in enumerate(self.infos) if i.trainable)
         self._everything = everything
         self._selected = everything if self.dense else frozenset()
 
@@ -424,7 +424,11 @@ class SparsePolicy(Policy):
                 isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n for i in sel):
             raise ValueError(f"policy state 'selected' must list param indices in [0, {n}), "
                              f"got {sel!r}"[:300])
-        if self.dense and len(set(sel)) != n:
+        frozen = sorted(set(sel) - self._everything)
+        if frozen:
+            raise ValueError(f"policy state 'selected' lists params {frozen[:8]} that were "
+                             "frozen (requires_grad=False) when this optimizer was built")
+        if self.dense and set(sel) != self._everything:
             raise ValueError("policy state 'selected' must list every param when the budget "
                              "covers every element")
 

@@ -292,7 +292,8 @@ class SparseEngine:
         """NTO.init_state(): with K = every element, make all state now; otherwise state
         exists exactly for the chosen elements already."""
         if self.policy.dense:
-            for p in self.opt._params:
+            for i in self.policy.trainable:
+                p = self.opt._params[i]
                 if self._state(p) is None:
                     self._dense_state(p)
 
