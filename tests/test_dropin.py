@@ -481,3 +481,22 @@ def test_trainer_on_a_peft_lora_model(tmp_path, how):
             assert torch.equal(p, base[n]) and not p.requires_grad, n
     assert sum(not torch.equal(p, lora[n]) for n, p in model.named_parameters()
                if n in lora) == len(lora)
+
+
+def test_add_param_group_under_sparse_grows_into_the_new_params():
+    model = tiny_llama()
+    named = list(model.named_parameters())
+    rest = [(n, p) for n, p in named if "layers" in n]
+    opt = NTO([(n, p) for n, p in named if "layers" not in n], lr=1e-2, budget="20%",
+              policy="sparse", switch_every=3)
+    for s in range(4):
+        train_step(model, opt, s)
+    k0 = opt.policy.k
+    opt.add_param_group({"params": rest})
+    assert opt.policy.k > k0  # a share budget counts the new elements
+    before = bits(p for _, p in rest)
+    for s in range(4, 10):
+        train_step(model, opt, s)
+        rep = opt.memory_report()
+        assert rep["total_bytes"] <= rep["budget_bytes"]
+    assert not same(before, [p for _, p in rest])
