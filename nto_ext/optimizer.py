@@ -351,7 +351,7 @@ class _ParamHandles:
                      and o is not self}.values():
             prev.release()
             warnings.warn("NTO: another NTO was built over the same parameters; the older "
-                          "one is detached (stepping it raises)", UserWarning, stacklevel=4)
+                          "one is detached (stepping it raises)", UserWarning, stacklevel=5)
         self.params += params
         self.flags += flags
         for p in params:
