@@ -1010,7 +1010,7 @@ class NTO(torch.optim.Optimizer):
         new_state: dict[torch.Tensor, dict[str, Any]] = {}
         new_offloaded: dict[int, dict[str, Any]] = {}
         other: dict[Any, Any] = {}
-        seen = Storages((f"the param {self._label(i)}", p) for i, p in enumerate(self._params))
+        seen = Storages((self._label(i), p) for i, p in enumerate(self._params))
         for key, st in sd["state"].items():
             if not isinstance(key, int) or isinstance(key, bool):
                 other[key] = st  # not a param: kept as it is, as torch.optim.AdamW does

@@ -599,3 +599,18 @@ def test_trainer_checkpoint_of_torch_adamw_resumes_under_nto(tmp_path, budget):
         for (n, p), (_, q) in zip(full.model.named_parameters(),
                                   resumed.model.named_parameters()):
             torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_a_moment_that_is_a_param_is_refused():
+    """An in-memory state whose exp_avg is the loading optimizer's own param (a crafted or
+    mixed-up dict): the update would write the moment into the weights."""
+    sd = saved()
+    opt, named = trained()
+    params = [p for _, p in named]
+    k = min(k for k in sd["state"] if isinstance(k, int))
+    sd["state"][k]["exp_avg"] = params[k].data
+    before = everything(opt, params)
+    with pytest.raises(ValueError, match=rf"exp_avg shares memory with parameter "
+                                         rf"'{named[k][0]}'"):
+        opt.load_state_dict(sd)
+    assert_same(everything(opt, params), before)
