@@ -44,6 +44,20 @@ from .budget import (
     state_bytes,
     tensor_overhead_bytes,
 )
+from .checkpoint import (
+    DENSE_KEYS,
+    MAX_COUNT,
+    Storages,
+    adamw_entry,
+    canonical_name,
+    check_count,
+    check_keys,
+    check_moment,
+    check_values,
+    group_numbers,
+    is_index,
+    loaded_step,
+)
 from .policies import Policy, make_policy, validate_policy_args
 from .sparse import SparseEngine
 
@@ -706,6 +720,8 @@ class NTO(torch.optim.Optimizer):
         grads = [p.grad for p in self._params if p.grad is not None]
         state, index = [], []
         for st in self.state.values():
+            if not isinstance(st, dict):  # a non-param key (torch allows opt.state["x"] = 1)
+                continue
             for k, v in st.items():
                 if isinstance(v, torch.Tensor):
                     (index if k in INDEX_KEYS else state).append(v)
@@ -796,8 +812,8 @@ class NTO(torch.optim.Optimizer):
                                  f"shape {tuple(p.shape)}, expected {tuple(self._infos[i].shape)}"
                                  "; allowed: a copy of the same (global) shape")
         self._handles.remove_hooks()
-        self.state = defaultdict(dict, {now[self._index[p]]: st for p, st in self.state.items()
-                                        if p in self._index})
+        self.state = defaultdict(dict, {(now[self._index[p]] if p in self._index else p): st
+                                        for p, st in self.state.items()})
         self._params, self._index = now, {p: i for i, p in enumerate(now)}
         owned = self._trainable_indices()  # same order: the flags recorded at __init__ apply
         self._handles.params = [now[i] for i in owned]
@@ -1045,10 +1061,20 @@ class NTO(torch.optim.Optimizer):
     def _config(self) -> dict[str, Any]:
         return {**self.policy.config(), "state_on_switch": self.state_on_switch}
 
+    def _layout(self) -> dict[str, Any]:
+        """What a checkpoint must match: shapes and dtypes per param, and the names the
+        user gave (None when params were given unnamed), which map a checkpoint by name."""
+        names = [i.name for i in self._infos]
+        return {"shapes": [list(i.shape) for i in self._infos],
+                "dtypes": [str(i.dtype).removeprefix("torch.") for i in self._infos],
+                "names": names if all(isinstance(n, str) for n in names) else None}
+
     def state_dict(self) -> dict[str, Any]:
         """torch's layout ({"state": {index: {...}}, "param_groups": [...]}) plus "nto":
-        the schedule position, counters, active set, config and layout. Per-param state of
-        offloaded params is in "state" too (host tensors), listed in nto["offloaded"].
+        the schedule position, counters, active set, config and layout (shapes, dtypes,
+        names). Per-param state of offloaded params is in "state" too (host tensors),
+        listed in nto["offloaded"]. Keys of `state` that are not params (torch allows
+        `opt.state["foo"] = ...`) are kept as they are, as torch.optim.AdamW does.
         Only tensors, ints, floats, strings, lists, dicts, tuples and None: loadable with
         torch.load(weights_only=True)."""
         self._sync_params()
@@ -1061,17 +1087,25 @@ class NTO(torch.optim.Optimizer):
             start += len(g["params"])
             groups.append(packed)
         state: dict[int, dict[str, Any]] = {}
-        for p, st in self.state.items():
-            if st:
-                state[self._index[p]] = dict(st)
+        other: dict[Any, Any] = {}
+        for key, st in self.state.items():
+            i = self._index.get(key) if isinstance(key, torch.Tensor) else None
+            if i is None:
+                if isinstance(key, torch.Tensor):  # torch raises KeyError here too
+                    raise ValueError("optimizer state: `state` holds a tensor key that is not "
+                                     "a param of this optimizer; allowed: its params and "
+                                     "non-tensor keys")
+                other[key] = st
+            elif st:
+                state[i] = dict(st)
         for i, st in self._offloaded.items():
             state[i] = dict(st)
-        sd: dict[str, Any] = {"state": dict(sorted(state.items())), "param_groups": groups}
+        sd: dict[str, Any] = {"state": {**dict(sorted(state.items())), **other},
+                              "param_groups": groups}
         sd["nto"] = {
             "format": FORMAT_VERSION,
             "config": self._config(),
-            "layout": {"shapes": [list(i.shape) for i in self._infos],
-                       "dtypes": [str(i.dtype).removeprefix("torch.") for i in self._infos]},
+            "layout": self._layout(),
             "step": self._step,
             "skipped_steps": self.skipped_steps,
             "active": sorted(self._active),
@@ -1090,40 +1124,45 @@ class NTO(torch.optim.Optimizer):
         return self.policy.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state from `state_dict()`; keeps the saved dtypes (fp32 moments of a bf16
-        param stay fp32). Refuses, with ValueError and without changing anything, a state
-        from another optimizer, policy, configuration or parameter layout."""
+        """Load a state from `state_dict()`, or import one of torch.optim.AdamW / Adam
+        (no "nto" entry: see `_import_adamw`). Params are matched by name when both sides
+        have names, else by position; shapes and dtypes must match. Every tensor and count
+        is validated before anything is replaced; keeps the saved dtypes (fp32 moments of
+        a bf16 param stay fp32). Refuses, with ValueError and without changing anything,
+        a state from another optimizer, policy, configuration or parameter layout, and
+        corrupted or crafted values (non-finite moments unless nonfinite="propagate",
+        negative exp_avg_sq, aliasing tensors, extra per-param entries, bad counts)."""
         sd = dict(state_dict) if isinstance(state_dict, dict) else state_dict
         self._sync_params()
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = hook(self, sd)
             if result is not None:
                 sd = result
-        nto = self._check_loadable(sd)
+        if isinstance(sd, dict) and "nto" not in sd and "state" in sd and "param_groups" in sd:
+            sd = self._import_adamw(sd)
+        sd, nto, reordered = self._check_loadable(sd)
         cursor = self.policy.state_dict()
         self.policy.load_state_dict(nto["policy_state"])
         active = frozenset(nto["active"])
         try:
             self.policy.check_cursor(nto["step"])
             if self.policy.active(nto["step"]) != active:
+                why = (" (the params are in another order than in the run that saved it, "
+                       "and the schedule over this order differs: build NTO over the "
+                       "params in the saved order)" if reordered else
+                       " (a foreign or edited checkpoint)")
                 raise ValueError("optimizer state: the saved active set does not match the "
-                                 f"schedule at step {nto['step']} (a foreign or edited "
-                                 "checkpoint); nothing was loaded")
-            new_state, new_offloaded = self._build_loaded_state(sd, nto)
+                                 f"schedule at step {nto['step']}{why}; nothing was loaded")
+            new_state, new_offloaded, other = self._build_loaded_state(sd, nto)
             if self._sparse is not None:
                 self._sparse.check_loaded(new_state)
+            new_groups = self._loaded_groups(sd["param_groups"])
         except Exception:
             self.policy.load_state_dict(cursor)  # the cursor is a cache, but leave it as it was
             raise
-        new_groups = []
-        for g, saved in zip(self.param_groups, sd["param_groups"]):
-            ng = {k: v for k, v in saved.items() if k != "params"}
-            ng["params"] = g["params"]
-            if "param_names" in g and "param_names" not in ng:
-                ng["param_names"] = g["param_names"]
-            new_groups.append(ng)
         # Commit: nothing below can fail.
         self.state = defaultdict(dict, new_state)
+        self.state.update(other)
         self._offloaded = new_offloaded
         self.param_groups = new_groups
         self._step = nto["step"]
@@ -1135,16 +1174,18 @@ class NTO(torch.optim.Optimizer):
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
-    def _check_loadable(self, sd: object) -> dict[str, Any]:
+    def _check_loadable(self, sd: object) -> tuple[dict[str, Any], dict[str, Any], bool]:
+        """(sd, nto, reordered): the checked state with its param indices translated to
+        this optimizer's order (matched by name when both sides have names)."""
         if not isinstance(sd, dict) or "state" not in sd or "param_groups" not in sd:
+            keys = sorted(sd, key=str)[:8] if isinstance(sd, dict) else "-"
             raise ValueError("optimizer state: expected a dict with 'state' and "
                              f"'param_groups' (from NTO.state_dict()), got {type(sd).__name__}"
-                             f" with keys {sorted(sd)[:8] if isinstance(sd, dict) else '-'}")
+                             f" with keys {keys}")
         nto = sd.get("nto")
         if not isinstance(nto, dict):
-            raise ValueError("optimizer state: no 'nto' entry: it was saved by another "
-                             "optimizer (e.g. torch.optim.AdamW); allowed: a state from "
-                             "NTO.state_dict()")
+            raise ValueError("optimizer state: 'nto' is not a dict; allowed: a state from "
+                             "NTO.state_dict() or torch.optim.AdamW.state_dict()")
         if nto.get("format") != FORMAT_VERSION:
             raise ValueError(f"optimizer state: format {nto.get('format')!r}; this version "
                              f"reads format {FORMAT_VERSION}")
@@ -1154,29 +1195,44 @@ class NTO(torch.optim.Optimizer):
                 raise ValueError(f"optimizer state: nto[{key!r}] is missing (truncated "
                                  "checkpoint?); nothing was loaded")
         self._check_config(nto["config"])
-        self._check_layout(nto["layout"], sd["param_groups"])
+        perm = self._check_layout(nto["layout"], sd["param_groups"])
         for key in ("step", "skipped_steps"):
-            v = nto[key]
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"optimizer state: nto[{key!r}]={v!r}; allowed: an int >= 0")
+            check_count(f"nto[{key!r}]", nto[key], MAX_COUNT)
         n = len(self._params)
         for key in ("active", "offloaded", "with_state"):
             v = nto[key]
-            if not isinstance(v, (list, tuple)) or not all(
-                    isinstance(i, int) and 0 <= i < n for i in v):
-                raise ValueError(f"optimizer state: nto[{key!r}] must list param indices in "
-                                 f"[0, {n})")
-        have = sorted(sd["state"]) if isinstance(sd["state"], dict) and all(
-            isinstance(i, int) and 0 <= i < n for i in sd["state"]) else None
-        if have is not None and have != sorted(nto["with_state"]):  # else: refused below
+            if not isinstance(v, (list, tuple)) or not all(is_index(i, n) for i in v) \
+                    or len(set(v)) != len(v):
+                raise ValueError(f"optimizer state: nto[{key!r}] must list distinct param "
+                                 f"indices in [0, {n})")
+        if not isinstance(sd["state"], dict):
+            raise ValueError("optimizer state: 'state' is not a dict")
+        self.policy.check_state_dict(nto["policy_state"])
+        reordered = perm != list(range(n))
+        if reordered:
+            sd, nto = self._remap(sd, nto, perm)
+        have = sorted(k for k in sd["state"] if is_index(k, n))
+        bad = [k for k in sd["state"] if isinstance(k, int) and not is_index(k, n)]
+        if not bad and have != sorted(nto["with_state"]):  # else: refused below
             lost = sorted(set(nto["with_state"]) - set(have))
             raise ValueError("optimizer state: 'state' holds entries for params "
                              f"{have[:8]} but the optimizer saved state for "
                              f"{sorted(nto['with_state'])[:8]}"
                              f"{f' (missing: {lost[:8]})' if lost else ''}; an edited or "
                              "partial checkpoint; nothing was loaded")
-        self.policy.check_state_dict(nto["policy_state"])
-        return nto
+        return sd, nto, reordered
+
+    def _remap(self, sd: dict[str, Any], nto: dict[str, Any], perm: list[int],
+               ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Copies of sd and nto with saved param index j renamed perm[j] (nothing of the
+        caller's is changed). Param groups keep their position (checked in _check_layout)."""
+        n = len(perm)
+        state = {perm[k] if is_index(k, n) else k: v for k, v in sd["state"].items()}
+        new_nto = dict(nto)
+        for key in ("active", "offloaded", "with_state"):
+            new_nto[key] = sorted(perm[i] for i in nto[key])
+        new_nto["policy_state"] = self.policy.remap_state_dict(nto["policy_state"], perm)
+        return {**sd, "state": state}, new_nto
 
     def _check_config(self, saved: object) -> None:
         mine = self._config()
@@ -1193,84 +1249,266 @@ class NTO(torch.optim.Optimizer):
                              + "; ".join(diff) + "); build NTO with the arguments of the "
                              "run that saved it")
 
-    def _check_layout(self, layout: object, saved_groups: object) -> None:
+    def _check_layout(self, layout: object, saved_groups: object) -> list[int]:
+        """perm[j] = this optimizer's index of the checkpoint's param j: by name when both
+        sides have names, else by position; shapes and dtypes checked through it."""
         shapes = layout.get("shapes") if isinstance(layout, dict) else None
-        mine = [list(i.shape) for i in self._infos]
-        if not isinstance(shapes, list) or len(shapes) != len(mine):
+        mine = self._layout()
+        n = len(mine["shapes"])
+        if not isinstance(shapes, list) or len(shapes) != n:
             got = len(shapes) if isinstance(shapes, list) else "?"
             raise ValueError(f"optimizer state is for {got} parameters but this optimizer "
-                             f"has {len(mine)}; load it into an NTO built over the same model")
-        for i, (s, m) in enumerate(zip(shapes, mine)):
-            if list(s) != m:
+                             f"has {n}; load it into an NTO built over the same model")
+        names = layout.get("names")  # type: ignore[union-attr]
+        perm = (self._match_names(names) if names is not None and mine["names"] is not None
+                else list(range(n)))
+        dtypes = layout.get("dtypes")  # type: ignore[union-attr]
+        if dtypes is not None and (not isinstance(dtypes, list) or len(dtypes) != n):
+            raise ValueError(f"optimizer state: layout['dtypes'] must list {n} dtypes")
+        for j, s in enumerate(shapes):
+            i = perm[j]
+            if not isinstance(s, (list, tuple)) or list(s) != mine["shapes"][i]:
                 raise ValueError(f"optimizer state: {self._label(i)} (#{i}) has shape "
-                                 f"{list(s)} in the checkpoint but {m} here; load it into an "
-                                 "NTO built over the same model")
+                                 f"{s!r:.60} in the checkpoint but {mine['shapes'][i]} here; "
+                                 "load it into an NTO built over the same model")
+            if dtypes is not None and dtypes[j] != mine["dtypes"][i]:
+                raise ValueError(f"optimizer state: {self._label(i)} (#{i}) was "
+                                 f"{dtypes[j]!r:.40} in the checkpoint but is "
+                                 f"{mine['dtypes'][i]} here; load the model in the dtype of "
+                                 "the run that saved it (or cast it after loading)")
+        self._check_groups(saved_groups, perm)
+        return perm
+
+    def _match_names(self, saved: object) -> list[int]:
+        """perm by name; torch.compile's `_orig_mod.` and DDP's `module.` prefixes are
+        ignored when the exact names do not all match. Refuses names that do not match."""
+        mine = [i.name for i in self._infos]
+        if not isinstance(saved, list) or not all(isinstance(s, str) for s in saved) \
+                or len(saved) != len(mine):
+            raise ValueError(f"optimizer state: layout['names'] must list {len(mine)} names "
+                             "(one str per param)")
+        dup = next((s for k, s in enumerate(saved) if s in saved[:k]), None)
+        if dup is not None:
+            raise ValueError(f"optimizer state: layout['names'] lists {dup!r} twice (an edited "
+                             "checkpoint); nothing was loaded")
+        for canon in (lambda s: s, canonical_name):
+            index = {canon(m): i for i, m in enumerate(mine)}  # type: ignore[arg-type]
+            if len(index) == len(mine) and all(canon(s) in index for s in saved):
+                return [index[canon(s)] for s in saved]
+        extra = [s for s in saved if s not in set(mine)]
+        absent = [m for m in mine if m not in set(saved)]
+        raise ValueError(
+            f"optimizer state was saved for other parameter names: {len(extra)} saved "
+            f"name(s) are not params here (first: {extra[:3]}) and {len(absent)} param(s) "
+            f"here are not in the checkpoint (first: {absent[:3]}); load it into an NTO "
+            "built over the same model (same parameter names)")
+
+    def _check_groups(self, saved_groups: object, perm: list[int]) -> None:
+        """Same number of groups, each holding the same params (through perm), with valid
+        hyper-parameters (any real number type: converted to float when loaded)."""
         if not isinstance(saved_groups, list) or len(saved_groups) != len(self.param_groups):
             got = len(saved_groups) if isinstance(saved_groups, list) else "no list of"
             raise ValueError(f"optimizer state has {got} param groups but this "
                              f"optimizer has {len(self.param_groups)}")
+        start = 0
         for k, (sg, g) in enumerate(zip(saved_groups, self.param_groups)):
-            if not isinstance(sg, dict) or len(sg.get("params", ())) != len(g["params"]):
+            ids = sg.get("params") if isinstance(sg, dict) else None
+            size = len(g["params"])
+            if not isinstance(ids, (list, tuple)) or len(ids) != size:
                 raise ValueError(f"optimizer state: param group {k} has a different number "
                                  "of params than this optimizer's")
+            if list(ids) != list(range(start, start + size)):
+                raise ValueError(f"optimizer state: param group {k} lists params "
+                                 f"{list(ids)[:4]}...; expected the indices "
+                                 f"{start}..{start + size - 1} (an edited checkpoint)")
+            here = {self._index[p] for p in g["params"]}
+            moved = [perm[j] for j in ids if perm[j] not in here]
+            if moved:
+                raise ValueError(f"optimizer state: {self._label(moved[0])} was in param "
+                                 f"group {k} in the checkpoint but is in another group here; "
+                                 "build the param groups as in the run that saved it")
+            start += size
             missing = [h for h in HYPER if h not in sg]
             if missing:  # the next step() would fail on it, after the load changed everything
                 raise ValueError(f"optimizer state: param group {k} has no {missing[0]!r} "
                                  "(truncated checkpoint?); nothing was loaded")
-            _check_hyper(f"optimizer state: param group {k}: ", sg["lr"], sg["betas"],
-                         sg["eps"], sg["weight_decay"])
+            h = group_numbers(sg)
+            _check_hyper(f"optimizer state: param group {k}: ", h["lr"], h["betas"],
+                         h["eps"], h["weight_decay"])
+
+    def _loaded_groups(self, saved_groups: list) -> list[dict[str, Any]]:
+        """The param groups after a load: the saved entries (hyper-parameters as Python
+        floats, so a re-saved state loads with weights_only=True) with this optimizer's
+        params and names."""
+        new_groups = []
+        for g, saved in zip(self.param_groups, saved_groups):
+            ng = {k: v for k, v in saved.items() if k not in ("params", "param_names")}
+            ng.update(group_numbers(saved))
+            ng["params"] = g["params"]
+            if "param_names" in g:
+                ng["param_names"] = g["param_names"]
+            new_groups.append(ng)
+        return new_groups
 
     def _build_loaded_state(self, sd: dict[str, Any], nto: dict[str, Any],
-                            ) -> tuple[dict, dict]:
+                            ) -> tuple[dict, dict, dict]:
+        """(device state, offloaded state, non-param entries) from a checked checkpoint;
+        every tensor validated, none aliasing another or a param, none keeping a larger
+        storage than it needs."""
         active, offloaded = set(nto["active"]), set(nto["offloaded"])
         new_state: dict[torch.Tensor, dict[str, Any]] = {}
         new_offloaded: dict[int, dict[str, Any]] = {}
-        if not isinstance(sd["state"], dict):
-            raise ValueError("optimizer state: 'state' is not a dict")
-        for i, st in sd["state"].items():
-            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(self._params):
-                raise ValueError(f"optimizer state: key {i!r} in 'state' is not a param index")
-            p = self._params[i]
-            self._check_param_state(i, p, st)
-            if i in offloaded:
-                new_offloaded[i] = {k: _to_host(v, p) for k, v in st.items()}
-            elif i in active:
+        other: dict[Any, Any] = {}
+        seen = Storages((self._label(i), p) for i, p in enumerate(self._params))
+        for key, st in sd["state"].items():
+            if not isinstance(key, int) or isinstance(key, bool):
+                other[key] = st  # not a param: kept as it is, as torch.optim.AdamW does
+                continue
+            if not is_index(key, len(self._params)):
+                raise ValueError(f"optimizer state: key {key!r} in 'state' is not a param "
+                                 f"index (this optimizer has {len(self._params)} params)")
+            p = self._params[key]
+            st = self._check_param_state(key, p, st, seen)
+            if key in offloaded:
+                new_offloaded[key] = {k: _to_host(v, p) for k, v in st.items()}
+            elif key in active:
                 new_state[p] = {k: _to_param_device(k, v, p) for k, v in st.items()}
             else:
-                raise ValueError(f"optimizer state holds state for {self._label(i)}, which is "
-                                 "neither active nor offloaded at the saved step (a foreign "
+                raise ValueError(f"optimizer state holds state for {self._label(key)}, which "
+                                 "is neither active nor offloaded at the saved step (a foreign "
                                  "or edited checkpoint); nothing was loaded")
-        return new_state, new_offloaded
+        return new_state, new_offloaded, other
 
-    def _check_param_state(self, i: int, p: torch.Tensor, st: object) -> None:
+    def _check_param_state(self, i: int, p: torch.Tensor, st: object,
+                           seen: Storages) -> dict[str, Any]:
+        """The state of param i as it will be kept: validated (keys, dtypes, shapes, finite
+        unless nonfinite="propagate", exp_avg_sq >= 0, counts), `step` as a float32 tensor,
+        tensors compact and not aliasing anything else loaded."""
+        where = f"optimizer state for {self._label(i)}"
         if not isinstance(st, dict):
-            raise ValueError(f"optimizer state for {self._label(i)} is not a dict")
+            raise ValueError(f"{where} is not a dict")
         if self._sparse is not None:  # compact (sparse) state
             self._sparse.check_state(i, p, st)
-            return
+            out = dict(st)
+        else:
+            check_keys(where, st, DENSE_KEYS)
+            for key in ("exp_avg", "exp_avg_sq"):
+                check_moment(where, key, st.get(key), _local(p).shape)
+            out = {k: (loaded_step(where, v) if k == "step" else v) for k, v in st.items()}
+        out = {k: seen.claim(f"{where}: {k}", v) if isinstance(v, torch.Tensor) else v
+               for k, v in out.items()}
         for key in ("exp_avg", "exp_avg_sq"):
-            v = st.get(key)
-            if not isinstance(v, torch.Tensor) or v.shape != _local(p).shape:
-                got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-                raise ValueError(f"optimizer state for {self._label(i)}: {key} is {got}, "
-                                 f"expected shape {tuple(_local(p).shape)}")
-            # What the kernels take (fp32, contiguous, with data): refused here, not at the
-            # next step() after the load has replaced everything (issue 10).
-            local = _local(v)
-            if (local.dtype != torch.float32 or local.device.type == "meta"
-                    or not local.is_contiguous()):
-                raise ValueError(f"optimizer state for {self._label(i)}: {key} is a "
-                                 f"{local.dtype} tensor on {local.device}"
-                                 f"{'' if local.is_contiguous() else ' (not contiguous)'}; "
-                                 "expected contiguous torch.float32 moments with data "
-                                 "(as NTO.state_dict() saves them)")
-        step = st.get("step")
-        if not isinstance(step, torch.Tensor) or step.numel() != 1 \
-                or not step.dtype.is_floating_point or step.device.type == "meta":
-            got = (f"a {step.dtype} tensor of shape {tuple(step.shape)} on {step.device}"
-                   if isinstance(step, torch.Tensor) else type(step).__name__)
-            raise ValueError(f"optimizer state for {self._label(i)}: 'step' is {got}; "
-                             "expected a 1-element float tensor (as NTO.state_dict() saves it)")
+            check_values(where, key, out[key], self.nonfinite == "propagate")
+        return out
+
+    def _import_adamw(self, sd: dict[str, Any]) -> dict[str, Any]:
+        """An NTO state (in this optimizer's param order) from a torch.optim.AdamW (or Adam
+        with decoupled or no weight decay) state_dict: its hyper-parameters and, per param,
+        its moments (cast to fp32) and step count. NTO's schedule starts at step 0: the
+        params active there get their moments; the others' are offloaded
+        (state_on_switch="offload") or dropped (logged). Sparse keeps them only at 100%."""
+        perm = self._foreign_perm(sd)
+        n = len(self._params)
+        if not isinstance(sd["state"], dict):
+            raise ValueError("optimizer state: 'state' is not a dict")
+        cursor = self.policy.state_dict()
+        active = self.policy.active(0)
+        # sparse: every element chosen from the start at 100%, else nothing chosen at step 0
+        policy_state = ({"selected": []} if self._sparse is not None and not self.policy.dense
+                        else self.policy.state_dict())
+        self.policy.load_state_dict(cursor)
+        keep_all = self._sparse is not None and self.policy.dense
+        state: dict[Any, Any] = {}
+        offloaded, dropped = [], 0
+        for key, st in sd["state"].items():
+            if not isinstance(key, int) or isinstance(key, bool):
+                state[key] = st
+                continue
+            if not is_index(key, n):
+                raise ValueError(f"optimizer state: key {key!r} in 'state' is not a param "
+                                 f"index (this optimizer has {n} params)")
+            where = f"optimizer state (torch AdamW) for {self._label(perm[key])}"
+            if not isinstance(st, dict):
+                raise ValueError(f"{where} is not a dict")
+            check_keys(where, st, DENSE_KEYS)
+            i = perm[key]
+            if self._sparse is not None and not keep_all:
+                dropped += 1
+                continue
+            if i not in active and (self.state_on_switch != "offload"
+                                    or i not in self.policy.trainable):
+                dropped += 1
+                continue
+            if i not in active:
+                offloaded.append(i)
+            state[i] = adamw_entry(where, st, self._params[i], self._sparse is not None)
+        log.info("NTO: imported a torch AdamW state: moments of %d params loaded (%d of "
+                 "them offloaded), %d dropped (not trained at NTO's step 0%s)",
+                 len(state) - sum(not isinstance(k, int) for k in state), len(offloaded),
+                 dropped, "; sparse keeps them only at budget 100%"
+                 if self._sparse is not None else "")
+        groups, start = [], 0
+        for g, sg in zip(self.param_groups, sd["param_groups"]):
+            ng = {k: v for k, v in g.items() if k not in ("params", "param_names")}
+            ng.update({k: sg[k] for k in (*HYPER, "initial_lr") if k in sg})
+            ng["params"] = list(range(start, start + len(g["params"])))
+            start += len(g["params"])
+            groups.append(ng)
+        with_state = sorted(k for k in state if isinstance(k, int))
+        return {"state": state, "param_groups": groups, "nto": {
+            "format": FORMAT_VERSION, "config": self._config(), "layout": self._layout(),
+            "step": 0, "skipped_steps": 0, "active": sorted(active),
+            "offloaded": sorted(offloaded), "with_state": with_state,
+            "policy_state": policy_state}}
+
+    def _foreign_perm(self, sd: dict[str, Any]) -> list[int]:
+        """perm[j] = this optimizer's index of a torch optimizer state's param j (by the
+        groups' `param_names` when both sides have names, else by position); refuses
+        states that are not AdamW's (or Adam's with decoupled or no weight decay)."""
+        groups = sd["param_groups"]
+        if not isinstance(groups, list) or len(groups) != len(self.param_groups) \
+                or not all(isinstance(g, dict) for g in groups):
+            got = len(groups) if isinstance(groups, list) else type(groups).__name__
+            raise ValueError(f"optimizer state (no 'nto' entry: saved by another optimizer) "
+                             f"has {got} param groups but this optimizer has "
+                             f"{len(self.param_groups)}; build NTO with the param groups of "
+                             "the run that saved it")
+        for k, (sg, g) in enumerate(zip(groups, self.param_groups)):
+            missing = [h for h in HYPER if h not in sg]
+            if missing:
+                raise ValueError(f"optimizer state: no 'nto' entry and param group {k} has no "
+                                 f"{missing[0]!r}: it was saved by another optimizer (e.g. "
+                                 "torch.optim.SGD); allowed: a state from NTO.state_dict() or "
+                                 "torch.optim.AdamW")
+            if sg.get("amsgrad"):
+                raise ValueError(f"optimizer state: param group {k} has amsgrad=True "
+                                 "(torch.optim.AdamW(amsgrad=True)); NTO does not implement "
+                                 "amsgrad, so its max_exp_avg_sq cannot be continued; "
+                                 "allowed: an AdamW state with amsgrad=False")
+            if sg.get("decoupled_weight_decay") is False and sg.get("weight_decay"):
+                raise ValueError(f"optimizer state: param group {k} is torch.optim.Adam's "
+                                 "(L2 weight decay, decoupled_weight_decay=False) with "
+                                 f"weight_decay={sg['weight_decay']!r}; NTO is AdamW (decoupled "
+                                 "decay); allowed: an AdamW state, or Adam's with "
+                                 "weight_decay=0")
+            if bool(sg.get("maximize", False)) != bool(g.get("maximize", False)):
+                raise ValueError(f"optimizer state: param group {k} has maximize="
+                                 f"{sg.get('maximize')!r} but this optimizer's has "
+                                 f"{g.get('maximize', False)!r}; build NTO with the same "
+                                 "maximize")
+        names = [s for sg in groups for s in sg.get("param_names", ())]
+        total = sum(len(sg.get("params", ())) for sg in groups)
+        if total != len(self._params):
+            raise ValueError(f"optimizer state is for {total} parameters but this optimizer "
+                             f"has {len(self._params)}; load it into an NTO built over the "
+                             "same parameters")
+        mine_named = all(i.name is not None for i in self._infos)
+        if all("param_names" in sg for sg in groups) and mine_named:
+            perm = self._match_names(names)
+        else:
+            perm = list(range(len(self._params)))
+        self._check_groups(groups, perm)
+        return perm
 
 
 # --------------------------------------------------------------------------- helpers
@@ -1339,3 +1577,4 @@ def describe_memory(report: dict[str, Any]) -> str:
     return (f"grad {format_bytes(report['grad_bytes'])}, state "
             f"{format_bytes(report['state_bytes'])}, total {format_bytes(report['total_bytes'])}"
             f" of budget {format_bytes(report['budget_bytes'])}")
+

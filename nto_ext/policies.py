@@ -85,6 +85,11 @@ class Policy:
         with a schedule cursor); nothing to check otherwise."""
         return None
 
+    def remap_state_dict(self, state: dict[str, Any], perm: Sequence[int]) -> dict[str, Any]:
+        """A checked `state` saved over params in another order: saved param j is param
+        perm[j] here (a checkpoint matched by name). Nothing index-based by default."""
+        return state
+
 
 def _generator(seed: int, cycle: int, salt: str) -> torch.Generator:
     digest = hashlib.blake2b(f"nto:{salt}:{seed}:{cycle}".encode(), digest_size=8).digest()
@@ -435,6 +440,9 @@ class SparsePolicy(Policy):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.check_state_dict(state)
         self._selected = frozenset(state["selected"])
+
+    def remap_state_dict(self, state: dict[str, Any], perm: Sequence[int]) -> dict[str, Any]:
+        return {**state, "selected": sorted(perm[i] for i in state["selected"])}
 
 
 def validate_policy_args(policy: object, *, switch_every: object = 50,

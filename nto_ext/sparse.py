@@ -69,6 +69,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import ops
+from .checkpoint import MAX_STEP
 
 if TYPE_CHECKING:
     from .optimizer import NTO
@@ -77,6 +78,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ROWS = ("exp_avg", "exp_avg_sq")  # one fp32 value per chosen element
+STATE_KEYS = ("indices", *ROWS, "step", "sizes")  # a param's compact state, nothing else
 _FILL_CHUNK = 1 << 20  # positions masked per indexing call (bounds its int64 temporary)
 _SMALL = 1 << 16  # tensors this small take every free element without a selection
 _INF_BITS = 0x7F800000  # fp32 +inf; INF_BITS - bits(s) reverses the order of scores s >= 0
@@ -227,7 +229,7 @@ class SparseEngine:
     def count(self) -> int:
         """Chosen elements now."""
         return sum(st["indices"].numel() for st in self.opt.state.values()
-                   if st and "indices" in st)
+                   if isinstance(st, dict) and "indices" in st)
 
     def trainable_elements(self) -> int:
         return self.policy.total if self.policy.dense else self.count()
@@ -561,6 +563,11 @@ class SparseEngine:
     def check_state(self, i: int, p: torch.Tensor, st: dict[str, Any]) -> None:
         """ValueError unless `st` is compact state NTO.state_dict() could have saved."""
         where = f"optimizer state for {self.opt._label(i)}"
+        extra = [k for k in st if k not in STATE_KEYS]
+        if extra:  # it would be kept in memory outside the budget
+            raise ValueError(f"{where}: unexpected entry {extra[0]!r:.40}; allowed: "
+                             f"{', '.join(STATE_KEYS)} (a corrupted or crafted checkpoint?); "
+                             "nothing was loaded")
         for key in ("indices", *ROWS):
             if not isinstance(st.get(key), torch.Tensor):
                 raise ValueError(f"{where}: compact (sparse) state needs tensors indices, "
@@ -581,10 +588,11 @@ class SparseEngine:
         ints = [v for v in (step, sizes) if isinstance(v, (list, tuple))
                 and all(type(x) is int for x in v)]
         if len(ints) != 2 or len(step) != len(sizes) or not step or min(step) < 0 \
-                or min(sizes) <= 0 or sum(sizes) != n:
+                or max(step) > MAX_STEP or min(sizes) <= 0 or sum(sizes) != n:
             raise ValueError(f"{where}: step and sizes are {step!r:.80} and {sizes!r:.80}; "
                              "expected two equally long lists of ints, one entry per cohort: "
-                             f"step counts >= 0, sizes > 0 summing to {n} (the indices)")
+                             f"step counts in [0, {MAX_STEP}], sizes > 0 summing to {n} (the "
+                             "indices)")
         x = idx.long().cpu()
         ok = int(x.min()) >= 0 and int(x.max()) < p.numel()
         for a, b, _ in _cohorts(st):

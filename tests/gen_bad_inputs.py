@@ -9,6 +9,7 @@ Sources (the tests assert each row's exception and message pattern):
   tests/test_ops.py         BAD_ADAMW         ops.masked_adamw_ arguments
   tests/test_fuzz_ops.py    KERNEL_BAD_INPUTS the other ops
   tests/test_reliability.py LOAD_BAD_INPUTS   NTO.load_state_dict(...) checkpoints
+  tests/test_checkpoint_safety.py CORRUPT, FOREIGN  corrupted, crafted and foreign states
 tests/test_reliability.py::test_bad_inputs_doc_is_up_to_date fails when the file is stale.
 """
 
@@ -151,6 +152,27 @@ def _checkpoint_section() -> Section:
                    "continues bit-identically.", rows)
 
 
+def _safety_section() -> Section:
+    import test_checkpoint_safety as t
+    from toy import toy_params, train
+
+    rows = []
+    cases = [(text, lambda e=edit: t._edit(e)) for text, edit, _ in t.CORRUPT]
+    cases += [(text, factory) for text, factory, _ in t.FOREIGN]
+    for text, factory in cases:
+        named = toy_params()
+        opt = t.build(named)
+        train(opt, [p for _, p in named], range(3))
+        bad = factory()
+        rows.append(_refusal(lambda o=opt, b=bad: o.load_state_dict(b), ValueError, text))
+    return Section("Checkpoints: corrupted, crafted and foreign states",
+                   "tests/test_checkpoint_safety.py CORRUPT, FOREIGN",
+                   "The same toy NTO after 3 steps loads an NTO checkpoint edited as described "
+                   "(first rows) or a torch optimizer's state_dict (last rows). Every tensor and "
+                   "count is checked before anything is replaced; a refused load changes "
+                   "nothing.", rows)
+
+
 def _truncated_file_message() -> str:
     import io
 
@@ -166,7 +188,7 @@ def _truncated_file_message() -> str:
 
 def collect() -> list[Section]:
     return [_constructor_section(), _masked_adamw_section(), _other_ops_section(),
-            _checkpoint_section()]
+            _checkpoint_section(), _safety_section()]
 
 
 def _cell(text: str) -> str:

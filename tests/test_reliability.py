@@ -544,7 +544,7 @@ def _first_state(sd: dict) -> dict:
 
 def _adamw_sd():
     named = toy_params()
-    opt = torch.optim.AdamW([p for _, p in named])
+    opt = torch.optim.AdamW([p for _, p in named], amsgrad=True)
     backward([p for _, p in named], 0)
     opt.step()
     return opt.state_dict()
@@ -557,8 +557,9 @@ def _sgd_sd():
 # (what is loaded, factory of the loaded object, exception, message regex). The optimizer
 # loading it has trained 3 steps with LOAD_KW; docs/bad_inputs.md lists these.
 LOAD_BAD_INPUTS = [
-    ("torch.optim.AdamW(...).state_dict()", _adamw_sd, ValueError,
-     r"no 'nto' entry: it was saved by another optimizer \(e.g. torch.optim.AdamW\)"),
+    ("torch.optim.AdamW(amsgrad=True).state_dict()", _adamw_sd, ValueError,
+     r"param group 0 has amsgrad=True \(torch.optim.AdamW\(amsgrad=True\)\); NTO does not "
+     r"implement amsgrad"),
     ("torch.optim.SGD(...).state_dict()", _sgd_sd, ValueError, r"no 'nto' entry"),
     ("model.state_dict() (not an optimizer's)",
      lambda: {n: p.detach() for n, p in toy_params()}, ValueError,
@@ -584,8 +585,8 @@ LOAD_BAD_INPUTS = [
     ("exp_avg_sq on the meta device", _edit(lambda sd: _first_state(sd).update(
         exp_avg_sq=torch.empty(64, device="meta"))), ValueError,
      r"exp_avg_sq is a torch.float32 tensor on meta"),
-    ("step saved as a Python int", _edit(lambda sd: _first_state(sd).update(step=3)),
-     ValueError, r"'step' is int; expected a 1-element float tensor"),
+    ("step saved as a string", _edit(lambda sd: _first_state(sd).update(step="3")),
+     ValueError, r"'step' is str; expected a 1-element float tensor or a number"),
     ("step of 3 elements", _edit(lambda sd: _first_state(sd).update(step=torch.ones(3))),
      ValueError, r"'step' is a torch.float32 tensor of shape \(3,\)"),
     ("param group without 'betas' (truncated)",
