@@ -111,9 +111,9 @@ class ScheduledPolicy(Policy):
         names = [b.name for b in self.blocks]
         unknown = [a for a in self.always if a not in names and a not in KIND_BLOCKS]
         if unknown:
-            raise ValueError(f"always={self.always!r}: no block named {unknown!r} (nor a kind: "
-                             f"{', '.join(KIND_BLOCKS)}); blocks of this model: "
-                             f"{_short_list(names)}")
+            raise ValueError(f"always={self.always!r}: no block named {unknown!r}; blocks of "
+                             f"this model: {_short_list(names)}; also allowed, when the "
+                             f"model lacks them: {', '.join(KIND_BLOCKS)}")
         absent = [a for a in self.always if a not in names]
         if absent:  # e.g. GPT-2: the head is the embedding's tensor, listed once as "embed"
             log.info("always=%r: this model has no %s block (absent, or tied into another "

@@ -197,8 +197,9 @@ def test_policy_state_dict_is_a_cursor():
 
 
 def test_always_errors():
-    with pytest.raises(ValueError, match=r"always=\('nope',\): no block named \['nope'\] "
-                       r"\(nor a kind: embed, head, other\); blocks of this model: 'embed'"):
+    with pytest.raises(ValueError, match=r"always=\('nope',\): no block named \['nope'\]; "
+                       r"blocks of this model: 'embed', .*'head'; also allowed, when the "
+                       r"model lacks them: embed, head, other"):
         _policy("block", Budget("elements", 10_000, "10000"), always=("nope",))
     with pytest.raises(ValueError, match=r"no block named \['layer'\]"):  # many blocks
         _policy("block", Budget("elements", 10_000, "10000"), always=("embed", "layer"))
