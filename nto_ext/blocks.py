@@ -1,12 +1,16 @@
 """Discovering blocks from parameter names, and packing them into units that fit a budget.
 
 Blocks come from names (DESIGN.md, "Policies"): `...layers.N.` / `.h.N.` / `.layer.N.` /
-`.blocks.N.` -> one block per layer, named by the name's prefix up to the index
-("model.layers.3", so encoder and decoder stacks stay apart); a component starting with
-`embed`, or `wte`, `wpe`, `embeddings` -> "embed"; `lm_head`, `classifier`, `score` ->
-"head"; the rest -> "other". Without names every tensor is its own block ("#i"), in the
-order given (module order for `model.parameters()`). Blocks are ordered by their first
-parameter, which is module order for `named_parameters()`.
+`.block.N.` / `.blocks.N.` -> one block per layer, named by the name's prefix up to the
+*first* index ("model.layers.3"; T5's "encoder.block.1.layer.0..." is "encoder.block.1"),
+so encoder and decoder stacks stay apart; a component starting with `embed`, or `wte`,
+`wpe`, `embeddings`, `shared` (T5/BART's tied token embedding) -> "embed"; `lm_head`,
+`classifier`, `score` -> "head"; the rest (final norms, BERT's pooler) -> "other".
+A head tied to the embedding (GPT-2, T5 v1.0, tied Llama/Qwen2) is one tensor that
+`named_parameters()` lists once, under the embedding: such a model has no "head" block.
+Without names every tensor is its own block ("#i"), in the order given (module order for
+`model.parameters()`). Blocks are ordered by their first parameter, which is module order
+for `named_parameters()`.
 
 This module knows nothing about tensors' values: it works on `ParamInfo` (name, shape,
 dtype), so the optimizer and `plan()` on the meta device share one implementation.
@@ -21,10 +25,13 @@ from dataclasses import dataclass
 
 import torch
 
-_LAYER_RE = re.compile(r"^((?:.*?\.)?(?:layers|h|layer|blocks)\.(\d+))(?:\.|$)")
-_EMBED_NAMES = ("wte", "wpe", "embeddings")
+_LAYER_RE = re.compile(r"^((?:.*?\.)?(?:layers|h|layer|block|blocks)\.(\d+))(?:\.|$)")
+_EMBED_NAMES = ("wte", "wpe", "embeddings", "shared")
 _HEAD_NAMES = ("lm_head", "classifier", "score")
 KINDS = ("embed", "layer", "head", "other", "param")
+# Kinds that are also the name of their one block: `always=` may name them on any model;
+# one the model lacks (a head tied into the embedding) is skipped, not an error.
+KIND_BLOCKS = ("embed", "head", "other")
 
 
 @dataclass(frozen=True)

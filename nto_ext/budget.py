@@ -25,6 +25,8 @@ by `memory_report()`.
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -39,8 +41,12 @@ _BYTE_UNITS = {
     "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
     "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
 }
-_BYTES_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-zA-Z]+)\s*$")
-_PERCENT_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*%\s*$")
+# ASCII digits only: '²' or '٣' pass str.isdigit() but are no budget anyone meant to write
+_BYTES_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-zA-Z]+)\s*$", re.ASCII)
+_PERCENT_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*%\s*$", re.ASCII)
+_INT_RE = re.compile(r"^\s*([0-9]+)\s*$", re.ASCII)
+MAX_BUDGET = 2**63 - 1  # elements or bytes; torch's numel and byte counts are int64
+_MAX_TEXT = 1000  # longer strings are refused unparsed (int() refuses 4,300+ digits)
 _ALLOWED = ("an int (elements), a float in (0, 1] or 'N%' (share of all elements), "
             "or a byte size such as '512MiB', '2GB', '1.5GiB', '100KB'")
 
@@ -117,37 +123,71 @@ def parse_budget(budget: object, total_elements: int) -> Budget:
     """Parse a user budget against a model of `total_elements` elements.
 
     int -> elements; float in (0, 1] or "N%" (0 < N <= 100) -> share of all elements
-    (rounded down, at least 1); byte strings -> bytes. Raises TypeError / ValueError with
-    the given value and what is allowed.
+    (rounded down, at least 1); byte strings -> bytes. numpy / other numeric scalars are
+    taken as the Python int or float they equal. Raises TypeError / ValueError with the
+    given value and what is allowed.
     """
-    given = repr(budget)
-    if isinstance(budget, bool) or not isinstance(budget, (int, float, str)):
-        raise TypeError(f"budget={budget!r} has type {type(budget).__name__}; allowed: "
-                        f"{_ALLOWED}")
-    if isinstance(budget, int):
-        if budget <= 0:
-            raise _bad(budget, "an element budget must be > 0")
-        return Budget("elements", budget, given)
-    if isinstance(budget, float):
-        if not math.isfinite(budget) or not 0.0 < budget <= 1.0:
+    value = _as_python_number(budget)
+    if isinstance(value, int):
+        return _elements(value, budget)
+    if isinstance(value, float):
+        if not math.isfinite(value) or not 0.0 < value <= 1.0:
             raise _bad(budget, "a float budget is a share of all elements and must be in "
                        "(0, 1] (pass an int for an element count)")
-        return Budget("elements", _share(budget, total_elements), given)
+        return Budget("elements", _share(value, total_elements), repr(value))
+    return _parse_text(value, total_elements)
+
+
+def _as_python_number(budget: object) -> int | float | str:
+    """The budget as a Python int, float or str; numpy ints/floats become int/float."""
+    if isinstance(budget, str):
+        return budget
+    # bool (numpy's too) is an int to Python but never a budget anyone meant
+    if isinstance(budget, bool) or type(budget).__name__ == "bool_":
+        raise _bad_type(budget)
+    if isinstance(budget, numbers.Integral):
+        return operator.index(budget)
+    if isinstance(budget, numbers.Real):
+        return float(budget)
+    raise _bad_type(budget)
+
+
+def _elements(n: int, budget: object) -> Budget:
+    """An element-count budget; `budget` is what the user gave (for messages)."""
+    if n <= 0:
+        raise _bad(budget, "an element budget must be > 0")
+    if n > MAX_BUDGET:
+        raise _bad(budget, f"an element budget must be at most 2**63-1 ({MAX_BUDGET:,})")
+    return Budget("elements", n, repr(budget) if isinstance(budget, str) else repr(n))
+
+
+def _bad_type(budget: object) -> TypeError:
+    return TypeError(f"budget={budget!r} has type {type(budget).__name__}; allowed: {_ALLOWED}")
+
+
+def _parse_text(budget: str, total_elements: int) -> Budget:
+    if len(budget) > _MAX_TEXT:
+        raise _bad(budget[:40] + "...", f"{len(budget):,} characters; at most {_MAX_TEXT:,}")
     m = _PERCENT_RE.match(budget)
     if m:
         pct = float(m.group(1))
         if not 0.0 < pct <= 100.0:
             raise _bad(budget, "a percentage must be in (0%, 100%]")
-        return Budget("elements", _share(pct / 100.0, total_elements), given)
-    if budget.strip().isdigit():
-        return parse_budget(int(budget.strip()), total_elements)
+        return Budget("elements", _share(pct / 100.0, total_elements), repr(budget))
+    m = _INT_RE.match(budget)
+    if m:
+        return _elements(int(m.group(1)), budget)
     m = _BYTES_RE.match(budget)
     if not m or m.group(2).lower() not in _BYTE_UNITS:
-        raise _bad(budget, "cannot parse it (byte units: B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)")
-    amount = int(float(m.group(1)) * _BYTE_UNITS[m.group(2).lower()])
+        raise _bad(budget, "cannot parse it (byte units: B, KB, MB, GB, TB, KiB, MiB, GiB, TiB;"
+                   " ASCII digits, no sign or exponent)")
+    scaled = float(m.group(1)) * _BYTE_UNITS[m.group(2).lower()]  # inf past ~1e308
+    if scaled > MAX_BUDGET:
+        raise _bad(budget, f"a byte budget must be at most 2**63-1 bytes ({MAX_BUDGET:,})")
+    amount = math.floor(scaled)
     if amount <= 0:
         raise _bad(budget, "a byte budget must be at least 1 byte")
-    return Budget("bytes", amount, given)
+    return Budget("bytes", amount, repr(budget))
 
 
 def _share(fraction: float, total_elements: int) -> int:

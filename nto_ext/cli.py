@@ -39,8 +39,16 @@ def _fail(command: str, err: BaseException) -> int:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from .data import MissingPackageError
 
-    # NotImplementedError: a policy the optimizer names but does not provide yet
-    return (ValueError, TypeError, NotImplementedError, MissingPackageError)
+    # NotImplementedError: a policy the optimizer names but does not provide yet;
+    # OSError: a file or folder named on the command line cannot be read or written
+    return (ValueError, TypeError, NotImplementedError, MissingPackageError, OSError)
+
+
+def _check_backend_env() -> None:
+    """NTO_EXT_BACKEND, when set, must name a path (checked before any work starts)."""
+    from . import ops
+
+    ops.forced_backend()
 
 
 # ---------------------------------------------------------------------------- commands
@@ -48,7 +56,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def _cmd_backend(args: argparse.Namespace) -> int:
     from . import ops
 
-    print(ops.backend())
+    try:
+        ops.forced_backend()  # checked even when this process loaded the ops already
+        name = ops.backend()
+    except (ValueError, RuntimeError) as e:  # a bad or unavailable NTO_EXT_BACKEND
+        return _fail("backend", e)
+    print(name)
     return 0
 
 
@@ -63,6 +76,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                           eval_size=args.eval_size,
                           seed=args.seed, device=args.device, out=args.out)
     try:
+        _check_backend_env()
         results = demo.run_demo(cfg)
     except _user_errors() as e:
         return _fail("demo", e)
@@ -77,26 +91,39 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    import torch
-
-    from . import data
-    from .demo import POLICIES, parse_budget
-
     try:
-        if args.policy not in POLICIES:
-            raise ValueError(f"unknown policy {args.policy!r}; allowed: {', '.join(POLICIES)}")
-        if args.num_labels is not None and args.num_labels <= 0:
-            raise ValueError(f"--num-labels must be positive, got {args.num_labels}")
-        dtype = getattr(torch, DTYPES[args.dtype])
-        src = data.resolve_model(args.model)
-        model = data.meta_model(data.load_config(src), num_labels=args.num_labels, dtype=dtype)
-        from . import plan
-
-        p = plan(model, parse_budget(args.budget), policy=args.policy, dtype=dtype)
+        p = _make_plan(args)
     except _user_errors() as e:
         return _fail("plan", e)
     print(json.dumps(p.to_dict(), indent=2) if args.json else str(p))
     return 0
+
+
+def _make_plan(args: argparse.Namespace):
+    """Every argument is checked before the model is built (on the meta device)."""
+    import torch
+
+    from . import data, plan
+    from .demo import POLICIES, parse_budget
+    from .planner import config_dtype
+
+    if args.policy not in POLICIES:
+        raise ValueError(f"unknown policy {args.policy!r}; allowed: {', '.join(POLICIES)}")
+    if args.num_labels is not None and not 1 <= args.num_labels <= data.MAX_NUM_LABELS:
+        raise ValueError(f"--num-labels {args.num_labels}; allowed: an int in "
+                         f"[1, {data.MAX_NUM_LABELS:,}] (the classification head's size)")
+    budget = parse_budget(args.budget)
+    _check_backend_env()
+    src = data.resolve_model(args.model)
+    config = data.load_config(src)
+    if args.dtype is not None:
+        dtype, source = getattr(torch, DTYPES[args.dtype]), "--dtype"
+    else:
+        dtype, source = config_dtype(config)
+    model = data.meta_model(config, num_labels=args.num_labels, dtype=dtype)
+    p = plan(model, budget, policy=args.policy, dtype=dtype)
+    p.dtype_source = source
+    return p
 
 
 # ------------------------------------------------------------------------------ parser
@@ -125,9 +152,9 @@ def _add_demo(sub) -> None:
     d.add_argument("--policy", default="block", help="block, sample or sparse (default: block)")
     d.add_argument("--switch-every", type=int,
                    help="steps between changes of NTO's active set (default: 20; 3 for LMs)")
-    d.add_argument("--order", default="descending",
-                   help="NTO block order: ascending, descending or random (default: "
-                        "descending: the head and top layers first)")
+    d.add_argument("--order", default=None,
+                   help="NTO block order, --policy block only: ascending, descending or "
+                        "random (default: descending: the head and top layers first)")
     d.add_argument("--batch-size", type=int, help="examples per step (default: 16; 4 for LMs)")
     d.add_argument("--lr", type=float,
                    help="learning rate of both optimizers (default: NTO 3e-4, AdamW 1e-4, "
@@ -156,8 +183,8 @@ def _add_plan(sub) -> None:
                    help="packaged model (minilm, smollm2), a local HF folder, or a .gguf file")
     p.add_argument("--budget", required=True,
                    help="'8GiB', '512MiB', '10%%', 0.1 or an element count")
-    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES),
-                   help="parameter dtype (default: fp32)")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                   help="parameter dtype (default: the config's torch_dtype, else fp32)")
     p.add_argument("--policy", default="block", help="block, sample or sparse (default: block)")
     p.add_argument("--num-labels", type=int, default=None,
                    help="classification head size for encoder models (default: the config's)")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import importlib.metadata
 import importlib.util
+import json
 import logging
 import os
 import random
@@ -230,11 +231,138 @@ def resolve_model(spec: str) -> ModelSource:
 
 
 def load_config(src: ModelSource):
-    """The model's transformers config (reads config.json or the GGUF header; no weights)."""
+    """The model's transformers config (reads config.json or the GGUF header; no weights).
+
+    config.json is read and its sizes checked (`check_config_sizes`) before transformers
+    sees it: a config with num_labels=1e11 would make transformers build an id2label dict
+    of that many entries. Raises ValueError naming the file and what is wrong.
+    """
     offline()
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(src.folder, **src.hf_kwargs())
+    where = src.folder / "config.json" if not src.gguf_file else src.folder / src.gguf_file
+    if not src.gguf_file:
+        check_config_sizes(read_config_json(where), str(where))
+    try:
+        config = AutoConfig.from_pretrained(src.folder, **src.hf_kwargs())
+    except Exception as e:  # any failure here is a bad file; say which and why
+        raise ValueError(f"cannot read the model config {str(where)!r}: {type(e).__name__}: "
+                         f"{_first_line(e)}; pass a HuggingFace model folder with a valid "
+                         "config.json, or a .gguf file") from None
+    check_config_sizes(config.to_dict(), str(where))
+    return config
+
+
+# ---------------------------------------------------------------------------- config sizes
+
+MAX_CONFIG_BYTES = 16 * 2**20  # real config.json files are a few KiB (id2label included)
+MAX_NUM_LABELS = 2**17  # 131,072; transformers keeps an id2label dict entry per label
+MAX_LAYERS_X_EXPERTS = 2**16  # modules built on the meta device, one by one
+_WIDTH = (1, 2**20)
+_DEPTH = (0, 2**12)
+_HEADS = (1, 2**16)
+_COUNT = (0, 2**12)
+# What a config may say about sizes, (min, max) per key, at any depth (text_config, ...).
+# The bounds are far above every published model (vocab 256k, width 53k, 126 layers).
+CONFIG_SIZE_LIMITS: dict[str, tuple[int, int]] = {
+    "vocab_size": (1, 2**24), "type_vocab_size": (0, 2**16), "num_labels": (1, MAX_NUM_LABELS),
+    **dict.fromkeys(("hidden_size", "n_embd", "d_model", "intermediate_size", "n_inner",
+                     "d_ff", "ffn_dim", "encoder_ffn_dim", "decoder_ffn_dim", "head_dim",
+                     "d_kv", "moe_intermediate_size", "embedding_size"), _WIDTH),
+    **dict.fromkeys(("num_hidden_layers", "n_layer", "num_layers", "num_decoder_layers",
+                     "encoder_layers", "decoder_layers"), _DEPTH),
+    **dict.fromkeys(("num_attention_heads", "n_head", "num_heads", "num_key_value_heads",
+                     "encoder_attention_heads", "decoder_attention_heads"), _HEADS),
+    **dict.fromkeys(("max_position_embeddings", "n_positions", "n_ctx"), (1, 2**24)),
+    **dict.fromkeys(("relative_attention_num_buckets", "relative_attention_max_distance",
+                     "image_size", "patch_size", "num_channels"), (1, 2**16)),
+    **dict.fromkeys(("num_experts", "num_local_experts", "n_routed_experts",
+                     "num_experts_per_tok"), _COUNT),
+}
+_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "encoder_layers",
+               "decoder_layers", "num_decoder_layers")
+_EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
+
+
+def read_config_json(path: Path) -> dict:
+    """config.json as a dict; ValueError for a file too big, not UTF-8 JSON, or no object."""
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ValueError(f"model config {str(path)!r} is {size:,} bytes; allowed: at most "
+                         f"{MAX_CONFIG_BYTES:,} (a config.json is a few KiB)")
+    try:
+        d = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"model config {str(path)!r} is not valid UTF-8 JSON ({_first_line(e)}"
+                         "); pass a HuggingFace model folder whose config.json is intact") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"model config {str(path)!r} holds a JSON {type(d).__name__}; allowed:"
+                         " a JSON object (a HuggingFace config.json)")
+    return d
+
+
+def check_config_sizes(config: dict, where: str) -> None:
+    """Refuse sizes no model has (before anything is built from them): each known size key,
+    at any depth, must be an int within CONFIG_SIZE_LIMITS; num_labels (or id2label) within
+    MAX_NUM_LABELS; layers x experts within MAX_LAYERS_X_EXPERTS."""
+    for path, key, value in _walk(config):
+        if key in CONFIG_SIZE_LIMITS and value is not None:
+            # image_size / patch_size may be [height, width]
+            for v in value if isinstance(value, list) and value else [value]:
+                _check_int(f"{where}: {path}", v, *CONFIG_SIZE_LIMITS[key])
+        if key in ("id2label", "label2id") and isinstance(value, dict) \
+                and len(value) > MAX_NUM_LABELS:
+            raise ValueError(f"{where}: {path} has {len(value):,} labels; allowed: at most "
+                             f"{MAX_NUM_LABELS:,}")
+    for path, sub in _dicts(config):
+        layers = max((sub[k] for k in _LAYER_KEYS if isinstance(sub.get(k), int)), default=1)
+        experts = max((sub[k] for k in _EXPERT_KEYS if isinstance(sub.get(k), int)), default=1)
+        if layers * max(1, experts) > MAX_LAYERS_X_EXPERTS:
+            raise ValueError(f"{where}: {path or 'config'} has {layers:,} layers x {experts:,} "
+                             f"experts; allowed: at most {MAX_LAYERS_X_EXPERTS:,} in all")
+
+
+def _check_int(what: str, value: object, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:40] + "..."
+        raise ValueError(f"{what}={shown}; allowed: an int in [{lo:,}, {hi:,}]; fix the "
+                         "model's config")
+
+
+def _dicts(d: dict):
+    """(dotted path, dict) of `d` and every dict inside it; iterative, so any depth."""
+    stack = [("", d)]
+    while stack:
+        path, sub = stack.pop()
+        yield path, sub
+        stack += [(f"{path}.{k}" if path else str(k), v) for k, v in sub.items()
+                  if isinstance(v, dict)]
+
+
+def _walk(d: dict):
+    for prefix, sub in _dicts(d):
+        for k, v in sub.items():
+            yield (f"{prefix}.{k}" if prefix else str(k)), k, v
+
+
+def check_weights(src: ModelSource) -> None:
+    """Refuse a model folder without weight files (the demo loads weights; plan does not)."""
+    if src.gguf_file:
+        return
+    found = [p for pattern in _WEIGHT_FILES for p in src.folder.glob(pattern)]
+    if not found:
+        raise ValueError(f"model folder {str(src.folder)!r} has a config.json but no weights "
+                         f"({', '.join(_WEIGHT_FILES)}); pass a folder saved with "
+                         "save_pretrained(), or use `nto plan`, which needs no weights")
+
+
+_WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json",
+                 "pytorch_model.bin.index.json")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return " ".join(text.splitlines()[0].split()) if text else type(e).__name__
 
 
 def is_causal_lm(config) -> bool:
@@ -356,6 +484,8 @@ def meta_model(config, task: str | None = None, num_labels: int | None = None, d
         task = "lm" if is_causal_lm(config) else "classify"
     if task not in ("lm", "classify"):
         raise ValueError(f"unknown task {task!r}; allowed: classify, lm")
+    if num_labels is not None:  # before config.num_labels builds an id2label of that size
+        _check_int("num_labels", num_labels, 1, MAX_NUM_LABELS)
     with torch.device("meta"):
         if task == "lm":
             model = transformers.AutoModelForCausalLM.from_config(config)

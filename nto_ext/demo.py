@@ -69,7 +69,8 @@ class DemoConfig:
     budget: str | int | float = "10%"
     policy: str = "block"
     switch_every: int | None = None
-    order: str = "descending"  # the new head and the top layers first: best measured here
+    order: str | None = None  # block only; None: "descending" (the new head and the top
+    # layers first: best measured here)
     batch_size: int | None = None
     lr: float | None = None          # both optimizers; None: lr_nto / lr_adamw
     lr_nto: float | None = None
@@ -109,10 +110,20 @@ def parse_budget(text: str | int | float) -> str | int | float:
         return s
 
 
+# Upper bounds of the size arguments, checked before anything is allocated: far above any
+# sensible demo run, far below what would exhaust memory (a batch of 10**9 rows, say).
+LIMITS: dict[str, int] = {"steps": 10**6, "batch_size": 4096, "max_length": 2**16,
+                          "eval_size": 10**6, "switch_every": 10**9}
+DEFAULT_ORDER = "descending"
+
+
 def _positive(name: str, value: Any, kind: type = int) -> None:
-    if value is not None and (not isinstance(value, kind) or value <= 0):
-        raise ValueError(f"--{name.replace('_', '-')} must be a positive {kind.__name__}, "
-                         f"got {value!r}")
+    hi = LIMITS.get(name)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, kind)
+                              or value <= 0 or (hi is not None and value > hi)):
+        allowed = f"in [1, {hi:,}]" if hi is not None else "> 0"
+        raise ValueError(f"--{name.replace('_', '-')} must be a positive {kind.__name__} "
+                         f"{allowed}, got {value!r}")
 
 
 def check_device(device: str) -> None:
@@ -128,6 +139,11 @@ def check_device(device: str) -> None:
         raise ValueError(f"--device {device!r}: this torch has no CUDA device; use --device cpu")
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"--device {device!r}: the demo runs on cpu or cuda")
+    count = torch.cuda.device_count() if dev.type == "cuda" else 1
+    if dev.index is not None and dev.index >= count:
+        have = "cpu (or cpu:0)" if dev.type == "cpu" else \
+            f"cuda:0 to cuda:{count - 1} ({count} device{'s' if count > 1 else ''})"
+        raise ValueError(f"--device {device!r}: no such device on this machine; use {have}")
 
 
 def resolve(cfg: DemoConfig) -> Resolved:
@@ -138,10 +154,16 @@ def resolve(cfg: DemoConfig) -> Resolved:
     """
     if cfg.policy not in POLICIES:
         raise ValueError(f"unknown policy {cfg.policy!r}; allowed: {', '.join(POLICIES)}")
-    if cfg.order not in ORDERS:
+    if cfg.order is not None and cfg.order not in ORDERS:
         raise ValueError(f"unknown order {cfg.order!r}; allowed: {', '.join(ORDERS)}")
+    if cfg.order is not None and cfg.policy != "block":
+        raise ValueError(f"--order {cfg.order} applies to --policy block only (--policy "
+                         f"{cfg.policy} chooses what trains by itself); drop --order")
     for name in ("steps", "batch_size", "max_length", "eval_size", "switch_every"):
         _positive(name, getattr(cfg, name))
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) \
+            or not 0 <= cfg.seed < 2**63:
+        raise ValueError(f"--seed must be an int in [0, 2**63), got {cfg.seed!r}")
     for name in ("lr", "lr_nto", "lr_adamw"):
         lr = getattr(cfg, name)
         if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr)
@@ -152,21 +174,51 @@ def resolve(cfg: DemoConfig) -> Resolved:
         raise ValueError(f"unknown dataset {data_name!r}; allowed: {', '.join(data.DATASETS)}")
     check_device(cfg.device)
     source = data.resolve_model(cfg.model)
+    data.check_weights(source)
     data.locate(data_name)  # missing dataset package: say so before loading the model
     config = data.load_config(source)
     causal = data.is_causal_lm(config)
     task = "lm" if (data_name == "bbc" and causal) else "classify"
     labels = data.TWEET_LABELS if data_name == "tweets" else data.BBC_TOPICS
     filled = DemoConfig(**{**asdict(cfg), "data": data_name})
+    if cfg.policy == "block" and cfg.order is None:
+        filled.order = DEFAULT_ORDER
     if cfg.lr is not None:  # one --lr sets both, unless one is given on its own
         filled.lr_nto = cfg.lr_nto or cfg.lr
         filled.lr_adamw = cfg.lr_adamw or cfg.lr
     for key, value in TASK_DEFAULTS[task].items():
         if getattr(filled, key) is None:
             setattr(filled, key, value)
+    _check_max_length(config, filled.max_length)
     filled.budget = parse_budget(cfg.budget)
     _check_budget_fits(config, task, len(labels), filled)
+    check_out_dir(filled.out)  # last: it creates the folder
     return Resolved(filled, task, source, 0 if task == "lm" else len(labels))
+
+
+def _check_max_length(config, max_length: int) -> None:
+    """Tokens per example / LM block: at least 2, at most the model's positions."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if max_length < 2 or (isinstance(positions, int) and max_length > positions):
+        most = f"{positions:,}, this model's max_position_embeddings" if isinstance(
+            positions, int) else f"{LIMITS['max_length']:,}"
+        raise ValueError(f"--max-length {max_length}; allowed: 2 to {most}")
+
+
+def check_out_dir(out: str) -> None:
+    """Make `out` (a folder) and check a file can be written there, before any training:
+    a results folder that cannot be written must not cost two training runs."""
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {out!r} is a file; allowed: a folder (it is created when "
+                         "missing); pass another --out")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise ValueError(f"--out {out!r} cannot be created or written ({e.strerror or e}); "
+                         "pass a folder you can write to") from None
 
 
 def _check_budget_fits(config, task: str, num_labels: int, cfg: DemoConfig) -> None:
@@ -182,7 +234,7 @@ def nto_kwargs(cfg: DemoConfig) -> dict[str, Any]:
     kw: dict[str, Any] = {"policy": cfg.policy, "switch_every": cfg.switch_every,
                           "seed": cfg.seed}
     if cfg.policy == "block":
-        kw["order"] = cfg.order
+        kw["order"] = cfg.order or DEFAULT_ORDER
     return kw
 
 

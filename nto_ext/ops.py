@@ -93,9 +93,7 @@ def _ensure_loaded() -> bool:
     """True when torch.ops.nto.* kernels are registered; decided once per process."""
     if _state["loaded"] is not None:
         return _state["loaded"]
-    forced = os.environ.get("NTO_EXT_BACKEND", "").lower() or None
-    if forced is not None and forced not in _ALLOWED_BACKENDS:
-        raise ValueError(f"NTO_EXT_BACKEND={forced!r}; allowed: {', '.join(_ALLOWED_BACKENDS)}")
+    forced = forced_backend()
     if forced == "reference":
         _state.update(loaded=False, reason="NTO_EXT_BACKEND=reference")
         return False
@@ -122,6 +120,17 @@ def _ensure_loaded() -> bool:
         raise RuntimeError("NTO_EXT_BACKEND=cuda but the extension was built without CUDA")
     _register_fakes()
     return True
+
+
+def forced_backend() -> str | None:
+    """The path NTO_EXT_BACKEND forces (None when unset); ValueError when it names none."""
+    raw = os.environ.get("NTO_EXT_BACKEND", "")
+    forced = raw.strip().lower() or None
+    if forced is not None and forced not in _ALLOWED_BACKENDS:
+        raise ValueError(f"NTO_EXT_BACKEND={raw!r}; allowed: {', '.join(_ALLOWED_BACKENDS)}, "
+                         "or unset it (the compiled kernels when built, else the reference "
+                         "ops)")
+    return forced
 
 
 def has_cuda_kernels() -> bool:

@@ -69,6 +69,7 @@ class Plan:
     density: float | None = None
     transient_bytes: int = 0
     regrow_fraction: float | None = None
+    dtype_source: str = ""  # where `dtype` came from: "dtype=", "config torch_dtype", ...
 
     @property
     def largest_untrainable(self) -> str | None:
@@ -86,7 +87,7 @@ class Plan:
                   else format_bytes(self.budget_amount))
         lines = [
             f"NTO plan: policy={self.policy}, budget={self.budget} = {amount}, "
-            f"dtype {self.dtype}",
+            f"dtype {self.dtype}" + (f" ({self.dtype_source})" if self.dtype_source else ""),
             f"model: {self.total_elements:,} elements in {self.total_tensors} tensors, "
             f"weights {format_bytes(self.weights_bytes)} (resident, outside the budget)",
             "",
@@ -156,21 +157,49 @@ def plan(model_or_config: Any, budget: int | float | str, policy: str = "block",
     parameters' dtype (e.g. "bfloat16"); `task` ("lm" / "classify") picks the head built
     from a config (default: causal LM for decoder configs, sequence classification else).
     Other keyword arguments are NTO's. Raises what NTO(...) would raise for these args.
+
+    Without `dtype`, a module's parameters keep their dtypes, and a config (or folder) is
+    planned in the dtype it names (`torch_dtype`, e.g. bfloat16; float32 when it names
+    none); `Plan.dtype_source` says which.
     """
     validate_policy_args(policy, switch_every=switch_every, order=order, seed=seed,
                          always=always, sample_layers=sample_layers,
                          regrow_fraction=regrow_fraction)
     want = _parse_dtype(dtype)
-    infos = _infos(_as_module(model_or_config, task), want)
+    source = "dtype=" if want is not None else ""
+    config = _as_config(model_or_config)
+    if config is not None and want is None:
+        want, source = config_dtype(config)
+    model = model_or_config if config is None else _meta_model(config, task)
+    infos = _infos(model, want)
     total = sum(i.numel for i in infos)
     b = parse_budget(budget, total)
     pol = make_policy(policy, infos, b, switch_every=switch_every, order=order, seed=seed,
                       always=tuple(always), sample_layers=sample_layers,
                       regrow_fraction=regrow_fraction)
     if isinstance(pol, SparsePolicy):
-        return _build_sparse_plan(pol, infos, want)
-    assert isinstance(pol, ScheduledPolicy)
-    return _build_plan(pol, infos, want)
+        p = _build_sparse_plan(pol, infos, want)
+    else:
+        assert isinstance(pol, ScheduledPolicy)
+        p = _build_plan(pol, infos, want)
+    p.dtype_source = source
+    return p
+
+
+def config_dtype(config: Any) -> tuple[torch.dtype, str]:
+    """(dtype, where it came from) of a transformers config: its `torch_dtype` (`dtype` in
+    newer transformers) when it is one NTO trains, float32 when it names none or "auto".
+    A dtype NTO cannot train (float64, int8, ...) is refused with what to pass instead."""
+    # `dtype` in transformers >= 4.56, where reading `torch_dtype` warns; `torch_dtype` before
+    named = getattr(config, "dtype", None) or vars(config).get("torch_dtype")
+    if named is None or named == "auto":
+        return torch.float32, "float32: the config names no torch_dtype"
+    text = str(named).removeprefix("torch.")
+    if text not in _DTYPES:
+        raise ValueError(f"the model config says torch_dtype={text!r}, which NTO does not "
+                         "train; allowed: float32, bfloat16, float16; pass the dtype to plan "
+                         "for (--dtype / dtype=)")
+    return _DTYPES[text], "the config's torch_dtype"
 
 
 def _build_plan(pol: ScheduledPolicy, infos: list[ParamInfo], want: torch.dtype | None) -> Plan:
@@ -192,13 +221,14 @@ def _build_plan(pol: ScheduledPolicy, infos: list[ParamInfo], want: torch.dtype 
     big = sorted(pol.untrainable, key=lambda i: -infos[i].numel)
     dtypes = sorted({str(i.dtype).removeprefix("torch.") for i in infos})
     return Plan(
-        policy=pol.name, budget=pol.budget.given, budget_kind=pol.budget.kind,
+        policy=pol.name, budget=pol.budget.text, budget_kind=pol.budget.kind,
         budget_amount=pol.budget.amount,
         dtype=str(want).removeprefix("torch.") if want else "/".join(dtypes),
         total_elements=elems(range(len(infos))), total_tensors=len(infos),
         weights_bytes=sum(i.numel * i.dtype.itemsize for i in infos),
         switch_every=pol.switch_every, cycle_steps=pol.cycle_steps(0), blocks=blocks,
-        groups=groups, always=list(pol.always), trainable_elements=elems(pol.trainable),
+        groups=groups, always=[u.name for u in pol.always_units],
+        trainable_elements=elems(pol.trainable),
         nto_bytes=max(g.nto_bytes for g in groups),
         adamw_bytes=sum(state_bytes("adamw", i.numel, i.dtype) for i in infos),
         adamw8bit_bytes=sum(state_bytes("adamw8bit", i.numel, i.dtype) for i in infos),
@@ -221,7 +251,7 @@ def _build_sparse_plan(pol: SparsePolicy, infos: list[ParamInfo],
     dtypes = sorted({str(i.dtype).removeprefix("torch.") for i in infos})
     total = elems(range(len(infos)))
     return Plan(
-        policy=pol.name, budget=pol.budget.given, budget_kind=pol.budget.kind,
+        policy=pol.name, budget=pol.budget.text, budget_kind=pol.budget.kind,
         budget_amount=pol.budget.amount,
         dtype=str(want).removeprefix("torch.") if want else "/".join(dtypes),
         total_elements=total, total_tensors=len(infos),
@@ -255,30 +285,30 @@ def _infos(model: torch.nn.Module, want: torch.dtype | None) -> list[ParamInfo]:
     return infos
 
 
-def _as_module(obj: Any, task: str | None) -> torch.nn.Module:
+def _as_config(obj: Any) -> Any:
+    """The transformers config `obj` is or names; None for an nn.Module."""
     if isinstance(obj, torch.nn.Module):
-        return obj
+        return None
     if isinstance(obj, (str, os.PathLike)):
-        return _meta_model(_load_config(Path(obj)), task)
+        return _load_config(Path(obj))
     try:
         from transformers import PretrainedConfig
     except ImportError:  # pragma: no cover - transformers is a demo extra
         PretrainedConfig = ()  # type: ignore[assignment]
     if PretrainedConfig and isinstance(obj, PretrainedConfig):
-        return _meta_model(obj, task)
+        return obj
     raise TypeError(f"plan() got {type(obj).__name__}; allowed: an nn.Module, a transformers "
                     "PretrainedConfig, or a local HF model folder / .gguf file path")
 
 
 def _load_config(path: Path):
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # plans never download
-    from transformers import AutoConfig
+    from . import data  # reads and checks config.json before transformers does; offline
 
     path = path.expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        return data.load_config(data.ModelSource(str(path), path.parent, path.name))
     if path.is_dir() and (path / "config.json").is_file():
-        return AutoConfig.from_pretrained(path)
+        return data.load_config(data.ModelSource(str(path), path))
     raise ValueError(f"plan(): {str(path)!r} is neither a HF model folder with config.json "
                      "nor a .gguf file; nothing is downloaded from a hub")
 
@@ -287,6 +317,10 @@ def _meta_model(config: Any, task: str | None) -> torch.nn.Module:
     """The model of `config` on the meta device (names, shapes, dtypes; no memory)."""
     import transformers
 
+    from .data import check_config_sizes
+
+    # a config built in code meets no file check: its sizes are refused here, not built
+    check_config_sizes(config.to_dict(), "config")
     if task is None:
         task = "lm" if _is_causal(config) else "classify"
     auto = {"lm": transformers.AutoModelForCausalLM,

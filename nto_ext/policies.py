@@ -29,17 +29,19 @@ that step.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
 
-from .blocks import Block, ParamInfo, Unit, discover_blocks, group_label, make_units
+from .blocks import KIND_BLOCKS, Block, ParamInfo, Unit, discover_blocks, group_label, make_units
 from .blocks import pack_consecutive as pack_consecutive
 from .budget import Budget, bytes_per_element, format_bytes
 
 ORDERS = ("ascending", "descending", "random")
+log = logging.getLogger(__name__)
 
 
 class Policy:
@@ -112,10 +114,15 @@ class ScheduledPolicy(Policy):
         self.always = tuple(always)
         self.blocks: list[Block] = discover_blocks(self.infos)
         names = [b.name for b in self.blocks]
-        unknown = [a for a in self.always if a not in names]
+        unknown = [a for a in self.always if a not in names and a not in KIND_BLOCKS]
         if unknown:
             raise ValueError(f"always={self.always!r}: no block named {unknown!r}; blocks of "
-                             f"this model: {_short_list(names)}")
+                             f"this model: {_short_list(names)}; also allowed, when the "
+                             f"model lacks them: {', '.join(KIND_BLOCKS)}")
+        absent = [a for a in self.always if a not in names]
+        if absent:  # e.g. GPT-2: the head is the embedding's tensor, listed once as "embed"
+            log.info("always=%r: this model has no %s block (absent, or tied into another "
+                     "block); training the others always", self.always, ", ".join(absent))
         fixed = [b for b in self.blocks if b.name in self.always]
         fixed_cost = self.cost([i for b in fixed for i in b.params])
         if fixed_cost > budget.amount:

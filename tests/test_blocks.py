@@ -43,6 +43,21 @@ NAMES = [
     ("decoder.layers.0.fc1.weight", "decoder.layers.0", "layer"),
     ("model.layers.2.mlp.blocks.1.w", "model.layers.2", "layer"),  # first index wins
     ("highway.weight", "other", "other"),
+    # T5: the shared embedding; a block is `encoder.block.N`, not `...block.N.layer.M`
+    ("shared.weight", "embed", "embed"),
+    ("encoder.block.0.layer.0.SelfAttention.q.weight", "encoder.block.0", "layer"),
+    ("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+     "encoder.block.0", "layer"),
+    ("decoder.block.1.layer.2.DenseReluDense.wo.weight", "decoder.block.1", "layer"),
+    ("encoder.final_layer_norm.weight", "other", "other"),
+    ("model.shared.weight", "embed", "embed"),  # BART
+    # ViT
+    ("vit.embeddings.cls_token", "embed", "embed"),
+    ("vit.embeddings.patch_embeddings.projection.weight", "embed", "embed"),
+    ("vit.encoder.layer.1.attention.attention.query.weight", "vit.encoder.layer.1", "layer"),
+    ("vit.layernorm.weight", "other", "other"),
+    ("model.layers.0.mlp.shared_expert.gate_proj.weight", "model.layers.0", "layer"),
+    ("blockade.weight", "other", "other"),
 ]
 
 
@@ -182,8 +197,12 @@ def test_policy_state_dict_is_a_cursor():
 
 
 def test_always_errors():
-    with pytest.raises(ValueError, match=r"always=\('nope',\): no block named \['nope'\]"):
+    with pytest.raises(ValueError, match=r"always=\('nope',\): no block named \['nope'\]; "
+                       r"blocks of this model: 'embed', .*'head'; also allowed, when the "
+                       r"model lacks them: embed, head, other"):
         _policy("block", Budget("elements", 10_000, "10000"), always=("nope",))
+    with pytest.raises(ValueError, match=r"no block named \['layer'\]"):  # many blocks
+        _policy("block", Budget("elements", 10_000, "10000"), always=("embed", "layer"))
     with pytest.raises(ValueError, match=r"always=\('embed', 'head'\) needs 8,192 elements"):
         _policy("block", Budget("elements", 5_000, "5000"), always=("embed", "head"))
 
@@ -193,3 +212,141 @@ def test_sample_layers_errors():
         _policy("sample", Budget("elements", 30_000, "30000"), sample_layers=99)
     with pytest.raises(ValueError, match="sample_layers=3: the 3 largest units need"):
         _policy("sample", Budget("elements", 20_000, "20000"), sample_layers=3)
+
+
+# ------------------------------------------------------------------ the common HF families
+
+def _gpt2():
+    import transformers
+
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=96, n_positions=32, n_embd=32, n_layer=2, n_head=2))
+
+
+def _t5(tie: bool = True):
+    import transformers
+
+    cfg = transformers.T5Config(vocab_size=96, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                num_decoder_layers=2, num_heads=4, decoder_start_token_id=0)
+    cfg.tie_word_embeddings = tie  # set after init: some transformers versions force True
+    return transformers.T5ForConditionalGeneration(cfg)
+
+
+def _bert():
+    import transformers
+
+    return transformers.BertForSequenceClassification(transformers.BertConfig(
+        vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=32, num_labels=3))
+
+
+def _decoder(name: str):
+    import transformers
+
+    cfg = getattr(transformers, f"{name}Config")(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+        tie_word_embeddings=False)
+    return getattr(transformers, f"{name}ForCausalLM")(cfg)
+
+
+def _vit():
+    import transformers
+
+    return transformers.ViTForImageClassification(transformers.ViTConfig(
+        image_size=16, patch_size=8, num_channels=3, hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=2, intermediate_size=64, num_labels=4))
+
+
+def _text_batch(model):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 96, (2, 8), generator=g)
+    if model.config.model_type == "bert":
+        return {"input_ids": x, "labels": torch.tensor([0, 2])}
+    return {"input_ids": x, "labels": x}
+
+
+def _vit_batch(model):
+    g = torch.Generator().manual_seed(0)
+    return {"pixel_values": torch.randn(2, 3, 16, 16, generator=g),
+            "labels": torch.tensor([1, 3])}
+
+
+LAYERS = {"gpt2": ["transformer.h.0", "transformer.h.1"],
+          "t5": ["encoder.block.0", "encoder.block.1", "decoder.block.0", "decoder.block.1"],
+          "bert": ["bert.encoder.layer.0", "bert.encoder.layer.1"],
+          "llama": ["model.layers.0", "model.layers.1"],
+          "vit": ["vit.encoder.layer.0", "vit.encoder.layer.1"]}
+# (builder, batch, blocks in order, kind that is absent: a head tied to the embedding)
+FAMILIES = {
+    "gpt2": (_gpt2, _text_batch, ["embed", *LAYERS["gpt2"], "other"], "head"),
+    "t5": (_t5, _text_batch, ["embed", *LAYERS["t5"][:2], "other", *LAYERS["t5"][2:]], "head"),
+    "t5-untied": (lambda: _t5(tie=False), _text_batch,
+                  ["embed", *LAYERS["t5"][:2], "other", *LAYERS["t5"][2:], "head"], None),
+    "bert": (_bert, _text_batch, ["embed", *LAYERS["bert"], "other", "head"], None),
+    "llama": (lambda: _decoder("Llama"), _text_batch,
+              ["embed", *LAYERS["llama"], "other", "head"], None),
+    "qwen2": (lambda: _decoder("Qwen2"), _text_batch,
+              ["embed", *LAYERS["llama"], "other", "head"], None),
+    "mistral": (lambda: _decoder("Mistral"), _text_batch,
+                ["embed", *LAYERS["llama"], "other", "head"], None),
+    "vit": (_vit, _vit_batch, ["embed", *LAYERS["vit"], "other", "head"], None),
+}
+# what each non-layer block holds (name prefixes), where the family is easy to get wrong
+MEMBERS = {
+    "gpt2": {"embed": ["transformer.wte.", "transformer.wpe."], "other": ["transformer.ln_f."]},
+    "t5": {"embed": ["shared."], "other": ["encoder.final_layer_norm.",
+                                           "decoder.final_layer_norm."]},
+    "t5-untied": {"embed": ["shared.", "encoder.embed_tokens.", "decoder.embed_tokens."],
+                  "head": ["lm_head."]},
+    "bert": {"embed": ["bert.embeddings."], "other": ["bert.pooler."], "head": ["classifier."]},
+    "llama": {"embed": ["model.embed_tokens."], "other": ["model.norm."], "head": ["lm_head."]},
+    "vit": {"embed": ["vit.embeddings."], "other": ["vit.layernorm."], "head": ["classifier."]},
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_hf_families_blocks_and_always(family, caplog):
+    import logging
+
+    from nto_ext import NTO
+
+    build, make_batch, want, absent = FAMILIES[family]
+    torch.manual_seed(0)
+    model = build()
+    named = list(model.named_parameters())
+    if any(n.startswith("vit.layers.") for n, _ in named):  # transformers 5 renamed them
+        want = [w.replace("vit.encoder.layer.", "vit.layers.") for w in want]
+    blocks = discover_blocks([ParamInfo.of(n, p) for n, p in named])
+    assert [b.name for b in blocks] == want
+    assert [b.kind for b in blocks] == [n if n in ("embed", "head", "other") else "layer"
+                                        for n in want]
+    for block, prefixes in MEMBERS.get(family, {}).items():
+        members = [named[i][0] for b in blocks if b.name == block for i in b.params]
+        assert members and all(m.startswith(tuple(prefixes)) for m in members), members
+        assert {p for p in prefixes if any(m.startswith(p) for m in members)} == set(prefixes)
+    assert sorted(i for b in blocks for i in b.params) == list(range(len(named)))
+
+    caplog.set_level(logging.INFO, logger="nto_ext.policies")
+    opt = NTO(model.named_parameters(), lr=1e-2, budget="60%", policy="sample",
+              switch_every=1, always=("embed", "head"))
+    told = [r.getMessage() for r in caplog.records if "no " in r.getMessage()]
+    if absent:
+        assert any(f"no {absent} block" in m for m in told), told
+    else:
+        assert not told, told
+    fixed = [named[i][1] for b in blocks if b.name in ("embed", "head") for i in b.params]
+    before = [p.detach().clone() for p in fixed]
+    batch = make_batch(model)
+    for step in range(3):
+        model(**batch).loss.backward()
+        assert {i for b in blocks if b.name in ("embed", "head") for i in b.params} \
+            <= opt.policy.active(step)
+        opt.step()
+        opt.zero_grad()
+    # trained at every step (T5 untied: `shared` is no longer used in forward)
+    assert sum(not torch.equal(p, b) for p, b in zip(fixed, before)) >= len(
+        [a for a in ("embed", "head") if a in want])
+    assert {a for a in ("embed", "head") if a in want} == {
+        u.name for u in opt.policy.always_units}
+    opt.remove_hooks()

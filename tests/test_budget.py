@@ -62,13 +62,57 @@ BAD_BUDGETS = [
     (True, TypeError, r"budget=True has type bool; allowed"),
     (None, TypeError, r"budget=None has type NoneType; allowed"),
     ([1], TypeError, r"budget=\[1\] has type list; allowed"),
+    # odd strings: each named as given, with the allowed forms (never "invalid literal")
+    ("\u00b2", ValueError, r"budget='\u00b2': cannot parse it .*ASCII digits.*; allowed: an int"),
+    ("\u0663", ValueError, r"budget='\u0663': cannot parse it"),  # Arabic-Indic 3
+    ("\uff11\uff10%", ValueError, r"budget='\uff11\uff10%': cannot parse it"),  # fullwidth 10
+    ("1e400", ValueError, r"budget='1e400': cannot parse it .*no sign or exponent"),
+    ("1e400B", ValueError, r"budget='1e400B': cannot parse it"),
+    ("1" + "0" * 400 + "B", ValueError, r"budget='10+B': a byte budget must be at most 2\*\*63-1"),
+    ("1" + "0" * 400, ValueError, r"budget='10+': an element budget must be at most 2\*\*63-1"),
+    (2**63, ValueError, r"budget=9223372036854775808: an element budget must be at most"),
+    ("9" * 5000, ValueError, r"budget='9{40}\.\.\.': 5,000 characters; at most 1,000"),
+    ("nan%", ValueError, r"budget='nan%': cannot parse it"),
+    ("inf", ValueError, r"budget='inf': cannot parse it"),
+    ("-5%", ValueError, r"budget='-5%': cannot parse it .*no sign"),
+    ("-5", ValueError, r"budget='-5': cannot parse it"),
+    ("10 % %", ValueError, r"budget='10 % %': cannot parse it"),
+    ("0.5", ValueError, r"budget='0.5': cannot parse it"),  # a share is a float, not a str
+    ("1.5 GiB extra", ValueError, r"budget='1.5 GiB extra': cannot parse it"),
 ]
 
 
-@pytest.mark.parametrize("budget,exc,msg", BAD_BUDGETS, ids=[repr(b[0]) for b in BAD_BUDGETS])
+@pytest.mark.parametrize("budget,exc,msg", BAD_BUDGETS, ids=[repr(b[0])[:24] for b in BAD_BUDGETS])
 def test_parse_bad(budget, exc, msg):
     with pytest.raises(exc, match=msg):
         parse_budget(budget, TOTAL)
+
+
+def test_numpy_numbers_are_python_numbers():
+    np = pytest.importorskip("numpy")
+    for value, want in [(np.int64(1000), 1000), (np.int32(7), 7), (np.uint8(200), 200)]:
+        b = parse_budget(value, TOTAL)
+        assert (b.kind, b.amount, b.given) == ("elements", want, repr(want))
+        assert type(b.amount) is int
+    for value in (np.float32(0.5), np.float64(0.5), np.float16(0.5)):
+        b = parse_budget(value, TOTAL)
+        assert (b.kind, b.amount, b.given) == ("elements", TOTAL // 2, "0.5")
+    with pytest.raises(ValueError, match=r"budget=np.int64\(0\): an element budget must be > 0"):
+        parse_budget(np.int64(0), TOTAL)
+    with pytest.raises(ValueError, match=r"budget=np.float32\(nan\): a float budget"):
+        parse_budget(np.float32("nan"), TOTAL)
+    with pytest.raises(TypeError, match=r"has type bool_?; allowed"):
+        parse_budget(np.bool_(True), TOTAL)
+    with pytest.raises(TypeError, match=r"has type ndarray; allowed"):
+        parse_budget(np.array([5]), TOTAL)
+
+
+def test_largest_budgets():
+    assert parse_budget(2**63 - 1, TOTAL).amount == 2**63 - 1
+    assert parse_budget(str(2**63 - 1), TOTAL).amount == 2**63 - 1
+    assert parse_budget("8191TiB", TOTAL).amount == 8191 * 2**40
+    with pytest.raises(ValueError, match="at most 2\\*\\*63-1 bytes"):
+        parse_budget("8388608TiB", TOTAL)  # 2**63 bytes
 
 
 def test_small_share_is_at_least_one_element():

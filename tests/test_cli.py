@@ -124,6 +124,147 @@ def test_plan_bad_input_is_one_line(capsys, tmp_path, args, says):
     assert says in line
 
 
+def test_plan_json_budget_and_dtype(tmp_path, capsys):
+    import transformers
+
+    folder = _tiny_llama(tmp_path)
+    for budget in ("10%", "10400", "1MiB"):
+        assert cli.main(["plan", "--model", folder, "--budget", budget, "--json"]) == 0
+        p = json.loads(capsys.readouterr().out)
+        assert p["budget"] == budget and (p["dtype"], p["dtype_source"]) == (
+            "float32", "float32: the config names no torch_dtype")
+    cfg = transformers.AutoConfig.from_pretrained(folder)
+    cfg.torch_dtype = "bfloat16"
+    cfg.save_pretrained(folder)
+    assert cli.main(["plan", "--model", folder, "--budget", "100%", "--json"]) == 0
+    p = json.loads(capsys.readouterr().out)
+    assert (p["dtype"], p["dtype_source"]) == ("bfloat16", "the config's torch_dtype")
+    assert p["weights_bytes"] == 2 * 28_832 and p["nto_bytes"] == 10 * 28_832 + 21 * 4
+    assert cli.main(["plan", "--model", folder, "--budget", "100%", "--dtype", "fp32"]) == 0
+    assert "dtype float32 (--dtype)" in capsys.readouterr().out
+
+
+def _write_config(tmp_path, **over):
+    """A tiny Llama folder whose config.json has `over` written into it (raw JSON)."""
+    folder = _tiny_llama(tmp_path)
+    path = tmp_path / "config.json"
+    d = json.loads(path.read_text())
+    d.update(over)
+    path.write_text(json.dumps(d))
+    return folder
+
+
+@pytest.mark.parametrize("over, says", [
+    ({"vocab_size": 0}, r"config.json: vocab_size=0; allowed: an int in \[1, 16,777,216\]"),
+    ({"hidden_size": 10**15}, r"hidden_size=1000000000000000; allowed: an int in \[1, "),
+    ({"hidden_size": "32"}, r"hidden_size='32'; allowed: an int"),
+    ({"num_hidden_layers": 10**8}, r"num_hidden_layers=100000000; allowed"),
+    ({"intermediate_size": 64.0}, r"intermediate_size=64.0; allowed: an int"),
+    ({"num_labels": 99_999_999_999}, r"num_labels=99999999999; allowed: an int in \[1, 131,072"),
+    ({"text_config": {"vocab_size": -1}}, r"text_config.vocab_size=-1; allowed"),
+    ({"num_hidden_layers": 4000, "num_local_experts": 4000}, r"4,000 layers x 4,000 experts"),
+])
+def test_plan_refuses_config_sizes_in_one_line(capsys, tmp_path, over, says):
+    import re
+
+    line = _one_line_error(_in_process(capsys, "plan", "--model", _write_config(tmp_path, **over),
+                                       "--budget", "10%"), "plan")
+    assert re.search(says, line), line
+
+
+@pytest.mark.parametrize("content, says", [
+    (b"{not json", "is not valid UTF-8 JSON"),
+    (b"\x00\xff\xfe\x89PNG\r\n\x1a\n" * 50, "is not valid UTF-8 JSON"),
+    (b"[1, 2, 3]", "holds a JSON list; allowed: a JSON object"),
+    (b'{"model_type": "no-such-model"}', "cannot read the model config"),
+    (b"[" * 100_000 + b"]" * 100_000, "is not valid UTF-8 JSON"),
+])
+def test_plan_bad_config_file_is_one_line(capsys, tmp_path, content, says):
+    (tmp_path / "config.json").write_bytes(content)
+    line = _one_line_error(_in_process(capsys, "plan", "--model", str(tmp_path), "--budget",
+                                       "10%"), "plan")
+    assert says in line and str(tmp_path / "config.json") in line
+
+
+@pytest.mark.parametrize("labels", ["99999999999", "10000000", "0", "-3"])
+def test_plan_num_labels_is_bounded_before_any_allocation(labels):
+    """1e7 labels took 1.9 GB and 99999999999 ran for minutes: now one line, at once."""
+    import time
+
+    t0 = time.perf_counter()
+    r = _nto("plan", "--model", "minilm", "--budget", "10%", "--num-labels", labels,
+             timeout=60)
+    line = _one_line_error(r, "plan")
+    assert f"--num-labels {labels}; allowed: an int in [1, 131,072]" in line
+    assert time.perf_counter() - t0 < 30
+
+
+def test_plan_largest_num_labels_is_quick(capsys):
+    assert cli.main(["plan", "--model", "minilm", "--budget", "100%", "--num-labels",
+                     "131072", "--json"]) == 0
+    p = json.loads(capsys.readouterr().out)
+    assert p["blocks"][-1]["name"] == "head" and p["blocks"][-1]["elements"] == 384 * 131072 \
+        + 131072
+
+
+def test_budget_env_and_huge_budget_are_one_line(capsys, tmp_path, monkeypatch):
+    folder = _tiny_llama(tmp_path)
+    line = _one_line_error(_in_process(capsys, "plan", "--model", folder, "--budget",
+                                       "1" + "0" * 400 + "B"), "plan")
+    assert "a byte budget must be at most 2**63-1 bytes" in line
+    line = _one_line_error(_in_process(capsys, "plan", "--model", folder, "--budget", "\u00b2"),
+                           "plan")
+    assert "budget='\u00b2': cannot parse it" in line
+    monkeypatch.setenv("NTO_EXT_BACKEND", "bogus")
+    for cmd in (["backend"], ["plan", "--model", folder, "--budget", "10%"], ["demo"]):
+        line = _one_line_error(_in_process(capsys, *cmd), cmd[0])
+        assert "NTO_EXT_BACKEND='bogus'; allowed: reference, cpu, cuda" in line
+
+
+def test_bogus_backend_from_the_console_script():
+    env = dict(os.environ, NTO_EXT_BACKEND="bogus")
+    r = subprocess.run([sys.executable, "-m", "nto_ext", "backend"], capture_output=True,
+                       text=True, env=env, timeout=120)
+    assert "NTO_EXT_BACKEND='bogus'" in _one_line_error(r, "backend")
+
+
+def test_demo_out_is_checked_before_training(capsys, tmp_path):
+    a_file = tmp_path / "results"
+    a_file.write_text("x")
+    line = _one_line_error(_in_process(capsys, "demo", "--out", str(a_file)), "demo")
+    assert f"--out {str(a_file)!r} is a file; allowed: a folder" in line
+    under = a_file / "sub"
+    line = _one_line_error(_in_process(capsys, "demo", "--out", str(under)), "demo")
+    assert f"--out {str(under)!r} cannot be created or written" in line
+    assert not list(tmp_path.glob("**/results.json"))
+
+
+def test_demo_model_folder_without_weights(capsys, tmp_path):
+    line = _one_line_error(_in_process(capsys, "demo", "--model", _tiny_llama(tmp_path)),
+                           "demo")
+    assert "has a config.json but no weights" in line
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--device", "cpu:99"], "--device 'cpu:99': no such device on this machine; use cpu"),
+    (["--device", "cpu:1"], "no such device"),
+    (["--policy", "sparse", "--order", "ascending"],
+     "--order ascending applies to --policy block only"),
+    (["--policy", "sample", "--order", "random"], "--order random applies to --policy block"),
+    (["--steps", "99999999999"], "--steps must be a positive int in [1, 1,000,000]"),
+    (["--batch-size", "100000"], "--batch-size must be a positive int in [1, 4,096]"),
+    (["--max-length", "100000000"], "--max-length must be a positive int in [1, 65,536]"),
+    (["--max-length", "4096"], "--max-length 4096; allowed: 2 to 512, this model's"),
+    (["--eval-size", "10000000"], "--eval-size must be a positive int in [1, 1,000,000]"),
+    (["--switch-every", "99999999999"], "--switch-every must be a positive int in [1, "),
+    (["--seed", "-1"], "--seed must be an int in [0, 2**63)"),
+    (["--budget", "1" + "0" * 400 + "B"], "a byte budget must be at most 2**63-1"),
+])
+def test_demo_sizes_and_combinations_are_refused(capsys, args, says):
+    line = _one_line_error(_in_process(capsys, "demo", *args), "demo")
+    assert says in line
+
+
 def test_plan_missing_folder(capsys, tmp_path):
     line = _one_line_error(_in_process(capsys, "plan", "--model", str(tmp_path), "--budget",
                                        "1GiB"), "plan")

@@ -30,11 +30,13 @@ def test_plan_from_config_on_meta():
     assert p.nto_bytes == max(g.nto_bytes for g in p.groups) < 0.1 * p.adamw_bytes
     assert p.cycle_steps == len(p.groups) * 50 and not p.untrainable
     text = str(p)
-    for needle in ("policy=block", "budget='10%' = 4,534 elements", "model.layers.3",
-                   "AdamW (torch)", "8-bit AdamW", "x AdamW"):
+    for needle in ("policy=block", "budget=10% = 4,534 elements", "model.layers.3",
+                   "AdamW (torch)", "8-bit AdamW", "x AdamW",
+                   "dtype float32 (float32: the config names no torch_dtype)"):
         assert needle in text
     d = p.to_dict()
     json.dumps(d)
+    assert d["budget"] == "10%" and plan(llama_config(), 5000).budget == "5000"
     assert d["nto_vs_adamw"] == p.nto_bytes / p.adamw_bytes
     assert d["largest_untrainable"] is None
 
@@ -68,6 +70,53 @@ def test_plan_bytes_and_dtype():
     assert p16.adamw_bytes == N_ELEMENTS * 6 + N_TENSORS * STEP_BYTES
     assert p16.weights_bytes == N_ELEMENTS * 2
     assert plan(llama_config(), "100%", dtype=torch.float16).dtype == "float16"
+
+
+def _config_with_dtype(dtype: str):
+    cfg = llama_config()
+    cfg.torch_dtype = dtype
+    return cfg
+
+
+def test_plan_uses_the_config_dtype(tmp_path):
+    p = plan(_config_with_dtype("bfloat16"), "100%")
+    assert (p.dtype, p.dtype_source) == ("bfloat16", "the config's torch_dtype")
+    assert p.weights_bytes == N_ELEMENTS * 2
+    assert p.nto_bytes == N_ELEMENTS * 10 + N_TENSORS * STEP_BYTES
+    assert "dtype bfloat16 (the config's torch_dtype)" in str(p)
+    p = plan(_config_with_dtype("bfloat16"), "100%", dtype="float32")  # explicit wins
+    assert (p.dtype, p.dtype_source, p.weights_bytes) == ("float32", "dtype=", N_ELEMENTS * 4)
+    _config_with_dtype("float16").save_pretrained(tmp_path)
+    assert plan(tmp_path, "100%").dtype == "float16"
+    with pytest.raises(ValueError, match=r"torch_dtype='float64', which NTO does not train; "
+                       r"allowed: float32, bfloat16, float16; pass the dtype"):
+        plan(_config_with_dtype("float64"), "100%")
+    assert plan(_config_with_dtype("float64"), "100%", dtype="bf16").dtype == "bfloat16"
+    model = tiny_llama(dtype=torch.bfloat16)  # a module: its own dtype, no source claimed
+    assert plan(model, "100%").dtype == "bfloat16" and plan(model, "100%").dtype_source == ""
+
+
+def test_plan_always_lists_only_blocks_the_model_has():
+    import transformers
+
+    cfg = transformers.GPT2Config(vocab_size=96, n_positions=32, n_embd=32, n_layer=2,
+                                  n_head=2)
+    p = plan(cfg, "60%", policy="sample", always=("embed", "head"), task="lm")  # tied head
+    assert p.always == ["embed"]
+    assert all(g.names[0] == "embed" for g in p.groups)
+
+
+@pytest.mark.parametrize("key,value,says", [
+    ("num_hidden_layers", 10**9, r"num_hidden_layers=1000000000; allowed: an int in \[0, "
+                                 r"4,096\]"),
+    ("vocab_size", 0, r"vocab_size=0; allowed: an int in \[1, 16,777,216\]"),
+    ("hidden_size", 10**30, r"hidden_size=10{30}; allowed: an int in \[1, 1,048,576\]"),
+])
+def test_plan_refuses_config_sizes_no_model_has(key, value, says):
+    cfg = llama_config()
+    setattr(cfg, key, value)
+    with pytest.raises(ValueError, match=says):
+        plan(cfg, "10%")
 
 
 def test_plan_from_local_folder(tmp_path):
