@@ -140,6 +140,55 @@ def test_adamw_indexed_10pct_ours(benchmark, model, layout):
          pair="torch.optim.AdamW(fused=True).step() float32")
 
 
+def test_adamw_indexed_dense_grad_ours(benchmark, model):
+    """The indexed step reading a dense grad at the positions (the gather path)."""
+    params, grads = [p.clone() for p in model[0]], model[1]
+    gen = torch.Generator().manual_seed(1)
+    idx = [_random_positions(p.numel(), gen).to(torch.int32) for p in params]
+    ms = [torch.zeros(i.numel()) for i in idx]
+    vs = [torch.zeros(i.numel()) for i in idx]
+    k = _numel(idx)
+    step = iter(range(1, 10**6))
+    fn = lambda: ops.masked_adamw_(params, grads, ms, vs, idx, next(step), **HYPER)
+    _run(benchmark, fn, group="adamw torch.float32",
+         name="masked_adamw_ indexed 10% fp32, uniformly random, dense grad",
+         nbytes=k * (8 + 4 + 16 + 4), elements=k,
+         pair="torch.optim.AdamW(fused=True).step() float32")
+
+
+# ------------------------------------------------------------------------ gather_accumulate_
+
+
+def _gather_case(model):
+    dense = model[1]
+    gen = torch.Generator().manual_seed(2)
+    idx = [_random_positions(d.numel(), gen).to(torch.int32) for d in dense]
+    compact = [torch.zeros(i.numel()) for i in idx]
+    return dense, idx, compact
+
+
+def test_gather_torch(benchmark, model):
+    dense, idx, compact = _gather_case(model)
+    idx64 = [i.long() for i in idx]  # index_select takes int32 too; int64 is its fast path
+
+    def fn():
+        for d, i, c in zip(dense, idx64, compact):
+            c.add_(d.view(-1).index_select(0, i))
+
+    k = _numel(idx)
+    _run(benchmark, fn, group="gather_accumulate_",
+         name="torch index_select + add_ (10%, per tensor)", nbytes=k * 16, elements=k)
+
+
+def test_gather_accumulate_ours(benchmark, model):
+    dense, idx, compact = _gather_case(model)
+    k = _numel(idx)
+    _run(benchmark, lambda: ops.gather_accumulate_(dense, idx, compact),
+         group="gather_accumulate_", name="gather_accumulate_ (10% uniformly random)",
+         nbytes=k * 16, elements=k,  # index 4 B, dense 4 B, compact r/w 8 B
+         pair="torch index_select + add_ (10%, per tensor)")
+
+
 # ------------------------------------------------- real positions: SmolLM2-135M's gradient
 
 

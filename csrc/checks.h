@@ -9,6 +9,7 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
+#include <cctype>
 #include <cmath>
 #include <cstdio>
 #include <initializer_list>
@@ -31,7 +32,12 @@ inline std::string dtype_name(c10::ScalarType t) {
     case at::kBool: return "torch.bool";
     case at::kComplexFloat: return "torch.complex64";
     case at::kComplexDouble: return "torch.complex128";
-    default: return std::string("torch.") + c10::toString(t);
+    case at::kComplexHalf: return "torch.complex32";
+    default: {  // c10's name lower-cased is Python's for the rest: UInt64 -> uint64
+      std::string name = c10::toString(t);
+      for (auto& ch : name) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+      return "torch." + name;
+    }
   }
 }
 
@@ -54,6 +60,17 @@ inline std::string fmt_g(double x) {  // Python's f"{x:g}"
 
 constexpr const char* kFloats = "torch.float32, torch.bfloat16, torch.float16";
 constexpr const char* kIndexTypes = "torch.int32, torch.int64";
+// A step count's dtypes: those the kernels read (AT_DISPATCH_ALL_TYPES_AND2(Half, BFloat16)).
+constexpr const char* kStepTypes =
+    "torch.float64, torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int32, "
+    "torch.int16, torch.int8, torch.uint8";
+inline bool is_step_type(c10::ScalarType t) {
+  switch (t) {
+    case at::kDouble: case at::kFloat: case at::kBFloat16: case at::kHalf: case at::kLong:
+    case at::kInt: case at::kShort: case at::kChar: case at::kByte: return true;
+    default: return false;
+  }
+}
 
 inline bool is_float_param(c10::ScalarType t) {
   return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
@@ -148,9 +165,9 @@ inline void check_adamw_entry(size_t i, const at::Tensor& p, const at::Tensor& g
   TORCH_CHECK_VALUE(step.numel() == 1, op, ": steps[", i, "] has ", step.numel(),
                     " elements; allowed: one step count per tensor (a 1-element tensor or a "
                     "number)");
-  TORCH_CHECK_TYPE(step.scalar_type() != at::kBool && !step.is_complex(), op, ": steps[", i,
-                   "] has dtype ", dtype_name(step.scalar_type()),
-                   "; allowed: a real (integer or floating-point) dtype");
+  TORCH_CHECK_TYPE(is_step_type(step.scalar_type()), op, ": steps[", i, "] has dtype ",
+                   dtype_name(step.scalar_type()), "; allowed: ", kStepTypes,
+                   " (or a number); convert it with .to(torch.float64)");
   TORCH_CHECK_VALUE(step.device() == dev || step.device().is_cpu(), op, ": steps[", i,
                     "] is on ", step.device(), "; a 1-element step must be on the cpu or on ",
                     dev);

@@ -18,6 +18,10 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 _FLOATS = "torch.float32, torch.bfloat16, torch.float16"
 _INT32_MAX = 2**31 - 1
+# A step count's dtypes: those the compiled kernels read.
+_STEP_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16, torch.int64,
+                torch.int32, torch.int16, torch.int8, torch.uint8)
+_STEPS = ", ".join(str(d) for d in _STEP_DTYPES)
 
 
 # ------------------------------------------------------------------------------ checks
@@ -91,6 +95,29 @@ def _check_index_values(op: str, what: str, i: int, idx: torch.Tensor,
         j = first_order
         raise ValueError(f"{op}: {what}[{i}][{j}] = {int(x[j])} follows {int(x[j - 1])}; "
                          "indices must be sorted ascending and unique (torch.unique sorts)")
+
+
+def _positions_at_use(op: str, i: int, idx: torch.Tensor, limit: int,
+                      target: str) -> torch.Tensor:
+    """indices[i] read once more, into a private int64 copy, for the op to use.
+
+    The checks read them before, but another thread may have changed them since (the
+    kernels run with the GIL released): the copy is checked again against the range (a
+    changed value is never used; the error says what happened), and every later use reads
+    the copy. Order and uniqueness are not checked again: a changed order gives wrong
+    values, never an access out of range, and the check already refused bad input."""
+    pos = idx.to(torch.int64, copy=True)
+    if pos.numel() and _has_values(pos):
+        bad = torch.nonzero((pos < 0) | (pos >= limit))
+        if len(bad):
+            j = int(bad[0])
+            raise IndexError(
+                f"{op}: indices[{i}][{j}] = {int(pos[j])} is out of range for {target} with "
+                f"{limit} elements when the kernel read it, after it had passed the op's "
+                f"index check: another thread changed indices[{i}] during the call. "
+                f"{target} and the tensors after it were not updated (those before were); "
+                "do not write to index tensors while an op uses them")
+    return pos
 
 
 def _index_dtype_for(numel: int) -> torch.dtype:
@@ -169,9 +196,9 @@ def _check_adamw_entry(i: int, p, g, m, v, idx, step, dev: torch.device) -> None
     if step.numel() != 1:
         raise ValueError(f"{op}: steps[{i}] has {step.numel()} elements; allowed: one step "
                          "count per tensor (a 1-element tensor or a number)")
-    if step.dtype == torch.bool or step.is_complex():
-        raise TypeError(f"{op}: steps[{i}] has dtype {step.dtype}; allowed: a real (integer "
-                        "or floating-point) dtype")
+    if step.dtype not in _STEP_DTYPES:
+        raise TypeError(f"{op}: steps[{i}] has dtype {step.dtype}; allowed: {_STEPS} (or a "
+                        "number); convert it with .to(torch.float64)")
     if step.device != dev and step.device.type != "cpu":
         raise ValueError(f"{op}: steps[{i}] is on {step.device}; a 1-element step must "
                          f"be on the cpu or on {dev}")
@@ -232,13 +259,14 @@ def masked_adamw_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
     check_masked_adamw(params, grads, exp_avgs, exp_avg_sqs, indices, steps,
                        lr, beta1, beta2, eps, weight_decay)
     with torch.no_grad():
-        for p, g, m, v, idx, step in zip(params, grads, exp_avgs, exp_avg_sqs, indices, steps):
+        for i, (p, g, m, v, idx, step) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs,
+                                                         indices, steps)):
             flat = p.view(-1)
             if idx is None:
                 p32 = flat.float()  # the param itself when it is fp32
                 g32 = g.reshape(-1).float()
             else:
-                pos = idx.long()
+                pos = _positions_at_use("masked_adamw_", i, idx, flat.numel(), f"params[{i}]")
                 p32 = flat[pos].float()
                 g32 = g.reshape(-1)[pos] if g.numel() != idx.numel() else g.reshape(-1)
                 g32 = g32.float()
@@ -249,7 +277,7 @@ def masked_adamw_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
                 if p32.data_ptr() != flat.data_ptr():
                     flat.copy_(p32)  # round back once
             else:
-                flat[idx.long()] = p32.to(p.dtype)
+                flat[pos] = p32.to(p.dtype)  # the positions read above, not idx again
 
 
 # ------------------------------------------------------------------------ select_topk
@@ -359,5 +387,6 @@ def gather_accumulate_(dense: Sequence[torch.Tensor], indices: Sequence[torch.Te
     """compact[i] += dense[i].view(-1)[indices[i]] in fp32 (one rounding per add), in place."""
     check_gather_accumulate(dense, indices, compact)
     with torch.no_grad():
-        for d, idx, c in zip(dense, indices, compact):
-            c.view(-1).add_(d.reshape(-1)[idx.long()].float())
+        for i, (d, idx, c) in enumerate(zip(dense, indices, compact)):
+            pos = _positions_at_use("gather_accumulate_", i, idx, d.numel(), f"dense[{i}]")
+            c.view(-1).add_(d.reshape(-1)[pos].float())

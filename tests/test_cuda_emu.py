@@ -243,6 +243,15 @@ inline unsigned atomicAdd(unsigned* p, unsigned v) { unsigned o = *p; *p += v; r
 inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
   unsigned long long o = *p; *p += v; return o;
 }
+inline unsigned long long atomicCAS(unsigned long long* p, unsigned long long cmp,
+                                    unsigned long long v) {
+  unsigned long long o = *p; if (o == cmp) *p = v; return o;
+}
+inline void __threadfence_system() {}
+enum { cudaHostAllocPortable = 1, cudaHostAllocMapped = 2 };
+inline cudaError_t cudaGetDevice(int* d) { *d = 0; return 0; }
+inline cudaError_t cudaHostAlloc(void** p, size_t n, unsigned) { *p = std::malloc(n); return 0; }
+inline cudaError_t cudaHostGetDevicePointer(void** d, void* h, unsigned) { *d = h; return 0; }
 inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
 inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
 """
@@ -497,3 +506,52 @@ def test_bad_indices_raise_the_cpu_errors_before_any_write(emu):
     want = _error(lambda: _cpu("gather_accumulate_")([torch.ones(4)], [torch.tensor([1, 4])],
                                                      [torch.zeros(2)]))
     assert want[0] is not None and got == want
+
+
+def test_an_index_changed_after_the_check_is_skipped_and_raised_by_the_next_call(emu):
+    """The kernels' own check at use (issue 17 item 1). Deterministic route: a raw write
+    (through numpy, no torch version bump) after a checked call leaves the index cache's
+    facts stale, so the host lets the kernel see an out-of-range position, as a racing
+    thread would. The kernel must skip it (no access out of bounds: the emulator's tensors
+    are real memory), update the rest, and the next call must raise naming op and tensor."""
+    def adamw_args(idx, g_dense):
+        gen = torch.Generator().manual_seed(7)
+        ps = [torch.randn(50, generator=gen), torch.randn(40, generator=gen)]
+        gs = [torch.randn(p.numel() if g_dense else i.numel(), generator=gen)
+              for p, i in zip(ps, idx)]
+        return (ps, gs, [torch.zeros(i.numel()) for i in idx],
+                [torch.zeros(i.numel()) for i in idx], list(idx),
+                [torch.tensor([1.0], dtype=torch.float64)] * 2, *HYPER)
+
+    for g_dense in (False, True):
+        idx = [torch.tensor([0, 7, 9]), torch.arange(0, 40, 3, dtype=torch.int32)]
+        emu.masked_adamw_(*adamw_args(idx, g_dense))  # checked, facts cached
+        idx[1].numpy()[2] = 2**31 - 1  # out of range for params[1], unseen by the cache
+        a = adamw_args(idx, g_dense)
+        keep = torch.arange(idx[1].numel()) != 2
+        # the same update without position 2 of indices[1]
+        want = ([p.clone() for p in a[0]],
+                [a[1][0], a[1][1] if g_dense else a[1][1][keep]],
+                [torch.zeros(3), torch.zeros(13)], [torch.zeros(3), torch.zeros(13)],
+                [idx[0], idx[1][keep]], *a[5:])
+        emu.masked_adamw_(*a)
+        _reference.masked_adamw_(*want)
+        assert torch.equal(a[0][0], want[0][0]) and torch.equal(a[0][1], want[0][1])
+        for got_state, want_state in ((a[2][1], want[2][1]), (a[3][1], want[3][1])):
+            assert torch.equal(got_state[keep], want_state) and got_state[2] == 0  # untouched
+        with pytest.raises(IndexError, match=r"^masked_adamw_: indices\[1\]\[2\] = 2147483647 "
+                           r"is out of range for params\[1\] with 40 elements when the kernel "
+                           r"read it.*another thread changed indices\[1\]"):
+            emu.masked_adamw_(*adamw_args([torch.tensor([1]), torch.tensor([1])], g_dense))
+        emu.masked_adamw_(*adamw_args([torch.tensor([1]), torch.tensor([1])], g_dense))  # cleared
+
+    dense = [torch.randn(30), torch.randn(20)]
+    idx = [torch.tensor([1, 2]), torch.tensor([0, 5, 19])]
+    compact = [torch.zeros(2), torch.zeros(3)]
+    emu.gather_accumulate_(dense, idx, compact)
+    idx[1].numpy()[0] = -3
+    emu.gather_accumulate_(dense, idx, compact)
+    assert torch.equal(compact[1], torch.stack([dense[1][0], 2 * dense[1][5], 2 * dense[1][19]]))
+    with pytest.raises(IndexError, match=r"^gather_accumulate_: indices\[1\]\[0\] = -3 is out "
+                       r"of range for dense\[1\] with 20 elements"):
+        emu.gather_accumulate_([torch.ones(2)], [torch.tensor([0])], [torch.zeros(1)])

@@ -535,7 +535,13 @@ BAD_ADAMW = [
     (dict(steps=[torch.tensor([1.0]), torch.tensor([], dtype=torch.int64)]), ValueError,
      r"steps\[1\] has 0 elements"),
     (dict(steps=[torch.tensor([1.0]), torch.tensor([True])]), TypeError,
-     r"steps\[1\] has dtype torch.bool; allowed: a real \(integer or floating-point\) dtype"),
+     r"steps\[1\] has dtype torch.bool; allowed: torch.float64, torch.float32, "
+     r"torch.bfloat16, torch.float16, torch.int64, torch.int32, torch.int16, torch.int8, "
+     r"torch.uint8 \(or a number\); convert it with .to\(torch.float64\)"),
+    # issue 17 item 13: was '"nto_step" not implemented for 'UInt64'' from the kernel
+    (dict(steps=[torch.tensor([1], dtype=torch.uint64), torch.tensor([1.0])]), TypeError,
+     r"^masked_adamw_: steps\[0\] has dtype torch.uint64; allowed: torch.float64, .*"
+     r"torch.uint8 \(or a number\)"),
 ]
 
 

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "index_fault.h"
 #include "work_items.h"
 
 namespace nto {
@@ -88,6 +89,34 @@ inline bool all_indices_ok(const std::vector<IndexList>& lists) {
     }
   });
   return ok.load();
+}
+
+// The IndexError for an index that passed the op's check but was out of range when the
+// kernel read it: another thread changed the index tensor during the call (see
+// index_fault.h). `j` is the position in indices[i]; `value` what the kernel read there.
+[[noreturn]] inline void raise_changed_index(const char* op, size_t i, int64_t j, int64_t value,
+                                             int64_t limit, const std::string& target) {
+  TORCH_CHECK_INDEX(false, op, ": indices[", i, "][", j, "] = ", value, " is out of range for ",
+                    target, " with ", limit,
+                    " elements when the kernel read it, after it had passed the op's index "
+                    "check: another thread changed indices[", i,
+                    "] during the call. That position was skipped (the in-range ones were "
+                    "updated); do not write to index tensors while an op uses them");
+  __builtin_unreachable();
+}
+
+// After a pass over `items` with one IndexFault each: raises for the first fault in item
+// order (the lowest tensor, then position), if any. limit(t), target(t): tensor t's size and
+// name ("params[3]").
+template <class Limit, class Target>
+void raise_first_fault(const char* op, const std::vector<WorkItem>& items,
+                       const std::vector<IndexFault>& faults, Limit&& limit, Target&& target) {
+  for (size_t w = 0; w < items.size(); ++w) {
+    if (faults[w].at < 0) continue;
+    const int64_t t = items[w].tensor;
+    raise_changed_index(op, static_cast<size_t>(t), items[w].begin + faults[w].at,
+                        faults[w].value, limit(t), target(t));
+  }
 }
 
 }  // namespace nto

@@ -1,7 +1,8 @@
 // masked_adamw_ on CPU: torch.optim.AdamW's update over whole tensors or at sorted unique
 // positions, all tensors in one call. Checks everything first (metadata, index values,
 // step counts); then at::parallel_for over (tensor, chunk) work items, each running the
-// per-capability vector loop of vec_kernels_impl.h.
+// per-capability vector loop of vec_kernels_impl.h, which checks each position again where
+// it reads it (another thread may change the indices meanwhile: index_fault.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -90,6 +91,7 @@ void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
     c.v = exp_avg_sqs[i].data_ptr<float>();
     c.idx = indexed ? o->const_data_ptr() : nullptr;
     c.idx64 = indexed && o->scalar_type() == at::kLong;
+    c.p_numel = params[i].numel();
     c.p_type = ftype(params[i].scalar_type());
     c.g_type = ftype(grads[i].scalar_type());
     sizes[i] = indexed ? o->numel() : params[i].numel();
@@ -99,6 +101,7 @@ void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
   }
 
   const auto items = make_work_items(sizes);
+  std::vector<IndexFault> faults(items.size());  // indices changed after the checks
   const auto& k = cpu_kernels();
   at::parallel_for(0, (int64_t)items.size(), 1, [&](int64_t lo, int64_t hi) {
     for (int64_t w = lo; w < hi; ++w) {
@@ -116,9 +119,12 @@ void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
         c.p = static_cast<char*>(c.p) + b * params[it.tensor].element_size();
         c.g = static_cast<const char*>(c.g) + b * gsize;
       }
-      k.adamw(c, scal[it.tensor]);
+      k.adamw(c, scal[it.tensor], &faults[w]);
     }
   });
+  raise_first_fault(
+      kOp, items, faults, [&](int64_t t) { return params[t].numel(); },
+      [](int64_t t) { return "params[" + std::to_string(t) + "]"; });
 }
 
 }  // namespace

@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "../adamw_math.h"
+#include "index_fault.h"
 
 namespace nto {
 
@@ -22,6 +23,7 @@ struct AdamWChunk {
   float* v;
   const void* idx;  // null: dense
   int64_t n;        // elements (dense) or positions (indexed) in this chunk
+  int64_t p_numel;  // indexed: positions must be < this (the param's, and a dense g's, numel)
   FType p_type;
   FType g_type;
   bool idx64;
@@ -35,7 +37,8 @@ struct StatsPartial {
   int64_t hist[256];
 };
 
-using AdamWChunkFn = void (*)(const AdamWChunk&, const AdamWScalars&);
+// fault: where an indexed chunk met a position out of range (see index_fault.h).
+using AdamWChunkFn = void (*)(const AdamWChunk&, const AdamWScalars&, IndexFault*);
 using StatsChunkFn = void (*)(const void* x, FType t, int64_t n, StatsPartial* out);
 // select_topk's ranking key of each element: fp32 bits of |x| plus one, NaN -> 0.
 using TopkKeysFn = void (*)(const void* x, FType t, int64_t n, uint32_t* keys);

@@ -103,11 +103,53 @@ inline void adamw_block(P* p, const G* g, float* m, float* v, const AdamWScalars
   v1.store(v + kV);
 }
 
+// A block of cnt indexed positions of which some were out of range when read (pos: as
+// read; another thread changed the indices after the op's checks). Cold: only a racing
+// writer gets here. The in-range positions go through the same vector code as always; the
+// others are not read or written (p, g, m and v alike) and the first is noted in `fault`.
+template <typename P, typename G>
+__attribute__((noinline, cold)) void adamw_block_masked(const AdamWChunk& c,
+                                                        const AdamWScalars& s, int64_t j,
+                                                        int64_t cnt, const int64_t* pos,
+                                                        IndexFault* fault) {
+  P* p = static_cast<P*>(c.p);
+  const G* g = static_cast<const G*>(c.g);
+  alignas(64) P pb[kW];
+  alignas(64) G gb[kW];
+  alignas(64) float mb[kW], vb[kW];
+  std::memset(pb, 0, sizeof(pb));
+  std::memset(gb, 0, sizeof(gb));
+  std::memset(mb, 0, sizeof(mb));
+  std::memset(vb, 0, sizeof(vb));
+  for (int64_t t = 0; t < cnt; ++t) {
+    if (!in_range(pos[t], c.p_numel)) {
+      fault->note(j + t, pos[t]);
+      continue;
+    }
+    pb[t] = p[pos[t]];
+    gb[t] = c.g_dense ? g[pos[t]] : g[j + t];
+    mb[t] = c.m[j + t];
+    vb[t] = c.v[j + t];
+  }
+  adamw_block(pb, gb, mb, vb, s);
+  for (int64_t t = 0; t < cnt; ++t) {
+    if (!in_range(pos[t], c.p_numel)) continue;
+    p[pos[t]] = pb[t];
+    c.m[j + t] = mb[t];
+    c.v[j + t] = vb[t];
+  }
+}
+
 // Dense or indexed chunk. Full dense blocks run in place; indexed blocks gather p (and a
 // dense g) into small buffers; the last partial block runs on zero-padded buffers, so every
 // element goes through the same vector code (dense and indexed results are bit-identical).
+//
+// Indexed blocks read their kW positions once, into `pos`, and check them there against
+// the param's size: the op checked the indices before, but with the GIL released another
+// thread may change them since; every later use reads `pos`, so no position is used that
+// was not checked at its use (a changed one is skipped and reported, never dereferenced).
 template <typename P, typename G, typename I>
-void adamw_chunk_t(const AdamWChunk& c, const AdamWScalars& s) {
+void adamw_chunk_t(const AdamWChunk& c, const AdamWScalars& s, IndexFault* fault) {
   P* p = static_cast<P*>(c.p);
   const G* g = static_cast<const G*>(c.g);
   const I* idx = static_cast<const I*>(c.idx);
@@ -115,6 +157,7 @@ void adamw_chunk_t(const AdamWChunk& c, const AdamWScalars& s) {
   alignas(64) P pb[kW];
   alignas(64) G gb[kW];
   alignas(64) float mb[kW], vb[kW];
+  alignas(64) int64_t pos[kW];
   for (int64_t j = 0; j < c.n; j += kW) {
     const int64_t cnt = std::min<int64_t>(kW, c.n - j);
     const bool full = cnt == kW;
@@ -126,7 +169,8 @@ void adamw_chunk_t(const AdamWChunk& c, const AdamWScalars& s) {
     }
     if (indexed) {
       // The gathered params kAhead positions on are fetched now: their lines are scattered,
-      // so the hardware prefetcher cannot see them coming. Compact state streams.
+      // so the hardware prefetcher cannot see them coming. Compact state streams. (A hint:
+      // a prefetch never faults, so a changed position does no harm here.)
       constexpr int64_t kAhead = 4 * kW;
       const int64_t stop = std::min(c.n, j + kAhead + kW);
       for (int64_t t = j + kAhead; t < stop; ++t) {
@@ -135,13 +179,19 @@ void adamw_chunk_t(const AdamWChunk& c, const AdamWScalars& s) {
       }
       prefetch_ahead(c.m + j, kW), prefetch_ahead(c.v + j, kW);
       if (!c.g_dense) prefetch_ahead(g + j, kW);
-    }
-    if (indexed && full) {
-      // A run of kW consecutive positions (sorted and unique, so first and last decide):
-      // the param block (and a dense grad's) is contiguous, no gather needed.
-      const int64_t first = static_cast<int64_t>(idx[j]);
-      if (static_cast<int64_t>(idx[j + kW - 1]) - first == kW - 1) {
-        adamw_block(p + first, c.g_dense ? g + first : g + j, c.m + j, c.v + j, s);
+      bool bad = false;
+      for (int64_t t = 0; t < cnt; ++t) {
+        pos[t] = static_cast<int64_t>(idx[j + t]);
+        bad |= !in_range(pos[t], c.p_numel);
+      }
+      if (bad) {
+        adamw_block_masked<P, G>(c, s, j, cnt, pos, fault);
+        continue;
+      }
+      // A run of kW consecutive positions (first and last in range and kW - 1 apart: the
+      // param block, and a dense grad's, is contiguous and in range; no gather needed).
+      if (full && pos[kW - 1] - pos[0] == kW - 1) {
+        adamw_block(p + pos[0], c.g_dense ? g + pos[0] : g + j, c.m + j, c.v + j, s);
         continue;
       }
     }
@@ -152,11 +202,9 @@ void adamw_chunk_t(const AdamWChunk& c, const AdamWScalars& s) {
       std::memset(vb, 0, sizeof(vb));
     }
     const G* gp = g + j;  // compact (or dense, unindexed) grads are read in place
-    for (int64_t t = 0; t < cnt; ++t)
-      pb[t] = p[indexed ? static_cast<int64_t>(idx[j + t]) : j + t];
+    for (int64_t t = 0; t < cnt; ++t) pb[t] = p[indexed ? pos[t] : j + t];
     if ((indexed && c.g_dense) || !full) {
-      for (int64_t t = 0; t < cnt; ++t)
-        gb[t] = (indexed && c.g_dense) ? g[static_cast<int64_t>(idx[j + t])] : g[j + t];
+      for (int64_t t = 0; t < cnt; ++t) gb[t] = (indexed && c.g_dense) ? g[pos[t]] : g[j + t];
       gp = gb;
     }
     float* mp = c.m + j;
@@ -167,7 +215,7 @@ void adamw_chunk_t(const AdamWChunk& c, const AdamWScalars& s) {
       mp = mb, vp = vb;
     }
     adamw_block(pb, gp, mp, vp, s);
-    for (int64_t t = 0; t < cnt; ++t) p[indexed ? static_cast<int64_t>(idx[j + t]) : j + t] = pb[t];
+    for (int64_t t = 0; t < cnt; ++t) p[indexed ? pos[t] : j + t] = pb[t];
     if (!full) {
       std::memcpy(c.m + j, mb, cnt * sizeof(float));
       std::memcpy(c.v + j, vb, cnt * sizeof(float));
@@ -176,26 +224,26 @@ void adamw_chunk_t(const AdamWChunk& c, const AdamWScalars& s) {
 }
 
 template <typename P, typename G>
-void adamw_chunk_pg(const AdamWChunk& c, const AdamWScalars& s) {
+void adamw_chunk_pg(const AdamWChunk& c, const AdamWScalars& s, IndexFault* f) {
   if (c.idx == nullptr || !c.idx64)
-    adamw_chunk_t<P, G, int32_t>(c, s);
+    adamw_chunk_t<P, G, int32_t>(c, s, f);
   else
-    adamw_chunk_t<P, G, int64_t>(c, s);
+    adamw_chunk_t<P, G, int64_t>(c, s, f);
 }
 
 template <typename P>
-void adamw_chunk_p(const AdamWChunk& c, const AdamWScalars& s) {
+void adamw_chunk_p(const AdamWChunk& c, const AdamWScalars& s, IndexFault* f) {
   if (c.g_type == FType::F32)
-    adamw_chunk_pg<P, float>(c, s);
+    adamw_chunk_pg<P, float>(c, s, f);
   else
-    adamw_chunk_pg<P, P>(c, s);  // checks allow only the param's dtype or fp32
+    adamw_chunk_pg<P, P>(c, s, f);  // checks allow only the param's dtype or fp32
 }
 
-void adamw_chunk(const AdamWChunk& c, const AdamWScalars& s) {
+void adamw_chunk(const AdamWChunk& c, const AdamWScalars& s, IndexFault* f) {
   switch (c.p_type) {
-    case FType::F32: adamw_chunk_p<float>(c, s); break;
-    case FType::BF16: adamw_chunk_p<c10::BFloat16>(c, s); break;
-    case FType::F16: adamw_chunk_p<c10::Half>(c, s); break;
+    case FType::F32: adamw_chunk_p<float>(c, s, f); break;
+    case FType::BF16: adamw_chunk_p<c10::BFloat16>(c, s, f); break;
+    case FType::F16: adamw_chunk_p<c10::Half>(c, s, f); break;
   }
 }
 

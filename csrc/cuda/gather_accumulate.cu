@@ -1,7 +1,8 @@
 // gather_accumulate_ on CUDA: compact[i] += dense[i].view(-1)[indices[i]] in fp32 (one
 // rounding per add), one multi-tensor launch for the whole list. Indices are checked before
 // any write (index_check.cuh); the same index tensors come back every micro-batch, so after
-// the first call this runs with no host sync.
+// the first call this runs with no host sync. The kernel checks each index again where it
+// reads it (another thread may change them meanwhile).
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
@@ -23,12 +24,14 @@ constexpr int kIlp = 4;
 constexpr int64_t kChunk = 1 << 16;
 
 struct GatherMeta {
-  static constexpr int kTensors = 64;
+  static constexpr int kTensors = 48;
   static constexpr int kBlocks = 320;
   const void* dense[kTensors];
   const void* idx[kTensors];
   float* compact[kTensors];
   int64_t n[kTensors];
+  int64_t limit[kTensors];  // dense numel: positions must be below it
+  int32_t list[kTensors];   // the tensor's position in the op's lists (for the fault record)
   uint8_t idx64[kTensors];
   uint8_t dtype[kTensors];  // dtype_code of dense
   uint8_t block_slot[kBlocks];
@@ -43,7 +46,10 @@ __device__ __forceinline__ float load_as_float(const void* p, int dtype, int64_t
   }
 }
 
-__global__ void __launch_bounds__(kThreads) gather_kernel(GatherMeta meta) {
+// Each index is read once and checked where it is used (index_check.cuh): one out of
+// range is skipped and recorded, never dereferenced.
+__global__ void __launch_bounds__(kThreads) gather_kernel(GatherMeta meta,
+                                                          DeviceIndexFault* fault) {
   const int slot = meta.block_slot[blockIdx.x];
   const int64_t begin = static_cast<int64_t>(meta.block_chunk[blockIdx.x]) * kChunk;
   const int64_t rest = meta.n[slot] - begin;
@@ -53,22 +59,30 @@ __global__ void __launch_bounds__(kThreads) gather_kernel(GatherMeta meta) {
   const int32_t* idx32 = static_cast<const int32_t*>(meta.idx[slot]) + (i64 ? 0 : begin);
   const int64_t* idx64 = static_cast<const int64_t*>(meta.idx[slot]) + (i64 ? begin : 0);
   const void* dense = meta.dense[slot];
+  const int64_t limit = meta.limit[slot];
   float* c = meta.compact[slot] + begin;
   for (int64_t j0 = threadIdx.x; j0 < len; j0 += static_cast<int64_t>(kThreads) * kIlp) {
     float d[kIlp], acc[kIlp];
+    bool ok[kIlp];
 #pragma unroll
     for (int u = 0; u < kIlp; ++u) {  // kIlp gathers in flight per thread
       const int64_t j = j0 + static_cast<int64_t>(u) * kThreads;
+      ok[u] = false;
       if (j < len) {
         const int64_t pos = i64 ? idx64[j] : static_cast<int64_t>(idx32[j]);
-        d[u] = load_as_float(dense, dtype, pos);
-        acc[u] = c[j];
+        ok[u] = index_in_range(pos, limit);
+        if (ok[u]) {
+          d[u] = load_as_float(dense, dtype, pos);
+          acc[u] = c[j];
+        } else {
+          record_fault(fault, kFaultGather, meta.list[slot], begin + j, pos, limit);
+        }
       }
     }
 #pragma unroll
     for (int u = 0; u < kIlp; ++u) {
       const int64_t j = j0 + static_cast<int64_t>(u) * kThreads;
-      if (j < len) c[j] = acc[u] + d[u];
+      if (ok[u]) c[j] = acc[u] + d[u];
     }
   }
 }
@@ -80,6 +94,7 @@ void gather_accumulate_cuda(at::TensorList dense, at::TensorList indices,
   if (n == 0) return;
   const at::Device dev = dense[0].device();
   check_on_cuda(kOp, "dense", dense[0]);
+  raise_recorded_fault();  // an earlier launch's (index_check.cuh), before anything changes
   c10::cuda::CUDAGuard guard(dev);
   const auto facts = index_facts(std::vector<at::Tensor>(indices.begin(), indices.end()));
   for (size_t i = 0; i < n; ++i)
@@ -89,6 +104,7 @@ void gather_accumulate_cuda(at::TensorList dense, at::TensorList indices,
   std::vector<int64_t> lengths(n);
   for (size_t i = 0; i < n; ++i) lengths[i] = indices[i].numel();
   const auto stream = current_stream();
+  DeviceIndexFault* fault = fault_record();
   multi_tensor_launch<GatherMeta>(
       lengths, kChunk,
       [&](GatherMeta& meta, int slot, int64_t i) {
@@ -96,11 +112,13 @@ void gather_accumulate_cuda(at::TensorList dense, at::TensorList indices,
         meta.idx[slot] = indices[i].const_data_ptr();
         meta.compact[slot] = compact[i].mutable_data_ptr<float>();
         meta.n[slot] = lengths[i];
+        meta.limit[slot] = dense[i].numel();
+        meta.list[slot] = static_cast<int32_t>(i);
         meta.idx64[slot] = indices[i].scalar_type() == at::kLong;
         meta.dtype[slot] = static_cast<uint8_t>(dtype_code(dense[i].scalar_type()));
       },
       [&](const GatherMeta& meta, int blocks) {
-        gather_kernel<<<blocks, kThreads, 0, stream>>>(meta);
+        gather_kernel<<<blocks, kThreads, 0, stream>>>(meta, fault);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
 }

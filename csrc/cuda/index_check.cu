@@ -7,6 +7,8 @@
 #include <c10/core/UndefinedTensorImpl.h>
 #include <c10/util/intrusive_ptr.h>
 
+#include <atomic>
+#include <cstring>
 #include <mutex>
 #include <unordered_map>
 
@@ -159,8 +161,67 @@ void raise_index_error(const char* op, const char* what, size_t i, const at::Ten
   // The CPU check names the offence (same words as every backend) from a host copy.
   const at::Tensor host = idx.cpu();
   explain_first(op, IndexList{&host, limit, what, i, target});
-  TORCH_INTERNAL_ASSERT(false, op, ": ", what, "[", i,
-                        "] failed the device index check but not the host one");
+  // The device saw a bad index that the host copy no longer has: it changed in between.
+  TORCH_CHECK_INDEX(false, op, ": ", what, "[", i,
+                    "] failed the device index check, but a second read finds it valid: "
+                    "another thread changed it during the call; do not write to index "
+                    "tensors while an op uses them");
+  __builtin_unreachable();
+}
+
+// ----------------------------------------------------------- indices changed at use
+
+namespace idxfault {
+namespace {
+std::mutex mu;
+std::atomic<DeviceIndexFault*> host_record{nullptr};  // mapped, portable pinned; never freed
+constexpr int kMaxDevices = 64;
+DeviceIndexFault* device_ptr[kMaxDevices] = {};
+}  // namespace
+}  // namespace idxfault
+
+DeviceIndexFault* fault_record() {
+  using namespace idxfault;
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  std::lock_guard<std::mutex> g(mu);
+  DeviceIndexFault* host = host_record.load();
+  if (host == nullptr) {
+    void* p = nullptr;
+    C10_CUDA_CHECK(cudaHostAlloc(&p, sizeof(DeviceIndexFault),
+                                 cudaHostAllocMapped | cudaHostAllocPortable));
+    std::memset(p, 0, sizeof(DeviceIndexFault));
+    host = static_cast<DeviceIndexFault*>(p);
+    host_record.store(host);
+  }
+  const bool cached = dev >= 0 && dev < kMaxDevices;
+  if (cached && device_ptr[dev] != nullptr) return device_ptr[dev];
+  void* d = nullptr;  // the same address under unified addressing; asked, not assumed
+  C10_CUDA_CHECK(cudaHostGetDevicePointer(&d, host, 0));
+  if (cached) device_ptr[dev] = static_cast<DeviceIndexFault*>(d);
+  return static_cast<DeviceIndexFault*>(d);
+}
+
+void raise_recorded_fault() {
+  using namespace idxfault;
+  DeviceIndexFault* r = host_record.load();
+  if (r == nullptr) return;  // no kernel has had the record yet
+  volatile DeviceIndexFault* v = r;
+  if (v->state != 2ull) return;
+  std::atomic_thread_fence(std::memory_order_acquire);
+  const int64_t op = v->op, list = v->list, pos = v->pos, value = v->value, limit = v->limit;
+  v->state = 0ull;  // cleared: a later fault is reported by a later call
+  const bool adamw = op == kFaultAdamW;
+  TORCH_CHECK_INDEX(false, adamw ? "masked_adamw_" : "gather_accumulate_", ": indices[", list,
+                    "][", pos, "] = ", value, " is out of range for ",
+                    adamw ? "params[" : "dense[", list, "] with ", limit,
+                    " elements when the kernel read it, after it had passed the op's index "
+                    "check: another thread changed indices[", list,
+                    "] during that call. That position was skipped (the in-range ones were "
+                    "updated); do not write to index tensors while an op uses them. (On CUDA "
+                    "the kernel runs after its call returns, so this is raised by the next "
+                    "masked_adamw_ or gather_accumulate_ call, which changed nothing.)");
+  __builtin_unreachable();
 }
 
 }  // namespace cuda

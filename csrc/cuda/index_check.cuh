@@ -11,6 +11,16 @@
 // (raw pointers) are not seen. Inference tensors have no version counter: never cached.
 // When a tensor is bad, its error is rebuilt on the host from a copy by the CPU check
 // (csrc/cpu/index_checks.h), so the words are those of every backend.
+//
+// Checked before is not checked at use: between this check (or its cached facts) and the
+// kernel another thread may change an index (a torch write queued on the stream in between,
+// or a raw write). So the kernels also check each index where they read it (one compare,
+// in registers) and never dereference one out of range: they skip that position and the
+// first such one is noted in a process-wide record in mapped pinned host memory
+// (DeviceIndexFault below). Raising right after the kernel would need a host sync every
+// call, the very cost the cache avoids; so the record is read, without a sync, at the start
+// of the next masked_adamw_ / gather_accumulate_ call on CUDA, which raises the IndexError
+// (naming the op, tensor and position that faulted) before it changes anything.
 #pragma once
 #include <ATen/core/Tensor.h>
 
@@ -20,6 +30,47 @@
 
 namespace nto {
 namespace cuda {
+
+// --------------------------------------------------------------- indices changed at use
+
+enum FaultOp : int64_t { kFaultAdamW = 1, kFaultGather = 2 };
+
+struct DeviceIndexFault {
+  unsigned long long state;  // 0 empty, 1 being written, 2 complete
+  int64_t op;                // FaultOp
+  int64_t list;              // i of indices[i]
+  int64_t pos;               // position in indices[i]
+  int64_t value;             // the index as the kernel read it
+  int64_t limit;             // the size it had to be below
+};
+
+// The record's device address for the current device (allocated on first use).
+DeviceIndexFault* fault_record();
+
+// Raises the IndexError of a fault an earlier launch recorded (and clears it); no-op when
+// there is none. Reads pinned host memory: no sync.
+void raise_recorded_fault();
+
+// Device side: the first fault wins (later ones, and faults of later launches until the
+// record is read, are dropped: one error is reported).
+__device__ __forceinline__ void record_fault(DeviceIndexFault* f, int64_t op, int64_t list,
+                                             int64_t pos, int64_t value, int64_t limit) {
+  if (atomicCAS(&f->state, 0ull, 1ull) != 0ull) return;
+  f->op = op;
+  f->list = list;
+  f->pos = pos;
+  f->value = value;
+  f->limit = limit;
+  __threadfence_system();  // the fields are visible to the host before the state says so
+  *reinterpret_cast<volatile unsigned long long*>(&f->state) = 2ull;
+}
+
+// Index x is usable for a tensor of n elements: x < 0 wraps to a huge unsigned value.
+__device__ __forceinline__ bool index_in_range(int64_t x, int64_t n) {
+  return static_cast<uint64_t>(x) < static_cast<uint64_t>(n);
+}
+
+// ------------------------------------------------------------------ checks before launch
 
 struct IndexFacts {
   bool ok;       // every element >= 0 and strictly greater than the one before

@@ -9,7 +9,7 @@
 // host (that would sync every step): a tensor whose device step is < 1 or NaN is left
 // untouched (bit-identical) instead of raising as a CPU step does.
 // Index tensors are checked before any write (index_check.cuh: a host sync only the first
-// time a given index tensor is seen).
+// time a given index tensor is seen), and each position again where the kernel reads it.
 #include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
@@ -162,7 +162,9 @@ struct IndexedMeta {
   float* v[kTensors];
   const void* idx[kTensors];
   const void* step[kTensors];
-  int64_t n[kTensors];  // updated elements (state length)
+  int64_t n[kTensors];      // updated elements (state length)
+  int64_t limit[kTensors];  // param numel: positions must be below it
+  int32_t list[kTensors];   // the tensor's position in the op's lists (for the fault record)
   float nss[kTensors];
   float bc2[kTensors];
   int8_t code[kTensors];
@@ -172,9 +174,11 @@ struct IndexedMeta {
   int32_t block_chunk[kBlocks];
 };
 
+// Each position is read once and checked where it is used (index_check.cuh): one out of
+// range is skipped (p, g, m and v untouched there) and recorded, never dereferenced.
 template <typename P, typename G>
 __global__ void __launch_bounds__(kThreads)
-    indexed_kernel(IndexedMeta meta, AdamWScalars s, Hyper h) {
+    indexed_kernel(IndexedMeta meta, AdamWScalars s, Hyper h, DeviceIndexFault* fault) {
   const int slot = meta.block_slot[blockIdx.x];
   float nss, bc2;
   if (!tensor_step(meta.code[slot], meta.step[slot], meta.nss[slot], meta.bc2[slot], h, &nss,
@@ -191,25 +195,33 @@ __global__ void __launch_bounds__(kThreads)
   const G* __restrict__ g = static_cast<const G*>(meta.g[slot]) + (g_dense ? 0 : begin);
   float* __restrict__ m = meta.m[slot] + begin;
   float* __restrict__ v = meta.v[slot] + begin;
+  const int64_t limit = meta.limit[slot];
 
   for (int64_t j0 = threadIdx.x; j0 < len; j0 += static_cast<int64_t>(kThreads) * kIlp) {
     int64_t pos[kIlp];
     float pf[kIlp], gf[kIlp], mf[kIlp], vf[kIlp];
+    bool ok[kIlp];
 #pragma unroll
     for (int u = 0; u < kIlp; ++u) {
       const int64_t j = j0 + static_cast<int64_t>(u) * kThreads;
+      ok[u] = false;
       if (j < len) {
         pos[u] = mode == 1 ? static_cast<int64_t>(idx32[j]) : idx64[j];
-        pf[u] = to_float(p[pos[u]]);
-        gf[u] = to_float(g_dense ? g[pos[u]] : g[j]);
-        mf[u] = m[j];
-        vf[u] = v[j];
+        ok[u] = index_in_range(pos[u], limit);
+        if (ok[u]) {
+          pf[u] = to_float(p[pos[u]]);
+          gf[u] = to_float(g_dense ? g[pos[u]] : g[j]);
+          mf[u] = m[j];
+          vf[u] = v[j];
+        } else {
+          record_fault(fault, kFaultAdamW, meta.list[slot], begin + j, pos[u], limit);
+        }
       }
     }
 #pragma unroll
     for (int u = 0; u < kIlp; ++u) {
       const int64_t j = j0 + static_cast<int64_t>(u) * kThreads;
-      if (j >= len) continue;
+      if (!ok[u]) continue;
       adamw_update(pf[u], gf[u], mf[u], vf[u], s, nss, bc2);
       p[pos[u]] = from_float<P>(pf[u]);
       m[j] = mf[u];
@@ -260,6 +272,7 @@ void launch_indexed(const std::vector<Entry>& es, at::TensorList params, at::Ten
                     at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                     const std::vector<std::optional<at::Tensor>>& idx, const AdamWScalars& s,
                     const Hyper& h, cudaStream_t stream) {
+  DeviceIndexFault* fault = fault_record();
   std::vector<int64_t> lengths;
   for (const auto& e : es) lengths.push_back(exp_avgs[e.i].numel());
   multi_tensor_launch<IndexedMeta>(
@@ -273,6 +286,8 @@ void launch_indexed(const std::vector<Entry>& es, at::TensorList params, at::Ten
         meta.idx[slot] = idx[e.i]->const_data_ptr();
         meta.step[slot] = e.step;
         meta.n[slot] = lengths[k];
+        meta.limit[slot] = params[e.i].numel();
+        meta.list[slot] = static_cast<int32_t>(e.i);
         meta.nss[slot] = e.nss;
         meta.bc2[slot] = e.bc2;
         meta.code[slot] = e.code;
@@ -280,7 +295,7 @@ void launch_indexed(const std::vector<Entry>& es, at::TensorList params, at::Ten
         meta.g_dense[slot] = e.g_dense;
       },
       [&](const IndexedMeta& meta, int blocks) {
-        indexed_kernel<P, G><<<blocks, kThreads, 0, stream>>>(meta, s, h);
+        indexed_kernel<P, G><<<blocks, kThreads, 0, stream>>>(meta, s, h, fault);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
 }
@@ -348,6 +363,7 @@ void masked_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
   }
   const at::Device dev = params[0].device();
   check_on_cuda(kOp, "params", params[0]);
+  raise_recorded_fault();  // an earlier launch's (index_check.cuh), before anything changes
   c10::cuda::CUDAGuard guard(dev);
 
   // Values, entry by entry as the reference: the indices (one device check for all of them,
