@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import importlib.util
 import os
 import platform
@@ -338,8 +339,11 @@ def write_report(path: Path, results: dict[str, list], argv: list[str], seconds:
         f"- command: `python {' '.join(argv)}`",
         *(["- **diagnostic run** (`--peel-impl-kwargs`): AdamW's implementation kwargs were "
            "dropped before NTO saw them; not a result"] if "--peel-impl-kwargs" in argv else []),
-        f"- tests: `{torch_tests.name}` ({torch_tests.stat().st_size:,} bytes), PyTorch's "
-        "`test/test_optim.py`, kept outside this repository",
+        f"- tests: `{torch_tests.name}` ({torch_tests.stat().st_size:,} bytes, sha256 "
+        f"{hashlib.sha256(torch_tests.read_bytes()).hexdigest()[:16]}), PyTorch's "
+        "`test/test_optim.py` (the TestOptimRenewed generation with named-param state "
+        "dicts, which imports against torch 2.13's `common_optimizers`), kept outside this "
+        "repository",
         "- NTO's OptimizerInfo is AdamW's (configs default / lr / weight_decay / maximize / "
         "amsgrad, AdamW's error inputs, supported impls foreach / differentiable / fused, "
         "AdamW's decorators), less what is listed as left out below; the variant's own "

@@ -34,17 +34,12 @@ LR = 1e-2
 STEPS = 10
 
 # Features main does not have yet (flip these to plain tests when they land).
-XFAIL_DEEPCOPY = pytest.mark.xfail(
-    strict=True, reason="needs the deepcopy/pickle fix (Optimizer.__getstate__ keeps only "
-                        "defaults, state, param_groups: issue 16 item 10)")
 XFAIL_NONPARAM_STATE = pytest.mark.xfail(
     strict=True, reason="needs the state_dict pre-hook / non-param state key fix "
                         "(issue 16 item 10)")
 XFAIL_PY_STEP = pytest.mark.xfail(
     strict=True, reason="needs the fix for Python-number `step` values on load "
                         "(issue 16 item 10)")
-XFAIL_STRIDED = pytest.mark.xfail(
-    strict=True, reason="needs non-contiguous / channels_last params (issue 16 item 5)")
 XFAIL_ULP = pytest.mark.xfail(
     strict=True, reason="1-ulp differences from torch's fused CPU AdamW: exp_avg_sq of the "
                         "3-element bias (likely torch's scalar tail path), and with "
@@ -400,7 +395,8 @@ def test_load_state_with_python_number_steps(variant):
     sd = copy.deepcopy(o1.state_dict())
     for st in sd["state"].values():
         st["step"] = st["step"].item()
-    m2 = copy.deepcopy(m1)
+    m2 = make_model(seed=123)  # not deepcopy(m1): that copies NTO's requires_grad switches
+    m2.load_state_dict(m1.state_dict())
     o2 = nto(m2, variant)
     o2.load_state_dict(sd)
     train(m2, o2, data[5:])
@@ -408,7 +404,6 @@ def test_load_state_with_python_number_steps(variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@XFAIL_DEEPCOPY
 def test_deepcopy_then_step_equals_original(variant):
     model = make_model()
     opt = nto(model, variant)
@@ -426,7 +421,6 @@ def test_deepcopy_then_step_equals_original(variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@XFAIL_DEEPCOPY
 def test_deepcopy_of_the_optimizer_alone_steps(variant):
     """torch's test: `deepcopy(opt).step()` works (the copy owns copies of the params)."""
     model = make_model()
@@ -443,7 +437,6 @@ def test_deepcopy_of_the_optimizer_alone_steps(variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@XFAIL_DEEPCOPY
 def test_pickle_round_trip(variant):
     model = make_model()
     opt = nto(model, variant)
@@ -535,7 +528,6 @@ def strided_loss(params: list[torch.Tensor], step: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@XFAIL_STRIDED
 def test_non_contiguous_and_channels_last_params_equal_contiguous(variant):
     runs = {}
     for contiguous in (True, False):
