@@ -338,10 +338,27 @@ def _register_hook(p: torch.Tensor, hook: Callable[[torch.Tensor], None]) -> Any
         p.requires_grad_(False)
 
 
+# Set on a param while NTO has switched its requires_grad off. deepcopy / pickle of the
+# model carry it, so an NTO built over a copy of a model in training still sees the flag
+# the user set (True) instead of NTO's temporary False.
+_FROZEN_BY_NTO = "_nto_switched_off"
+
+
 def _user_flag(p: torch.Tensor) -> bool:
     """The requires_grad the user set on `p`: recorded by the NTO that owns it, if any."""
     owner = _OWNERS.get(p)
-    return owner.flag_of(p) if owner is not None else bool(p.requires_grad)
+    if owner is not None:
+        return owner.flag_of(p)
+    return bool(p.requires_grad) or bool(getattr(p, _FROZEN_BY_NTO, False))
+
+
+def _switch(p: torch.Tensor, on: bool) -> None:
+    """requires_grad as NTO sets it, with the marker that says it was NTO."""
+    p.requires_grad_(on)
+    if on:
+        p.__dict__.pop(_FROZEN_BY_NTO, None)
+    else:
+        setattr(p, _FROZEN_BY_NTO, True)
 
 
 class _ParamHandles:
@@ -385,6 +402,7 @@ class _ParamHandles:
         for p, flag in zip(self.params, self.flags):
             if p.requires_grad != flag:
                 p.requires_grad_(flag)
+            p.__dict__.pop(_FROZEN_BY_NTO, None)
             if _OWNERS.get(p) is self:
                 del _OWNERS[p]
 
@@ -876,8 +894,11 @@ class NTO(torch.optim.Optimizer):
         for i in owned:
             p = self._params[i]
             if i not in self._active:
-                if p.requires_grad and self._anchor is not None and i != self._anchor:
-                    p.requires_grad_(False)
+                if i == self._anchor:
+                    if not p.requires_grad:
+                        _switch(p, True)
+                elif p.requires_grad and self._anchor is not None:
+                    _switch(p, False)
                 p.grad = None
                 if p in self.state:
                     self._retire(i, p)
@@ -885,7 +906,7 @@ class NTO(torch.optim.Optimizer):
             p = self._params[i]
             if i in self._active:
                 if not p.requires_grad:
-                    p.requires_grad_(True)
+                    _switch(p, True)
                 if i in self._offloaded:
                     self._restore(i, p)
 

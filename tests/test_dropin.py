@@ -500,3 +500,19 @@ def test_add_param_group_under_sparse_grows_into_the_new_params():
         rep = opt.memory_report()
         assert rep["total_bytes"] <= rep["budget_bytes"]
     assert not same(before, [p for _, p in rest])
+
+
+def test_an_nto_over_a_pickled_copy_of_a_model_in_training_trains_every_weight():
+    """torch.save(model) / pickle carry NTO's marker with its temporary False flags.
+    (copy.deepcopy does not: Parameter.__deepcopy__ drops attributes; README.)"""
+    model = tiny_llama()
+    opt = NTO(model.named_parameters(), budget="20%")
+    train_step(model, opt, 0)
+    assert not all(p.requires_grad for p in model.parameters())
+    twin = pickle.loads(pickle.dumps(model))
+    opt2 = NTO(twin.named_parameters(), budget="100%")
+    assert len(opt2.policy.trainable) == len(list(twin.parameters()))
+    train_step(twin, opt2, 1)
+    del opt2
+    gc.collect()
+    assert all(p.requires_grad for p in twin.parameters())
