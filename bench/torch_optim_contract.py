@@ -80,20 +80,20 @@ CLASSIFICATION: dict[str, str] = {
                                       "hook writes optimizer.state['ran_...'])",
     "test_load_state_dict_pre_post_hook": "needs the fix for non-param keys in `opt.state`",
     "test_deepcopy_copies_all_public_attrs": "needs the deepcopy / pickle fix (lead)",
-    "test_state_dict_deterministic": "its last check appends param_groups to itself "
-                                     "(`optimizer_c.param_groups.extend(...)`, every param "
-                                     "twice) and calls state_dict(); NTO re-checks "
-                                     "param_groups and refuses. Everything before it (load, "
-                                     "10 steps in lockstep, equal state_dicts) passes. Fix: "
-                                     "let state_dict() pack repeated params as torch does "
-                                     "(#36831), or keep as design (NTO refuses duplicates)",
-    "test_step_pre_hook": "open: the test builds the optimizer on a tensor without "
-                          "requires_grad; NTO refuses ('nothing would train') where AdamW "
-                          "accepts and steps as a no-op. Fix: accept an all-frozen param set "
-                          "(no-op steps, as for frozen params under issue 16 item 1)",
-    "test_step_post_hook": "open: all params frozen (as test_step_pre_hook)",
-    "test_step_all_hooks": "open: all params frozen (as test_step_pre_hook)",
-    "test_step_is_noop_when_params_have_no_grad": "open: all params frozen (as "
+    "test_state_dict_deterministic": "design: its last check appends param_groups to "
+                                     "itself (`optimizer_c.param_groups.extend(...)`, every "
+                                     "param twice) and calls state_dict(); NTO refuses a "
+                                     "param listed twice (its state maps params by name and "
+                                     "index). Everything before it (load, 10 steps in "
+                                     "lockstep, equal state_dicts) passes",
+    "test_step_pre_hook": "design: the test builds the optimizer on a tensor without "
+                          "requires_grad and sets .grad by hand; NTO treats params with "
+                          "requires_grad=False at construction as the user's frozen params "
+                          "(issue 16 item 1: never trained, never counted), so nothing would "
+                          "train and NTO refuses with a ValueError saying so",
+    "test_step_post_hook": "design: all params frozen (as test_step_pre_hook)",
+    "test_step_all_hooks": "design: all params frozen (as test_step_pre_hook)",
+    "test_step_is_noop_when_params_have_no_grad": "design: all params frozen (as "
                                                   "test_step_pre_hook)",
     "test_can_load_older_state_dict": "needs old-state loading without the AdamW impl keys "
                                       "(foreach / fused / maximize / capturable / "

@@ -1368,6 +1368,8 @@ class NTO(torch.optim.Optimizer):
             ng["params"] = g["params"]
             if "param_names" in g:
                 ng["param_names"] = g["param_names"]
+            elif "param_names" in saved:  # as torch: names given on either side are kept
+                ng["param_names"] = list(saved["param_names"])
             new_groups.append(ng)
         return new_groups
 
