@@ -543,8 +543,12 @@ def save_optimizer_state(model: nn.Module, optimizer: Any, path: str) -> None:
     opt = nto_of(optimizer)
     params, fqns = _param_fqns(model, opt)
     sd = opt.state_dict()
+    extra = [k for k in sd["state"] if not isinstance(k, int)]
+    if extra:  # keys a user or hook put in opt.state: DCP keys the state by param name
+        log.warning("nto_ext: save_optimizer_state leaves out non-param keys of opt.state: %s",
+                    extra[:4])
     state = {fqns[i]: {k: _shard_like(v, params[i]) for k, v in st.items()}
-             for i, st in sd["state"].items()}
+             for i, st in sd["state"].items() if isinstance(i, int)}
     groups = [{**g, "params": [fqns[j] for j in g["params"]]} for g in sd["param_groups"]]
     dcp.save({_OPT_KEY: {"state": state, "param_groups": groups, "nto": sd["nto"]}},
              checkpoint_id=path)
