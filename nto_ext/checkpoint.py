@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
     """The local tensor of a DTensor (FSDP2 shards), else the tensor itself."""
     return getattr(t, "_local_tensor", t)
 
@@ -27,7 +27,7 @@ def is_index(k: object, n: int) -> bool:
     return isinstance(k, int) and not isinstance(k, bool) and 0 <= k < n
 
 
-def _is_real(v: object) -> bool:
+def is_real(v: object) -> bool:
     """A real number of any numeric type (int, float, numpy scalars...), not a bool."""
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
@@ -54,7 +54,7 @@ def _as_float(v: object) -> object:
         if v.numel() != 1 or v.device.type == "meta" or v.is_complex() or v.dtype == torch.bool:
             return v
         v = v.detach().cpu().reshape(()).item()
-    if not _is_real(v):
+    if not is_real(v):
         return v
     try:
         return float(v)  # type: ignore[arg-type]
@@ -97,7 +97,7 @@ def check_moment(where: str, key: str, v: object, shape: torch.Size) -> None:
     if not isinstance(v, torch.Tensor) or v.shape != shape:
         got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
         raise ValueError(f"{where}: {key} is {got}, expected shape {tuple(shape)}")
-    local = _local(v)
+    local = local_tensor(v)
     if local.dtype != torch.float32 or local.device.type == "meta" or not local.is_contiguous():
         raise ValueError(f"{where}: {key} is a {local.dtype} tensor on {local.device}"
                          f"{'' if local.is_contiguous() else ' (not contiguous)'}; expected "
@@ -109,7 +109,7 @@ def check_values(where: str, key: str, v: torch.Tensor, propagate: bool) -> None
     """Finite moments (NaN/Inf allowed only under nonfinite="propagate", as torch keeps
     them) and exp_avg_sq >= 0 (a negative one makes sqrt NaN at the next step). One
     min/max pass, no temporary the size of the tensor (NaN propagates through both)."""
-    local = _local(v)
+    local = local_tensor(v)
     if local.numel() == 0:
         return
     lo_t, hi_t = torch.aminmax(local)
@@ -134,7 +134,7 @@ def loaded_step(where: str, v: object) -> torch.Tensor:
                              f"{tuple(v.shape)} on {v.device}; expected a 1-element float "
                              "tensor or a number (as NTO.state_dict() saves it)")
         x = float(v.detach().cpu().reshape(()))
-    elif _is_real(v):
+    elif is_real(v):
         try:
             x = float(v)  # type: ignore[arg-type]
         except OverflowError:
@@ -159,12 +159,12 @@ class Storages:
     def __init__(self, owners: Iterable[tuple[str, torch.Tensor]]) -> None:
         self.ranges: dict[tuple[str, int], list[tuple[int, int, str]]] = defaultdict(list)
         for label, t in owners:
-            span = _span(_local(t))
+            span = _span(local_tensor(t))
             if span is not None:
                 self.ranges[span[0]].append((span[1], span[2], label))
 
     def claim(self, label: str, v: torch.Tensor) -> torch.Tensor:
-        local = _local(v)
+        local = local_tensor(v)
         span = _span(local)
         if span is None:
             return v
@@ -194,7 +194,7 @@ def adamw_entry(where: str, st: dict[str, Any], p: torch.Tensor, compact: bool,
                  ) -> dict[str, Any]:
     """One param's torch AdamW state as NTO keeps it: fp32 moments, a float32 step tensor
     (dense) or the compact state of every element (sparse at 100%)."""
-    local = _local(p)
+    local = local_tensor(p)
     moments = {}
     for key in ("exp_avg", "exp_avg_sq"):
         v = st.get(key)

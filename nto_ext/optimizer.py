@@ -56,7 +56,9 @@ from .checkpoint import (
     check_values,
     group_numbers,
     is_index,
+    is_real,
     loaded_step,
+    local_tensor,
 )
 from .policies import Policy, make_policy, validate_policy_args
 from .sparse import SparseEngine
@@ -79,9 +81,7 @@ _ANCHOR_CANDIDATES = 3
 # --------------------------------------------------------------------------- validation
 
 
-def _is_number(x: object) -> bool:
-    """A real number of any type (Python, numpy, ...), not a bool."""
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+_is_number = is_real  # a real number of any type (Python, numpy, ...), not a bool
 
 
 def _plain_number(x: object) -> object:
@@ -194,9 +194,7 @@ def _check_sparse_layout(policy: object, groups: list[dict[str, Any]]) -> None:
                                  "policy='block' / 'sample', which train strided params")
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The local tensor of a DTensor (FSDP2 shards), else the tensor itself."""
-    return getattr(t, "_local_tensor", t)
+_local = local_tensor  # the local shard of a DTensor (FSDP2), else the tensor itself
 
 
 def _normalize_groups(params: object) -> list[dict[str, Any]]:
