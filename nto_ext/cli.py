@@ -95,7 +95,15 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         p = _make_plan(args)
     except _user_errors() as e:
         return _fail("plan", e)
-    print(json.dumps(p.to_dict(), indent=2) if args.json else str(p))
+    if p.fit is None:
+        print(json.dumps(p.to_dict(), indent=2) if args.json else str(p))
+    elif args.json:
+        d = p.to_dict()
+        print(json.dumps({**d.pop("fit"), "plan": d}, indent=2))
+    else:
+        print(p.fit)
+        print(f"(nto plan --model {args.model} --budget {p.fit.budget_elements} shows what "
+              "trains in each period)")
     return 0
 
 
@@ -105,6 +113,7 @@ def _make_plan(args: argparse.Namespace):
 
     from . import data, plan
     from .demo import POLICIES, parse_budget
+    from .fit import check_fit_args
     from .planner import config_dtype
 
     if args.policy not in POLICIES:
@@ -112,7 +121,17 @@ def _make_plan(args: argparse.Namespace):
     if args.num_labels is not None and not 1 <= args.num_labels <= data.MAX_NUM_LABELS:
         raise ValueError(f"--num-labels {args.num_labels}; allowed: an int in "
                          f"[1, {data.MAX_NUM_LABELS:,}] (the classification head's size)")
-    budget = parse_budget(args.budget)
+    fit_args = {"activation_bytes": args.activation_bytes, "batch_size": args.batch_size,
+                "seq_len": args.seq_len}
+    if args.fit is None:
+        budget = parse_budget(args.budget)
+        given = [f"--{k.replace('_', '-')}" for k, v in fit_args.items() if v is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)}: used with --fit only (not --budget); "
+                             "pass --fit MEMORY (e.g. --fit 24GiB) or drop them")
+    else:
+        budget = None
+        check_fit_args(args.fit, **fit_args)
     _check_backend_env()
     src = data.resolve_model(args.model)
     config = data.load_config(src)
@@ -121,7 +140,8 @@ def _make_plan(args: argparse.Namespace):
     else:
         dtype, source = config_dtype(config)
     model = data.meta_model(config, num_labels=args.num_labels, dtype=dtype)
-    p = plan(model, budget, policy=args.policy, dtype=dtype)
+    fit = {} if args.fit is None else {"fit": args.fit, **fit_args}
+    p = plan(model, budget, policy=args.policy, dtype=dtype, **fit)
     p.dtype_source = source
     return p
 
@@ -178,11 +198,23 @@ def _add_plan(sub) -> None:
         description=(
             "Build the model on the meta device from its config (no weights are read) and "
             "show what NTO would train under --budget: groups, bytes per group, and NTO's "
-            "training-state memory against AdamW's and 8-bit AdamW's (computed)."))
+            "training-state memory against AdamW's and 8-bit AdamW's (computed). With "
+            "--fit MEMORY instead: the largest budget whose predicted peak fits MEMORY."))
     p.add_argument("--model", required=True, metavar="NAME_OR_PATH",
                    help="packaged model (minilm, smollm2), a local HF folder, or a .gguf file")
-    p.add_argument("--budget", required=True,
-                   help="'8GiB', '512MiB', '10%%', 0.1 or an element count")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--budget", help="'8GiB', '512MiB', '10%%', 0.1 or an element count")
+    what.add_argument("--fit", metavar="MEMORY",
+                      help="instead of --budget: the largest budget whose predicted peak "
+                           "(weights + training state + 5%% margin, + --activation-bytes "
+                           "when given) fits this memory, e.g. 24GiB")
+    p.add_argument("--activation-bytes", metavar="N", default=None,
+                   help="with --fit: your measured activation peak of one forward/backward "
+                        "(bytes or '3GiB'); without it activations are unknown, not counted")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="with --fit: the batch the activations are for (shown)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="with --fit: tokens per example the activations are for (shown)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                    help="parameter dtype (default: the config's torch_dtype, else fp32)")
     p.add_argument("--policy", default="block", help="block, sample or sparse (default: block)")

@@ -18,6 +18,7 @@ import torch
 
 from .blocks import ParamInfo, discover_blocks, group_label
 from .budget import FLOAT_DTYPES, format_bytes, parse_budget, state_bytes
+from .fit import Fit, check_fit_args, find_fit
 from .policies import ScheduledPolicy, SparsePolicy, make_policy, validate_policy_args
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -70,6 +71,7 @@ class Plan:
     transient_bytes: int = 0
     regrow_fraction: float | None = None
     dtype_source: str = ""  # where `dtype` came from: "dtype=", "config torch_dtype", ...
+    fit: Fit | None = None  # plan(..., fit=MEMORY): why this budget was chosen
 
     @property
     def largest_untrainable(self) -> str | None:
@@ -145,8 +147,10 @@ class Plan:
                 f"  trainable: any of the {self.total_elements:,} elements"]
 
 
-def plan(model_or_config: Any, budget: int | float | str, policy: str = "block",
-         dtype: torch.dtype | str | None = None, *, switch_every: int = 50,
+def plan(model_or_config: Any, budget: int | float | str | None = None, policy: str = "block",
+         dtype: torch.dtype | str | None = None, *, fit: int | str | None = None,
+         activation_bytes: int | str | None = None, batch_size: int | None = None,
+         seq_len: int | None = None, switch_every: int = 50,
          order: str = "ascending", seed: int = 0, always: tuple[str, ...] = (),
          sample_layers: int | None = None, task: str | None = None,
          regrow_fraction: float | None = None) -> Plan:
@@ -161,7 +165,21 @@ def plan(model_or_config: Any, budget: int | float | str, policy: str = "block",
     Without `dtype`, a module's parameters keep their dtypes, and a config (or folder) is
     planned in the dtype it names (`torch_dtype`, e.g. bfloat16; float32 when it names
     none); `Plan.dtype_source` says which.
+
+    fit="24GiB" (instead of `budget`): plan at the largest element budget whose predicted
+    peak (weights + training state + `activation_bytes` when given + a 5% margin) fits that
+    memory; `Plan.fit` says what was counted. Activations are not estimated: without
+    `activation_bytes` (your measured peak of one forward/backward at `batch_size` x
+    `seq_len`) they are reported as unknown and left out. ValueError if nothing fits.
     """
+    if (budget is None) == (fit is None):
+        raise ValueError(f"plan(): pass exactly one of budget= (what to train) or fit= (a "
+                         f"memory to fit in); got budget={budget!r}, fit={fit!r}")
+    if fit is None and (activation_bytes, batch_size, seq_len) != (None, None, None):
+        raise ValueError("plan(): activation_bytes, batch_size and seq_len apply with fit= "
+                         "only; pass fit='24GiB' (a memory) or drop them")
+    memory = check_fit_args(fit, activation_bytes, batch_size, seq_len) if fit is not None \
+        else None
     validate_policy_args(policy, switch_every=switch_every, order=order, seed=seed,
                          always=always, sample_layers=sample_layers,
                          regrow_fraction=regrow_fraction)
@@ -173,16 +191,26 @@ def plan(model_or_config: Any, budget: int | float | str, policy: str = "block",
     model = model_or_config if config is None else _meta_model(config, task)
     infos = _infos(model, want)
     total = sum(i.numel for i in infos)
-    b = parse_budget(budget, total)
-    pol = make_policy(policy, infos, b, switch_every=switch_every, order=order, seed=seed,
-                      always=tuple(always), sample_layers=sample_layers,
-                      regrow_fraction=regrow_fraction)
+
+    def make(b):
+        return make_policy(policy, infos, b, switch_every=switch_every, order=order,
+                           seed=seed, always=tuple(always), sample_layers=sample_layers,
+                           regrow_fraction=regrow_fraction)
+
+    found = None
+    if memory is not None:
+        dtypes = sorted({str(i.dtype).removeprefix("torch.") for i in infos})
+        found = find_fit(infos, policy, make, memory[0], memory[1], memory[2],
+                         "/".join(dtypes), batch_size, seq_len)
+        budget = found.budget_elements
+    pol = make(parse_budget(budget, total))
     if isinstance(pol, SparsePolicy):
         p = _build_sparse_plan(pol, infos, want)
     else:
         assert isinstance(pol, ScheduledPolicy)
         p = _build_plan(pol, infos, want)
     p.dtype_source = source
+    p.fit = found
     return p
 
 

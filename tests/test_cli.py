@@ -269,3 +269,42 @@ def test_plan_missing_folder(capsys, tmp_path):
     line = _one_line_error(_in_process(capsys, "plan", "--model", str(tmp_path), "--budget",
                                        "1GiB"), "plan")
     assert "has no config.json" in line
+
+
+def test_plan_fit_table_and_json(tmp_path, capsys):
+    folder = _tiny_llama(tmp_path)  # 28,832 fp32 elements: 115,328 bytes of weights
+    assert cli.main(["plan", "--model", folder, "--fit", "300000", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert (d["memory_bytes"], d["weights_bytes"]) == (300_000, 115_328)
+    assert d["activation_bytes"] is None and d["margin_bytes"] == 15_000
+    assert d["plan"]["budget"] == str(d["budget_elements"])
+    assert d["plan"]["nto_bytes"] == d["state_bytes"]
+    assert d["predicted_bytes"] == 115_328 + d["state_bytes"] + 15_000 <= 300_000
+    assert cli.main(["plan", "--model", folder, "--fit", "300000", "--activation-bytes",
+                     "50000", "--batch-size", "2", "--seq-len", "64", "--json"]) == 0
+    a = json.loads(capsys.readouterr().out)
+    assert a["activation_bytes"] == 50_000 and a["budget_elements"] < d["budget_elements"]
+    assert a["predicted_bytes"] == 115_328 + a["state_bytes"] + 50_000 + 15_000 <= 300_000
+    assert cli.main(["plan", "--model", folder, "--fit", "300000"]) == 0
+    table = capsys.readouterr().out
+    for needle in ("memory stated", "weights", "training state", "activations", "unknown",
+                   "NOT included", "margin", "headroom",
+                   f"budget: {d['budget_elements']:,} elements"):
+        assert needle in table
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--fit", "1GiB", "--budget", "10%"], "argument --budget: not allowed with argument --fit"),
+    (["--fit", "lots"], "fit='lots' is not a memory size; allowed: a byte size"),
+    (["--fit", "10%"], "fit='10%' is not a memory size"),
+    (["--fit", "100KiB"], "nothing fits under policy='block' (the weights alone exceed it); "
+                          "the smallest footprint is"),
+    (["--budget", "10%", "--seq-len", "64"], "--seq-len: used with --fit only"),
+    (["--fit", "1GiB", "--batch-size", "0"], "batch_size=0; allowed"),
+    (["--fit", "1GiB", "--activation-bytes", "many"], "activation_bytes='many'"),
+    ([], "one of the arguments --budget --fit is required"),
+])
+def test_plan_fit_bad_input_is_one_line(capsys, tmp_path, args, says):
+    line = _one_line_error(_in_process(capsys, "plan", "--model", _tiny_llama(tmp_path), *args),
+                           "plan")
+    assert says in line

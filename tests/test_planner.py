@@ -1,6 +1,8 @@
 """plan() on the meta device (nto_ext/planner.py)."""
 
 import json
+import math
+import time
 
 import pytest
 import torch
@@ -8,6 +10,7 @@ from tiny import (
     llama_config,
     one_thread,  # noqa: F401  (autouse fixture)
     tiny_llama,
+    train_step,
 )
 
 from nto_ext import NTO, Plan, plan
@@ -170,3 +173,123 @@ def test_plan_bad_input(args, kwargs, exc, msg):
     model = args[0] if args[0] is not None else llama_config()
     with pytest.raises(exc, match=msg):
         plan(model, args[1], **kwargs)
+
+
+# ------------------------------------------------------------------ plan(..., fit=MEMORY)
+
+WEIGHTS = N_ELEMENTS * 4  # the tiny Llama in fp32
+
+
+def _margin(memory: int) -> int:
+    return math.ceil(0.05 * memory)
+
+
+@pytest.mark.parametrize("memory,act", [("400KiB", None), ("400KiB", 30_000),
+                                        (240_000, None)])
+def test_fit_block_is_the_largest_budget_that_fits(memory, act):
+    f = plan(llama_config(), fit=memory, activation_bytes=act).fit
+    mem = f.memory_bytes
+    assert f.weights_bytes == WEIGHTS and f.margin_bytes == _margin(mem)
+    at = plan(llama_config(), f.budget_elements)  # the ordinary plan at the chosen budget
+    assert f.state_bytes == at.nto_bytes and f.transient_bytes == 0
+    assert f.predicted_bytes == WEIGHTS + at.nto_bytes + (act or 0) + _margin(mem) <= mem
+    assert f.headroom_bytes == mem - f.predicted_bytes >= 0
+    nxt = plan(llama_config(), f.budget_elements + 1)  # one element more: over the memory
+    assert WEIGHTS + nxt.nto_bytes + (act or 0) + _margin(mem) > mem
+    assert f.budget_percent == pytest.approx(100 * f.budget_elements / N_ELEMENTS)
+    assert ("activations unknown" in f.covers) == (act is None)
+
+
+def test_fit_a_small_memory_gives_a_small_budget_and_names_what_cannot_train():
+    f = plan(llama_config(), fit=230_000).fit
+    assert f.budget_elements < 4096  # smaller than the embedding / head: they cannot train
+    assert f.untrainable[:2] == ["model.embed_tokens.weight", "lm_head.weight"]
+    assert "cannot train at this budget (too large): model.embed_tokens.weight" in str(f)
+
+
+def test_fit_sparse_and_sample():
+    mem = 400 * 1024
+    f = plan(llama_config(), fit=mem, policy="sparse").fit
+    largest = 4096 * 4  # the embedding's fp32 dense gradient during backward
+    assert (f.state_bytes, f.transient_bytes) == (16 * f.budget_elements, largest)
+    assert WEIGHTS + 16 * f.budget_elements + largest + _margin(mem) <= mem
+    assert WEIGHTS + 16 * (f.budget_elements + 1) + largest + _margin(mem) > mem
+    s = plan(llama_config(), fit=mem, policy="sample")
+    # sample redraws its periods each cycle: the fit prices a bound over every cycle
+    assert s.nto_bytes <= s.fit.state_bytes and s.fit.predicted_bytes <= mem
+    assert s.fit.budget_elements <= plan(llama_config(), fit=mem).fit.budget_elements
+
+
+@pytest.mark.parametrize("policy", ["block", "sample", "sparse"])
+def test_fit_budget_measured_in_a_real_run(policy):
+    """NTO built with the chosen budget: measured state peak + weights within the memory."""
+    mem = 300_000
+    f = plan(tiny_llama(), fit=mem, policy=policy).fit
+    model = tiny_llama()
+    opt = NTO(model.named_parameters(), budget=f.budget_elements, policy=policy,
+              switch_every=2)
+    for step in range(12):  # several periods (and a regrowth for sparse)
+        train_step(model, opt, step)
+    rep = opt.memory_report()
+    assert rep["step"] == 12 and rep["weights_bytes"] == f.weights_bytes
+    assert rep["peak_total_bytes"] <= f.state_bytes
+    assert rep["transient_bytes"] <= f.transient_bytes
+    assert rep["peak_total_bytes"] + rep["transient_bytes"] + rep["weights_bytes"] <= mem
+    opt.remove_hooks()
+
+
+def test_fit_nothing_fits_names_the_smallest_footprint():
+    with pytest.raises(ValueError, match=r"fit='100KiB' \(100.00 KiB\): nothing fits under "
+                       r"policy='block' \(the weights alone exceed it\); the smallest "
+                       r"footprint is .* = weights 177.12 KiB \+ the smallest unit's training "
+                       r"state 388 B \(tensor '.*layernorm.weight', 32 elements\), plus the 5% "
+                       r"margin. State a memory of at least .* \(191,331 bytes\)"):
+        plan(llama_config(), fit="100KiB")
+    # the least memory named is exact: it fits, one byte less does not
+    f = plan(llama_config(), fit=191_331).fit
+    assert 32 <= f.budget_elements < 64 and f.state_bytes == 388  # one 32-element norm a period
+    with pytest.raises(ValueError, match=r"nothing fits under policy='block'; the smallest"):
+        plan(llama_config(), fit=191_330)  # weights fit; weights + one norm + margin do not
+    with pytest.raises(ValueError, match=r"nothing fits under policy='sparse'.*activations "
+                       r"1.00 MiB"):
+        plan(llama_config(), fit="1MiB", policy="sparse", activation_bytes="1MiB")
+
+
+@pytest.mark.parametrize("kwargs,exc,msg", [
+    ({"budget": "10%", "fit": "1GiB"}, ValueError, r"exactly one of budget= .* or fit="),
+    ({}, ValueError, r"exactly one of budget="),
+    ({"fit": "10%"}, ValueError, r"fit='10%' is not a memory size; allowed: a byte size"),
+    ({"fit": 0}, ValueError, r"fit=0; allowed"),
+    ({"fit": 2.5}, TypeError, r"fit=2.5 has type float"),
+    ({"budget": "10%", "seq_len": 128}, ValueError, r"apply with fit= only"),
+    ({"fit": "1GiB", "batch_size": 0}, ValueError, r"batch_size=0; allowed: None or an int"),
+    ({"fit": "1GiB", "activation_bytes": -1}, ValueError, r"activation_bytes=-1; allowed"),
+    ({"fit": "1GiB", "activation_bytes": "lots"}, ValueError, r"activation_bytes='lots'"),
+])
+def test_fit_bad_input(kwargs, exc, msg):
+    with pytest.raises(exc, match=msg):
+        plan(llama_config(), **kwargs)
+
+
+def _llama(hidden, mlp, layers, heads, kv, vocab):
+    import transformers
+
+    return transformers.LlamaConfig(hidden_size=hidden, intermediate_size=mlp,
+                                    num_hidden_layers=layers, num_attention_heads=heads,
+                                    num_key_value_heads=kv, vocab_size=vocab,
+                                    torch_dtype="bfloat16")
+
+
+@pytest.mark.parametrize("name,cfg,memory", [
+    ("7B", _llama(4096, 11008, 32, 32, 32, 32000), "24GiB"),
+    ("70B", _llama(8192, 28672, 80, 64, 8, 128256), "160GiB"),
+])
+@pytest.mark.parametrize("policy", ["block", "sparse"])
+def test_fit_7b_70b_in_seconds(name, cfg, memory, policy):
+    start = time.perf_counter()
+    f = plan(cfg, fit=memory, policy=policy, batch_size=1, seq_len=2048).fit
+    assert time.perf_counter() - start < 10
+    assert 0 < f.budget_elements < f.total_elements and f.dtype == "bfloat16"
+    assert f.weights_bytes == 2 * f.total_elements
+    assert f.predicted_bytes <= f.memory_bytes
+    assert "batch 1 x 2048 tokens" in str(f)
