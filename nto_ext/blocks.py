@@ -28,7 +28,6 @@ import torch
 _LAYER_RE = re.compile(r"^((?:.*?\.)?(?:layers|h|layer|block|blocks)\.(\d+))(?:\.|$)")
 _EMBED_NAMES = ("wte", "wpe", "embeddings", "shared")
 _HEAD_NAMES = ("lm_head", "classifier", "score")
-KINDS = ("embed", "layer", "head", "other", "param")
 # Kinds that are also the name of their one block: `always=` may name them on any model;
 # one the model lacks (a head tied into the embedding) is skipped, not an error.
 KIND_BLOCKS = ("embed", "head", "other")

@@ -76,6 +76,18 @@ def state_bytes(policy: str, numel: int, dtype: torch.dtype) -> int:
     return numel * bytes_per_element(policy, dtype) + tensor_overhead_bytes(policy)
 
 
+def storage_bytes(tensors: Iterable[object]) -> int:
+    """Bytes of the distinct storages behind `tensors` (views and aliases counted once; the
+    local shard of a DTensor; meta tensors and non-tensors count 0)."""
+    seen: dict[tuple[str, int], int] = {}
+    for t in tensors:
+        t = getattr(t, "_local_tensor", t)
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            st = t.untyped_storage()
+            seen[(str(t.device), st.data_ptr())] = st.nbytes()
+    return sum(seen.values())
+
+
 def format_bytes(n: float) -> str:
     """Human-readable binary size: 1536 -> '1.50 KiB'."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -110,9 +122,6 @@ class Budget:
         if self.kind == "elements":
             return f"{self.amount:,} elements"
         return f"{format_bytes(self.amount)} ({self.amount:,} bytes)"
-
-    def unit(self) -> str:
-        return "elements" if self.kind == "elements" else "bytes"
 
 
 def _bad(budget: object, why: str) -> ValueError:
