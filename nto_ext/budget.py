@@ -28,14 +28,13 @@ import math
 import numbers
 import operator
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-POLICIES = ("block", "sample", "sparse")
-STEP_BYTES = 4  # one fp32 scalar `step` per trainable tensor (dense policies)
+STEP_BYTES = 4  # one fp32 scalar `step` per tensor (torch AdamW)
 
 _BYTE_UNITS = {
     "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
@@ -51,29 +50,22 @@ _ALLOWED = ("an int (elements), a float in (0, 1] or 'N%' (share of all elements
             "or a byte size such as '512MiB', '2GB', '1.5GiB', '100KB'")
 
 
-def bytes_per_element(policy: str, dtype: torch.dtype) -> int:
-    """Device bytes of training state per trainable element (gradient + moments + index)."""
-    size = dtype.itemsize
-    if policy in ("block", "sample"):
-        return size + 8
-    if policy == "sparse":
-        return 4 + 8 + 4  # compact fp32 grad, two fp32 moments, int32 index
-    if policy == "adamw":
-        return 3 * size
-    if policy == "adamw8bit":
-        return size + 2
-    raise ValueError(f"memory model: unknown policy {policy!r}; allowed: block, sample, "
-                     "sparse, adamw, adamw8bit")
+def bytes_per_element(optimizer: str, dtype: torch.dtype) -> int:
+    """Device bytes of training state per element under the optimizers NTO is compared
+    with (NTO's own policies carry their memory model: `Policy.bytes_per_element`)."""
+    if optimizer == "adamw":
+        return 3 * dtype.itemsize  # gradient and two moments in the param's dtype
+    if optimizer == "adamw8bit":
+        return dtype.itemsize + 2
+    raise ValueError(f"memory model: unknown optimizer {optimizer!r}; allowed: adamw, "
+                     "adamw8bit (NTO's policies: nto_ext.policies.POLICIES[name])")
 
 
-def tensor_overhead_bytes(policy: str) -> int:
-    """Fixed bytes per trainable tensor on top of the per-element cost."""
-    return STEP_BYTES if policy in ("block", "sample", "adamw") else 0
-
-
-def state_bytes(policy: str, numel: int, dtype: torch.dtype) -> int:
-    """Training-state bytes of one fully trained tensor under `policy`."""
-    return numel * bytes_per_element(policy, dtype) + tensor_overhead_bytes(policy)
+def state_bytes(optimizer: str, numel: int, dtype: torch.dtype) -> int:
+    """Training-state bytes of one tensor under torch AdamW or 8-bit AdamW (AdamW also
+    keeps one fp32 `step` scalar per tensor)."""
+    return numel * bytes_per_element(optimizer, dtype) + (STEP_BYTES if optimizer == "adamw"
+                                                           else 0)
 
 
 def storage_bytes(tensors: Iterable[object]) -> int:
@@ -111,12 +103,14 @@ class Budget:
         return self.given[1:-1] if self.given[:1] in "'\"" and len(self.given) > 1 \
             else self.given
 
-    def cost(self, items: Iterable[tuple[int, torch.dtype]], policy: str) -> int:
-        """Cost of training the tensors `items` = [(numel, dtype), ...], in budget units."""
+    def cost(self, items: Iterable[tuple[int, torch.dtype]],
+             state_bytes: Callable[[int, torch.dtype], int]) -> int:
+        """Cost of training the tensors `items` = [(numel, dtype), ...], in budget units:
+        elements, or bytes by `state_bytes(numel, dtype)` (the policy's memory model)."""
         items = list(items)
         if self.kind == "elements":
             return sum(n for n, _ in items)
-        return sum(state_bytes(policy, n, d) for n, d in items)
+        return sum(state_bytes(n, d) for n, d in items)
 
     def describe(self) -> str:
         if self.kind == "elements":

@@ -27,10 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from . import data
+from .policies import POLICIES as _REGISTRY
 
 log = logging.getLogger(__name__)
 
-POLICIES = ("block", "sample", "sparse")
+POLICIES = tuple(_REGISTRY)  # the policy names, in the registry's order
 OPTIMIZERS = ("nto", "adamw")
 WEIGHT_DECAY = 0.01
 # per task: steps, batch size, max length (tokens), eval size (examples / LM blocks), and

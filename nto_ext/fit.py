@@ -23,11 +23,8 @@ from typing import Any
 from .blocks import ParamInfo
 from .budget import (
     Budget,
-    bytes_per_element,
     format_bytes,
     parse_budget,
-    state_bytes,
-    tensor_overhead_bytes,
 )
 from .policies import BlockPolicy, Policy, ScheduledPolicy, SparsePolicy
 
@@ -165,12 +162,12 @@ def state_peak(pol: Policy) -> tuple[int, int]:
     """
     infos = pol.infos
     if isinstance(pol, SparsePolicy):
-        return (state_bytes("sparse", pol.k, infos[0].dtype),
+        return (pol.state_bytes(pol.k, infos[0].dtype),
                 max(i.numel * i.dtype.itemsize for i in infos))
     assert isinstance(pol, ScheduledPolicy)
 
     def nbytes(params: Sequence[int]) -> int:
-        return sum(state_bytes(pol.name, infos[i].numel, infos[i].dtype) for i in params)
+        return sum(pol.state_bytes(infos[i].numel, infos[i].dtype) for i in params)
 
     fixed = nbytes([i for u in pol.always_units for i in u.params])
     if isinstance(pol, BlockPolicy):
@@ -179,9 +176,9 @@ def state_peak(pol: Policy) -> tuple[int, int]:
     switching = [i for u in pol.units for i in u.params]
     if not switching:
         return fixed, 0
-    bpe = max(bytes_per_element(pol.name, infos[i].dtype) for i in switching)
+    bpe = max(pol.bytes_per_element(infos[i].dtype) for i in switching)
     room = min(pol.capacity, sum(infos[i].numel for i in switching))
-    return fixed + room * bpe + len(switching) * tensor_overhead_bytes(pol.name), 0
+    return fixed + room * bpe + len(switching) * pol.tensor_overhead_bytes, 0
 
 
 def _elements_budget(n: int) -> Budget:
@@ -212,7 +209,7 @@ def find_fit(infos: list[ParamInfo], policy: str, make: Callable[[Budget], Polic
         raise _nothing_fits(small, lo, infos, memory, memory_text, weights, activation_bytes,
                             policy, make)
     if policy == "sparse":  # 16 B per element: closed form, no search needed
-        bpe = bytes_per_element("sparse", infos[0].dtype)
+        bpe = small.bytes_per_element(infos[0].dtype)
         best = min(total, (memory - base - state_peak(small)[1]) // bpe)
     else:
         best = _bisect(lo, total, lambda e: (p := built(e)) is not None and need(p) <= memory)

@@ -232,7 +232,7 @@ def config_dtype(config: Any) -> tuple[torch.dtype, str]:
 
 def _build_plan(pol: ScheduledPolicy, infos: list[ParamInfo], want: torch.dtype | None) -> Plan:
     def nto(params) -> int:
-        return sum(state_bytes(pol.name, infos[i].numel, infos[i].dtype) for i in params)
+        return sum(pol.state_bytes(infos[i].numel, infos[i].dtype) for i in params)
 
     def elems(params) -> int:
         return sum(infos[i].numel for i in params)
@@ -272,10 +272,10 @@ def _build_sparse_plan(pol: SparsePolicy, infos: list[ParamInfo],
         return sum(infos[i].numel for i in params)
 
     blocks = [PlanBlock(b.name, b.kind, len(b.params), elems(b.params),
-                        state_bytes("sparse", elems(b.params), torch.float32))
+                        pol.state_bytes(elems(b.params), torch.float32))
               for b in discover_blocks(infos)]
     k = pol.k
-    nto = state_bytes("sparse", k, torch.float32)
+    nto = pol.state_bytes(k, torch.float32)
     dtypes = sorted({str(i.dtype).removeprefix("torch.") for i in infos})
     total = elems(range(len(infos)))
     return Plan(

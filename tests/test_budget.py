@@ -15,6 +15,7 @@ from nto_ext.budget import (
     parse_budget,
     state_bytes,
 )
+from nto_ext.policies import POLICIES
 
 TOTAL = 45_344  # elements of the tiny Llama of the other tests
 
@@ -124,14 +125,16 @@ def test_memory_model_table():
     # (fp32 moments) + 4 (int32 index); step counts are per cohort, not per element.
     assert bytes_per_element("adamw", torch.float32) == 12
     assert bytes_per_element("adamw", torch.bfloat16) == 6
-    assert bytes_per_element("block", torch.float32) == 12
-    assert bytes_per_element("block", torch.bfloat16) == 10
-    assert bytes_per_element("sample", torch.float16) == 10
-    assert bytes_per_element("sparse", torch.float32) == 16
-    assert bytes_per_element("sparse", torch.bfloat16) == 16
+    assert POLICIES["block"].bytes_per_element(torch.float32) == 12
+    assert POLICIES["block"].bytes_per_element(torch.bfloat16) == 10
+    assert POLICIES["sample"].bytes_per_element(torch.float16) == 10
+    assert POLICIES["sparse"].bytes_per_element(torch.float32) == 16
+    assert POLICIES["sparse"].bytes_per_element(torch.bfloat16) == 16
     assert bytes_per_element("adamw8bit", torch.bfloat16) == 4
-    assert state_bytes("block", 10, torch.float32) == 120 + STEP_BYTES
-    with pytest.raises(ValueError, match="unknown policy 'lion'; allowed"):
+    assert POLICIES["block"].state_bytes(10, torch.float32) == 120 + STEP_BYTES
+    assert POLICIES["sparse"].state_bytes(10, torch.float32) == 160  # steps per cohort
+    assert state_bytes("adamw", 10, torch.float32) == 120 + STEP_BYTES
+    with pytest.raises(ValueError, match="unknown optimizer 'lion'; allowed"):
         bytes_per_element("lion", torch.float32)
 
 

@@ -56,9 +56,9 @@ def state_by_name(opt: NTO) -> dict:
     out = {}
     for p, st in opt.state.items():
         if isinstance(p, torch.Tensor):
-            out[opt._infos[opt._index[p]].name] = _copy(st)
-    for i, st in opt._offloaded.items():
-        out[("offloaded", opt._infos[i].name)] = _copy(st)
+            out[opt.table.infos[opt.table.index[p]].name] = _copy(st)
+    for i, st in opt.offloaded.items():
+        out[("offloaded", opt.table.infos[i].name)] = _copy(st)
     return out
 
 
@@ -76,8 +76,8 @@ def everything(opt: NTO, params: list) -> tuple:
     """All that a load could change."""
     groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
     return (snapshot(params), [p.requires_grad for p in params], state_by_name(opt),
-            opt.step_count, opt.skipped_steps, sorted(opt._active), opt._applied,
-            opt.policy.state_dict(), groups, sorted(opt._offloaded))
+            opt.step_count, opt.skipped_steps, sorted(opt.active_set),
+            opt.policy.state_dict(), groups, sorted(opt.offloaded))
 
 
 def assert_same(a: tuple, b: tuple) -> None:
@@ -476,17 +476,17 @@ def test_adamw_state_imports_at_a_partial_budget(mode, caplog):
     with caplog.at_level(logging.INFO, logger="nto_ext.optimizer"):
         opt.load_state_dict(sd)
     active = opt.policy.active(0)
-    assert {opt._index[p] for p in opt.state} == set(active)
+    assert {opt.table.index[p] for p in opt.state} == set(active)
     for p in opt.state:
-        i = opt._index[p]
+        i = opt.table.index[p]
         assert same([opt.state[p]["exp_avg"]], [sd["state"][i]["exp_avg"]])
     n_rest = len(named) - len(active)
     if mode == "offload":
-        assert sorted(opt._offloaded) == sorted(set(range(len(named))) - active)
+        assert sorted(opt.offloaded) == sorted(set(range(len(named))) - active)
         assert f"{len(active) + n_rest} params loaded ({n_rest} of them offloaded), 0 dropped" \
             in caplog.text
     else:
-        assert not opt._offloaded and f"dropped {n_rest}" not in caplog.text
+        assert not opt.offloaded and f"dropped {n_rest}" not in caplog.text
         assert f"{n_rest} dropped" in caplog.text
 
 
@@ -505,7 +505,7 @@ def test_adamw_state_imports_into_sparse_at_100_percent():
     opt = build(toy_params(), budget="100%", policy="sparse", state_on_switch="drop")
     opt.load_state_dict(sd)
     for p, st in opt.state.items():
-        i = opt._index[p]
+        i = opt.table.index[p]
         assert st["step"] == [3] and same([st["exp_avg"]], [sd["state"][i]["exp_avg"]])
 
 

@@ -191,7 +191,7 @@ def test_add_param_group_refusals_change_nothing():
         opt.add_param_group({"params": [named[6][1]]})
     with pytest.raises(ValueError, match="lr"):
         opt.add_param_group({"params": [named[6]], "lr": -1.0})
-    assert len(opt.param_groups) == 1 and len(opt._params) == 5
+    assert len(opt.param_groups) == 1 and len(opt.table.params) == 5
 
 
 # ----------------------------------------------------------------- 5: strided params

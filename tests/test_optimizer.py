@@ -251,8 +251,8 @@ def test_step_closure_and_zero_grad_modes():
     assert isinstance(loss, torch.Tensor) and loss.item() > 0
     model(input_ids=x, labels=x).loss.backward()
     opt.zero_grad(set_to_none=False)
-    for i, p in enumerate(opt._params):
-        if i in opt._active:
+    for i, p in enumerate(opt.table.params):
+        if i in opt.active_set:
             assert p.grad is not None and not p.grad.any()
         else:
             assert p.grad is None
@@ -293,9 +293,9 @@ def test_budget_holds_and_everything_trains(policy, budget):
         # measured inside step(), after the update and before a switch frees anything
         assert rep["peak_total_bytes"] <= rep["budget_bytes"], (step, rep)
         assert rep["trainable_elements"] <= rep["budget_elements"]
-        for i, p in enumerate(opt._params):
-            if i not in opt._active:  # the anchor keeps its flag (backward never fails)
-                assert p.grad is None and (not p.requires_grad or i == opt._anchor)
+        for i, p in enumerate(opt.table.params):
+            if i not in opt.active_set:  # the anchor keeps its flag (backward never fails)
+                assert p.grad is None and (not p.requires_grad or i == opt.anchor)
         opt.zero_grad()
         if step + 1 == cycle:
             changed_by_cycle_end = {i for i, (a, p) in enumerate(zip(before, model.parameters()))
@@ -370,7 +370,7 @@ def test_inactive_grads_dropped_before_first_step():
         assert p.requires_grad  # not applied yet
         assert (p.grad is not None) == (n in active)
     opt.step()  # applies the active set: all but the active and the anchor are frozen
-    anchor = opt._infos[opt._anchor].name
+    anchor = opt.table.infos[opt.anchor].name
     assert anchor == "model.norm.weight"  # the smallest of the params nearest the loss
     for n, p in model.named_parameters():
         assert p.requires_grad == (n in active or n == anchor)
@@ -418,23 +418,23 @@ def test_drop_frees_state_and_offload_restores_it_bit_exactly():
     model = tiny_llama()
     opt = NTO(model.named_parameters(), budget="10%", switch_every=1,
               state_on_switch="offload")
-    p0 = opt._params[0]  # embed: trains in period 0 of every cycle
+    p0 = opt.table.params[0]  # embed: trains in period 0 of every cycle
     train_step(model, opt, 0)
-    assert 0 in opt._offloaded and p0 not in opt.state
-    saved = {k: v.clone() for k, v in opt._offloaded[0].items()}
+    assert 0 in opt.offloaded and p0 not in opt.state
+    saved = {k: v.clone() for k, v in opt.offloaded[0].items()}
     rep = opt.memory_report()
     assert rep["offload_bytes"] == 4096 * 8 + 4
     n = len(opt.policy.groups)
     for step in range(1, n):
         train_step(model, opt, step)
-    assert 0 in opt._active and 0 not in opt._offloaded
+    assert 0 in opt.active_set and 0 not in opt.offloaded
     for k, v in saved.items():
         assert torch.equal(opt.state[p0][k], v)  # restored, not yet updated
     train_step(model, opt, n)  # trains, then is offloaded again
-    assert float(opt._offloaded[0]["step"]) == 2.0  # the count continues
+    assert float(opt.offloaded[0]["step"]) == 2.0  # the count continues
     drop = NTO(tiny_llama().named_parameters(), budget="10%", switch_every=1)
     train_step(model, drop, 0)
-    assert not drop._offloaded and drop.memory_report()["offload_bytes"] == 0
+    assert not drop.offloaded and drop.memory_report()["offload_bytes"] == 0
 
 
 # ----------------------------------------------------------------------- non-finite
@@ -449,13 +449,13 @@ def _nan_step(nonfinite, where="model.layers.0.self_attn.q_proj.weight"):
     dict(model.named_parameters())[where].grad[0, 0] = float("nan")
     params = [p.detach().clone() for p in model.parameters()]
     state = {i: {k: v.clone() for k, v in opt.state[p].items()}
-             for i, p in enumerate(opt._params)}
+             for i, p in enumerate(opt.table.params)}
     return model, opt, params, state
 
 
 def _unchanged(model, opt, params, state):
     assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
-    for i, p in enumerate(opt._params):
+    for i, p in enumerate(opt.table.params):
         for k, v in state[i].items():
             assert torch.equal(opt.state[p][k], v)
 
@@ -519,14 +519,14 @@ def test_state_dict_weights_only_and_dtypes_kept():
     opt2 = NTO(tiny_llama(dtype=torch.bfloat16).named_parameters(), budget="30%",
                switch_every=2, state_on_switch="offload")
     opt2.load_state_dict(sd)
-    for st in list(opt2.state.values()) + list(opt2._offloaded.values()):
+    for st in list(opt2.state.values()) + list(opt2.offloaded.values()):
         assert st["exp_avg"].dtype == st["exp_avg_sq"].dtype == torch.float32
         assert st["step"].dtype == torch.float32
     assert opt2.active() == opt.active() and opt2.step_count == 5
-    assert sorted(opt2._offloaded) == sorted(opt._offloaded)
-    for i, p in enumerate(opt._params):
+    assert sorted(opt2.offloaded) == sorted(opt.offloaded)
+    for i, p in enumerate(opt.table.params):
         for k, v in opt.state[p].items():
-            assert torch.equal(opt2.state[opt2._params[i]][k], v)
+            assert torch.equal(opt2.state[opt2.table.params[i]][k], v)
 
 
 def _fresh_sd_and_opt(**kw):

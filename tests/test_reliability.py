@@ -33,7 +33,7 @@ from tiny import batch, roundtrip, tiny_llama
 from toy import Layout, backward, same, snapshot, toy_params, train
 
 from nto_ext import NTO
-from nto_ext.budget import bytes_per_element, tensor_overhead_bytes
+from nto_ext.policies import POLICIES
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = settings(max_examples=12, deadline=None, derandomize=True, database=None,
@@ -81,7 +81,7 @@ def measured_bytes(opt: NTO) -> tuple[int, int]:
     """(device bytes of grads + state + indices, trainable elements), measured from the
     tensors themselves: every distinct storage behind a .grad or a state tensor."""
     seen, total = set(), 0
-    tensors = [p.grad for p in opt._params if p.grad is not None]
+    tensors = [p.grad for p in opt.table.params if p.grad is not None]
     tensors += [v for st_ in opt.state.values() for v in st_.values()
                 if isinstance(v, torch.Tensor)]
     for t in tensors:
@@ -90,7 +90,7 @@ def measured_bytes(opt: NTO) -> tuple[int, int]:
             seen.add((t.device, s.data_ptr()))
             total += s.nbytes()
     elements = 0
-    for p in opt._params:
+    for p in opt.table.params:
         st_ = opt.state.get(p) or {}
         if "indices" in st_:  # compact (sparse) state: the chosen elements only
             elements += st_["indices"].numel()
@@ -111,7 +111,7 @@ class BudgetWatch:
         self.limit_elements = opt.budget_elements() if opt.budget.kind == "elements" else None
         self.peak = 0
         self.points = 0
-        for p in opt._params if every_accumulation else ():
+        for p in opt.table.params if every_accumulation else ():
             # registered after NTO's own hook, so it runs after it; before the first step
             # every param still requires grad, so the registration is allowed
             p.register_post_accumulate_grad_hook(lambda _p: self.check("accumulate"))
@@ -162,8 +162,7 @@ def budget_runs(draw):
 
 def _budget_arg(kind: str, run: dict, named: list, policy: str):
     total = sum(p.numel() for _, p in named)
-    full = sum(p.numel() * bytes_per_element(policy, p.dtype) + tensor_overhead_bytes(policy)
-               for _, p in named)
+    full = sum(POLICIES[policy].state_bytes(p.numel(), p.dtype) for _, p in named)
     share = run["share"]
     if kind == "bytes":
         return (f"{max(1, int(share * full))}B" if run["unit"] == "B"
@@ -257,7 +256,7 @@ def _fault_run(nonfinite: str, where: str, value: float, *, dtype=torch.float32,
     opt = build(named, budget=80, switch_every=2, nonfinite=nonfinite,
                 state_on_switch="offload" if offload else "drop", lr=1e-2)
     train(opt, params, range(bad_step))
-    active = sorted(opt._active)
+    active = sorted(opt.active_set)
     target = active[-1] if where == "active" else [i for i in range(len(params))
                                                    if i not in active][-1]
     before = (snapshot(params), _state_by_index(opt), opt.step_count)
@@ -270,16 +269,17 @@ def _fault_run(nonfinite: str, where: str, value: float, *, dtype=torch.float32,
 
 def _state_by_index(opt: NTO) -> dict:
     """Every param's state by param index, wherever it lives (device or offloaded)."""
-    out = {opt._index[p]: {k: v.clone() for k, v in st_.items()} for p, st_ in opt.state.items()}
-    out.update({i: {k: v.clone() for k, v in st_.items()} for i, st_ in opt._offloaded.items()})
+    out = {opt.table.index[p]: {k: v.clone() for k, v in st_.items()}
+           for p, st_ in opt.state.items()}
+    out.update({i: {k: v.clone() for k, v in st_.items()} for i, st_ in opt.offloaded.items()})
     return out
 
 
 def _state_bits(opt: NTO) -> dict:
     out = {}
     for p, st_ in opt.state.items():
-        out[opt._index[p]] = {k: v.clone() for k, v in st_.items()}
-    for i, st_ in opt._offloaded.items():
+        out[opt.table.index[p]] = {k: v.clone() for k, v in st_.items()}
+    for i, st_ in opt.offloaded.items():
         out[("offloaded", i)] = {k: v.clone() for k, v in st_.items()}
     return out
 
@@ -336,7 +336,7 @@ def test_nonfinite_skip_changes_nothing_and_training_goes_on(value, dtype, offlo
     opt.zero_grad()
     train(opt, params, range(4, 8))
     assert all(torch.isfinite(p).all() for p in params)
-    for st_ in list(opt.state.values()) + list(opt._offloaded.values()):
+    for st_ in list(opt.state.values()) + list(opt.offloaded.values()):
         assert all(torch.isfinite(v).all() for v in st_.values())
     assert not same(params, p0)
 
@@ -624,7 +624,7 @@ def _everything(opt: NTO, params: list[torch.Tensor]) -> tuple:
     groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
     return (snapshot(params), [p.grad is None for p in params],
             [p.requires_grad for p in params], _state_bits(opt), opt.step_count,
-            opt.skipped_steps, sorted(opt._active), opt._applied, opt.policy.state_dict(),
+            opt.skipped_steps, sorted(opt.active_set), opt.policy.state_dict(),
             groups)
 
 
@@ -736,9 +736,9 @@ def test_a_new_optimizer_over_the_same_model_gets_every_gradient(policy):
     assert all(p.grad is not None for p in params[:-1]) and params[-1].grad is None
     assert all(not p._post_accumulate_grad_hooks for p in params)
     opt = build(toy_params(), budget=80, switch_every=1)
-    train(opt, opt._params, range(2))
+    train(opt, opt.table.params, range(2))
     opt.remove_hooks()
-    assert all(p.requires_grad for p in opt._params)
+    assert all(p.requires_grad for p in opt.table.params)
 
 
 # --------------------------------------------------------------------------- determinism

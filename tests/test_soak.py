@@ -65,10 +65,10 @@ class Record:
         key. An int, not the tuple: the record must not add gc-tracked objects per step
         and skew the object count it checks."""
         layout = tuple(sorted(
-            (opt._index[p], tuple(sorted((k, v.numel()) for k, v in st_.items()
+            (opt.table.index[p], tuple(sorted((k, v.numel()) for k, v in st_.items()
                                          if isinstance(v, torch.Tensor))))
             for p, st_ in opt.state.items()))
-        return hash((opt._active, layout))
+        return hash((opt.active_set, layout))
 
 
 def _build(named, kw) -> NTO:
@@ -101,7 +101,7 @@ def soak(steps: int, kw: dict, resume_at: int | None = None, sample_every: int =
             opt = _build(named, kw)
             opt.load_state_dict(sd)
         # NaN in the grad of an active param (one group: param index = position in params)
-        poison = {min(opt._active): float("nan")} if step % POISON_EVERY == 50 else None
+        poison = {min(opt.active_set): float("nan")} if step % POISON_EVERY == 50 else None
         backward(params, step, 0)
         backward(params, step, 1, poison=poison)
         opt.reset_peak()
@@ -157,11 +157,11 @@ def check_flat(opt: NTO, rec: Record, steps: int) -> dict:
     first, last = after[0], after[-1]
     tensors = [s[1] for s in after]
     hooks = {s[3] for s in rec.samples}
-    assert hooks == {len(opt._params)}, hooks  # one NTO hook per param, never more
+    assert hooks == {len(opt.table.params)}, hooks  # one NTO hook per param, never more
     # live tensors: every trainable param keeps step/exp_avg/exp_avg_sq, on the device or
     # offloaded, and grads are zeroed when sampled: the count is constant
     assert len(set(tensors)) == 1 or opt.state_on_switch == "drop", tensors
-    assert max(tensors) <= tensors[0] + 3 * len(opt._params), tensors
+    assert max(tensors) <= tensors[0] + 3 * len(opt.table.params), tensors
     # gc objects: no steady growth (allowance: pytest keeps the log record of each skipped
     # step, and a few one-time caches)
     assert last[2] - first[2] < 300, (first, last)

@@ -1,4 +1,4 @@
-"""policy="sparse" (nto_ext/sparse.py, policies.SparsePolicy): the memory bound, AdamW at
+"""policy="sparse" (nto_ext/policies/sparse.py): the memory bound, AdamW at
 K = every element, exact gradient accumulation, the scoring rule, regrowth carrying
 moments bit for bit, state_dict, bad inputs and the plan. Fresh-process resume is in
 test_resume.py."""
@@ -18,7 +18,7 @@ from tiny import (
 )
 
 from nto_ext import NTO, ops, plan
-from nto_ext.budget import bytes_per_element
+from nto_ext.policies import SparsePolicy
 
 N_ELEMENTS = 45_344
 LARGEST_DENSE = 4096 * 4  # the tiny Llama's embedding / LM head gradient, fp32 bytes
@@ -32,9 +32,9 @@ def sparse(model, **kw) -> NTO:
 def measured(opt: NTO) -> int:
     """grad + state + index bytes from the tensors themselves: dense .grad, the compact
     gradients and scoring candidates, every state tensor; each storage once."""
-    tensors = [p.grad for p in opt._params if p.grad is not None]
-    tensors += list(opt._sparse.compact.values())
-    tensors += [t for lst in opt._sparse.cands.values() for c in lst for t in c]
+    tensors = [p.grad for p in opt.table.params if p.grad is not None]
+    tensors += list(opt.updater.compact.values())
+    tensors += [t for lst in opt.updater.cands.values() for c in lst for t in c]
     tensors += [v for st in opt.state.values() for v in st.values()
                 if isinstance(v, torch.Tensor)]
     seen, total = set(), 0
@@ -48,7 +48,7 @@ def measured(opt: NTO) -> int:
 
 def chosen(opt: NTO) -> dict[int, torch.Tensor]:
     """Chosen positions by param index, sorted (state keeps them in cohorts)."""
-    return {opt._index[p]: st["indices"].sort().values for p, st in opt.state.items() if st}
+    return {opt.table.index[p]: st["indices"].sort().values for p, st in opt.state.items() if st}
 
 
 def element_steps(st) -> torch.Tensor:
@@ -74,7 +74,7 @@ def test_state_layout_is_cohorts_of_sorted_positions():
             start += n
         cohorts += len(st["step"])
     assert cohorts > len(opt.state)  # regrowths made new cohorts
-    assert opt.memory_report()["state_bytes"] == 8 * opt._sparse.count()
+    assert opt.memory_report()["state_bytes"] == 8 * opt.updater.count()
 
 
 # ----------------------------------------------------------------------- memory bound
@@ -106,7 +106,7 @@ def test_memory_within_budget_plus_one_dense_gradient_at_every_point(budget, k):
         assert rep["total_bytes"] == measured(opt) <= limit
         assert rep["peak_total_bytes"] <= limit  # the step's peak, candidates included
         assert rep["transient_bytes"] <= 2 * LARGEST_DENSE
-        assert rep["trainable_elements"] == opt._sparse.count() <= k
+        assert rep["trainable_elements"] == opt.updater.count() <= k
         # K chosen after every step but the one before a regrowth (slots freed for it)
         want = k - opt.policy.regrow if (step + 1) % 3 == 0 else k
         assert rep["trainable_elements"] == want, (step, rep["trainable_elements"], want)
@@ -123,10 +123,10 @@ def test_dense_gradients_are_freed_in_backward_and_inactive_params_frozen():
         model(input_ids=x, labels=x).loss.backward()
         assert all(p.grad is None for p in model.parameters())  # compact copies only
         scoring = step % 4 == 0
-        holding = {opt._index[p] for p, st in opt.state.items() if st}
-        for i, p in enumerate(opt._params):
-            assert p.requires_grad == (scoring or i in holding or i == opt._anchor), (step, i)
-        assert (opt._sparse.cands != {}) == scoring
+        holding = {opt.table.index[p] for p, st in opt.state.items() if st}
+        for i, p in enumerate(opt.table.params):
+            assert p.requires_grad == (scoring or i in holding or i == opt.anchor), (step, i)
+        assert (opt.updater.cands != {}) == scoring
         opt.step()
         opt.zero_grad()
     assert opt.memory_report()["transient_bytes"] == LARGEST_DENSE
@@ -243,7 +243,7 @@ def test_regrowth_drops_the_weakest_and_grows_the_top_free_gradients():
         new = set(after.get(i, old).tolist()) - set(old.tolist())
         assert new == set(grown[i].tolist()), i
     for p, st in opt.state.items():  # kept elements were updated at step 2, grown ones not
-        i = opt._index[p]
+        i = opt.table.index[p]
         is_new = torch.isin(st["indices"], grown[i])
         steps = element_steps(st)
         assert bool((steps[is_new] == 0).all()) and bool((steps[~is_new] == 2).all())
@@ -257,17 +257,17 @@ def test_dropped_elements_are_the_weakest_by_update_size():
     for step in range(2):
         train_step(model, opt, step)
     sizes = {}
-    update = opt._sparse.update
+    update = opt.updater.update
 
     def spy():  # runs inside step(), after the update and before the drop
         update()
         for p, st in opt.state.items():
             m, v, t = st["exp_avg"].double(), st["exp_avg_sq"].double(), element_steps(st).double()
             size = (m / (1 - 0.9**t)).abs() / ((v / (1 - 0.999**t)).sqrt() + 1e-8)
-            sizes.update({(opt._index[p], int(j)): float(s)
+            sizes.update({(opt.table.index[p], int(j)): float(s)
                           for j, s in zip(st["indices"], size)})
 
-    opt._sparse.update = spy
+    opt.updater.update = spy
     train_step(model, opt, 2)
     after = {(i, int(j)) for i, t in chosen(opt).items() for j in t}
     dropped = set(sizes) - after
@@ -281,7 +281,7 @@ def test_regrowth_carries_kept_moments_bit_identically():
     gone."""
     model = tiny_llama()
     opt = sparse(model, budget="10%", switch_every=2)
-    engine = opt._sparse
+    engine = opt.updater
     events = []
 
     def snapshot():
@@ -289,7 +289,7 @@ def test_regrowth_carries_kept_moments_bit_identically():
         for p, st in opt.state.items():
             rows = zip(st["indices"].tolist(), st["exp_avg"].view(torch.int32).tolist(),
                        st["exp_avg_sq"].view(torch.int32).tolist(), element_steps(st).tolist())
-            out.update({(opt._index[p], j): rest for j, *rest in rows})
+            out.update({(opt.table.index[p], j): rest for j, *rest in rows})
         return out
 
     def spied(fn):
@@ -338,7 +338,7 @@ def test_nan_on_a_scoring_step_skips_the_update_but_regrows():
     for step in range(2):
         train_step(model, opt, step)
     before = [p.detach().clone() for p in model.parameters()]
-    n_before = opt._sparse.count()
+    n_before = opt.updater.count()
     handle = model.model.embed_tokens.weight.register_hook(lambda g: g * float("nan"))
     x = batch(2)
     model(input_ids=x, labels=x).loss.backward()
@@ -347,8 +347,9 @@ def test_nan_on_a_scoring_step_skips_the_update_but_regrows():
     opt.zero_grad()
     assert opt.skipped_steps == 1 and math.isnan(opt.last_grad_norm)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    assert opt._sparse.count() == opt.policy.k > n_before
-    assert 0 not in chosen(opt) or bool(torch.isfinite(opt.state[opt._params[0]]["exp_avg"]).all())
+    assert opt.updater.count() == opt.policy.k > n_before
+    first = opt.table.params[0]
+    assert 0 not in chosen(opt) or bool(torch.isfinite(opt.state[first]["exp_avg"]).all())
     for step in range(3, 6):
         train_step(model, opt, step)
     assert opt.skipped_steps == 1 and all(torch.isfinite(p).all() for p in model.parameters())
@@ -367,10 +368,10 @@ def test_a_first_step_without_gradients_scores_again_at_the_next():
     model = tiny_llama()
     opt = sparse(model, budget="1%", switch_every=50)
     opt.step()
-    assert opt._sparse.count() == 0 and opt.policy.is_scoring(1)
+    assert opt.updater.count() == 0 and opt.policy.is_scoring(1)
     assert all(p.requires_grad for p in model.parameters())
     train_step(model, opt, 1)
-    assert opt._sparse.count() == 453 and not opt.policy.is_scoring(2)
+    assert opt.updater.count() == 453 and not opt.policy.is_scoring(2)
 
 
 def test_bf16_params_and_param_groups():
@@ -440,8 +441,8 @@ def test_load_refuses_foreign_or_edited_sparse_state():
 
 
 BAD = [
-    ({"state_on_switch": "offload"}, r"state_on_switch='offload' applies to policy='block' "
-     r"and 'sample'.*allowed here: 'drop'"),
+    ({"state_on_switch": "offload"}, r"state_on_switch='offload' does not apply to "
+     r"policy='sparse' \(it carries the moments.*allowed here: 'drop'"),
     ({"always": ("embed",)}, r"always=\('embed',\) applies to policy='block' and 'sample'"),
     ({"regrow_fraction": 0.5}, r"regrow_fraction=0.5; allowed: None \(0.1\) or a number in "
      r"\[0, 0.25\]"),
@@ -463,7 +464,7 @@ def test_bad_inputs(kw, msg):
 def test_byte_budget_and_static_selection():
     model = tiny_llama()
     opt = sparse(model, budget="40KiB", switch_every=1, regrow_fraction=0)
-    assert opt.policy.k == 40 * 1024 // bytes_per_element("sparse", torch.float32)
+    assert opt.policy.k == 40 * 1024 // SparsePolicy.bytes_per_element(torch.float32)
     train_step(model, opt, 0)
     first = chosen(opt)
     for step in range(1, 4):

@@ -1,8 +1,9 @@
-"""The sparse policy inside NTO: compact gradients, scoring, drop and regrowth.
+"""policy="sparse" (SpIEL-style): K individual elements anywhere, chosen as a global top-K
+by gradient score, with compact state and periodic drop-and-regrow.
 
-`policies.SparsePolicy` says which steps score every gradient and how many elements to
-hold (K) and to regrow; `SparseEngine` does it on the optimizer's tensors. `NTO` calls it
-from its gradient hook (`on_grad`), its update (`update`) and its schedule (`advance`).
+`SparsePolicy` says which steps score every gradient and how many elements to hold (K)
+and to regrow; `SparseUpdater` does it on the optimizer's tensors, called from NTO's
+gradient hook (`on_grad`), its update (`update`) and its schedule (`advance`).
 
 State of a param that holds chosen elements (in `NTO.state[param]`, torch's key names):
   indices     int32 [L] (int64 past 2**31-1 elements): flat positions, in cohorts (the
@@ -61,23 +62,26 @@ Limits: one device for all params (the top-K is global); DTensor params (FSDP2) 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections import defaultdict
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
-from . import ops
-from .checkpoint import MAX_STEP
-
-if TYPE_CHECKING:
-    from .optimizer import NTO
-    from .policies import SparsePolicy
+from .. import ops
+from ..args import check_grad_layout
+from ..blocks import ParamInfo
+from ..budget import Budget
+from ..checkpoint import MAX_STEP, Storages, adamw_entry, check_values
+from ..formats.fp32 import MOMENTS
+from .base import Config, Host, Policy, Updater, measure
 
 log = logging.getLogger(__name__)
 
-ROWS = ("exp_avg", "exp_avg_sq")  # one fp32 value per chosen element
+ROWS = MOMENTS  # one fp32 value per chosen element
 STATE_KEYS = ("indices", *ROWS, "step", "sizes")  # a param's compact state, nothing else
 _FILL_CHUNK = 1 << 20  # positions masked per indexing call (bounds its int64 temporary)
 _SMALL = 1 << 16  # tensors this small take every free element without a selection
@@ -205,30 +209,52 @@ class _Pool:
         return [t for lst in self.chunks.values() for c in lst for t in c]
 
 
-class SparseEngine:
+# Largest share of the chosen elements one regrowth replaces. The drop keeps its weakest
+# candidates (8 B each, up to 2x the count) in the compact gradients' room (4 B per chosen
+# element, free between steps): 16 * fraction <= 4 keeps the drop inside the budget.
+MAX_REGROW_FRACTION = 0.25
+DEFAULT_REGROW_FRACTION = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseConfig(Config):
+    regrow_fraction: float | None = None  # None: DEFAULT_REGROW_FRACTION
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        r = self.regrow_fraction
+        if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float))
+                              or not 0.0 <= r <= MAX_REGROW_FRACTION):
+            raise ValueError(f"regrow_fraction={r!r}; allowed: None (0.1) or a number in [0, "
+                             f"{MAX_REGROW_FRACTION}] (share of the chosen elements replaced "
+                             "at each regrowth; 0 keeps the first choice)")
+
+
+class SparseUpdater(Updater):
     """Compact gradients, scoring, drop and regrowth of `NTO(policy="sparse")`."""
 
-    def __init__(self, opt: NTO) -> None:
-        self.opt = opt
-        self.policy: SparsePolicy = opt.policy  # type: ignore[assignment]
+    index_keys = ("indices",)
+
+    def __init__(self, host: Host, policy: Policy) -> None:
+        super().__init__(host, policy)
+        self.policy: SparsePolicy = policy  # type: ignore[assignment]
         self.compact: dict[int, torch.Tensor] = {}  # param index -> fp32 [L] gradient
         self.compact_bytes = 0
         self.pool: _Pool | None = None  # scoring: candidate positions, summed gradients
         self.bad: int | None = None  # first param with NaN/Inf in a scored dense gradient
         self.dense_bytes = 0  # largest dense gradient handed to the hook
         self.temp_bytes = 0  # largest temporary of a drop / regrowth
-        self.peak = 0  # largest grad + state + index measured in hooks and regrowth
         self._want = (-1, 0)  # (step, elements to grow at that step)
         self._base: tuple[int, int] | None = None  # (step, state + index bytes) in backward
 
     # ------------------------------------------------------------------ bookkeeping
     def _state(self, p: torch.Tensor) -> dict[str, Any] | None:
-        st = self.opt.state.get(p)
+        st = self.host.state.get(p)
         return st if st and "indices" in st else None
 
     def count(self) -> int:
         """Chosen elements now."""
-        return sum(st["indices"].numel() for st in self.opt.state.values()
+        return sum(st["indices"].numel() for st in self.host.state.values()
                    if isinstance(st, dict) and "indices" in st)
 
     def trainable_elements(self) -> int:
@@ -263,22 +289,22 @@ class SparseEngine:
         self.compact_bytes = 0
 
     def _note_peak(self) -> None:
-        self.peak = max(self.peak, sum(self.opt._measure()))
+        self.peak = max(self.peak, sum(measure(self.host, self)))
 
     def _note_peak_in_backward(self) -> None:
         """As _note_peak, from counters: state does not change during backward, and the
         dense gradients are freed by the time this runs (one measure per step, not per
         tensor)."""
-        step = self.opt._step
+        step = self.host.step_count
         if self._base is None or self._base[0] != step:
-            self._base = (step, sum(self.opt._measure()) - self.compact_bytes
+            self._base = (step, sum(measure(self.host, self)) - self.compact_bytes
                           - (self.pool.nbytes if self.pool else 0))
         total = self._base[1] + self.compact_bytes + (self.pool.nbytes if self.pool else 0)
         self.peak = max(self.peak, total)
 
     def want(self) -> int:
         """Elements to grow at the current step (K minus the chosen count)."""
-        step = self.opt._step
+        step = self.host.step_count
         if self._want[0] != step:
             self._want = (step, max(0, self.policy.k - self.count()))
         return self._want[1]
@@ -287,7 +313,7 @@ class SparseEngine:
         """K = every element: the whole param is chosen, state made at its first use."""
         n = p.numel()
         st = _new_state(torch.arange(n, dtype=_index_dtype(n), device=p.device))
-        self.opt.state[p] = st
+        self.host.state[p] = st
         return st
 
     def init_state(self) -> None:
@@ -295,7 +321,7 @@ class SparseEngine:
         exists exactly for the chosen elements already."""
         if self.policy.dense:
             for i in self.policy.trainable:
-                p = self.opt._params[i]
+                p = self.host.table.params[i]
                 if self._state(p) is None:
                     self._dense_state(p)
 
@@ -308,8 +334,8 @@ class SparseEngine:
             return
         if hasattr(p, "device_mesh") or hasattr(g, "device_mesh"):
             raise NotImplementedError(
-                f"{self.opt._label(i)} is a DTensor (FSDP2): policy='sparse' does not support "
-                "sharded params yet; use policy='block' or 'sample' with FSDP2")
+                f"{self.host.table.label(i)} is a DTensor (FSDP2): policy='sparse' does not "
+                "support sharded params yet; use policy='block' or 'sample' with FSDP2")
         self.dense_bytes = max(self.dense_bytes, _nbytes(g))
         with torch.no_grad():
             scored = self._fold(i, p, g.reshape(-1))
@@ -331,7 +357,7 @@ class SparseEngine:
             bounds = _cohorts(st)  # the op takes sorted positions: one entry per cohort
             ops.gather_accumulate_([flat] * len(bounds), [st["indices"][a:b] for a, b, _ in bounds],
                                    [buf[a:b] for a, b, _ in bounds])
-        if not self.policy.is_scoring(self.opt._step):
+        if not self.policy.is_scoring(self.host.step_count):
             return False
         self._score(i, flat, st)
         return True
@@ -374,21 +400,24 @@ class SparseEngine:
 
     # ------------------------------------------------------------------ step()
     def update(self) -> None:
-        """NTO._update for sparse: AdamW on the chosen elements with their compact
+        """AdamW on the chosen elements with their compact
         gradients (non-finite check and clipping over them), then, on a scoring step,
         the regrowth. Compact gradients are used up."""
-        opt = self.opt
-        for i, p in enumerate(opt._params):  # gradients written outside a backward
+        host = self.host
+        table = host.table
+        for i, p in enumerate(table.params):  # gradients written outside a backward
             if p.grad is not None:
-                if i in opt._active:
-                    opt._on_grad(i, p)
+                if i in host.active_set:
+                    check_grad_layout(table.label(i), p.grad)
+                    self.on_grad(i, p)
                 else:
                     p.grad = None
-        scoring = self.policy.is_scoring(opt._step)
-        entries = [(gi, opt._index[p], p, self.compact[opt._index[p]])
-                   for gi, group in enumerate(opt.param_groups) for p in group["params"]
-                   if opt._index[p] in self.compact]
-        if self._scores_finite() and entries and opt._check_grads(entries):
+        scoring = self.policy.is_scoring(host.step_count)
+        entries = [(gi, table.index[p], p, self.compact[table.index[p]])
+                   for gi, group in enumerate(host.param_groups) for p in group["params"]
+                   if table.index[p] in self.compact]
+        if self._scores_finite() and entries and host.guard.check(entries, table,
+                                                                   host.step_count):
             self._adamw(entries)
         if scoring and self.pool is not None:
             self.pool.reduce()
@@ -400,28 +429,20 @@ class SparseEngine:
             self._note_peak()
 
     def _scores_finite(self) -> bool:
-        """nonfinite handling of a scoring step's dense gradients (non-scoring steps:
-        NTO._check_grads over the compact gradients)."""
-        opt = self.opt
-        if self.bad is None or opt.nonfinite == "propagate":
+        """nonfinite handling of a scoring step's dense gradients (the compact ones are
+        checked with the update)."""
+        if self.bad is None:
             return True
-        where = opt._label(self.bad)
-        if opt.nonfinite == "raise":
-            raise FloatingPointError(f"NTO: the gradient of {where} holds NaN or Inf "
-                                     "(nonfinite='raise'); params were not updated")
-        opt.skipped_steps += 1
-        opt.last_grad_norm = float("nan")
-        log.warning("NTO: step %d skipped: NaN/Inf in the gradient of %s (%d skipped so far)",
-                    opt._step, where, opt.skipped_steps)
-        return False
+        return self.host.guard.found_nonfinite(self.host.table.label(self.bad),
+                                               self.host.step_count)
 
     def _adamw(self, entries: list) -> None:
-        opt = self.opt
+        host = self.host
         batches: dict[tuple, list] = defaultdict(list)
         for gi, _, p, g in entries:
-            batches[(gi, p.device, p.dtype)].append((p, g, opt.state[p]))
+            batches[(gi, p.device, p.dtype)].append((p, g, host.state[p]))
         for (gi, _, _), items in batches.items():
-            group = opt.param_groups[gi]
+            group = host.param_groups[gi]
             args: tuple[list, ...] = ([], [], [], [], [], [])  # one entry per cohort
             for p, g, st in items:
                 st["step"] = [t + 1 for t in st["step"]]
@@ -453,10 +474,10 @@ class SparseEngine:
         self._selected_changed()
 
     def _append(self, i: int, pos: torch.Tensor) -> None:
-        p = self.opt._params[i]
+        p = self.host.table.params[i]
         st = self._state(p)
         if st is None:
-            self.opt.state[p] = _new_state(pos.to(_index_dtype(p.numel())))
+            self.host.state[p] = _new_state(pos.to(_index_dtype(p.numel())))
             return
         n = pos.numel()
         for key in ROWS:  # one row's new copy alive with the old at a time
@@ -467,8 +488,9 @@ class SparseEngine:
         st["sizes"] = [*st["sizes"], n]
 
     def _selected_changed(self) -> None:
-        opt = self.opt
-        self.policy.set_selected(opt._index[p] for p in opt._params if self._state(p))
+        host = self.host
+        table = host.table
+        self.policy.set_selected(table.index[p] for p in table.params if self._state(p))
 
     def advance(self, step: int) -> None:
         """Called when the schedule reaches `step`: before a regrowth, drop the weakest
@@ -478,12 +500,13 @@ class SparseEngine:
         n_drop = self.count() - (self.policy.k - self.policy.regrow)
         if n_drop <= 0:
             return
-        opt = self.opt
-        group_of = {opt._index[p]: g for g in opt.param_groups for p in g["params"]}
+        host = self.host
+        table = host.table
+        group_of = {table.index[p]: g for g in host.param_groups for p in g["params"]}
         # room: the compact gradients' 4 B per chosen element (freed between steps)
         pool = _Pool(n_drop, self.policy.k // 2 - n_drop)
         with torch.no_grad():
-            for i, p in enumerate(opt._params):
+            for i, p in enumerate(table.params):
                 st = self._state(p)
                 if st is None:
                     continue
@@ -498,7 +521,7 @@ class SparseEngine:
             pool.reduce()
             self._base = None
             for i in sorted(pool.chunks):
-                st = self.opt.state[opt._params[i]]
+                st = self.host.state[table.params[i]]
                 keep = torch.ones(st["indices"].numel(), dtype=torch.bool,
                                   device=st["indices"].device)
                 for pos, _ in pool.chunks[i]:
@@ -536,8 +559,8 @@ class SparseEngine:
         """Param i keeps the chosen elements where `keep` is True: their moments are
         carried bit for bit (remap_state, cohort by cohort), cohorts left empty go, a param
         left with none loses its state."""
-        p = self.opt._params[i]
-        st = self.opt.state[p]
+        p = self.host.table.params[i]
+        st = self.host.state[p]
         idx = st["indices"]
         live, olds, news = [], [], []
         for c, (a, b, _) in enumerate(_cohorts(st)):
@@ -547,7 +570,7 @@ class SparseEngine:
                 olds.append(idx[a:b])
                 news.append(new)
         if not live:
-            self.opt.state.pop(p)
+            self.host.state.pop(p)
             return
         for key in ROWS:  # one row's new copy alive with the old at a time
             row = st[key]
@@ -560,9 +583,11 @@ class SparseEngine:
         st["sizes"] = [n.numel() for n in news]
 
     # ------------------------------------------------------------------ loading
-    def check_state(self, i: int, p: torch.Tensor, st: dict[str, Any]) -> None:
-        """ValueError unless `st` is compact state NTO.state_dict() could have saved."""
-        where = f"optimizer state for {self.opt._label(i)}"
+    def check_state(self, i: int, p: torch.Tensor, st: dict[str, Any], seen: Storages,
+                    propagate: bool) -> dict[str, Any]:
+        """`st` as it will be kept; ValueError unless it is compact state NTO.state_dict()
+        could have saved."""
+        where = f"optimizer state for {self.host.table.label(i)}"
         extra = [k for k in st if k not in STATE_KEYS]
         if extra:  # it would be kept in memory outside the budget
             raise ValueError(f"{where}: unexpected entry {extra[0]!r:.40}; allowed: "
@@ -601,12 +626,27 @@ class SparseEngine:
         if not ok or (n > 1 and not bool((xs[1:] > xs[:-1]).all())):
             raise ValueError(f"{where}: indices must be unique positions in [0, {p.numel()}), "
                              "sorted within each cohort")
+        out = {k: seen.claim(f"{where}: {k}", v) if isinstance(v, torch.Tensor) else v
+               for k, v in st.items()}
+        for key in ROWS:
+            check_values(where, key, out[key], propagate)
+        return out
+
+    def import_entry(self, where: str, st: dict[str, Any],
+                     p: torch.Tensor) -> dict[str, Any] | None:
+        """Every element chosen (K >= all elements) keeps AdamW's moments; otherwise
+        nothing is chosen at step 0 and they are dropped."""
+        return adamw_entry(where, st, p, compact=True) if self.policy.dense else None
+
+    def trained(self) -> frozenset[int]:
+        return self.policy.selected
 
     def check_loaded(self, new_state: dict[torch.Tensor, dict[str, Any]]) -> None:
         """The loaded state agrees with the loaded policy state: exactly the params listed
         as holding chosen elements have state, and together at most K elements."""
-        opt = self.opt
-        have = {opt._index[p] for p, st in new_state.items() if st}
+        host = self.host
+        table = host.table
+        have = {table.index[p] for p, st in new_state.items() if st}
         if have != set(self.policy.selected) and not (self.policy.dense and have <= set(
                 self.policy.selected)):
             raise ValueError("optimizer state: the params with compact state do not match the "
@@ -616,3 +656,129 @@ class SparseEngine:
         if n > self.policy.k:
             raise ValueError(f"optimizer state holds {n:,} chosen elements but the budget "
                              f"allows {self.policy.k:,}; nothing was loaded")
+
+
+class SparsePolicy(Policy):
+    """SpIEL-style: K individual elements anywhere, a global top-K by gradient score.
+
+    K is the budget in elements (byte budgets: bytes // the sparse bytes per element). Step
+    0 is a scoring step (every tensor gets its gradient, reduced to candidates tensor by
+    tensor; the step chooses K elements and updates nothing). Every `switch_every` steps
+    after it is a regrowth: `floor(regrow_fraction * K)` of the weakest chosen elements
+    were dropped at the end of the step before, the step's gradients update the kept
+    elements and score the rest, and as many new elements are grown from the top scores.
+    Between scoring steps only tensors holding chosen elements need a gradient. With K >=
+    all elements every element is chosen from the start: no scoring step, no regrowth
+    (AdamW to fp32 rounding).
+    """
+
+    name = "sparse"
+    Config = SparseConfig
+    updater = SparseUpdater
+    no_offload = ("it carries the moments of kept elements and starts grown ones at zero")
+    needs_contiguous = True
+
+    @classmethod
+    def bytes_per_element(cls, dtype: torch.dtype) -> int:
+        return 4 + 8 + 4  # compact fp32 grad, two fp32 moments, int32 index
+
+    def __init__(self, infos: Sequence[ParamInfo], budget: Budget,
+                 config: SparseConfig) -> None:
+        super().__init__(infos, budget, config)
+        self.regrow_fraction = float(DEFAULT_REGROW_FRACTION if config.regrow_fraction is None
+                                     else config.regrow_fraction)
+        self.total = sum(i.numel for i in self.infos if i.trainable)
+        self.k = min(self._budget_elements(), self.total)
+        self.dense = self.k >= self.total
+        self.regrow = 0 if self.dense else math.floor(self.regrow_fraction * self.k)
+        everything = frozenset(j for j, i in enumerate(self.infos) if i.trainable)
+        self._everything = everything
+        self._selected = everything if self.dense else frozenset()
+
+    def _budget_elements(self) -> int:
+        if self.budget.kind == "elements":
+            return self.budget.amount
+        bpe = self.bytes_per_element(torch.float32)  # the same for every dtype
+        k = self.budget.amount // bpe
+        if k < 1:
+            raise ValueError(
+                f"budget={self.budget.given} ({self.budget.describe()}) is below one element "
+                f"under policy='sparse' ({bpe} B per chosen element: fp32 gradient, two fp32 "
+                "moments and an int32 index); nothing would train. "
+                f"Raise the budget to at least {bpe}B.")
+        return k
+
+    # ---------------------------------------------------------------- the schedule
+    def is_scoring(self, step: int) -> bool:
+        """True when every tensor's gradient is scored at `step`: the first step, each
+        regrowth, and any step while nothing is chosen (a first step without gradients)."""
+        if self.dense:
+            return False
+        return (step == 0 or not self._selected
+                or (self.regrow > 0 and step % self.switch_every == 0))
+
+    def active(self, step: int) -> frozenset[int]:
+        if self.dense or self.is_scoring(step):
+            return self._everything
+        return self._selected
+
+    @property
+    def selected(self) -> frozenset[int]:
+        """Params that hold chosen elements now."""
+        return self._selected
+
+    def set_selected(self, params: Sequence[int] | frozenset[int]) -> None:
+        self._selected = frozenset(params)
+
+    def active_names(self, step: int) -> list[str]:
+        return [self.infos[i].name if self.infos[i].name is not None else f"#{i}"
+                for i in sorted(self._selected)]
+
+    @property
+    def trainable(self) -> frozenset[int]:
+        return self._everything  # every element can be chosen
+
+    def describe(self) -> str:
+        regrow = (f"{self.regrow:,} regrown every {self.switch_every} steps"
+                  if self.regrow else "no regrowth")
+        return (f"{self.k:,} of {self.total:,} elements ({self.k / max(self.total, 1):.2%}), "
+                f"{regrow}")
+
+    # ---------------------------------------------------------------- persistence
+    def config(self) -> dict[str, Any]:
+        return {"policy": self.name, "budget_kind": self.budget.kind,
+                "budget_amount": self.budget.amount, "switch_every": self.switch_every,
+                "regrow_fraction": self.regrow_fraction}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"selected": sorted(self._selected)}
+
+    def initial_state(self) -> dict[str, Any]:
+        return {"selected": sorted(self._everything) if self.dense else []}
+
+    def take_over(self, old: Policy) -> None:
+        if isinstance(old, SparsePolicy):  # the chosen elements' params stay chosen
+            self.set_selected(old.selected)
+
+    def check_state_dict(self, state: object) -> None:
+        super().check_state_dict(state)
+        sel = state.get("selected")  # type: ignore[union-attr]
+        n = len(self.infos)
+        if not isinstance(sel, (list, tuple)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n for i in sel):
+            raise ValueError(f"policy state 'selected' must list param indices in [0, {n}), "
+                             f"got {sel!r}"[:300])
+        frozen = sorted(set(sel) - self._everything)
+        if frozen:
+            raise ValueError(f"policy state 'selected' lists params {frozen[:8]} that were "
+                             "frozen (requires_grad=False) when this optimizer was built")
+        if self.dense and set(sel) != self._everything:
+            raise ValueError("policy state 'selected' must list every param when the budget "
+                             "covers every element")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.check_state_dict(state)
+        self._selected = frozenset(state["selected"])
+
+    def remap_state_dict(self, state: dict[str, Any], perm: Sequence[int]) -> dict[str, Any]:
+        return {**state, "selected": sorted(perm[i] for i in state["selected"])}

@@ -1,0 +1,97 @@
+"""What happens to a step with NaN/Inf gradients (`nonfinite`), and gradient clipping
+(`max_grad_norm`), over the active gradients of any policy."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+from typing import Any
+
+import torch
+
+from . import ops
+from .checkpoint import local_tensor
+
+log = logging.getLogger(__name__)
+
+NONFINITE = ("skip", "raise", "propagate")
+
+
+class GradGuard:
+    """nonfinite: "skip" (the step changes nothing and is counted in `skipped_steps`),
+    "raise" (FloatingPointError naming the param) or "propagate" (as torch).
+    max_grad_norm: clip the active gradients to this total L2 norm (None: no clipping)."""
+
+    def __init__(self, nonfinite: str, max_grad_norm: float | None) -> None:
+        self.nonfinite = nonfinite
+        self.max_grad_norm = max_grad_norm
+        self.skipped_steps = 0
+        self.last_grad_norm: float | None = None
+
+    def found_nonfinite(self, where: str, step: int) -> bool:
+        """NaN/Inf found in the gradient of `where`: raise, or count a skipped step and
+        return False (skip), or return True (propagate: go on)."""
+        if self.nonfinite == "propagate":
+            return True
+        if self.nonfinite == "raise":
+            raise FloatingPointError(f"NTO: the gradient of {where} holds NaN or Inf "
+                                     "(nonfinite='raise'); params were not updated")
+        self.skipped_steps += 1
+        self.last_grad_norm = float("nan")
+        log.warning("NTO: step %d skipped: NaN/Inf in the gradient of %s (%d skipped so far)",
+                    step, where, self.skipped_steps)
+        return False
+
+    def check(self, entries: list, table: Any, step: int) -> bool:
+        """Non-finite check and clipping over `entries` = [(group, param index, param,
+        grad)]; False = skip this step. Under FSDP2 (DTensor grads, one shard per rank)
+        the squared norm and the count of non-finite shards are summed over the ranks
+        first (with local values each rank clipped by its own norm, and a NaN in one shard
+        made only that rank skip)."""
+        if self.nonfinite == "propagate" and self.max_grad_norm is None:
+            return True
+        by_dev: dict[torch.device, list[int]] = defaultdict(list)
+        for k, (_, _, _, g) in enumerate(entries):
+            by_dev[g.device].append(k)
+        sumsq, n_bad, first_bad = 0.0, 0, None
+        for ks in by_dev.values():
+            # no histogram: a NaN or inf in a grad makes its absmax non-finite
+            grads = [local_tensor(entries[k][3]).contiguous() for k in ks]
+            _, sq, absmax, _ = table.call(ops.param_stats, [entries[k][1] for k in ks], grads,
+                                          histogram=False)
+            bad = (~torch.isfinite(absmax)).nonzero().flatten().tolist()
+            if bad and first_bad is None:
+                first_bad = entries[ks[bad[0]]][1]
+            n_bad += len(bad)
+            sumsq += float(sq.sum())
+        sumsq, n_bad = _sum_over_shards(entries, sumsq, n_bad)
+        if n_bad and self.nonfinite != "propagate":
+            where = table.label(first_bad) if first_bad is not None else \
+                "a shard on another rank"
+            return self.found_nonfinite(where, step)
+        norm = math.sqrt(sumsq)
+        self.last_grad_norm = norm
+        if self.max_grad_norm is not None and norm > self.max_grad_norm:
+            coef = self.max_grad_norm / (norm + 1e-6)  # as torch.nn.utils.clip_grad_norm_
+            for ks in by_dev.values():
+                torch._foreach_mul_([local_tensor(entries[k][3]) for k in ks], coef)
+        return True
+
+
+def _sum_over_shards(entries: list, sumsq: float, n_bad: int) -> tuple[float, int]:
+    """(sumsq, n_bad) summed over the ranks that hold shards of the grads, when the grads
+    are DTensors sharded on a device mesh (FSDP2); unchanged otherwise (DDP grads are
+    replicated, one process has nothing to reduce). Assumes one mesh for all params, as
+    fully_shard with a single mesh gives."""
+    g = next((e[3] for e in entries if hasattr(e[3], "device_mesh")), None)
+    if g is None:
+        return sumsq, n_bad
+    dims = [d for d, pl in enumerate(g.placements) if pl.is_shard()]
+    if not dims:
+        return sumsq, n_bad
+    buf = torch.tensor([sumsq, float(n_bad)], dtype=torch.float64,
+                       device=local_tensor(g).device)
+    for d in dims:
+        torch.distributed.all_reduce(buf, group=g.device_mesh.get_group(d))
+    return float(buf[0]), int(buf[1])

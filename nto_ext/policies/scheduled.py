@@ -1,0 +1,215 @@
+"""Block and sample (and any policy of switching units): blocks, units, `always`,
+periods and cycles, and the dense updater (every active param holds its whole gradient and
+state, in `nto_ext.formats`' layout).
+
+`active(step)` is a pure function of the constructor arguments (seed included) and the
+step, identical on every rank. Randomness is counter-based: the permutation of cycle `c`
+comes from a generator seeded with a hash of (seed, c), so there is no hidden RNG stream;
+the cursor in `state_dict()` (which cycle the schedule is in, where it started) is a cache
+that makes `active()` O(1) and is saved so a resumed run needs no replay. `always` blocks
+(e.g. ("embed", "head")) train in every period and count against the budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ..blocks import KIND_BLOCKS, Block, ParamInfo, Unit, discover_blocks, make_units
+from ..budget import Budget, format_bytes
+from ..formats import FP32
+from .base import Config, Policy
+from .dense import DenseUpdater
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduledConfig(Config):
+    always: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        a = self.always
+        if isinstance(a, str) or not isinstance(a, (tuple, list)) or not all(
+                isinstance(x, str) for x in a):
+            raise TypeError(f"always={a!r}; allowed: a tuple of block names, e.g. "
+                            "('embed', 'head')")
+        object.__setattr__(self, "always", tuple(a))
+
+
+def _generator(seed: int, cycle: int, salt: str) -> torch.Generator:
+    digest = hashlib.blake2b(f"nto:{salt}:{seed}:{cycle}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+
+
+def _params_of(units: Sequence[Unit]) -> frozenset[int]:
+    return frozenset(i for u in units for i in u.params)
+
+
+class ScheduledPolicy(Policy):
+    """Shared machinery of block and sample: units, `always`, periods and cycles."""
+
+    Config = ScheduledConfig
+    updater = DenseUpdater
+    tensor_overhead_bytes = FP32.step_bytes  # one `step` scalar per trained tensor
+
+    def __init__(self, infos: Sequence[ParamInfo], budget: Budget,
+                 config: ScheduledConfig) -> None:
+        super().__init__(infos, budget, config)
+        self.always = config.always
+        self.blocks: list[Block] = discover_blocks(self.infos)
+        names = [b.name for b in self.blocks]
+        unknown = [a for a in self.always if a not in names and a not in KIND_BLOCKS]
+        if unknown:
+            raise ValueError(f"always={self.always!r}: no block named {unknown!r}; blocks of "
+                             f"this model: {_short_list(names)}; also allowed, when the "
+                             f"model lacks them: {', '.join(KIND_BLOCKS)}")
+        absent = [a for a in self.always if a not in names]
+        if absent:  # e.g. GPT-2: the head is the embedding's tensor, listed once as "embed"
+            log.info("always=%r: this model has no %s block (absent, or tied into another "
+                     "block); training the others always", self.always, ", ".join(absent))
+        fixed = [b for b in self.blocks if b.name in self.always]
+        fixed_cost = self.cost([i for b in fixed for i in b.params])
+        if fixed_cost > budget.amount:
+            raise ValueError(
+                f"always={self.always!r} needs {self._fmt(fixed_cost)} but budget="
+                f"{budget.given} is {self._fmt(budget.amount)}; raise the budget or train "
+                "fewer blocks always")
+        self.always_units = [Unit(b.name, b.name, b.params, self._elements(b.params),
+                                  self.cost(b.params)) for b in fixed]
+        self.capacity = budget.amount - fixed_cost
+        rest = [b for b in self.blocks if b.name not in self.always]
+        self.units, self._too_big = make_units(rest, self.infos, self.cost, self.capacity)
+        if not self.units and not self.always_units:
+            self._raise_nothing_fits()
+        self._trainable = _params_of(self.units) | _params_of(self.always_units)
+        self._cycle, self._cycle_start = 0, 0
+        self._cache: tuple[int, list[tuple[Unit, ...]]] | None = None
+
+    # ---------------------------------------------------------------- costs and messages
+    def _elements(self, params: Sequence[int]) -> int:
+        return sum(self.infos[i].numel for i in params)
+
+    def _fmt(self, amount: int) -> str:
+        if self.budget.kind == "elements":
+            return f"{amount:,} elements"
+        return f"{format_bytes(amount)} ({amount:,} bytes)"
+
+    def _label(self, i: int) -> str:
+        return repr(self.infos[i].name) if self.infos[i].name is not None else f"#{i}"
+
+    def _raise_nothing_fits(self) -> None:
+        rest = [i for b in self.blocks if b.name not in self.always for i in b.params]
+        smallest = min(rest, key=lambda i: self.cost((i,)))
+        need = self.cost((smallest,))
+        raise ValueError(
+            f"budget={self.budget.given} ({self._fmt(self.budget.amount)}) is below the "
+            f"smallest unit that can train, tensor {self._label(smallest)} "
+            f"({self._fmt(need)} under policy={self.name!r}); nothing would train. Raise the "
+            f"budget to at least {self._fmt(need + self.budget.amount - self.capacity)}.")
+
+    def too_big_message(self) -> str | None:
+        """One sentence naming the tensors that cannot train, or None."""
+        if not self._too_big:
+            return None
+        big = sorted(self._too_big, key=lambda i: -self.cost((i,)))
+        shown = ", ".join(f"{self._label(i)} ({self._fmt(self.cost((i,)))})" for i in big[:8])
+        more = f" and {len(big) - 8} more" if len(big) > 8 else ""
+        need = self.cost((big[0],)) + self.budget.amount - self.capacity
+        return (f"{len(big)} parameter tensor(s) are larger than the budget "
+                f"{self.budget.given} ({self._fmt(self.capacity)} left for switching units) "
+                f"and cannot train under policy={self.name!r}: {shown}{more}. To train them, "
+                f"raise the budget to at least {self._fmt(need)}.")
+
+    # ---------------------------------------------------------------- schedule
+    def _make_schedule(self, cycle: int) -> list[tuple[Unit, ...]]:
+        raise NotImplementedError
+
+    def schedule(self, cycle: int) -> list[tuple[Unit, ...]]:
+        """The periods of cycle `cycle`: each a tuple of switching units (without always)."""
+        if self._cache is None or self._cache[0] != cycle:
+            sched = self._make_schedule(cycle) if self.units else [()]
+            self._cache = (cycle, sched)
+        return self._cache[1]
+
+    def _period_units(self, period: int) -> tuple[Unit, ...]:
+        if period < self._cycle_start:  # asked about the past: recompute from the start
+            self._cycle, self._cycle_start = 0, 0
+        while True:
+            sched = self.schedule(self._cycle)
+            if period < self._cycle_start + len(sched):
+                return sched[period - self._cycle_start]
+            self._cycle_start += len(sched)
+            self._cycle += 1
+
+    def active_units(self, step: int) -> list[Unit]:
+        return self.always_units + list(self._period_units(step // self.switch_every))
+
+    def active(self, step: int) -> frozenset[int]:
+        return _params_of(self.active_units(step))
+
+    def active_names(self, step: int) -> list[str]:
+        return [u.name for u in self.active_units(step)]
+
+    def cycle_steps(self, cycle: int = 0) -> int:
+        """Optimizer steps in cycle `cycle` (every trainable unit trains once in a cycle)."""
+        return len(self.schedule(cycle)) * self.switch_every
+
+    @property
+    def trainable(self) -> frozenset[int]:
+        return self._trainable
+
+    @property
+    def untrainable(self) -> list[int]:
+        return list(self._too_big)
+
+    @classmethod
+    def bytes_per_element(cls, dtype: torch.dtype) -> int:
+        return dtype.itemsize + FP32.moment_bytes  # the param's gradient, fp32 moments
+
+    # ---------------------------------------------------------------- persistence
+    def config(self) -> dict[str, Any]:
+        return {"policy": self.name, "budget_kind": self.budget.kind,
+                "budget_amount": self.budget.amount, "switch_every": self.switch_every,
+                "seed": self.seed, "always": list(self.always)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"cycle": self._cycle, "cycle_start": self._cycle_start}
+
+    def initial_state(self) -> dict[str, Any]:
+        return {"cycle": 0, "cycle_start": 0}
+
+    def check_state_dict(self, state: object) -> None:
+        super().check_state_dict(state)
+        for key in ("cycle", "cycle_start"):
+            v = state.get(key)  # type: ignore[union-attr]
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"policy state {key!r} must be an int >= 0, got {v!r}")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.check_state_dict(state)
+        self._cycle, self._cycle_start = state["cycle"], state["cycle_start"]
+
+    def check_cursor(self, step: int) -> None:
+        """ValueError unless the cursor's cycle holds `step` (as every saved state's does:
+        NTO.state_dict() places it there), so a loaded state never walks cycles to reach
+        its step: an edited step or cursor is refused at once instead of walking for hours."""
+        period = step // self.switch_every
+        end = self._cycle_start + len(self.schedule(self._cycle))
+        if not self._cycle_start <= period < end:
+            raise ValueError(f"policy state: cycle {self._cycle} covers periods "
+                             f"{self._cycle_start}..{end - 1}, but step {step} is in period "
+                             f"{period} (a foreign or edited checkpoint); nothing was loaded")
+
+
+
+
+def _short_list(names: Sequence[str], n: int = 12) -> str:
+    shown = ", ".join(repr(x) for x in names[:n])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > n else "")
