@@ -46,6 +46,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from nto_ext import data, demo  # noqa: E402
+from nto_ext.budget import storage_bytes  # noqa: E402
 
 log = logging.getLogger("e2e")
 MIB = 2.0 ** 20
@@ -129,8 +130,8 @@ def _inner_tensors(t) -> list:
 
 def measure(model, opt) -> dict[str, int]:
     """Gradients + optimizer state from real storage; identical for every optimizer."""
-    grads = demo.storage_bytes(p.grad for p in model.parameters() if p.grad is not None)
-    state = demo.storage_bytes(state_tensors(opt))
+    grads = storage_bytes(p.grad for p in model.parameters() if p.grad is not None)
+    state = storage_bytes(state_tensors(opt))
     return {"grad_bytes": grads, "state_bytes": state, "total_bytes": grads + state}
 
 

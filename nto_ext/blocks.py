@@ -53,6 +53,12 @@ class ParamInfo:
         return cls(name, tuple(t.shape), t.dtype, bool(t.requires_grad))
 
 
+def param_label(name: str | None, index: int) -> str:
+    """How reports and messages name parameter `index`: its name, or `#<index>` when it was
+    given without one (e.g. `model.layers.0.mlp.up_proj.weight`, `#3`)."""
+    return name if name is not None else f"#{index}"
+
+
 @dataclass(frozen=True)
 class Block:
     """A named set of parameters (global indices) that train together when they fit."""
@@ -77,7 +83,7 @@ class Unit:
 def block_of(name: str | None, index: int) -> tuple[str, str]:
     """(block name, kind) of one parameter."""
     if name is None:
-        return f"#{index}", "param"
+        return param_label(name, index), "param"
     m = _LAYER_RE.match(name)
     if m:
         return m.group(1), "layer"
@@ -121,8 +127,8 @@ def make_units(blocks: Sequence[Block], infos: Sequence[ParamInfo],
         for i in b.params:
             ci = cost((i,))
             if ci <= capacity:
-                label = infos[i].name if infos[i].name is not None else f"#{i}"
-                units.append(Unit(label, b.name, (i,), infos[i].numel, ci))
+                units.append(Unit(param_label(infos[i].name, i), b.name, (i,),
+                                  infos[i].numel, ci))
             else:
                 too_big.append(i)
     return units, too_big
@@ -160,6 +166,12 @@ def group_label(units: Sequence[Unit], width: int = 60) -> str:
              for p in parts]
     text = ", ".join(parts) if parts else "(none)"
     return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def first_names(names: Sequence[str], limit: int) -> str:
+    """The first `limit` names, comma-separated, and how many more: 'a, b and 3 more'."""
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
 
 
 def _elements(infos: Sequence[ParamInfo], params: Sequence[int]) -> int:

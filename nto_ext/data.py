@@ -472,26 +472,28 @@ def meta_model(config, task: str | None = None, num_labels: int | None = None, d
     """The model built from `config` on the meta device: names, shapes, dtypes, no memory.
 
     task "lm" builds AutoModelForCausalLM, "classify" AutoModelForSequenceClassification
-    (with `num_labels` when given); None picks "lm" for causal LMs, else "classify".
-    `dtype` (a torch.dtype) casts the floating-point parameters.
+    (with `num_labels` when given), "base" AutoModel (no head); None picks "lm" for causal
+    LMs, else "classify". `dtype` (a torch.dtype) casts the floating-point parameters.
+    The config's sizes are checked first: one built in code meets no file check.
     """
     import copy
 
     import torch
     import transformers
 
-    if task is None:
-        task = "lm" if is_causal_lm(config) else "classify"
-    if task not in ("lm", "classify"):
-        raise ValueError(f"unknown task {task!r}; allowed: classify, lm")
+    autos = {"lm": transformers.AutoModelForCausalLM,
+             "classify": transformers.AutoModelForSequenceClassification,
+             "base": transformers.AutoModel}
+    if task is not None and task not in autos:
+        raise ValueError(f"task={task!r}; allowed: None (lm for causal LMs, else classify), "
+                         "'lm', 'classify', 'base'")
+    check_config_sizes(config.to_dict(), "config")
     if num_labels is not None:  # before config.num_labels builds an id2label of that size
         _check_int("num_labels", num_labels, 1, MAX_NUM_LABELS)
+        config = copy.deepcopy(config)
+        config.num_labels = num_labels
+    if task is None:
+        task = "lm" if is_causal_lm(config) else "classify"
     with torch.device("meta"):
-        if task == "lm":
-            model = transformers.AutoModelForCausalLM.from_config(config)
-        else:
-            if num_labels is not None:
-                config = copy.deepcopy(config)
-                config.num_labels = num_labels
-            model = transformers.AutoModelForSequenceClassification.from_config(config)
+        model = autos[task].from_config(config)
     return model if dtype is None else model.to(dtype)

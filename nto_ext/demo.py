@@ -21,12 +21,12 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from . import data
+from .budget import storage_bytes
 from .policies import POLICIES as _REGISTRY
 
 log = logging.getLogger(__name__)
@@ -240,18 +240,6 @@ def nto_kwargs(cfg: DemoConfig) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------ memory
-
-def storage_bytes(tensors: Iterable) -> int:
-    """Bytes of the distinct storages behind `tensors` (views and aliases counted once)."""
-    import torch
-
-    seen: dict[tuple[str, int], int] = {}
-    for t in tensors:
-        if isinstance(t, torch.Tensor) and t.device.type != "meta":
-            st = t.untyped_storage()
-            seen[(str(t.device), st.data_ptr())] = st.nbytes()
-    return sum(seen.values())
-
 
 def adamw_memory(model, opt) -> dict[str, int]:
     """AdamW's training state measured from storage: gradients and every state tensor."""

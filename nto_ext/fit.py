@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .blocks import ParamInfo
+from .blocks import ParamInfo, first_names, param_label
 from .budget import (
     Budget,
     format_bytes,
@@ -86,9 +86,8 @@ class Fit:
                   f"policy={self.policy!r})",
                   f"covers: {self.covers}"]
         if self.untrainable:
-            more = f" and {len(self.untrainable) - 5} more" if len(self.untrainable) > 5 else ""
-            lines.append(f"cannot train at this budget (too large): "
-                         f"{', '.join(self.untrainable[:5])}{more}")
+            lines.append("cannot train at this budget (too large): "
+                         + first_names(self.untrainable, 5))
         return "\n".join(lines)
 
 
@@ -227,7 +226,7 @@ def find_fit(infos: list[ParamInfo], policy: str, make: Callable[[Budget], Polic
                state_bytes=state, transient_bytes=transient, activation_bytes=activation_bytes,
                batch_size=batch_size, seq_len=seq_len, margin_bytes=margin,
                predicted_bytes=predicted, headroom_bytes=memory - predicted, covers=covers,
-               untrainable=[infos[i].name or f"#{i}" for i in
+               untrainable=[param_label(infos[i].name, i) for i in
                             sorted(pol.untrainable, key=lambda i: -infos[i].numel)])
 
 

@@ -1,4 +1,5 @@
-"""HuggingFace Trainer integration and the helpers multi-process training needs.
+"""HuggingFace Trainer integration: the optimizer factory, NTOTrainer / its mixin, the
+logging callback and the gradient-checkpointing hooks.
 
 Three ways to use NTO with `transformers.Trainer` (all keep Trainer's decay / no-decay
 param groups and take lr, betas, eps, weight decay from `TrainingArguments` unless given):
@@ -8,12 +9,10 @@ param groups and take lr, betas, eps, weight decay from `TrainingArguments` unle
     class MyTrainer(NTOTrainerMixin, Trainer): ...      # or NTOTrainer(..., nto_kwargs={...})
     Trainer(..., optimizers=(NTO(model.named_parameters(), ...), None))   # one process
 
-Distributed: DDP needs `find_unused_parameters=True` (inactive params stop producing
-gradients after the model was wrapped); `check_ddp` says so, `ddp_bucket_bytes` measures
-the reducer's buckets (gradient memory DDP allocates for every param, active or not).
-FSDP2 (`fully_shard`) works on local shards; save and load NTO's state with
-`save_optimizer_state` / `load_optimizer_state` (torch.distributed.checkpoint).
-DeepSpeed ZeRO is refused with an error naming the alternatives.
+DDP under Trainer needs `ddp_find_unused_parameters=True` (checked before training);
+DeepSpeed ZeRO is refused with an error naming the alternatives. The torch-only helpers
+(`check_ddp`, `ddp_bucket_bytes`, `save_optimizer_state` / `load_optimizer_state` for
+FSDP2, `nto_of`) live in `nto_ext.distributed` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -28,14 +27,22 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
+from .blocks import first_names
+from .distributed import (
+    check_ddp,
+    ddp_bucket_bytes,
+    load_optimizer_state,
+    nto_of,
+    save_optimizer_state,
+)
 from .optimizer import NTO
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "NTOCallback", "NTOTrainer", "NTOTrainerMixin", "TrainerNTO", "check_ddp",
-    "ddp_bucket_bytes", "enable_checkpoint_input_grads", "load_optimizer_state", "nto_metrics",
-    "nto_of", "nto_optimizer", "save_optimizer_state",
+    "check_trainer_args", "ddp_bucket_bytes", "enable_checkpoint_input_grads",
+    "load_optimizer_state", "nto_metrics", "nto_of", "nto_optimizer", "save_optimizer_state",
 ]
 
 _DEEPSPEED_MSG = (
@@ -50,33 +57,16 @@ _DEEPSPEED_MSG = (
 # ----------------------------------------------------------------------------- helpers
 
 
-def nto_of(optimizer: Any) -> NTO:
-    """The NTO inside `optimizer` (itself, or behind accelerate's AcceleratedOptimizer and
-    similar wrappers that keep the wrapped one in `.optimizer`)."""
-    seen = optimizer
-    for _ in range(8):
-        if isinstance(seen, NTO):
-            return seen
-        seen = getattr(seen, "optimizer", None)
-        if seen is None:
-            break
-    raise TypeError(f"expected an nto_ext.NTO (or a wrapper with .optimizer), got "
-                    f"{type(optimizer).__name__}; build it with nto_ext.hf.nto_optimizer(...)")
-
-
-def _deepspeed_active(args: Any = None) -> str | None:
-    """Why DeepSpeed looks enabled, or None."""
+def _refuse_deepspeed(args: Any) -> None:
+    """Raise RuntimeError if DeepSpeed is enabled through `args` or accelerate. (Trainer's
+    `is_deepspeed_enabled` needs no look of its own: accelerate sets ACCELERATE_USE_DEEPSPEED
+    whenever it is given a DeepSpeed plugin, and Trainer gives it one from args.deepspeed.)"""
+    why = None
     if args is not None and (getattr(args, "deepspeed", None)
                              or getattr(args, "hf_deepspeed_config", None) is not None):
-        return "TrainingArguments.deepspeed is set"
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes"):
-        return "ACCELERATE_USE_DEEPSPEED is set"
-    return None
-
-
-def check_not_deepspeed(args: Any = None) -> None:
-    """Raise RuntimeError if DeepSpeed is enabled through `args` or accelerate."""
-    why = _deepspeed_active(args)
+        why = "TrainingArguments.deepspeed is set"
+    elif os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes"):
+        why = "ACCELERATE_USE_DEEPSPEED is set"
     if why:
         raise RuntimeError(_DEEPSPEED_MSG.format(what=why))
 
@@ -96,18 +86,20 @@ def _ddp_find_unused(args: Any, model: nn.Module | None) -> bool:
 
 
 def _is_ddp_run(args: Any) -> bool:
-    """Trainer will wrap the model in torch DDP (several processes, no FSDP/DeepSpeed)."""
+    """Trainer will wrap the model in torch DDP (several processes, no FSDP; DeepSpeed was
+    refused before)."""
     from transformers.training_args import ParallelMode
 
     if getattr(args, "parallel_mode", None) != ParallelMode.DISTRIBUTED:
         return False
-    return not getattr(args, "fsdp", None) and not _deepspeed_active(args)
+    return not getattr(args, "fsdp", None)
 
 
 def check_trainer_args(args: Any, model: nn.Module | None = None) -> None:
-    """Raise before training if `args` ask for something NTO cannot do correctly."""
-    check_not_deepspeed(args)
-    if not _is_ddp_run(args):
+    """Raise before training if `args` (TrainingArguments, or None) or the environment ask
+    for something NTO cannot do correctly: DeepSpeed, or DDP settings that hang or break."""
+    _refuse_deepspeed(args)
+    if args is None or not _is_ddp_run(args):
         return
     if getattr(args, "ddp_static_graph", None):
         raise ValueError(
@@ -131,16 +123,14 @@ class TrainerNTO(NTO):
 
     Trainer calls `optimizer_cls(groups, **kwargs)` with its decay / no-decay groups of bare
     parameters; `param_names` (id(param) -> name, made by `nto_optimizer`) gives them back
-    their names so blocks follow the model's layers. A parameter missing from the map keeps
-    no name (it becomes its own block) and is named in one warning.
+    their names so blocks follow the model's layers. A parameter missing from the map is
+    named `param<k>` (it joins the `other` block) and reported in one warning. Build it with
+    `nto_optimizer`, which checks TrainingArguments (DeepSpeed, DDP) before Trainer builds it.
     """
 
     def __init__(self, params: Iterable[Any], *, param_names: Mapping[int, str],
-                 trainer_args: Any = None, nto_model: nn.Module | None = None,
-                 checkpoint_inputs: bool = True, **kwargs: Any) -> None:
-        check_not_deepspeed(trainer_args)
-        if trainer_args is not None:
-            check_trainer_args(trainer_args, nto_model)
+                 nto_model: nn.Module | None = None, checkpoint_inputs: bool = True,
+                 **kwargs: Any) -> None:
         groups = _name_groups(params, param_names)
         _warn_frozen(nto_model, groups)
         super().__init__(groups, **kwargs)
@@ -162,7 +152,7 @@ class TrainerNTO(NTO):
                 "optimizer checkpoints cannot hold NTO's state correctly. Use DDP with Trainer "
                 "(torchrun without fsdp), or shard the model with "
                 "torch.distributed.fsdp.fully_shard in your own loop, build NTO after it and "
-                "checkpoint with nto_ext.hf.save_optimizer_state (README, Multi-GPU).")
+                "checkpoint with nto_ext.distributed.save_optimizer_state (README, Multi-GPU).")
 
     def train(self) -> None:
         self._check_params_kept()
@@ -193,7 +183,8 @@ def _name_groups(params: Iterable[Any], names: Mapping[int, str]) -> list[dict[s
         out.append({**g, "params": named})
     if unnamed:
         log.warning("nto_ext: %d parameters given to the optimizer are not parameters of the "
-                    "model passed to nto_optimizer (shapes %s); they form one block each",
+                    "model passed to nto_optimizer (shapes %s); they are named param<k> and "
+                    "train in the 'other' block",
                     len(unnamed), unnamed[:4])
     return out
 
@@ -223,11 +214,10 @@ def nto_optimizer(model: nn.Module, args: Any = None, **nto_kwargs: Any
     defaults to `args.max_grad_norm` (its compact gradients are invisible to Trainer's
     clipping). `checkpoint_inputs=False` leaves gradient checkpointing's input handling as
     transformers set it (see `enable_checkpoint_input_grads`).
-    Raises at once if `args` enable DeepSpeed, or DDP settings NTO cannot work with.
+    Raises at once if `args` enable DeepSpeed, or DDP settings NTO cannot work with (the
+    one check of the factory and mixin paths: TrainerNTO is built from what this returns).
     """
-    check_not_deepspeed(args)
-    if args is not None:
-        check_trainer_args(args, model)
+    check_trainer_args(args, model)
     kwargs = dict(nto_kwargs)
     if args is not None:
         kwargs.setdefault("lr", args.learning_rate)
@@ -238,7 +228,7 @@ def nto_optimizer(model: nn.Module, args: Any = None, **nto_kwargs: Any
             kwargs.setdefault("max_grad_norm", args.max_grad_norm)
     names = {id(p): n for n, p in model.named_parameters()}
     # not "params" / "model": Trainer treats those keys as replacements for its groups
-    kwargs.update(param_names=names, trainer_args=args, nto_model=model)
+    kwargs.update(param_names=names, nto_model=model)
     return TrainerNTO, kwargs
 
 
@@ -263,7 +253,7 @@ def nto_metrics(optimizer: Any) -> dict[str, float | int | str]:
     if isinstance(skipped, int):
         out["nto/skipped_steps"] = skipped
     active = list(opt.active())
-    out["nto/active"] = _short(active)
+    out["nto/active"] = first_names(active, 3)
     return out
 
 
@@ -271,10 +261,16 @@ def _total_elements(opt: NTO) -> int:
     return sum(p.numel() for g in opt.param_groups for p in g["params"])
 
 
-def _short(names: list[str], limit: int = 3) -> str:
-    if len(names) <= limit:
-        return ", ".join(names)
-    return f"{', '.join(names[:limit])} (+{len(names) - limit})"
+def _add_numbers(logs: dict[str, Any], metrics: Mapping[str, Any]) -> None:
+    """The numeric metrics into Trainer's `logs` (reporting callbacks take numbers only)."""
+    logs.update({k: v for k, v in metrics.items() if not isinstance(v, str)})
+
+
+def _add_to_history(state: Any, metrics: Mapping[str, Any]) -> None:
+    """All metrics (the active set's name too) into this step's entry of log_history."""
+    history = state.log_history
+    if metrics and history and history[-1].get("step") == state.global_step:
+        history[-1].update(metrics)
 
 
 class NTOCallback(TrainerCallback):
@@ -293,24 +289,22 @@ class NTOCallback(TrainerCallback):
         self._opt: Any = None
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        check_trainer_args(args, model)
+        if not isinstance(_maybe_nto(optimizer), TrainerNTO):  # else nto_optimizer checked
+            check_trainer_args(args, model)
         self._opt = optimizer
         if optimizer is not None:
             opt = nto_of(optimizer)
-            log.info("nto_ext: training %s", _short(list(opt.active())))
+            log.info("nto_ext: training %s", first_names(list(opt.active()), 3))
 
     def on_log(self, args, state, control, logs=None, optimizer=None, **kwargs):
         opt = optimizer if optimizer is not None else self._opt
         if opt is None or logs is None:
             return
-        metrics = nto_metrics(opt)
-        numbers = {k: v for k, v in metrics.items() if not isinstance(v, str)}
         if any(k.startswith("nto/") for k in logs):
             return  # NTOTrainerMixin.log already added them
-        logs.update(numbers)
-        # Trainer appended {**logs, "step": ...} to log_history before calling on_log.
-        if state.log_history and state.log_history[-1].get("step") == state.global_step:
-            state.log_history[-1].update(metrics)
+        metrics = nto_metrics(opt)
+        _add_numbers(logs, metrics)
+        _add_to_history(state, metrics)  # Trainer appended this step's logs before on_log
 
 
 # ----------------------------------------------------------------------------- mixin
@@ -331,8 +325,6 @@ class NTOTrainerMixin:
 
     def create_optimizer(self, model: nn.Module | None = None):
         if self.optimizer is None:
-            if getattr(self, "is_deepspeed_enabled", False):
-                raise RuntimeError(_DEEPSPEED_MSG.format(what="Trainer.is_deepspeed_enabled"))
             self.optimizer_cls_and_kwargs = nto_optimizer(
                 self.model if model is None else model, self.args, **self.nto_kwargs)
         return super().create_optimizer(model)
@@ -345,12 +337,9 @@ class NTOTrainerMixin:
             ddp = self.model_wrapped
             if isinstance(ddp, nn.parallel.DistributedDataParallel):
                 metrics["nto/ddp_bucket_bytes"] = ddp_bucket_bytes(ddp)
-            # numbers for every callback (TensorBoard, W&B take only numbers) ...
-            logs.update({k: v for k, v in metrics.items() if not isinstance(v, str)})
+            _add_numbers(logs, metrics)  # before any callback runs (TensorBoard, W&B, ...)
         super().log(logs, *args, **kwargs)
-        history = self.state.log_history
-        if metrics and history and history[-1].get("step") == self.state.global_step:
-            history[-1].update(metrics)  # ... and the active set's name in log_history
+        _add_to_history(self.state, metrics)
 
 
 def _maybe_nto(optimizer: Any) -> NTO | None:
@@ -444,170 +433,3 @@ def enable_checkpoint_input_grads(model: nn.Module, replace_input_require_grads:
     model._nto_ckpt_handles = out
     log.info("nto_ext: gradient checkpointing input grads on %d layers", len(handles))
     return out
-
-
-# ----------------------------------------------------------------------------- DDP
-
-
-def _ddp(model: nn.Module) -> nn.parallel.DistributedDataParallel:
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        return model
-    raise TypeError(f"expected a torch DistributedDataParallel module, got "
-                    f"{type(model).__name__}")
-
-
-def ddp_bucket_bytes(model: nn.Module) -> int:
-    """Bytes of DDP's gradient reduction buckets (measured: the reducer's bucket sizes).
-
-    DDP allocates buckets for every parameter that required grad when it was wrapped, so
-    these bytes cover the whole model even when NTO trains a small part; they are outside
-    NTO's budget (FSDP2 reduces per parameter and shards instead).
-    """
-    data = _ddp(model)._get_ddp_logging_data()
-    sizes = str(data.get("bucket_sizes", "") or "")
-    return sum(int(s) for s in sizes.split(",") if s.strip())
-
-
-def check_ddp(model: nn.Module) -> dict[str, Any]:
-    """Check that a DDP-wrapped model works with NTO; return its settings and bucket bytes.
-
-    Raises ValueError if `find_unused_parameters` is False or `static_graph` is on.
-    """
-    ddp = _ddp(model)
-    info = {
-        "find_unused_parameters": bool(ddp.find_unused_parameters),
-        "static_graph": bool(getattr(ddp, "static_graph", False)),
-        "gradient_as_bucket_view": bool(ddp.gradient_as_bucket_view),
-        "bucket_bytes": ddp_bucket_bytes(ddp),
-    }
-    if not info["find_unused_parameters"] or info["static_graph"]:
-        raise ValueError(
-            f"NTO under DDP needs DistributedDataParallel(model, find_unused_parameters=True) "
-            f"and no static_graph (got find_unused_parameters={info['find_unused_parameters']}, "
-            f"static_graph={info['static_graph']}): the parameters that receive gradients "
-            "change when NTO switches its active set.")
-    return info
-
-
-# ----------------------------------------------------------------------------- FSDP2 / DCP
-#
-# torch's get_optimizer_state_dict / set_optimizer_state_dict assume a static optimizer: when
-# the state is empty they run a fake step (lr=0, zero grads), which would advance NTO's
-# schedule, and loading builds its template from the *current* optimizer, whose active set
-# (hence its state entries) differs from the saved one; they also keep only "state" and
-# "param_groups", dropping NTO's schedule position. So these helpers write the same layout
-# (state keyed by parameter FQN, FSDP2 state as DTensors sharded like their params, groups
-# with FQNs) plus NTO's own entry, with plain dcp.save / dcp.load, and build the load template
-# from the checkpoint's metadata. DCP reshards DTensors: another world size can load it.
-
-_OPT_KEY = "optimizer"
-
-
-def _param_fqns(model: nn.Module, opt: NTO) -> tuple[list[torch.Tensor], list[str]]:
-    """NTO's params in state_dict index order, and their names in `model`."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    params = [p for g in opt.param_groups for p in g["params"]]
-    missing = [i for i, p in enumerate(params) if id(p) not in names]
-    if missing:
-        raise ValueError(f"{len(missing)} of the optimizer's {len(params)} parameters are not "
-                         f"parameters of the given model (first: index {missing[0]}); pass "
-                         "the model the optimizer was built on (after fully_shard)")
-    return params, [names[id(p)] for p in params]
-
-
-def _is_dtensor(t: Any) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
-
-
-def _shard_like(v: Any, p: torch.Tensor) -> Any:
-    """A local state tensor of a DTensor param, as a DTensor sharded like the param."""
-    if not (_is_dtensor(p) and isinstance(v, torch.Tensor) and v.dim() > 0
-            and tuple(v.shape) == tuple(p.to_local().shape)):
-        return v
-    from torch.distributed.tensor import DTensor
-
-    return DTensor.from_local(v, p.device_mesh, p.placements, run_check=False,
-                              shape=p.shape, stride=p.stride())
-
-
-def save_optimizer_state(model: nn.Module, optimizer: Any, path: str) -> None:
-    """Save NTO's state to the directory `path` with torch.distributed.checkpoint.
-
-    Every rank calls it. Under FSDP2 each rank writes its shards of the moments; in one
-    process (or DDP) it works the same. Load with `load_optimizer_state`.
-    """
-    import torch.distributed.checkpoint as dcp
-
-    opt = nto_of(optimizer)
-    params, fqns = _param_fqns(model, opt)
-    sd = opt.state_dict()
-    extra = [k for k in sd["state"] if not isinstance(k, int)]
-    if extra:  # keys a user or hook put in opt.state: DCP keys the state by param name
-        log.warning("nto_ext: save_optimizer_state leaves out non-param keys of opt.state: %s",
-                    extra[:4])
-    state = {fqns[i]: {k: _shard_like(v, params[i]) for k, v in st.items()}
-             for i, st in sd["state"].items() if isinstance(i, int)}
-    groups = [{**g, "params": [fqns[j] for j in g["params"]]} for g in sd["param_groups"]]
-    dcp.save({_OPT_KEY: {"state": state, "param_groups": groups, "nto": sd["nto"]}},
-             checkpoint_id=path)
-
-
-def _state_template(model: nn.Module, metadata: Any, params: list[torch.Tensor],
-                    fqns: list[str]) -> dict[str, dict[str, Any]]:
-    """{fqn: {key: empty tensor}} for every state tensor the checkpoint holds; moments of
-    DTensor params are DTensors sharded like the param here (DCP reads the right slice)."""
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    by_fqn = dict(zip(fqns, params))
-    prefix = f"{_OPT_KEY}.state."
-    out: dict[str, dict[str, Any]] = {}
-    for key, md in metadata.state_dict_metadata.items():
-        if not key.startswith(prefix) or not isinstance(md, TensorStorageMetadata):
-            continue
-        rest = key[len(prefix):]
-        fqn = max((f for f in by_fqn if rest.startswith(f + ".")), key=len, default=None)
-        if fqn is None:
-            raise ValueError(f"the checkpoint holds optimizer state for {rest!r}, which is not "
-                             "a parameter of this model; load it into the model it was saved "
-                             "from")
-        p, size = by_fqn[fqn], tuple(md.size)
-        dtype = md.properties.dtype
-        if _is_dtensor(p) and size == tuple(p.shape):
-            t = torch.empty_like(p, dtype=dtype)
-        else:
-            t = torch.empty(size, dtype=dtype, device=getattr(p, "_local_tensor", p).device
-                            if size else "cpu")
-        out.setdefault(fqn, {})[rest[len(fqn) + 1:]] = t
-    return out
-
-
-def load_optimizer_state(model: nn.Module, optimizer: Any, path: str) -> None:
-    """Load what `save_optimizer_state` wrote into `optimizer`, an NTO built with the same
-    arguments over the same model (sharded the same way or not: DCP reshards)."""
-    import torch.distributed.checkpoint as dcp
-
-    opt = nto_of(optimizer)
-    params, fqns = _param_fqns(model, opt)
-    # 1) NTO's entry and the groups (small, replicated): the template's structure comes
-    #    from this optimizer, whose configuration must match anyway.
-    mine = opt.state_dict()
-    head = {_OPT_KEY: {"nto": mine["nto"], "param_groups": [
-        {**g, "params": [fqns[j] for j in g["params"]]} for g in mine["param_groups"]]}}
-    dcp.load(head, checkpoint_id=path)
-    # 2) the state tensors the checkpoint has (its active set, not this optimizer's)
-    reader = dcp.FileSystemReader(path)
-    state = _state_template(model, reader.read_metadata(), params, fqns)
-    if state:
-        dcp.load({_OPT_KEY: {"state": state}}, checkpoint_id=path)
-    index = {f: i for i, f in enumerate(fqns)}
-    loaded = head[_OPT_KEY]
-    sd = {
-        "state": {index[f]: {k: v.to_local() if _is_dtensor(v) else v for k, v in st.items()}
-                  for f, st in state.items()},
-        "param_groups": [{**g, "params": [index[f] for f in g["params"]]}
-                         for g in loaded["param_groups"]],
-        "nto": loaded["nto"],
-    }
-    opt.load_state_dict(sd)

@@ -11,12 +11,12 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from .blocks import ParamInfo, discover_blocks, group_label
+from . import data
+from .blocks import ParamInfo, discover_blocks, first_names, group_label, param_label
 from .budget import FLOAT_DTYPES, format_bytes, parse_budget, state_bytes
 from .fit import Fit, check_fit_args, find_fit
 from .policies import ScheduledPolicy, SparsePolicy, make_policy, validate_policy_args
@@ -118,11 +118,9 @@ class Plan:
                   f"  trainable over a cycle: {self.trainable_elements:,} of "
                   f"{self.total_elements:,} elements"]
         if self.untrainable:
-            shown = ", ".join(f"{u['name']} ({u['elements']:,} elements)"
-                              for u in self.untrainable[:5])
-            more = f" and {len(self.untrainable) - 5} more" if len(self.untrainable) > 5 else ""
+            shown = [f"{u['name']} ({u['elements']:,} elements)" for u in self.untrainable]
             lines.append(f"  cannot train under policy={self.policy} (larger than the budget): "
-                         f"{shown}{more}")
+                         + first_names(shown, 5))
         return "\n".join(lines)
 
     def _sparse_lines(self) -> list[str]:
@@ -157,9 +155,10 @@ def plan(model_or_config: Any, budget: int | float | str | None = None, policy: 
     """Plan an NTO run without allocating weights.
 
     model_or_config: an nn.Module (meta or real), a transformers PretrainedConfig, or a
-    local path (HF folder with config.json, or a .gguf file). `dtype` overrides the
-    parameters' dtype (e.g. "bfloat16"); `task` ("lm" / "classify") picks the head built
-    from a config (default: causal LM for decoder configs, sequence classification else).
+    local path (HF folder with config.json, or a .gguf file) or packaged model name
+    (`nto_ext.data.MODELS`). `dtype` overrides the parameters' dtype (e.g. "bfloat16");
+    `task` ("lm" / "classify" / "base") picks the head built from a config (default: causal
+    LM for decoder configs, sequence classification else).
     Other keyword arguments are NTO's. Raises what NTO(...) would raise for these args.
 
     Without `dtype`, a module's parameters keep their dtypes, and a config (or folder) is
@@ -188,7 +187,7 @@ def plan(model_or_config: Any, budget: int | float | str | None = None, policy: 
     config = _as_config(model_or_config)
     if config is not None and want is None:
         want, source = config_dtype(config)
-    model = model_or_config if config is None else _meta_model(config, task)
+    model = model_or_config if config is None else data.meta_model(config, task)
     infos = _infos(model, want)
     total = sum(i.numel for i in infos)
 
@@ -230,14 +229,30 @@ def config_dtype(config: Any) -> tuple[torch.dtype, str]:
     return _DTYPES[text], "the config's torch_dtype"
 
 
+def _plan_fields(pol: ScheduledPolicy | SparsePolicy, infos: list[ParamInfo],
+                 want: torch.dtype | None) -> dict[str, Any]:
+    """What every policy's Plan says alike: the budget, dtype, sizes and AdamW's state."""
+    dtypes = sorted({str(i.dtype).removeprefix("torch.") for i in infos})
+    return dict(
+        policy=pol.name, budget=pol.budget.text, budget_kind=pol.budget.kind,
+        budget_amount=pol.budget.amount,
+        dtype=str(want).removeprefix("torch.") if want else "/".join(dtypes),
+        total_elements=sum(i.numel for i in infos), total_tensors=len(infos),
+        weights_bytes=sum(i.numel * i.dtype.itemsize for i in infos),
+        switch_every=pol.switch_every,
+        adamw_bytes=sum(state_bytes("adamw", i.numel, i.dtype) for i in infos),
+        adamw8bit_bytes=sum(state_bytes("adamw8bit", i.numel, i.dtype) for i in infos))
+
+
+def _elems(infos: list[ParamInfo], params) -> int:
+    return sum(infos[i].numel for i in params)
+
+
 def _build_plan(pol: ScheduledPolicy, infos: list[ParamInfo], want: torch.dtype | None) -> Plan:
     def nto(params) -> int:
         return sum(pol.state_bytes(infos[i].numel, infos[i].dtype) for i in params)
 
-    def elems(params) -> int:
-        return sum(infos[i].numel for i in params)
-
-    blocks = [PlanBlock(b.name, b.kind, len(b.params), elems(b.params), nto(b.params))
+    blocks = [PlanBlock(b.name, b.kind, len(b.params), _elems(infos, b.params), nto(b.params))
               for b in pol.blocks]
     fixed = [i for u in pol.always_units for i in u.params]
     groups = []
@@ -245,22 +260,13 @@ def _build_plan(pol: ScheduledPolicy, infos: list[ParamInfo], want: torch.dtype 
         params = fixed + [i for u in period for i in u.params]
         units = pol.always_units + list(period)
         groups.append(PlanGroup(group_label(units, 44), [u.name for u in units],
-                                elems(params), nto(params)))
+                                _elems(infos, params), nto(params)))
     big = sorted(pol.untrainable, key=lambda i: -infos[i].numel)
-    dtypes = sorted({str(i.dtype).removeprefix("torch.") for i in infos})
     return Plan(
-        policy=pol.name, budget=pol.budget.text, budget_kind=pol.budget.kind,
-        budget_amount=pol.budget.amount,
-        dtype=str(want).removeprefix("torch.") if want else "/".join(dtypes),
-        total_elements=elems(range(len(infos))), total_tensors=len(infos),
-        weights_bytes=sum(i.numel * i.dtype.itemsize for i in infos),
-        switch_every=pol.switch_every, cycle_steps=pol.cycle_steps(0), blocks=blocks,
+        **_plan_fields(pol, infos, want), cycle_steps=pol.cycle_steps(0), blocks=blocks,
         groups=groups, always=[u.name for u in pol.always_units],
-        trainable_elements=elems(pol.trainable),
-        nto_bytes=max(g.nto_bytes for g in groups),
-        adamw_bytes=sum(state_bytes("adamw", i.numel, i.dtype) for i in infos),
-        adamw8bit_bytes=sum(state_bytes("adamw8bit", i.numel, i.dtype) for i in infos),
-        untrainable=[{"name": infos[i].name or f"#{i}", "elements": infos[i].numel,
+        trainable_elements=_elems(infos, pol.trainable), nto_bytes=max(g.nto_bytes for g in groups),
+        untrainable=[{"name": param_label(infos[i].name, i), "elements": infos[i].numel,
                       "nto_bytes": nto((i,))} for i in big])
 
 
@@ -268,27 +274,16 @@ def _build_sparse_plan(pol: SparsePolicy, infos: list[ParamInfo],
                        want: torch.dtype | None) -> Plan:
     """K elements anywhere: device state 16 B per chosen element (budget.py) plus, during
     backward, one dense gradient at a time (the largest tensor's, in its dtype)."""
-    def elems(params) -> int:
-        return sum(infos[i].numel for i in params)
-
-    blocks = [PlanBlock(b.name, b.kind, len(b.params), elems(b.params),
-                        pol.state_bytes(elems(b.params), torch.float32))
+    blocks = [PlanBlock(b.name, b.kind, len(b.params), _elems(infos, b.params),
+                        pol.state_bytes(_elems(infos, b.params), torch.float32))
               for b in discover_blocks(infos)]
     k = pol.k
     nto = pol.state_bytes(k, torch.float32)
-    dtypes = sorted({str(i.dtype).removeprefix("torch.") for i in infos})
-    total = elems(range(len(infos)))
+    total = _elems(infos, range(len(infos)))
     return Plan(
-        policy=pol.name, budget=pol.budget.text, budget_kind=pol.budget.kind,
-        budget_amount=pol.budget.amount,
-        dtype=str(want).removeprefix("torch.") if want else "/".join(dtypes),
-        total_elements=total, total_tensors=len(infos),
-        weights_bytes=sum(i.numel * i.dtype.itemsize for i in infos),
-        switch_every=pol.switch_every, cycle_steps=pol.switch_every, blocks=blocks,
+        **_plan_fields(pol, infos, want), cycle_steps=pol.switch_every, blocks=blocks,
         groups=[PlanGroup(f"top {k:,} elements by gradient score", [], k, nto)], always=[],
         trainable_elements=total, nto_bytes=nto,
-        adamw_bytes=sum(state_bytes("adamw", i.numel, i.dtype) for i in infos),
-        adamw8bit_bytes=sum(state_bytes("adamw8bit", i.numel, i.dtype) for i in infos),
         density=k / total if total else None,
         transient_bytes=max(i.numel * i.dtype.itemsize for i in infos),
         regrow_fraction=pol.regrow_fraction)
@@ -317,8 +312,8 @@ def _as_config(obj: Any) -> Any:
     """The transformers config `obj` is or names; None for an nn.Module."""
     if isinstance(obj, torch.nn.Module):
         return None
-    if isinstance(obj, (str, os.PathLike)):
-        return _load_config(Path(obj))
+    if isinstance(obj, (str, os.PathLike)):  # config.json is checked before transformers
+        return data.load_config(data.resolve_model(os.fspath(obj)))
     try:
         from transformers import PretrainedConfig
     except ImportError:  # pragma: no cover - transformers is a demo extra
@@ -326,47 +321,5 @@ def _as_config(obj: Any) -> Any:
     if PretrainedConfig and isinstance(obj, PretrainedConfig):
         return obj
     raise TypeError(f"plan() got {type(obj).__name__}; allowed: an nn.Module, a transformers "
-                    "PretrainedConfig, or a local HF model folder / .gguf file path")
-
-
-def _load_config(path: Path):
-    from . import data  # reads and checks config.json before transformers does; offline
-
-    path = path.expanduser()
-    if path.is_file() and path.suffix == ".gguf":
-        return data.load_config(data.ModelSource(str(path), path.parent, path.name))
-    if path.is_dir() and (path / "config.json").is_file():
-        return data.load_config(data.ModelSource(str(path), path))
-    raise ValueError(f"plan(): {str(path)!r} is neither a HF model folder with config.json "
-                     "nor a .gguf file; nothing is downloaded from a hub")
-
-
-def _meta_model(config: Any, task: str | None) -> torch.nn.Module:
-    """The model of `config` on the meta device (names, shapes, dtypes; no memory)."""
-    import transformers
-
-    from .data import check_config_sizes
-
-    # a config built in code meets no file check: its sizes are refused here, not built
-    check_config_sizes(config.to_dict(), "config")
-    if task is None:
-        task = "lm" if _is_causal(config) else "classify"
-    auto = {"lm": transformers.AutoModelForCausalLM,
-            "classify": transformers.AutoModelForSequenceClassification,
-            "base": transformers.AutoModel}.get(task)
-    if auto is None:
-        raise ValueError(f"task={task!r}; allowed: None, 'lm', 'classify', 'base'")
-    with torch.device("meta"):
-        return auto.from_config(config)
-
-
-def _is_causal(config: Any) -> bool:
-    archs = getattr(config, "architectures", None) or []
-    if archs:
-        return any(a.endswith("ForCausalLM") for a in archs)
-    # No architecture named (GGUF, bare configs): a decoder LM has a *ForCausalLM class
-    # (BERT's causal class is BertLMHeadModel: an encoder, planned as a classifier).
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING as causal
-
-    cls = causal[type(config)] if type(config) in causal else None
-    return cls is not None and cls.__name__.endswith("ForCausalLM")
+                    "PretrainedConfig, a local HF model folder / .gguf file path, or a packaged "
+                    "model name")

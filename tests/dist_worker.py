@@ -68,7 +68,7 @@ def train_steps(model, opt, steps: range, rank: int = 0, world: int = 1, call_tr
                 micro: int = 1, clip: float | None = None):
     """Plain loop on this rank's rows of each global batch, in `micro` accumulated
     micro-batches (loss / micro); returns losses and active sets."""
-    from nto_ext.hf import nto_of
+    from nto_ext.distributed import nto_of
 
     losses, active = [], []
     per = GLOBAL_BATCH // world
@@ -117,7 +117,7 @@ def scenario_ddp(rank: int, world: int) -> dict:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from nto_ext import NTO
-    from nto_ext.hf import check_ddp
+    from nto_ext.distributed import check_ddp
 
     out = {}
     for policy in POLICY_KW:
@@ -188,7 +188,7 @@ def scenario_fsdp2(rank: int, world: int) -> dict:
     from torch.distributed.tensor import DTensor
 
     from nto_ext import NTO
-    from nto_ext.hf import load_optimizer_state, save_optimizer_state
+    from nto_ext.distributed import load_optimizer_state, save_optimizer_state
 
     def sharded_model():
         model = tiny_llama()

@@ -14,9 +14,11 @@ from nto_ext.blocks import (
     Unit,
     block_of,
     discover_blocks,
+    first_names,
     group_label,
     make_units,
     pack_consecutive,
+    param_label,
 )
 from nto_ext.budget import Budget
 from nto_ext.policies import BlockPolicy, SamplePolicy, make_policy
@@ -70,6 +72,13 @@ def test_unnamed_params_are_their_own_blocks():
     assert block_of(None, 7) == ("#7", "param")
     infos = [ParamInfo(None, (3,), torch.float32) for _ in range(3)]
     assert [b.name for b in discover_blocks(infos)] == ["#0", "#1", "#2"]
+
+
+def test_param_label():
+    """One way to name a parameter in reports: its name, else `#<index>` ("" is a name)."""
+    assert param_label("model.norm.weight", 3) == "model.norm.weight"
+    assert param_label(None, 3) == "#3"
+    assert param_label("", 0) == ""
 
 
 def _llama_infos():
@@ -350,3 +359,9 @@ def test_hf_families_blocks_and_always(family, caplog):
     assert {a for a in ("embed", "head") if a in want} == {
         u.name for u in opt.policy.always_units}
     opt.remove_hooks()
+
+
+def test_first_names():
+    assert first_names(["a", "b"], 3) == "a, b"
+    assert first_names(["a", "b", "c", "d", "e"], 3) == "a, b, c and 2 more"
+    assert first_names([], 3) == ""

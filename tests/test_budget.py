@@ -14,6 +14,7 @@ from nto_ext.budget import (
     format_bytes,
     parse_budget,
     state_bytes,
+    storage_bytes,
 )
 from nto_ext.policies import POLICIES
 
@@ -158,3 +159,11 @@ def test_share_never_exceeds_total(frac, total):
     b = parse_budget(frac, total)
     assert 1 <= b.amount <= total
     assert b.amount <= math.floor(frac * total) + 1
+
+
+def test_storage_bytes_counts_each_storage_once():
+    """One measure for every module (demo's AdamW memory, NTO's report): views and aliases
+    count once, meta tensors and non-tensors 0."""
+    a = torch.zeros(100)
+    assert storage_bytes([a, a[:10], a.view(10, 10), torch.zeros(3, dtype=torch.bfloat16),
+                          torch.zeros(5, device="meta"), None, 3]) == 400 + 6

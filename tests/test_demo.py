@@ -87,12 +87,6 @@ def test_table_and_plot_from_results(tmp_path, task):
     assert (tmp_path / "p.png").read_bytes().startswith(PNG_MAGIC)
 
 
-def test_storage_bytes_counts_each_storage_once():
-    a = torch.zeros(100)
-    assert demo.storage_bytes([a, a[:10], a.view(10, 10), torch.zeros(3, dtype=torch.bfloat16),
-                               torch.zeros(5, device="meta")]) == 400 + 6
-
-
 def test_adamw_memory_matches_its_state():
     m = torch.nn.Linear(10, 5)
     opt = torch.optim.AdamW(m.parameters())

@@ -274,3 +274,36 @@ def test_frozen_params_named(tmp_path, caplog):
         tr.train()
     assert "model.embed_tokens.weight" in caplog.text
     assert "model.embed_tokens.weight" not in nto_of(tr.optimizer).param_groups[0]["param_names"]
+
+
+def test_distributed_helpers_reexported():
+    """User code and older READMEs import the torch-only helpers from nto_ext.hf: the same
+    objects as nto_ext.distributed's (one implementation)."""
+    import nto_ext.distributed as dist
+    import nto_ext.hf as hf
+
+    for name in dist.__all__:
+        assert getattr(hf, name) is getattr(dist, name), name
+        assert name in hf.__all__, name
+
+
+def test_trainer_args_checked_once(tmp_path, monkeypatch):
+    """Factory path: nto_optimizer checks TrainingArguments (DeepSpeed, DDP) once; neither
+    TrainerNTO nor the callback repeats it. A bare NTO with the callback is checked there."""
+    import nto_ext.hf as hf
+
+    calls = []
+    real = hf.check_trainer_args
+    monkeypatch.setattr(hf, "check_trainer_args", lambda *a: calls.append(a) or real(*a))
+    model = W.tiny_llama()
+    args = _args(tmp_path, max_steps=1)
+    tr = Trainer(model=model, args=args, train_dataset=W.SeqDataset(),
+                 optimizer_cls_and_kwargs=nto_optimizer(model, args, budget="25%"),
+                 callbacks=[NTOCallback()])
+    tr.train()
+    assert len(calls) == 1
+    bare = NTO(model.named_parameters(), budget="25%")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(RuntimeError, match="DeepSpeed"):
+        NTOCallback().on_train_begin(args, None, None, model=model, optimizer=bare)
+    assert len(calls) == 2

@@ -129,6 +129,23 @@ def test_plan_from_local_folder(tmp_path):
     assert plan(str(tmp_path), "10%").groups == p.groups
 
 
+def test_plan_tasks_and_packaged_name():
+    """task picks the head built from a config (one meta_model, nto_ext.data's); a packaged
+    model name resolves like the CLI's --model."""
+    lm, base = plan(llama_config(), "10%"), plan(llama_config(), "10%", task="base")
+    assert "head" in [b.name for b in lm.blocks] and "head" not in [b.name for b in base.blocks]
+    assert base.total_elements < lm.total_elements
+    with pytest.raises(ValueError, match=r"task='seq2seq'; allowed: None .*'base'"):
+        plan(llama_config(), "10%", task="seq2seq")
+    from nto_ext import data
+
+    try:
+        config = data.load_config(data.resolve_model("minilm"))
+    except data.MissingPackageError:
+        pytest.skip("packaged model minilm not installed")
+    assert plan("minilm", "10%").groups == plan(config, "10%").groups
+
+
 def test_plan_of_a_classifier_config():
     import transformers
 
@@ -157,7 +174,7 @@ def test_plan_135m_model_at_10_percent():
 
 BAD = [
     ((42, "10%"), {}, TypeError, r"plan\(\) got int; allowed: an nn.Module"),
-    (("/nonexistent/model", "10%"), {}, ValueError, r"neither a HF model folder"),
+    (("/nonexistent/model", "10%"), {}, ValueError, r"neither a packaged model .* nor an existing"),
     ((None, "10%"), {"dtype": "int8"}, ValueError, r"dtype='int8'; allowed"),
     ((None, "lots"), {}, ValueError, r"budget='lots': cannot parse it"),
     ((None, 3), {}, ValueError, r"budget=3 .* is below the smallest unit"),

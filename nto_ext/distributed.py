@@ -1,0 +1,207 @@
+"""Torch-only helpers for multi-process training with NTO (no transformers needed).
+
+DDP needs `find_unused_parameters=True` (inactive params stop producing gradients after the
+model was wrapped): `check_ddp` says so, `ddp_bucket_bytes` measures the reducer's buckets
+(gradient memory DDP allocates for every param, active or not). FSDP2 (`fully_shard`) works
+on local shards; save and load NTO's state with `save_optimizer_state` /
+`load_optimizer_state` (torch.distributed.checkpoint). The Trainer integration
+(`nto_ext.hf`) builds on these and re-exports them.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import local_tensor
+from .optimizer import NTO
+
+log = logging.getLogger(__name__)
+
+__all__ = ["check_ddp", "ddp_bucket_bytes", "load_optimizer_state", "nto_of",
+           "save_optimizer_state"]
+
+
+def nto_of(optimizer: Any) -> NTO:
+    """The NTO inside `optimizer` (itself, or behind accelerate's AcceleratedOptimizer and
+    similar wrappers that keep the wrapped one in `.optimizer`)."""
+    seen = optimizer
+    for _ in range(8):
+        if isinstance(seen, NTO):
+            return seen
+        seen = getattr(seen, "optimizer", None)
+        if seen is None:
+            break
+    raise TypeError(f"expected an nto_ext.NTO (or a wrapper with .optimizer), got "
+                    f"{type(optimizer).__name__}; build it with nto_ext.NTO(...) or, for "
+                    "transformers.Trainer, nto_ext.hf.nto_optimizer(...)")
+
+
+# ----------------------------------------------------------------------------- DDP
+
+
+def _ddp(model: nn.Module) -> nn.parallel.DistributedDataParallel:
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return model
+    raise TypeError(f"expected a torch DistributedDataParallel module, got "
+                    f"{type(model).__name__}")
+
+
+def ddp_bucket_bytes(model: nn.Module) -> int:
+    """Bytes of DDP's gradient reduction buckets (measured: the reducer's bucket sizes).
+
+    DDP allocates buckets for every parameter that required grad when it was wrapped, so
+    these bytes cover the whole model even when NTO trains a small part; they are outside
+    NTO's budget (FSDP2 reduces per parameter and shards instead).
+    """
+    data = _ddp(model)._get_ddp_logging_data()
+    sizes = str(data.get("bucket_sizes", "") or "")
+    return sum(int(s) for s in sizes.split(",") if s.strip())
+
+
+def check_ddp(model: nn.Module) -> dict[str, Any]:
+    """Check that a DDP-wrapped model works with NTO; return its settings and bucket bytes.
+
+    Raises ValueError if `find_unused_parameters` is False or `static_graph` is on.
+    """
+    ddp = _ddp(model)
+    info = {
+        "find_unused_parameters": bool(ddp.find_unused_parameters),
+        "static_graph": bool(getattr(ddp, "static_graph", False)),
+        "gradient_as_bucket_view": bool(ddp.gradient_as_bucket_view),
+        "bucket_bytes": ddp_bucket_bytes(ddp),
+    }
+    if not info["find_unused_parameters"] or info["static_graph"]:
+        raise ValueError(
+            f"NTO under DDP needs DistributedDataParallel(model, find_unused_parameters=True) "
+            f"and no static_graph (got find_unused_parameters={info['find_unused_parameters']}, "
+            f"static_graph={info['static_graph']}): the parameters that receive gradients "
+            "change when NTO switches its active set.")
+    return info
+
+
+# ----------------------------------------------------------------------------- FSDP2 / DCP
+#
+# torch's get_optimizer_state_dict / set_optimizer_state_dict assume a static optimizer: when
+# the state is empty they run a fake step (lr=0, zero grads), which would advance NTO's
+# schedule, and loading builds its template from the *current* optimizer, whose active set
+# (hence its state entries) differs from the saved one; they also keep only "state" and
+# "param_groups", dropping NTO's schedule position. So these helpers write the same layout
+# (state keyed by parameter FQN, FSDP2 state as DTensors sharded like their params, groups
+# with FQNs) plus NTO's own entry, with plain dcp.save / dcp.load, and build the load template
+# from the checkpoint's metadata. DCP reshards DTensors: another world size can load it.
+
+_OPT_KEY = "optimizer"
+
+
+def _param_fqns(model: nn.Module, opt: NTO) -> tuple[list[torch.Tensor], list[str]]:
+    """NTO's params in state_dict index order, and their names in `model`."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    params = [p for g in opt.param_groups for p in g["params"]]
+    missing = [i for i, p in enumerate(params) if id(p) not in names]
+    if missing:
+        raise ValueError(f"{len(missing)} of the optimizer's {len(params)} parameters are not "
+                         f"parameters of the given model (first: index {missing[0]}); pass "
+                         "the model the optimizer was built on (after fully_shard)")
+    return params, [names[id(p)] for p in params]
+
+
+def _is_dtensor(t: Any) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _shard_like(v: Any, p: torch.Tensor) -> Any:
+    """A local state tensor of a DTensor param, as a DTensor sharded like the param."""
+    if not (_is_dtensor(p) and isinstance(v, torch.Tensor) and v.dim() > 0
+            and tuple(v.shape) == tuple(p.to_local().shape)):
+        return v
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(v, p.device_mesh, p.placements, run_check=False,
+                              shape=p.shape, stride=p.stride())
+
+
+def save_optimizer_state(model: nn.Module, optimizer: Any, path: str) -> None:
+    """Save NTO's state to the directory `path` with torch.distributed.checkpoint.
+
+    Every rank calls it. Under FSDP2 each rank writes its shards of the moments; in one
+    process (or DDP) it works the same. Load with `load_optimizer_state`.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    opt = nto_of(optimizer)
+    params, fqns = _param_fqns(model, opt)
+    sd = opt.state_dict()
+    extra = [k for k in sd["state"] if not isinstance(k, int)]
+    if extra:  # keys a user or hook put in opt.state: DCP keys the state by param name
+        log.warning("nto_ext: save_optimizer_state leaves out non-param keys of opt.state: %s",
+                    extra[:4])
+    state = {fqns[i]: {k: _shard_like(v, params[i]) for k, v in st.items()}
+             for i, st in sd["state"].items() if isinstance(i, int)}
+    groups = [{**g, "params": [fqns[j] for j in g["params"]]} for g in sd["param_groups"]]
+    dcp.save({_OPT_KEY: {"state": state, "param_groups": groups, "nto": sd["nto"]}},
+             checkpoint_id=path)
+
+
+def _state_template(model: nn.Module, metadata: Any, params: list[torch.Tensor],
+                    fqns: list[str]) -> dict[str, dict[str, Any]]:
+    """{fqn: {key: empty tensor}} for every state tensor the checkpoint holds; moments of
+    DTensor params are DTensors sharded like the param here (DCP reads the right slice)."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    by_fqn = dict(zip(fqns, params))
+    prefix = f"{_OPT_KEY}.state."
+    out: dict[str, dict[str, Any]] = {}
+    for key, md in metadata.state_dict_metadata.items():
+        if not key.startswith(prefix) or not isinstance(md, TensorStorageMetadata):
+            continue
+        rest = key[len(prefix):]
+        fqn = max((f for f in by_fqn if rest.startswith(f + ".")), key=len, default=None)
+        if fqn is None:
+            raise ValueError(f"the checkpoint holds optimizer state for {rest!r}, which is not "
+                             "a parameter of this model; load it into the model it was saved "
+                             "from")
+        p, size = by_fqn[fqn], tuple(md.size)
+        dtype = md.properties.dtype
+        if _is_dtensor(p) and size == tuple(p.shape):
+            t = torch.empty_like(p, dtype=dtype)
+        else:
+            t = torch.empty(size, dtype=dtype, device=local_tensor(p).device
+                            if size else "cpu")
+        out.setdefault(fqn, {})[rest[len(fqn) + 1:]] = t
+    return out
+
+
+def load_optimizer_state(model: nn.Module, optimizer: Any, path: str) -> None:
+    """Load what `save_optimizer_state` wrote into `optimizer`, an NTO built with the same
+    arguments over the same model (sharded the same way or not: DCP reshards)."""
+    import torch.distributed.checkpoint as dcp
+
+    opt = nto_of(optimizer)
+    params, fqns = _param_fqns(model, opt)
+    # 1) NTO's entry and the groups (small, replicated): the template's structure comes
+    #    from this optimizer, whose configuration must match anyway.
+    mine = opt.state_dict()
+    head = {_OPT_KEY: {"nto": mine["nto"], "param_groups": [
+        {**g, "params": [fqns[j] for j in g["params"]]} for g in mine["param_groups"]]}}
+    dcp.load(head, checkpoint_id=path)
+    # 2) the state tensors the checkpoint has (its active set, not this optimizer's)
+    reader = dcp.FileSystemReader(path)
+    state = _state_template(model, reader.read_metadata(), params, fqns)
+    if state:
+        dcp.load({_OPT_KEY: {"state": state}}, checkpoint_id=path)
+    index = {f: i for i, f in enumerate(fqns)}
+    loaded = head[_OPT_KEY]
+    sd = {
+        "state": {index[f]: {k: v.to_local() if _is_dtensor(v) else v for k, v in st.items()}
+                  for f, st in state.items()},
+        "param_groups": [{**g, "params": [index[f] for f in g["params"]]}
+                         for g in loaded["param_groups"]],
+        "nto": loaded["nto"],
+    }
+    opt.load_state_dict(sd)
