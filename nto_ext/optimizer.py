@@ -34,6 +34,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import ops
+from .auto import AutoBudget, check_auto_args, make_auto  # auto budget (issue 23)
 from .blocks import ParamInfo
 from .budget import (
     FLOAT_DTYPES,
@@ -415,7 +416,9 @@ class NTO(torch.optim.Optimizer):
         lr, betas, eps, weight_decay: as `torch.optim.AdamW` (decoupled weight decay).
         budget: int = trainable elements; float in (0, 1] or "N%" = share of all elements;
             byte string ("512MiB", "2GB", "1.5GiB") = device bytes of gradient + state per
-            the memory model (`nto_ext.budget`). "100%" is AdamW.
+            the memory model (`nto_ext.budget`). "100%" is AdamW. "auto": the largest
+            budget whose measured peak fits `memory` (or the device's free memory), with
+            activations measured on the first batch (`nto_ext.auto`).
         policy: "block" (groups of consecutive blocks take turns), "sample" (random
             blocks each period) or "sparse" (individual elements anywhere, a global top-K
             by gradient score with compact state; see nto_ext.sparse).
@@ -435,6 +438,7 @@ class NTO(torch.optim.Optimizer):
         sample_layers: sample policy: draw exactly this many units per period (LISA).
         regrow_fraction: sparse policy: share of the chosen elements dropped and regrown
             every `switch_every` steps, in [0, 0.25] (None: 0.1; 0: keep the first choice).
+        memory: with budget="auto" only: the memory to fit ("20GiB", or an int of bytes).
         maximize: as torch.optim.AdamW (per group too). `foreach`, `fused` (None/True/False)
             and `amsgrad`, `capturable`, `differentiable` (False only) are accepted so code
             written for AdamW runs unchanged; NTO always runs its own fused kernel.
@@ -450,7 +454,9 @@ class NTO(torch.optim.Optimizer):
                  seed: int = 0, state_on_switch: str = "drop", nonfinite: str = "skip",
                  always: Sequence[str] = (), max_grad_norm: float | None = None,
                  sample_layers: int | None = None,
-                 regrow_fraction: float | None = None, *, maximize: bool = False,
+                 regrow_fraction: float | None = None, *,
+                 memory: int | str | None = None,  # auto budget (issue 23)
+                 maximize: bool = False,
                  amsgrad: bool = False, foreach: bool | None = None,
                  fused: bool | None = None, capturable: bool = False,
                  differentiable: bool = False) -> None:
@@ -465,6 +471,7 @@ class NTO(torch.optim.Optimizer):
         _check_knobs("", defaults)
         _check_global(budget, policy, switch_every, order, seed, state_on_switch, nonfinite,
                       always, max_grad_norm, sample_layers, regrow_fraction)
+        check_auto_args(budget, memory)  # auto budget (issue 23)
         groups = _normalize_groups(params)
         for k, g in enumerate(groups):
             _check_hyper(f"param group {k}: ", g.get("lr", lr), g.get("betas", betas),
@@ -474,6 +481,8 @@ class NTO(torch.optim.Optimizer):
                       "sample_layers": sample_layers, "regrow_fraction": regrow_fraction}
         tensors = [p for g in groups for p in g["params"]]
         _check_sparse_layout(policy, groups)
+        if (auto := make_auto(budget, memory, tensors)) is not None:  # auto budget (issue 23)
+            self._args["budget"] = auto
         infos = [ParamInfo(g["param_names"][j] if "param_names" in g else None,
                            tuple(p.shape), p.dtype, _user_flag(p))
                  for g in groups for j, p in enumerate(g["params"])]
@@ -491,7 +500,7 @@ class NTO(torch.optim.Optimizer):
         self._offloaded: dict[int, dict[str, Any]] = {}
         self._attach(infos, [i.trainable for i in infos])
         msg = getattr(self.policy, "too_big_message", lambda: None)()
-        if msg:
+        if msg and auto is None:  # auto budget (issue 23): it warns at its measured plan
             warnings.warn(f"NTO: {msg}", UserWarning, stacklevel=2)
         log.info("NTO: %s policy, budget %s, %d of %d tensors trainable, first active: %s",
                  policy, self.budget.describe(), len(self.policy.trainable), len(tensors),
@@ -504,8 +513,11 @@ class NTO(torch.optim.Optimizer):
             raise ValueError("no parameter requires grad (every param given has "
                              "requires_grad=False or no elements); nothing would train. Set "
                              "requires_grad=True on what should train before building NTO")
-        budget = parse_budget(self._args["budget"], total)
         args = {k: v for k, v in self._args.items() if k not in ("budget", "policy")}
+        if isinstance(self._args["budget"], AutoBudget):  # auto budget (issue 23)
+            return self._args["budget"].plan(infos, self._args["policy"], lambda b: make_policy(
+                self._args["policy"], infos, b, **args))
+        budget = parse_budget(self._args["budget"], total)
         return budget, make_policy(self._args["policy"], infos, budget, **args)
 
     def _attach(self, infos: list[ParamInfo], flags: list[bool]) -> None:
@@ -641,11 +653,17 @@ class NTO(torch.optim.Optimizer):
         self._sync_params()
         self._follow_dtypes()
         self._choose_anchor()
+        # auto budget (issue 23): measure the forward/backward just run; re-plan if needed
+        auto = self._args["budget"] if isinstance(self._args["budget"], AutoBudget) else None
+        if auto is not None and auto.measure(sum(self._measure()), self._anchor is not None):
+            self._replace_plan(*self._plan(self._infos), self._infos, self._user_flags())
         self._ensure_applied()
         with torch.no_grad():
             self._update()
         self._peak_bytes = max(self._peak_bytes, sum(self._measure()))
         self._advance()
+        if auto is not None:  # auto budget (issue 23): the next forward/backward is measured
+            auto.restart(sum(self._measure()))
         return loss
 
     def _check_usable(self) -> None:
@@ -723,6 +741,8 @@ class NTO(torch.optim.Optimizer):
             "adamw_bytes": sum(state_bytes("adamw", i.numel, i.dtype) for i in self._infos
                                if i.trainable),
             "policy": self.policy.name, "budget": self.budget.text,
+            **({"budget_auto": self._args["budget"].report()}  # auto budget (issue 23)
+               if isinstance(self._args["budget"], AutoBudget) else {}),
         }
 
     def reset_peak(self) -> None:
