@@ -153,7 +153,7 @@ def predict(cap_text: str, config_dir: str, act: int) -> dict:
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT).stdout
     res = json.loads(out)
     res["seconds"] = time.perf_counter() - t
-    res["command"] = " ".join(["nto"] + cmd[3:])
+    res["command"] = " ".join(["nto"] + cmd[3:]).replace(config_dir, "smollm2-1.7b-shape/")
     return res
 
 
