@@ -254,3 +254,36 @@ def check_duplicates(groups: list[dict[str, Any]],
                     raise ValueError(f"two parameters are named {names[j]!r}; allowed: "
                                      "unique names (checkpoints map state by name)")
                 seen_names.add(names[j])
+
+
+def check_added_group(groups: list[dict[str, Any]], defaults: dict[str, Any], table: Any,
+                      param_group: dict[str, Any]) -> dict[str, Any]:
+    """A group for add_param_group after construction, normalized and checked against
+    the optimizer's `groups`, `defaults` and params (`table`: nto_ext.params.ParamTable)."""
+    if not isinstance(param_group, dict):
+        raise TypeError(f"param_group is a {type(param_group).__name__}; allowed: a dict "
+                        "like {'params': [...], 'lr': 1e-4}")
+    k = len(groups)
+    group = normalize_group(k, dict(param_group))
+    named = any("param_names" in g for g in groups)
+    check_named([group], named if table.params else None)
+    if named:
+        group.setdefault("param_names", [])
+    g_full = {**defaults, **group}
+    check_hyper(f"param group {k}: ", g_full["lr"], g_full["betas"], g_full["eps"],
+                g_full["weight_decay"])
+    infos = table.infos
+    seen = {id(p): repr(infos[i].name) if infos[i].name else f"#{i}"
+            for i, p in enumerate(table.params)}
+    check_duplicates([group], seen, {i.name for i in infos if i.name})
+    return group
+
+
+def check_trainable(infos: list[Any]) -> int:
+    """The trainable elements of `infos` (ParamInfo); ValueError when there are none."""
+    total = sum(i.numel for i in infos if i.trainable)
+    if total == 0:
+        raise ValueError("no parameter requires grad (every param given has "
+                         "requires_grad=False or no elements); nothing would train. Set "
+                         "requires_grad=True on what should train before building NTO")
+    return total

@@ -91,23 +91,24 @@ class Fit:
         return "\n".join(lines)
 
 
-def parse_memory(memory: object) -> tuple[int, str]:
-    """(bytes, text) of a stated memory: a byte string ('24GiB') or an int of bytes."""
+def parse_memory(memory: object, arg: str = "fit") -> tuple[int, str]:
+    """(bytes, text) of a stated memory: a byte string ('24GiB') or an int of bytes.
+    `arg` names the argument in errors (plan's `fit`, NTO's `memory`)."""
     if isinstance(memory, bool) or not isinstance(memory, (int, str)):
-        raise TypeError(f"fit={memory!r} has type {type(memory).__name__}; allowed: "
+        raise TypeError(f"{arg}={memory!r} has type {type(memory).__name__}; allowed: "
                         f"{_MEMORY_ALLOWED}")
     if isinstance(memory, str) and memory.strip().isascii() and memory.strip().isdigit():
         memory = int(memory.strip())  # a bare number is bytes here (budgets: elements)
     if isinstance(memory, int):
         if memory <= 0:
-            raise ValueError(f"fit={memory!r}; allowed: {_MEMORY_ALLOWED} (> 0)")
+            raise ValueError(f"{arg}={memory!r}; allowed: {_MEMORY_ALLOWED} (> 0)")
         return memory, f"{memory}B"
     try:
         b = parse_budget(memory, 1)
     except ValueError:
         b = None
     if b is None or b.kind != "bytes":
-        raise ValueError(f"fit={memory!r} is not a memory size; allowed: {_MEMORY_ALLOWED} "
+        raise ValueError(f"{arg}={memory!r} is not a memory size; allowed: {_MEMORY_ALLOWED} "
                          "(units B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)")
     return b.amount, memory.strip()
 
@@ -186,18 +187,15 @@ def _elements_budget(n: int) -> Budget:
 
 def find_fit(infos: list[ParamInfo], policy: str, make: Callable[[Budget], Policy],
              memory: int, memory_text: str, activation_bytes: int | None,
-             dtype: str, batch_size: int | None = None, seq_len: int | None = None) -> Fit:
-    """The largest element budget whose predicted total fits `memory` (see module doc)."""
+             dtype: str, batch_size: int | None = None, seq_len: int | None = None, *,
+             arg: str = "fit", activation_label: str = "activations") -> Fit:
+    """The largest element budget whose predicted total fits `memory` (see module doc).
+    `arg` and `activation_label` name the memory and the activation figure in errors."""
     total = sum(i.numel for i in infos)
     weights = sum(i.numel * i.dtype.itemsize for i in infos)
     margin = margin_bytes(memory)
     base = weights + (activation_bytes or 0) + margin
-
-    def built(e: int) -> Policy | None:
-        try:
-            return make(_elements_budget(e))
-        except ValueError:  # below the smallest unit (or the always blocks): nothing trains
-            return None
+    built = _builder(make)
 
     def need(pol: Policy) -> int:
         return base + sum(state_peak(pol))
@@ -205,8 +203,8 @@ def find_fit(infos: list[ParamInfo], policy: str, make: Callable[[Budget], Polic
     lo = _smallest_buildable(built, policy, infos, total)
     small = built(lo)
     if small is None or need(small) > memory:
-        raise _nothing_fits(small, lo, infos, memory, memory_text, weights, activation_bytes,
-                            policy, make)
+        raise _nothing_fits(small, lo, infos, memory, f"{arg}={memory_text!r}", weights,
+                            activation_bytes, activation_label, policy, make)
     if policy == "sparse":  # 16 B per element: closed form, no search needed
         bpe = small.bytes_per_element(infos[0].dtype)
         best = min(total, (memory - base - state_peak(small)[1]) // bpe)
@@ -228,6 +226,23 @@ def find_fit(infos: list[ParamInfo], policy: str, make: Callable[[Budget], Polic
                predicted_bytes=predicted, headroom_bytes=memory - predicted, covers=covers,
                untrainable=[param_label(infos[i].name, i) for i in
                             sorted(pol.untrainable, key=lambda i: -infos[i].numel)])
+
+
+def _builder(make: Callable[[Budget], Policy]) -> Callable[[int], Policy | None]:
+    """make() at an element budget; None where the policy refuses it (below the smallest
+    unit, or the always blocks): nothing would train there."""
+    def built(e: int) -> Policy | None:
+        try:
+            return make(_elements_budget(e))
+        except ValueError:
+            return None
+    return built
+
+
+def smallest_budget(infos: list[ParamInfo], policy: str,
+                    make: Callable[[Budget], Policy]) -> int:
+    """The smallest element budget the policy accepts over `infos`."""
+    return _smallest_buildable(_builder(make), policy, infos, sum(i.numel for i in infos))
 
 
 def _bisect(lo: int, hi: int, fits: Callable[[int], bool]) -> int:
@@ -265,7 +280,7 @@ def _smallest_buildable(built: Callable[[int], Policy | None], policy: str,
 
 
 def _nothing_fits(small: Policy | None, lo: int, infos: list[ParamInfo], memory: int,
-                  memory_text: str, weights: int, act: int | None, policy: str,
+                  given: str, weights: int, act: int | None, act_label: str, policy: str,
                   make: Callable[[Budget], Policy]) -> ValueError:
     if small is None:  # refused even at 100%: let the policy say why
         make(_elements_budget(lo))
@@ -284,10 +299,10 @@ def _nothing_fits(small: Policy | None, lo: int, infos: list[ParamInfo], memory:
             f"{format_bytes(transient)}")
     parts = [f"weights {format_bytes(weights)}", what]
     if act is not None:
-        parts.append(f"activations {format_bytes(act)}")
+        parts.append(f"{act_label} {format_bytes(act)}")
     over = " (the weights alone exceed it)" if weights > memory else ""
     return ValueError(
-        f"fit={memory_text!r} ({format_bytes(memory)}): nothing fits under policy={policy!r}"
+        f"{given} ({format_bytes(memory)}): nothing fits under policy={policy!r}"
         f"{over}; the smallest footprint is {format_bytes(core)} = {' + '.join(parts)}, "
         f"plus the {MARGIN_FRACTION:.0%} margin. State a memory of at least "
         f"{format_bytes(least)} ({least:,} bytes), or shrink the footprint: a 16-bit dtype "

@@ -27,17 +27,17 @@ import torch
 
 from . import persist
 from .args import (
+    check_added_group,
     check_contiguous,
-    check_duplicates,
     check_global,
     check_grad_layout,
     check_hyper,
     check_knobs,
-    check_named,
-    normalize_group,
+    check_trainable,
     normalize_groups,
     plain_number,
 )
+from .auto import AutoBudget, check_auto_args, make_auto
 from .blocks import ParamInfo
 from .budget import Budget, parse_budget, state_bytes, storage_bytes
 from .grads import GradGuard
@@ -68,7 +68,9 @@ class NTO(torch.optim.Optimizer):
         lr, betas, eps, weight_decay: as `torch.optim.AdamW` (decoupled weight decay).
         budget: int = trainable elements; float in (0, 1] or "N%" = share of all elements;
             byte string ("512MiB", "2GB", "1.5GiB") = device bytes of gradient + state per
-            the policy's memory model. "100%" is AdamW.
+            the policy's memory model. "100%" is AdamW. "auto": the largest budget whose
+            measured peak fits `memory` (or the device's free memory), with activations
+            measured on the first batch (`nto_ext.auto`).
         policy: a name in `nto_ext.policies.POLICIES` (README "Policies"): groups of
             consecutive blocks taking turns (the default), blocks drawn at random each
             period, or individual elements anywhere chosen by gradient score.
@@ -87,6 +89,7 @@ class NTO(torch.optim.Optimizer):
         max_grad_norm: clip the active gradients to this total L2 norm (None: no clipping).
             A policy with compact gradients frees the dense ones in backward, so
             `clip_grad_norm_` and Trainer's own clipping see none: pass it here.
+        memory: with budget="auto" only: the memory to fit ("20GiB", or an int of bytes).
         maximize: as torch.optim.AdamW (per group too). `foreach`, `fused` (None/True/False)
             and `amsgrad`, `capturable`, `differentiable` (False only) are accepted so code
             written for AdamW runs unchanged; NTO always runs its own fused kernel.
@@ -102,7 +105,8 @@ class NTO(torch.optim.Optimizer):
                  order: str = "ascending", seed: int = 0, state_on_switch: str = "drop",
                  nonfinite: str = "skip", always: Sequence[str] = (),
                  max_grad_norm: float | None = None, sample_layers: int | None = None,
-                 regrow_fraction: float | None = None, *, maximize: bool = False,
+                 regrow_fraction: float | None = None, *, memory: int | str | None = None,
+                 maximize: bool = False,
                  amsgrad: bool = False, foreach: bool | None = None,
                  fused: bool | None = None, capturable: bool = False,
                  differentiable: bool = False) -> None:
@@ -120,12 +124,14 @@ class NTO(torch.optim.Optimizer):
                         always=always, sample_layers=sample_layers,
                         regrow_fraction=regrow_fraction)
         check_global(budget, state_on_switch, nonfinite, max_grad_norm, cls)
+        check_auto_args(budget, memory)
         groups = normalize_groups(params)
         for k, g in enumerate(groups):
             check_hyper(f"param group {k}: ", g.get("lr", lr), g.get("betas", betas),
                         g.get("eps", eps), g.get("weight_decay", weight_decay))
         check_contiguous(cls, groups)
-        self._args = {"budget": budget, "policy": policy, "config": cfg}
+        auto = make_auto(budget, memory, [p for g in groups for p in g["params"]])
+        self._args = {"budget": auto or budget, "policy": policy, "config": cfg}
         infos = [ParamInfo(g["param_names"][j] if "param_names" in g else None,
                            tuple(p.shape), p.dtype, user_flag(p))
                  for g in groups for j, p in enumerate(g["params"])]
@@ -140,7 +146,7 @@ class NTO(torch.optim.Optimizer):
         self.offloaded: dict[int, dict[str, Any]] = {}
         self._attach(infos, [i.trainable for i in infos])
         msg = self.policy.too_big_message()
-        if msg:
+        if msg and auto is None:  # auto warns at its measured plan
             warnings.warn(f"NTO: {msg}", UserWarning, stacklevel=2)
         log.info("NTO: %s policy, budget %s, %d of %d tensors trainable, first active: %s",
                  policy, self.budget.describe(), len(self.policy.trainable), len(infos),
@@ -148,13 +154,13 @@ class NTO(torch.optim.Optimizer):
 
     def _plan(self, infos: list[ParamInfo]) -> tuple[Budget, Policy]:
         """Budget and policy over `infos` (the budget's shares count trainable elements)."""
-        total = sum(i.numel for i in infos if i.trainable)
-        if total == 0:
-            raise ValueError("no parameter requires grad (every param given has "
-                             "requires_grad=False or no elements); nothing would train. Set "
-                             "requires_grad=True on what should train before building NTO")
-        budget = parse_budget(self._args["budget"], total)
-        return budget, policy_class(self._args["policy"])(infos, budget, self._args["config"])
+        total = check_trainable(infos)
+        given, cls, cfg = self._args["budget"], policy_class(self._args["policy"]), \
+            self._args["config"]
+        if isinstance(given, AutoBudget):
+            return given.plan(infos, cls.name, lambda b: cls(infos, b, cfg))
+        budget = parse_budget(given, total)
+        return budget, cls(infos, budget, cfg)
 
     def _attach(self, infos: list[ParamInfo], flags: list[bool]) -> None:
         """Runtime wiring over param_groups: the param table, updater, hooks, ownership
@@ -233,27 +239,13 @@ class NTO(torch.optim.Optimizer):
         if getattr(self, "_constructing", False):
             super().add_param_group(param_group)
             return
-        if not isinstance(param_group, dict):
-            raise TypeError(f"param_group is a {type(param_group).__name__}; allowed: a dict "
-                            "like {'params': [...], 'lr': 1e-4}")
         self._check_usable()
-        k = len(self.param_groups)
-        group = normalize_group(k, dict(param_group))
-        named = any("param_names" in g for g in self.param_groups)
-        check_named([group], named if self.table.params else None)
-        if named:
-            group.setdefault("param_names", [])
-        g_full = {**self.defaults, **group}
-        check_hyper(f"param group {k}: ", g_full["lr"], g_full["betas"], g_full["eps"],
-                    g_full["weight_decay"])
-        infos = self.table.infos
-        seen = {id(p): repr(infos[i].name) if infos[i].name else f"#{i}"
-                for i, p in enumerate(self.table.params)}
-        check_duplicates([group], seen, {i.name for i in infos if i.name})
+        group = check_added_group(self.param_groups, self.defaults, self.table, param_group)
         check_contiguous(type(self.policy), [group])
         names = group.get("param_names")
         new = [ParamInfo(names[j] if names else None, tuple(p.shape), p.dtype, user_flag(p))
                for j, p in enumerate(group["params"])]
+        infos = self.table.infos
         budget, policy = self._plan(infos + new)  # may refuse: nothing changed yet
         flags = self._user_flags() + [i.trainable for i in new]
         self._constructing = True
@@ -297,12 +289,21 @@ class NTO(torch.optim.Optimizer):
         self._sync_params()
         self._follow_dtypes()
         self._choose_anchor()
+        auto = self._auto()  # measures the forward/backward just run; re-plans if needed
+        if auto and auto.measure(sum(measure(self, self.updater)), self._anchor is not None):
+            self._replace_plan(*self._plan(self.table.infos), self.table.infos,
+                               self._user_flags())
         self._ensure_applied()
         with torch.no_grad():
             self.updater.update()
         self._peak_bytes = max(self._peak_bytes, sum(measure(self, self.updater)))
         self._advance()
+        if auto:  # the next forward/backward is measured from here
+            auto.restart(sum(measure(self, self.updater)))
         return loss
+
+    def _auto(self) -> AutoBudget | None:
+        return self._args["budget"] if isinstance(self._args["budget"], AutoBudget) else None
 
     def _check_usable(self) -> None:
         if self._handles.released:
@@ -336,16 +337,11 @@ class NTO(torch.optim.Optimizer):
         return self.policy.active_names(self._step)
 
     def memory_report(self) -> dict[str, Any]:
-        """Training-state memory measured from real storage, in bytes.
-
-        grad_bytes: storages of all params' .grad and the policy's gradient buffers;
-        state_bytes: optimizer state tensors (moments and step counts) of every param;
-        index_bytes: index tensors; offload_bytes: state kept in host memory;
-        transient_bytes: temporary buffers (e.g. a dense gradient a compact policy folds);
-        total_bytes = grad + state + index (the budgeted training state, now).
-        peak_total_bytes: the largest total measured inside step(), right after the update
-        and before a switch frees anything (grads and state both alive): the step's peak.
-        Storages are counted once each (deduplicated by device and data pointer).
+        """Training-state memory measured from real storage, in bytes (each storage once):
+        grad_bytes (params' .grad and the policy's gradient buffers), state_bytes, index_bytes,
+        total_bytes (their sum: the budgeted training state now), peak_total_bytes (the
+        largest total inside step(), after the update and before a switch frees anything),
+        offload_bytes (host copies), transient_bytes (temporary buffers outside the total).
         """
         self._sync_params()
         grad_b, state_b, index_b = measure(self, self.updater)
@@ -366,6 +362,7 @@ class NTO(torch.optim.Optimizer):
             "adamw_bytes": sum(state_bytes("adamw", i.numel, i.dtype) for i in infos
                                if i.trainable),
             "policy": self.policy.name, "budget": self.budget.text,
+            **({"budget_auto": auto.report()} if (auto := self._auto()) else {}),
         }
 
     def reset_peak(self) -> None:

@@ -423,7 +423,7 @@ def test_op_errors_name_the_param():
         raise RuntimeError("masked_adamw_: exp_avgs[1] is not contiguous")
 
     with pytest.raises(RuntimeError, match=r"exp_avgs\[1\] \(parameter 'model.layers.0"):
-        opt._op(failing, [0, 1])
+        opt.table.call(failing, [0, 1])
 
 
 # ----------------------------------------------------------------- Trainer + peft LoRA

@@ -158,7 +158,7 @@ def test_bad_input(kwargs, exc, msg):
 def test_sparse_gradient_is_refused():
     emb = torch.nn.Embedding(10, 4, sparse=True)
     opt = NTO(emb.named_parameters(), budget="100%")
-    with pytest.raises(TypeError, match="got a sparse gradient; allowed: dense gradients"):
+    with pytest.raises(TypeError, match="has a sparse gradient; allowed: dense gradients"):
         emb(torch.tensor([1, 2])).sum().backward()
     assert not opt.state
 
