@@ -63,6 +63,9 @@ def _extensions():
         ext = ce.CUDAExtension(**kwargs)
     else:
         ext = ce.CppExtension(**kwargs)
+    # ninja (the pip package, README's install step) also when this environment is not
+    # activated: without it BuildExtension falls back to a slow serial build.
+    os.environ["PATH"] = info.path_with_ninja(os.environ.get("PATH", ""))
     return [ext], {"build_ext": ce.BuildExtension.with_options(use_ninja=True)}
 
 

@@ -34,3 +34,24 @@ def cuda_args(torch_version: str, shell: bool = False) -> list[str]:
     q = '\\"' if shell else '"'
     return ["-O3", "-std=c++17", f"-DNTO_TORCH_VERSION={q}{torch_version}{q}",
             "-DNTO_WITH_CUDA", "-Xcompiler", "-ffp-contract=off"]
+
+
+def path_with_ninja(path: str) -> str:
+    """`path` (a PATH value) with the pip package ninja's folder added when it has no ninja.
+
+    torch's cpp_extension runs `ninja` from PATH: the JIT build refuses to start without it
+    and setup.py falls back to a slow serial build. The package `ninja` (a dependency of
+    nto_ext) installs it in its environment's scripts folder, which is on PATH only while
+    the environment is activated; a python run by its full path needs it added.
+    """
+    import os
+    import shutil
+
+    if shutil.which("ninja", path=path):
+        return path
+    try:
+        import ninja
+    except ImportError:  # torch's error then says ninja is missing
+        return path
+    folder = getattr(ninja, "BIN_DIR", "")
+    return os.pathsep.join(p for p in (folder, path) if p)

@@ -1,11 +1,15 @@
 """The only door to the kernels.
 
-Loads the compiled module `nto_ext._C` (registering `torch.ops.nto.*`), or JIT-builds the
-same sources when it is missing, or falls back to `nto_ext._reference` with one warning
-naming the reason. Every op is exposed here as a plain function taking tensor lists.
+Defines the `torch.ops.nto.*` operators (schemas, in `SCHEMAS`) with `torch.library`, with
+`nto_ext._reference` as their default implementation and fake (meta) implementations, so
+they trace under torch.compile / FSDP2 whatever is built. The compiled module `nto_ext._C`
+(or a JIT build of the same sources) only adds CPU and CUDA kernels, which the dispatcher
+prefers to the default for tensors on their device; without it the reference runs, after
+one warning naming the reason. Every op is exposed here as a plain function taking tensor
+lists, a thin call of its `torch.ops.nto` operator.
 
-NTO_EXT_BACKEND=reference|cpu|cuda forces a path (cpu/cuda: fail loudly if unavailable).
-NTO_EXT_JIT=0 disables the JIT build.
+NTO_EXT_BACKEND=reference|cpu|cuda forces a path (reference: never load the kernels;
+cpu/cuda: fail loudly if they are unavailable). NTO_EXT_JIT=0 disables the JIT build.
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ import functools
 import importlib.util
 import logging
 import os
-import sys
 import types
 import warnings
 from collections.abc import Sequence
@@ -23,7 +26,7 @@ from pathlib import Path
 import torch
 
 from . import _reference
-from ._buildinfo import MARKER, compile_args, cuda_args
+from ._buildinfo import MARKER, compile_args, cuda_args, path_with_ninja
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +34,68 @@ _PKG = Path(__file__).resolve().parent
 _CSRC = _PKG.parent / "csrc"
 _ALLOWED_BACKENDS = ("reference", "cpu", "cuda")
 
-_state: dict = {"loaded": None, "reason": None, "module": None}
+# The one definition of every operator; csrc/ registers kernels for them (TORCH_LIBRARY_IMPL).
+SCHEMAS = {
+    "param_stats": "(Tensor[] tensors, bool histogram=True) -> (Tensor numel, Tensor sumsq, "
+                   "Tensor absmax, Tensor hist)",
+    "masked_adamw_": "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+                     "Tensor(c!)[] exp_avg_sqs, Tensor?[] indices, Tensor[] steps, float lr, "
+                     "float beta1, float beta2, float eps, float weight_decay) -> ()",
+    "select_topk": "(Tensor[] tensors, int k) -> Tensor[]",
+    "remap_state": "(Tensor[] old_indices, Tensor[] new_indices, Tensor[] states) -> Tensor[]",
+    "gather_accumulate_": "(Tensor[] dense, Tensor[] indices, Tensor(a!)[] compact) -> ()",
+}
+
+# "DEF" claims the namespace: a stale _C that still defines it (TORCH_LIBRARY) fails to load
+# with a message naming nto, instead of running beside these definitions. Kept alive here:
+# the registrations last as long as this object.
+_LIB = torch.library.Library("nto", "DEF")
+for _name, _schema in SCHEMAS.items():
+    _LIB.define(_name + _schema)
+    # CompositeExplicitAutograd is the default for every device: a kernel registered for the
+    # tensors' device (CPU, CUDA by _C) takes precedence, any other device runs the reference.
+    _LIB.impl(_name, getattr(_reference, _name), "CompositeExplicitAutograd")
+del _name, _schema
+
+
+# The fakes run the reference's argument checks (metadata only: contents of meta and fake
+# tensors are unknown), so a bad call fails while tracing as it would when run.
+@torch.library.register_fake("nto::param_stats", lib=_LIB)
+def _(tensors, histogram=True):
+    _reference._check_float_list("param_stats", "tensors", tensors)
+    n = len(tensors)
+    dev = tensors[0].device if n else torch.device("cpu")
+    return (torch.empty(n, dtype=torch.int64, device=dev),
+            torch.empty(n, dtype=torch.float64, device=dev),
+            torch.empty(n, dtype=torch.float32, device=dev),
+            torch.empty(n, 256 if histogram else 0, dtype=torch.int64, device=dev))
+
+
+@torch.library.register_fake("nto::masked_adamw_", lib=_LIB)
+def _(*args):
+    _reference.check_masked_adamw(*args)
+
+
+@torch.library.register_fake("nto::select_topk", lib=_LIB)
+def _(tensors, k):
+    _reference.check_select_topk(tensors, k)
+    ctx = torch.library.get_ctx()
+    return [torch.empty(ctx.new_dynamic_size(), device=t.device,
+                        dtype=_reference._index_dtype_for(t.numel())) for t in tensors]
+
+
+@torch.library.register_fake("nto::remap_state", lib=_LIB)
+def _(old_indices, new_indices, states):
+    _reference.check_remap_state(old_indices, new_indices, states)
+    return [s.new_empty(*s.shape[:-1], n.shape[0]) for n, s in zip(new_indices, states)]
+
+
+@torch.library.register_fake("nto::gather_accumulate_", lib=_LIB)
+def _(dense, indices, compact):
+    _reference.check_gather_accumulate(dense, indices, compact)
+
+
+# ------------------------------------------------------------------- loading the kernels
 
 
 class BuildMismatchError(ImportError):
@@ -62,7 +126,7 @@ def _load_compiled():
         raise BuildMismatchError(
             f"nto_ext._C at {spec.origin} was built against torch {built}, but torch "
             f"{torch.__version__} is running; {_rebuild_hint()}")
-    from . import _C  # noqa: F401  (loading registers torch.ops.nto.*)
+    from . import _C  # loading registers the CPU/CUDA kernels of torch.ops.nto.*
 
     return _C
 
@@ -82,44 +146,52 @@ def _jit_build():
         sources += sorted(str(p) for p in (_CSRC / "cuda").glob("*.cu"))
     log.warning("nto_ext: compiling the extension just in time (%s, once)",
                 "several minutes: CUDA kernels included" if cuda else "about a minute")
-    load(name="nto_ext_jit", sources=sources,
-         extra_cflags=compile_args(torch.__version__, cuda=cuda, shell=True),
-         extra_cuda_cflags=cuda_args(torch.__version__, shell=True) if cuda else None,
-         extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+    path = os.environ.get("PATH", "")
+    os.environ["PATH"] = path_with_ninja(path)  # for this build only: restored below
+    try:
+        load(name="nto_ext_jit", sources=sources,
+             extra_cflags=compile_args(torch.__version__, cuda=cuda, shell=True),
+             extra_cuda_cflags=cuda_args(torch.__version__, shell=True) if cuda else None,
+             extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+    finally:
+        os.environ["PATH"] = path
     return types.SimpleNamespace(jit=True, with_cuda=int(cuda))
 
 
-def _ensure_loaded() -> bool:
-    """True when torch.ops.nto.* kernels are registered; decided once per process."""
-    if _state["loaded"] is not None:
-        return _state["loaded"]
+def _last_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e) else ''}"
+
+
+@functools.cache
+def _kernels():
+    """The loaded kernel module (nto_ext._C or the JIT build's facts), or None when the
+    reference runs; decided once per process, on the first op call (a JIT build takes
+    minutes: importing nto_ext never starts one). Raises when NTO_EXT_BACKEND forces a path
+    that is unavailable, and for a stale build."""
     forced = forced_backend()
     if forced == "reference":
-        _state.update(loaded=False, reason="NTO_EXT_BACKEND=reference")
-        return False
+        return None
     reasons = []
     try:
         module = _load_compiled()
         if module is None:
             reasons.append("nto_ext._C is not built")
             module = _jit_build()
-        _state.update(loaded=True, module=module)
     except BuildMismatchError:
         raise
     except Exception as e:  # the fallback must name the reason, never hide it
-        reasons.append(f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e) else ''}")
-        reason = "; ".join(reasons)
+        reason = "; ".join([*reasons, _last_line(e)])
         if forced in ("cpu", "cuda"):
             raise RuntimeError(f"NTO_EXT_BACKEND={forced} but the extension is unavailable: "
                                f"{reason}") from e
         warnings.warn(f"nto_ext: using the slow pure-PyTorch reference ops ({reason}); "
-                      f"{_rebuild_hint()}", RuntimeWarning, stacklevel=3)
-        _state.update(loaded=False, reason=reason)
-        return False
-    if forced == "cuda" and not has_cuda_kernels():
-        raise RuntimeError("NTO_EXT_BACKEND=cuda but the extension was built without CUDA")
-    _register_fakes()
-    return True
+                      f"{_rebuild_hint()}", RuntimeWarning, stacklevel=4)
+        return None
+    if forced == "cuda" and not (module.with_cuda and torch.cuda.is_available()):
+        raise RuntimeError("NTO_EXT_BACKEND=cuda but the extension was built without CUDA "
+                           "or no GPU is visible; build with NTO_EXT_BUILD=cuda pip install "
+                           "--no-build-isolation -e . on a machine with a GPU, or unset it")
+    return module
 
 
 def forced_backend() -> str | None:
@@ -134,98 +206,21 @@ def forced_backend() -> str | None:
 
 
 def has_cuda_kernels() -> bool:
-    m = _state["module"]
-    return bool(getattr(m, "with_cuda", 0)) and torch.cuda.is_available()
+    """True when CUDA tensors run compiled kernels (else they run the reference)."""
+    return bool(getattr(_kernels(), "with_cuda", 0)) and torch.cuda.is_available()
 
 
 def backend() -> str:
     """Which path runs the ops: "cuda-ext", "cpu-ext" or "reference"."""
-    if not _ensure_loaded():
+    if _kernels() is None:
         return "reference"
     return "cuda-ext" if has_cuda_kernels() else "cpu-ext"
 
 
-def _use_kernels(tensors: Sequence[torch.Tensor]) -> bool:
-    if not tensors or not _ensure_loaded():
-        return False
-    if tensors[0].device.type == "cuda" and not has_cuda_kernels():
-        return False
-    return tensors[0].device.type in ("cpu", "cuda")
-
-
-_fakes_done = False
-
-
-def _register_fakes() -> None:
-    """Meta implementations so the ops trace under torch.compile / FSDP2 like ATen's own."""
-    global _fakes_done
-    if _fakes_done:
-        return
-    _fakes_done = True
-
-    def fake(name: str):
-        # Only ops whose schema this build defines (an older _C may lack some).
-        if not _has_schema(name):
-            return lambda fn: fn
-        return torch.library.register_fake(f"nto::{name}")
-
-    # The fakes run the reference's argument checks (metadata only: contents of meta and
-    # fake tensors are unknown), so a bad call fails while tracing as it would when run.
-    @fake("param_stats")
-    def _(tensors, histogram=True):
-        _reference._check_float_list("param_stats", "tensors", tensors)
-        n = len(tensors)
-        dev = tensors[0].device
-        return (torch.empty(n, dtype=torch.int64, device=dev),
-                torch.empty(n, dtype=torch.float64, device=dev),
-                torch.empty(n, dtype=torch.float32, device=dev),
-                torch.empty(n, 256 if histogram else 0, dtype=torch.int64, device=dev))
-
-    @fake("masked_adamw_")
-    def _(*args):
-        _reference.check_masked_adamw(*args)
-
-    @fake("select_topk")
-    def _(tensors, k):
-        _reference.check_select_topk(tensors, k)
-        ctx = torch.library.get_ctx()
-        return [torch.empty(ctx.new_dynamic_size(), device=t.device,
-                            dtype=_reference._index_dtype_for(t.numel())) for t in tensors]
-
-    @fake("remap_state")
-    def _(old_indices, new_indices, states):
-        _reference.check_remap_state(old_indices, new_indices, states)
-        return [s.new_empty(*s.shape[:-1], n.shape[0]) for n, s in zip(new_indices, states)]
-
-    @fake("gather_accumulate_")
-    def _(dense, indices, compact):
-        _reference.check_gather_accumulate(dense, indices, compact)
-
-
-def _has_schema(name: str) -> bool:
-    try:
-        torch._C._dispatch_find_schema_or_throw(f"nto::{name}", "")
-    except RuntimeError:
-        return False
-    return True
-
-
-def _has_kernel(name: str, device: torch.device | str) -> bool:
-    """True when `torch.ops.nto.<name>` has a kernel registered for this device (a backend
-    may lack some ops; the wrapper then runs the reference)."""
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(torch.device(device).type)
-    return (key is not None and _has_schema(name)
-            and torch._C._dispatch_has_kernel_for_dispatch_key(f"nto::{name}", key))
-
-
-# _kernel_for asks only after the extension is loaded, when the answer is final.
-_has_kernel_cached = functools.cache(_has_kernel)
-
-
-def _kernel_for(name: str, tensors: Sequence[torch.Tensor]):
-    """The compiled op to call for these tensors, or None to run the reference."""
-    if not _use_kernels(tensors) or not _has_kernel_cached(name, tensors[0].device.type):
-        return None
+def _op(name: str):
+    """torch.ops.nto.<name>, once the kernels (if any) are loaded: the dispatcher picks the
+    kernel for the tensors' device, or the reference where none is registered."""
+    _kernels()
     return getattr(torch.ops.nto, name)
 
 
@@ -240,10 +235,7 @@ def param_stats(tensors: Sequence[torch.Tensor], *, histogram: bool = True):
     tensors = list(tensors)
     if not isinstance(histogram, bool):
         raise TypeError(f"param_stats: histogram={histogram!r}; allowed: True or False")
-    kernel = _kernel_for("param_stats", tensors)
-    if kernel:
-        return kernel(tensors, histogram)
-    return _reference.param_stats(tensors, histogram)
+    return _op("param_stats")(tensors, histogram)
 
 
 StepsArg = int | float | torch.Tensor | Sequence[int | float | torch.Tensor]
@@ -290,13 +282,8 @@ def masked_adamw_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
         list(exp_avg_sqs)
     indices = list(indices)
     steps = _step_tensors(steps, len(params))
-    args = (params, grads, exp_avgs, exp_avg_sqs, indices, steps,
-            float(lr), float(beta1), float(beta2), float(eps), float(weight_decay))
-    kernel = _kernel_for("masked_adamw_", params)
-    if kernel:
-        kernel(*args)
-    else:
-        _reference.masked_adamw_(*args)
+    _op("masked_adamw_")(params, grads, exp_avgs, exp_avg_sqs, indices, steps, float(lr),
+                         float(beta1), float(beta2), float(eps), float(weight_decay))
 
 
 def select_topk(tensors: Sequence[torch.Tensor], k: int) -> list[torch.Tensor]:
@@ -304,9 +291,7 @@ def select_topk(tensors: Sequence[torch.Tensor], k: int) -> list[torch.Tensor]:
     positions (int64 past 2**31-1 elements) in the flattened tensor. Ties at the threshold
     go to the lowest concatenated position; NaN ranks below every number. k=0 gives empty
     lists; k larger than the total is an error. See `_reference.select_topk`."""
-    tensors = list(tensors)
-    kernel = _kernel_for("select_topk", tensors)
-    return kernel(tensors, int(k)) if kernel else _reference.select_topk(tensors, int(k))
+    return _op("select_topk")(list(tensors), int(k))
 
 
 def remap_state(old_indices: Sequence[torch.Tensor], new_indices: Sequence[torch.Tensor],
@@ -314,25 +299,16 @@ def remap_state(old_indices: Sequence[torch.Tensor], new_indices: Sequence[torch
     """Move compact state from one sorted index set to another: states[i] has shape
     [..., len(old_indices[i])] (e.g. [2, L] = stacked exp_avg/exp_avg_sq); returns
     [..., len(new_indices[i])] with kept positions carried and new positions 0."""
-    old_indices, new_indices, states = list(old_indices), list(new_indices), list(states)
-    kernel = _kernel_for("remap_state", states)
-    if kernel:
-        return kernel(old_indices, new_indices, states)
-    return _reference.remap_state(old_indices, new_indices, states)
+    return _op("remap_state")(list(old_indices), list(new_indices), list(states))
 
 
 def gather_accumulate_(dense: Sequence[torch.Tensor], indices: Sequence[torch.Tensor],
                        compact: Sequence[torch.Tensor]) -> None:
     """compact[i] += dense[i].view(-1)[indices[i]] in place (dense fp32/bf16/fp16, compact
     fp32, indices sorted unique): the sparse policy's gradient compaction."""
-    dense, indices, compact = list(dense), list(indices), list(compact)
-    kernel = _kernel_for("gather_accumulate_", dense)
-    if kernel:
-        kernel(dense, indices, compact)
-    else:
-        _reference.gather_accumulate_(dense, indices, compact)
+    _op("gather_accumulate_")(list(dense), list(indices), list(compact))
 
 
 __all__ = ["backend", "param_stats", "masked_adamw_", "select_topk", "remap_state",
-           "gather_accumulate_", "BuildMismatchError"]
-del sys
+           "gather_accumulate_", "BuildMismatchError", "forced_backend", "has_cuda_kernels",
+           "SCHEMAS"]

@@ -1,14 +1,18 @@
 """The foundation: the compiled backend is the one running, fallbacks work and say why."""
 
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import nto_ext
 from nto_ext import _reference, ops
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _run(code: str, **env):
@@ -101,3 +105,145 @@ def test_param_stats_plumbing_agrees_with_reference():
     torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=0)  # sumsq: fp32 lanes
     for g, w in zip((got[0], got[2], got[3]), (want[0], want[2], want[3])):
         assert torch.equal(g, w)
+
+
+# One door: ops.py defines the operators with the reference as their default kernel; _C only
+# adds CPU/CUDA kernels, which the dispatcher prefers. Which one ran is seen in the profile:
+# the reference param_stats calls aten::bincount, the CPU kernel calls no ATen op for it.
+WHICH_RAN = ("import sys, torch, nto_ext.ops as o\n"
+             "x = [torch.randn(1000)]\n"
+             "o.param_stats(x)\n"
+             "with torch.profiler.profile() as prof:\n"
+             "    o.param_stats(x)\n"
+             "names = {e.name for e in prof.events()}\n"
+             "print(o.backend(), 'nto::param_stats' in names, 'aten::bincount' in names,\n"
+             "      'nto_ext._C' in sys.modules)")
+
+
+def test_compiled_cpu_kernel_wins_over_the_reference():
+    if os.environ.get("NTO_EXT_BACKEND") == "reference":
+        pytest.skip("reference backend forced by the environment")
+    r = _run(WHICH_RAN, NTO_EXT_BACKEND="")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["cpu-ext", "True", "False", "True"]
+
+
+def test_forced_reference_runs_the_reference_through_the_same_op():
+    r = _run(WHICH_RAN, NTO_EXT_BACKEND="reference")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["reference", "True", "True", "False"]
+
+
+def test_fakes_are_registered_without_the_extension():
+    code = ("import torch, nto_ext.ops as o\n"
+            "from torch._subclasses.fake_tensor import FakeTensorMode\n"
+            "from torch.fx.experimental.symbolic_shapes import ShapeEnv\n"
+            "m = torch.empty(5, device='meta')\n"
+            "print(torch.ops.nto.param_stats([m])[3].shape)\n"
+            "print(torch.ops.nto.remap_state([torch.arange(5, device='meta')],\n"
+            "    [torch.arange(3, device='meta')], [torch.empty(2, 5, device='meta')])[0].shape)\n"
+            "with FakeTensorMode(shape_env=ShapeEnv()):\n"
+            "    print(len(torch.ops.nto.select_topk([torch.randn(9)], 4)))\n"
+            "try:\n"
+            "    torch.ops.nto.select_topk([m], 6)\n"
+            "except ValueError as e:\n"
+            "    print(str(e).split(';')[0])\n"
+            "print(o.backend())")
+    r = _run(code, NTO_EXT_BACKEND="reference")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["torch.Size([1, 256])", "torch.Size([2, 3])", "1",
+                                     "select_topk: k=6 is out of range", "reference"]
+
+
+def test_ops_asks_the_dispatcher_nothing_private():
+    src = (ROOT / "nto_ext" / "ops.py").read_text()
+    assert "torch._C" not in src and "_reference." + "masked_adamw_(" not in src
+
+
+# ninja: torch's cpp_extension needs the executable (the JIT build refuses to start without
+# it); the pip package is declared, and the README installs it before building.
+
+
+def _ninja_requirement(reqs: list[str]) -> str | None:
+    return next((r for r in reqs if re.match(r"ninja\b", r)), None)
+
+
+def test_ninja_is_declared_where_the_install_needs_it():
+    tomllib = pytest.importorskip("tomllib")
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert _ninja_requirement(meta["build-system"]["requires"]), "build-system.requires"
+    assert _ninja_requirement(meta["project"]["dependencies"]), "project.dependencies"
+    # --no-build-isolation installs no build requirement: each README command that builds
+    # must have installed ninja in an earlier step of the same command.
+    commands = [line for line in (ROOT / "README.md").read_text().splitlines()
+                if line.startswith("python3.11 -m venv") and "--no-build-isolation" in line]
+    assert len(commands) >= 2, "the README's demo and test commands"
+    for cmd in commands:
+        before = cmd.split("--no-build-isolation")[0]
+        assert re.search(r"pip install [^&]*\bninja\b", before), cmd
+
+
+def test_path_with_ninja_adds_the_package_folder_only_when_needed(tmp_path, monkeypatch):
+    from nto_ext._buildinfo import path_with_ninja
+
+    pkg, system = tmp_path / "pkg", tmp_path / "system"
+    pkg.mkdir(), system.mkdir()
+    monkeypatch.setitem(sys.modules, "ninja", type(sys)("ninja"))
+    monkeypatch.setattr(sys.modules["ninja"], "BIN_DIR", str(pkg), raising=False)
+    assert path_with_ninja(str(system)) == os.pathsep.join([str(pkg), str(system)])
+    exe = system / "ninja"
+    exe.write_text("#!/bin/sh\n")
+    exe.chmod(0o755)
+    assert path_with_ninja(str(system)) == str(system)  # a ninja on PATH is used as it is
+
+
+def _path_without_ninja(farm: Path) -> str:
+    """One folder linking every program on this PATH except ninja (the compiler stays)."""
+    farm.mkdir()
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        if not os.path.isdir(folder):
+            continue
+        for name in os.listdir(folder):
+            if name != "ninja" and not os.path.lexists(farm / name):
+                (farm / name).symlink_to(Path(folder) / name)
+    return str(farm)
+
+
+JIT_IN_VENV = ("import importlib.util, shutil; import nto_ext.ops as o; "
+               "o.importlib.util.find_spec = lambda n: None; "
+               "print(shutil.which('ninja'), o.backend())")
+
+
+@pytest.mark.slow
+def test_jit_build_in_a_fresh_venv_without_system_ninja(tmp_path):
+    """Minutes: a fresh venv (torch and nto_ext from this environment through a .pth file),
+    PATH without any ninja and without the venv's bin (not activated), NTO_EXT_BACKEND=cpu.
+    Without the pip package the JIT build must fail naming ninja; with the declared
+    requirement installed (from PyPI) it must build and run the compiled kernels."""
+    import sysconfig
+
+    import tomllib
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    py = str(venv / "bin" / "python")
+    site = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    # appended after the venv's own site-packages: a ninja installed there comes first
+    Path(site, "nto_host.pth").write_text(f"{sysconfig.get_path('purelib')}\n{ROOT}\n")
+    env = dict(os.environ, PATH=_path_without_ninja(tmp_path / "bin"), NTO_EXT_BACKEND="cpu",
+               TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
+
+    def jit():
+        return subprocess.run([py, "-c", JIT_IN_VENV], capture_output=True, text=True,
+                              env=env, timeout=1800)
+
+    r = jit()
+    assert r.returncode != 0 and "ninja" in r.stderr.lower(), r.stdout + r.stderr[-3000:]
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    req = _ninja_requirement(meta["project"]["dependencies"])
+    subprocess.run([py, "-m", "pip", "install", "-q", "--ignore-installed", "--no-deps", req],
+                   check=True, timeout=600, env=env)
+    r = jit()
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split() == ["None", "cpu-ext"]

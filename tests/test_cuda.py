@@ -28,23 +28,18 @@ INT32_MAX = 2**31 - 1
 # --------------------------------------------------------------------------- helpers
 
 
-def _op(name: str, device: str):
-    """torch.ops.nto.<name> when a kernel for `device` is registered, else None."""
-    if not ops._ensure_loaded() or not ops._has_kernel(name, torch.device(device)):
-        return None
+def _cuda_op(name: str):
+    """torch.ops.nto.<name>, asserting CUDA tensors run the compiled kernels (without them
+    the dispatcher would run the reference on CUDA tensors, which tests nothing here)."""
+    assert ops.has_cuda_kernels(), (f"nto::{name} has no CUDA kernel: build with "
+                                    "NTO_EXT_BUILD=cuda pip install --no-build-isolation -e .")
     return getattr(torch.ops.nto, name)
 
 
-def _cuda_op(name: str):
-    op = _op(name, "cuda")
-    assert op is not None, (f"nto::{name} has no CUDA kernel: build with NTO_EXT_BUILD=cuda "
-                            "pip install --no-build-isolation -e .")
-    return op
-
-
 def _cpu_or_reference(name: str):
-    op = _op(name, "cpu")
-    return op if op is not None else getattr(_reference, name)
+    """torch.ops.nto.<name> for CPU tensors: the CPU kernel when built, else the reference."""
+    ops.backend()
+    return getattr(torch.ops.nto, name)
 
 
 def _to(x, device):

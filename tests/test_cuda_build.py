@@ -32,17 +32,32 @@ def test_cuda_sources_compile_with_nvcc():
     assert "passed" in out
 
 
-def test_every_op_has_a_cuda_kernel():
-    schemas = re.findall(r'm\.def\(\s*"(\w+)\(', (ROOT / "csrc" / "ops.cpp").read_text())
-    assert schemas, "no schemas found in csrc/ops.cpp"
-    registered = {}
-    for f in CUDA_DIR.glob("*.cu"):
-        for block in re.findall(r"TORCH_LIBRARY_IMPL\(nto, CUDA, m\)\s*\{(.*?)\}", f.read_text(),
-                                re.S):
+def _registered(folder: Path, key: str) -> dict[str, str]:
+    """op name -> file, for every TORCH_LIBRARY_IMPL(nto, <key>, m) m.impl in folder."""
+    found = {}
+    for f in sorted(folder.glob("*.c*")):
+        for block in re.findall(rf"TORCH_LIBRARY_IMPL\(nto, {key}, m\)\s*\{{(.*?)\}}",
+                                f.read_text(), re.S):
             for name in re.findall(r'm\.impl\("(\w+)"', block):
-                registered[name] = f.name
-    missing = [s for s in schemas if s not in registered]
-    assert not missing, f"ops without a CUDA kernel: {missing}"
+                found[name] = f.name
+    return found
+
+
+@pytest.mark.parametrize("folder,key", [("cpu", "CPU"), ("cuda", "CUDA")])
+def test_every_op_has_a_kernel_per_backend(folder, key):
+    registered = _registered(ROOT / "csrc" / folder, key)
+    missing = [s for s in ops.SCHEMAS if s not in registered]
+    assert not missing, f"ops without a {key} kernel: {missing}"
+    unknown = [s for s in registered if s not in ops.SCHEMAS]
+    assert not unknown, f"{key} kernels for ops that nto_ext/ops.py does not define: {unknown}"
+
+
+def test_csrc_defines_no_schema():
+    """ops.py defines the operators; csrc/ only adds kernels (a second TORCH_LIBRARY(nto)
+    would refuse to load beside ops.py's definitions)."""
+    defining = [str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.*")
+                if re.search(r"TORCH_LIBRARY\(|\.def\(", p.read_text())]
+    assert not defining, f"schemas defined in {defining}; define them in ops.SCHEMAS"
 
 
 def _captured_jit(monkeypatch, cuda_version, cuda_home):

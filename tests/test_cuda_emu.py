@@ -278,21 +278,13 @@ inline CUDAStream getCurrentCUDAStream() { return {}; }
 """,
 }
 
-SCHEMAS = {
-    "param_stats": ("stats::param_stats_cuda",
-                    "param_stats(Tensor[] tensors, bool histogram=True) "
-                    "-> (Tensor, Tensor, Tensor, Tensor)"),
-    "masked_adamw_": ("adamw::masked_adamw_cuda",
-                      "masked_adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-                      "Tensor(c!)[] exp_avg_sqs, Tensor?[] indices, Tensor[] steps, float lr, "
-                      "float beta1, float beta2, float eps, float weight_decay) -> ()"),
-    "select_topk": ("topk::select_topk_cuda", "select_topk(Tensor[] tensors, int k) -> Tensor[]"),
-    "remap_state": ("remap::remap_state_cuda",
-                    "remap_state(Tensor[] old_indices, Tensor[] new_indices, Tensor[] states) "
-                    "-> Tensor[]"),
-    "gather_accumulate_": ("gather::gather_accumulate_cuda",
-                           "gather_accumulate_(Tensor[] dense, Tensor[] indices, "
-                           "Tensor(a!)[] compact) -> ()"),
+# The CUDA entry point of each op (nto::cuda::<namespace>::<function>); schemas: ops.SCHEMAS.
+CUDA_FUNCTIONS = {
+    "param_stats": "stats::param_stats_cuda",
+    "masked_adamw_": "adamw::masked_adamw_cuda",
+    "select_topk": "topk::select_topk_cuda",
+    "remap_state": "remap::remap_state_cuda",
+    "gather_accumulate_": "gather::gather_accumulate_cuda",
 }
 
 LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;()]*>)?)\s*<<<(.*?)>>>\s*\(", re.S)
@@ -312,8 +304,8 @@ def _emulated_sources(dst: Path) -> Path:
         f = dst / "stubs" / rel
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_text(body)
-    defs = "\n".join(f'  m.def("{schema}", &nto::cuda::{fn});'
-                     for fn, schema in SCHEMAS.values())
+    defs = "\n".join(f'  m.def("{name}{ops.SCHEMAS[name]}", &nto::cuda::{fn});'
+                     for name, fn in CUDA_FUNCTIONS.items())
     main = cuda / "emu_ops.cpp"
     main.write_text("\n".join([
         "#include <cuda_runtime.h>",
@@ -349,10 +341,9 @@ def emu(tmp_path_factory):
 
 
 def _cpu(name):
-    ops._ensure_loaded()
-    if ops._has_kernel(name, torch.device("cpu")):
-        return getattr(torch.ops.nto, name)
-    return getattr(_reference, name)
+    """The CPU kernel when built (the dispatcher prefers it), else the reference."""
+    ops.backend()
+    return getattr(torch.ops.nto, name)
 
 
 def _positions(n, density, dtype, gen):

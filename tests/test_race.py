@@ -34,7 +34,6 @@ SCRIPT = textwrap.dedent(r"""
     op, grad_kind = sys.argv[1], sys.argv[2]
     seconds, stop_early = float(sys.argv[3]), sys.argv[4] == "1"
     torch.set_num_threads(1)  # leaves a core to the writer on a small machine
-    ops._ensure_loaded()
     assert ops.backend() != "reference", ops.backend()
     n = 1 << 18  # param / dense elements per tensor
     BIG = 2 ** 40
@@ -103,7 +102,6 @@ def _race(op: str, grad: str, seconds: float, stop_at_use_error: bool = False) -
 
 
 def _need_cpu_kernels():
-    ops._ensure_loaded()
     if ops.backend() == "reference":
         pytest.skip(f"the compiled CPU kernels are not loaded (backend {ops.backend()})")
 

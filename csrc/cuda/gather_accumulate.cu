@@ -51,9 +51,8 @@ __device__ __forceinline__ float load_as_float(const void* p, int dtype, int64_t
 __global__ void __launch_bounds__(kThreads) gather_kernel(GatherMeta meta,
                                                           DeviceIndexFault* fault) {
   const int slot = meta.block_slot[blockIdx.x];
-  const int64_t begin = static_cast<int64_t>(meta.block_chunk[blockIdx.x]) * kChunk;
-  const int64_t rest = meta.n[slot] - begin;
-  const int64_t len = rest < kChunk ? rest : kChunk;
+  const ChunkSpan span = block_chunk_span(meta, slot, kChunk);
+  const int64_t begin = span.begin, len = span.len;
   const bool i64 = meta.idx64[slot];
   const int dtype = meta.dtype[slot];
   const int32_t* idx32 = static_cast<const int32_t*>(meta.idx[slot]) + (i64 ? 0 : begin);

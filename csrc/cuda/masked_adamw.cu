@@ -70,35 +70,57 @@ __device__ __forceinline__ bool tensor_step(int code, const void* step, float ho
   return true;
 }
 
+// The per-tensor fields both kernels read (kind-specific ones are added by each Meta).
+template <int T, int B>
+struct AdamWMeta {
+  static constexpr int kTensors = T;
+  static constexpr int kBlocks = B;
+  void* p[T];
+  const void* g[T];
+  float* m[T];
+  float* v[T];
+  const void* step[T];
+  int64_t n[T];  // updated elements (state length)
+  float nss[T];
+  float bc2[T];
+  int8_t code[T];
+  uint8_t block_slot[B];
+  int32_t block_chunk[B];
+};
+
+// What one block works on: its tensor's slot and step scalars, and its chunk of the state.
+struct BlockWork {
+  int slot;
+  float nss, bc2;
+  int64_t begin, len;
+};
+
+// False when the tensor's device step is < 1 or NaN: the whole block skips it (uniform).
+template <class Meta>
+__device__ __forceinline__ bool block_work(const Meta& meta, const Hyper& h, BlockWork* w) {
+  const int slot = meta.block_slot[blockIdx.x];
+  if (!tensor_step(meta.code[slot], meta.step[slot], meta.nss[slot], meta.bc2[slot], h,
+                   &w->nss, &w->bc2))
+    return false;
+  const ChunkSpan span = block_chunk_span(meta, slot, kChunk);
+  w->slot = slot;
+  w->begin = span.begin;
+  w->len = span.len;
+  return true;
+}
+
 // ---------------------------------------------------------------------------------- dense
 
-struct DenseMeta {
-  static constexpr int kTensors = 32;
-  static constexpr int kBlocks = 320;
-  void* p[kTensors];
-  const void* g[kTensors];
-  float* m[kTensors];
-  float* v[kTensors];
-  const void* step[kTensors];
-  int64_t n[kTensors];
-  float nss[kTensors];
-  float bc2[kTensors];
-  int8_t code[kTensors];
-  uint8_t block_slot[kBlocks];
-  int32_t block_chunk[kBlocks];
-};
+struct DenseMeta : AdamWMeta<32, 320> {};
 
 template <typename P, typename G>
 __global__ void __launch_bounds__(kThreads)
     dense_kernel(DenseMeta meta, AdamWScalars s, Hyper h) {
-  const int slot = meta.block_slot[blockIdx.x];
-  float nss, bc2;
-  if (!tensor_step(meta.code[slot], meta.step[slot], meta.nss[slot], meta.bc2[slot], h, &nss,
-                   &bc2))
-    return;  // uniform over the block
-  const int64_t begin = static_cast<int64_t>(meta.block_chunk[blockIdx.x]) * kChunk;
-  const int64_t rest = meta.n[slot] - begin;
-  const int64_t len = rest < kChunk ? rest : kChunk;
+  BlockWork w;
+  if (!block_work(meta, h, &w)) return;
+  const int slot = w.slot;
+  const float nss = w.nss, bc2 = w.bc2;
+  const int64_t begin = w.begin, len = w.len;
   P* __restrict__ p = static_cast<P*>(meta.p[slot]) + begin;
   const G* __restrict__ g = static_cast<const G*>(meta.g[slot]) + begin;
   float* __restrict__ m = meta.m[slot] + begin;
@@ -153,25 +175,12 @@ __global__ void __launch_bounds__(kThreads)
 
 // ------------------------------------------------------------------------------- indexed
 
-struct IndexedMeta {
-  static constexpr int kTensors = 24;
-  static constexpr int kBlocks = 320;
-  void* p[kTensors];
-  const void* g[kTensors];
-  float* m[kTensors];
-  float* v[kTensors];
+struct IndexedMeta : AdamWMeta<24, 320> {
   const void* idx[kTensors];
-  const void* step[kTensors];
-  int64_t n[kTensors];      // updated elements (state length)
   int64_t limit[kTensors];  // param numel: positions must be below it
   int32_t list[kTensors];   // the tensor's position in the op's lists (for the fault record)
-  float nss[kTensors];
-  float bc2[kTensors];
-  int8_t code[kTensors];
   uint8_t idx_mode[kTensors];  // 1: int32, 2: int64
   uint8_t g_dense[kTensors];   // grad has the param's numel: read it at the positions
-  uint8_t block_slot[kBlocks];
-  int32_t block_chunk[kBlocks];
 };
 
 // Each position is read once and checked where it is used (index_check.cuh): one out of
@@ -179,14 +188,11 @@ struct IndexedMeta {
 template <typename P, typename G>
 __global__ void __launch_bounds__(kThreads)
     indexed_kernel(IndexedMeta meta, AdamWScalars s, Hyper h, DeviceIndexFault* fault) {
-  const int slot = meta.block_slot[blockIdx.x];
-  float nss, bc2;
-  if (!tensor_step(meta.code[slot], meta.step[slot], meta.nss[slot], meta.bc2[slot], h, &nss,
-                   &bc2))
-    return;  // uniform over the block
-  const int64_t begin = static_cast<int64_t>(meta.block_chunk[blockIdx.x]) * kChunk;
-  const int64_t rest = meta.n[slot] - begin;
-  const int64_t len = rest < kChunk ? rest : kChunk;
+  BlockWork w;
+  if (!block_work(meta, h, &w)) return;
+  const int slot = w.slot;
+  const float nss = w.nss, bc2 = w.bc2;
+  const int64_t begin = w.begin, len = w.len;
   const int mode = meta.idx_mode[slot];
   const bool g_dense = meta.g_dense[slot];
   const int32_t* idx32 = static_cast<const int32_t*>(meta.idx[slot]) + (mode == 1 ? begin : 0);
@@ -241,6 +247,21 @@ struct Entry {  // one tensor's launch arguments
   bool g_dense;
 };
 
+// The fields both kernels read, for entry e (state length n) in slot `slot`.
+template <class Meta>
+void fill_common(Meta& meta, int slot, const Entry& e, int64_t n, at::TensorList params,
+                 at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs) {
+  meta.p[slot] = params[e.i].data_ptr();
+  meta.g[slot] = grads[e.i].const_data_ptr();
+  meta.m[slot] = exp_avgs[e.i].mutable_data_ptr<float>();
+  meta.v[slot] = exp_avg_sqs[e.i].mutable_data_ptr<float>();
+  meta.step[slot] = e.step;
+  meta.n[slot] = n;
+  meta.nss[slot] = e.nss;
+  meta.bc2[slot] = e.bc2;
+  meta.code[slot] = e.code;
+}
+
 template <typename P, typename G>
 void launch_dense(const std::vector<Entry>& es, at::TensorList params, at::TensorList grads,
                   at::TensorList exp_avgs, at::TensorList exp_avg_sqs, const AdamWScalars& s,
@@ -250,16 +271,7 @@ void launch_dense(const std::vector<Entry>& es, at::TensorList params, at::Tenso
   multi_tensor_launch<DenseMeta>(
       lengths, kChunk,
       [&](DenseMeta& meta, int slot, int64_t k) {
-        const Entry& e = es[k];
-        meta.p[slot] = params[e.i].data_ptr();
-        meta.g[slot] = grads[e.i].const_data_ptr();
-        meta.m[slot] = exp_avgs[e.i].mutable_data_ptr<float>();
-        meta.v[slot] = exp_avg_sqs[e.i].mutable_data_ptr<float>();
-        meta.step[slot] = e.step;
-        meta.n[slot] = lengths[k];
-        meta.nss[slot] = e.nss;
-        meta.bc2[slot] = e.bc2;
-        meta.code[slot] = e.code;
+        fill_common(meta, slot, es[k], lengths[k], params, grads, exp_avgs, exp_avg_sqs);
       },
       [&](const DenseMeta& meta, int blocks) {
         dense_kernel<P, G><<<blocks, kThreads, 0, stream>>>(meta, s, h);
@@ -279,18 +291,10 @@ void launch_indexed(const std::vector<Entry>& es, at::TensorList params, at::Ten
       lengths, kChunk,
       [&](IndexedMeta& meta, int slot, int64_t k) {
         const Entry& e = es[k];
-        meta.p[slot] = params[e.i].data_ptr();
-        meta.g[slot] = grads[e.i].const_data_ptr();
-        meta.m[slot] = exp_avgs[e.i].mutable_data_ptr<float>();
-        meta.v[slot] = exp_avg_sqs[e.i].mutable_data_ptr<float>();
+        fill_common(meta, slot, e, lengths[k], params, grads, exp_avgs, exp_avg_sqs);
         meta.idx[slot] = idx[e.i]->const_data_ptr();
-        meta.step[slot] = e.step;
-        meta.n[slot] = lengths[k];
         meta.limit[slot] = params[e.i].numel();
         meta.list[slot] = static_cast<int32_t>(e.i);
-        meta.nss[slot] = e.nss;
-        meta.bc2[slot] = e.bc2;
-        meta.code[slot] = e.code;
         meta.idx_mode[slot] = e.idx_mode;
         meta.g_dense[slot] = e.g_dense;
       },

@@ -61,6 +61,18 @@ void multi_tensor_launch(const std::vector<int64_t>& lengths, int64_t chunk, Fil
   if (blocks > 0) launch(meta, blocks);
 }
 
+// The part of its slot's tensor that this block works on: elements [begin, begin + len).
+struct ChunkSpan {
+  int64_t begin, len;
+};
+template <class Meta>
+__device__ __forceinline__ ChunkSpan block_chunk_span(const Meta& meta, int slot,
+                                                      int64_t chunk) {
+  const int64_t begin = static_cast<int64_t>(meta.block_chunk[blockIdx.x]) * chunk;
+  const int64_t rest = meta.n[slot] - begin;
+  return {begin, rest < chunk ? rest : chunk};
+}
+
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 inline int sm_count(const at::Device& dev) {
@@ -84,6 +96,21 @@ __device__ __forceinline__ bool aligned(const void* p) {
 template <typename T>
 __device__ __forceinline__ float to_float(T x) {
   return static_cast<float>(x);
+}
+
+// Loads V consecutive elements from x[e0..] as floats (one vector load when vec and all are
+// below len); missing ones (past len) are NaN-free zeros flagged invalid by the caller.
+template <typename T, int V>
+__device__ __forceinline__ void load_floats(const T* x, int64_t e0, int64_t len, bool vec,
+                                            float (&f)[V]) {
+  if (vec && e0 + V <= len) {
+    const Vec<T, V> w = *reinterpret_cast<const Vec<T, V>*>(x + e0);
+#pragma unroll
+    for (int e = 0; e < V; ++e) f[e] = to_float(w.v[e]);
+  } else {
+#pragma unroll
+    for (int e = 0; e < V; ++e) f[e] = e0 + e < len ? to_float(x[e0 + e]) : 0.0f;
+  }
 }
 
 template <typename T>
@@ -160,6 +187,24 @@ __device__ __forceinline__ void warp_hist_add(unsigned int* hist, uint32_t bin) 
 
 inline int dtype_code(c10::ScalarType t) {  // 0 fp32, 1 bf16, 2 fp16
   return t == at::kFloat ? 0 : (t == at::kBFloat16 ? 1 : 2);
+}
+
+// The tensors' chunks in one numbering, for per-chunk workspaces (tensor i owns chunks
+// base[i] .. base[i] + count[i] - 1 of `total`), and the tensors' positions grouped by
+// dtype_code (one kernel instantiation per group).
+struct ChunkTable {
+  std::vector<int64_t> base, count, by_dtype[3];
+  int64_t total = 0;
+};
+inline ChunkTable chunk_table(at::TensorList ts, int64_t chunk) {
+  ChunkTable t;
+  for (size_t i = 0; i < ts.size(); ++i) {
+    t.base.push_back(t.total);
+    t.count.push_back((ts[i].numel() + chunk - 1) / chunk);
+    t.total += t.count.back();
+    t.by_dtype[dtype_code(ts[i].scalar_type())].push_back(static_cast<int64_t>(i));
+  }
+  return t;
 }
 
 }  // namespace cuda

@@ -45,9 +45,8 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
 
   const int slot = meta.block_slot[blockIdx.x];
-  const int64_t begin = static_cast<int64_t>(meta.block_chunk[blockIdx.x]) * kChunk;
-  const int64_t rest = meta.n[slot] - begin;
-  const int64_t len = rest < kChunk ? rest : kChunk;
+  const ChunkSpan span = block_chunk_span(meta, slot, kChunk);
+  const int64_t begin = span.begin, len = span.len;
   const T* x = static_cast<const T*>(meta.ptr[slot]) + begin;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   unsigned int* wh = hist[warp];
@@ -63,14 +62,7 @@ __global__ void __launch_bounds__(kThreads)
        base += static_cast<int64_t>(kThreads) * V) {
     const int64_t e0 = base + static_cast<int64_t>(lane) * V;
     float f[V];
-    if (vec && e0 + V <= len) {
-      const Vec<T, V> w = *reinterpret_cast<const Vec<T, V>*>(x + e0);
-#pragma unroll
-      for (int e = 0; e < V; ++e) f[e] = to_float(w.v[e]);
-    } else {
-#pragma unroll
-      for (int e = 0; e < V; ++e) f[e] = e0 + e < len ? to_float(x[e0 + e]) : 0.0f;
-    }
+    load_floats<T, V>(x, e0, len, vec, f);
 #pragma unroll
     for (int e = 0; e < V; ++e) {
       const bool valid = e0 + e < len;
@@ -190,15 +182,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> param_stats_cuda(at::
   auto absmax = at::empty({n}, opts.dtype(at::kFloat));
   auto hist = at::empty({n, 256}, opts.dtype(at::kLong));
 
-  std::vector<int64_t> chunk_base(n), nchunks(n);
-  int64_t total = 0;
-  std::vector<int64_t> by_type[3];
-  for (int64_t i = 0; i < n; ++i) {
-    chunk_base[i] = total;
-    nchunks[i] = (ts[i].numel() + kChunk - 1) / kChunk;
-    total += nchunks[i];
-    by_type[dtype_code(ts[i].scalar_type())].push_back(i);
-  }
+  const ChunkTable table = chunk_table(ts, kChunk);
+  const auto& chunk_base = table.base;
+  const auto& nchunks = table.count;
+  const auto& by_type = table.by_dtype;
+  const int64_t total = table.total;
   const auto stream = current_stream();
   auto ws_sum = at::empty({total > 0 ? total : 1}, opts.dtype(at::kDouble));
   auto ws_max = at::empty({total > 0 ? total : 1}, opts.dtype(at::kFloat));

@@ -65,24 +65,8 @@ struct Span {
   int64_t begin, len, global;
 };
 __device__ __forceinline__ Span block_span(const TopkMeta& meta, int slot, int64_t chunk) {
-  const int64_t begin = static_cast<int64_t>(meta.block_chunk[blockIdx.x]) * chunk;
-  const int64_t rest = meta.n[slot] - begin;
-  return {begin, rest < chunk ? rest : chunk, meta.chunk_base[slot] + meta.block_chunk[blockIdx.x]};
-}
-
-// Loads V consecutive elements from x[e0..] as floats; missing ones (past len) are NaN-free
-// zeros flagged invalid by the caller.
-template <typename T, int V>
-__device__ __forceinline__ void load_floats(const T* x, int64_t e0, int64_t len, bool vec,
-                                            float (&f)[V]) {
-  if (vec && e0 + V <= len) {
-    const Vec<T, V> w = *reinterpret_cast<const Vec<T, V>*>(x + e0);
-#pragma unroll
-    for (int e = 0; e < V; ++e) f[e] = to_float(w.v[e]);
-  } else {
-#pragma unroll
-    for (int e = 0; e < V; ++e) f[e] = e0 + e < len ? to_float(x[e0 + e]) : 0.0f;
-  }
+  const ChunkSpan c = block_chunk_span(meta, slot, chunk);
+  return {c.begin, c.len, meta.chunk_base[slot] + meta.block_chunk[blockIdx.x]};
 }
 
 // ------------------------------------------------------------------------ 1. radix select
@@ -287,14 +271,10 @@ __global__ void __launch_bounds__(kThreads)
 // ------------------------------------------------------------------------------ host side
 
 template <class Kernel>
-void launch_by_type(const std::vector<int64_t>& ids_by_type_0,
-                    const std::vector<int64_t>& ids_by_type_1,
-                    const std::vector<int64_t>& ids_by_type_2, at::TensorList ts,
-                    const std::vector<int64_t>& chunk_base, const std::vector<at::Tensor>& outs,
-                    int64_t chunk, Kernel&& kernel) {
-  const std::vector<int64_t>* groups[3] = {&ids_by_type_0, &ids_by_type_1, &ids_by_type_2};
+void launch_by_type(const ChunkTable& table, at::TensorList ts,
+                    const std::vector<at::Tensor>& outs, int64_t chunk, Kernel&& kernel) {
   for (int type = 0; type < 3; ++type) {
-    const auto& ids = *groups[type];
+    const auto& ids = table.by_dtype[type];
     if (ids.empty()) continue;
     std::vector<int64_t> lengths;
     for (int64_t i : ids) lengths.push_back(ts[i].numel());
@@ -305,7 +285,7 @@ void launch_by_type(const std::vector<int64_t>& ids_by_type_0,
           meta.ptr[slot] = ts[i].const_data_ptr();
           meta.out[slot] = outs.empty() || !outs[i].defined() ? nullptr : outs[i].data_ptr();
           meta.n[slot] = lengths[k];
-          meta.chunk_base[slot] = chunk_base[i];
+          meta.chunk_base[slot] = table.base[i];
           meta.out64[slot] = ts[i].numel() > kInt32Max;
         },
         [&](const TopkMeta& meta, int blocks) {
@@ -347,14 +327,8 @@ std::vector<at::Tensor> select_topk_cuda(at::TensorList ts, int64_t k) {
   const int64_t want = total / (static_cast<int64_t>(sm_count(dev)) * 4);
   int64_t chunk = int64_t{1} << 14;
   while (chunk < want && chunk < (int64_t{1} << 22)) chunk <<= 1;
-  std::vector<int64_t> chunk_base(n), nchunks(n), ids[3];
-  int64_t nch = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    chunk_base[i] = nch;
-    nchunks[i] = (ts[i].numel() + chunk - 1) / chunk;
-    nch += nchunks[i];
-    ids[dtype_code(ts[i].scalar_type())].push_back(i);
-  }
+  const ChunkTable table = chunk_table(ts, chunk);
+  const int64_t nch = table.total;
   const auto stream = current_stream();
   auto ghist = at::zeros({3 * kBins}, iopts);  // one histogram per pass, zeroed at once
   auto state = at::empty({2}, iopts);
@@ -362,7 +336,7 @@ std::vector<at::Tensor> select_topk_cuda(at::TensorList ts, int64_t k) {
   int64_t* st = state.mutable_data_ptr<int64_t>();
   const std::vector<at::Tensor> no_outs;
   for (int pass = 0; pass < 3; ++pass) {
-    launch_by_type(ids[0], ids[1], ids[2], ts, chunk_base, no_outs, chunk,
+    launch_by_type(table, ts, no_outs, chunk,
                    [&](int type, const TopkMeta& meta, int blocks) {
                      NTO_BY_TYPE(type, hist_kernel, meta, chunk, pass, st, gh + pass * kBins);
                    });
@@ -374,7 +348,7 @@ std::vector<at::Tensor> select_topk_cuda(at::TensorList ts, int64_t k) {
   auto* cnt = reinterpret_cast<unsigned long long*>(counts.mutable_data_ptr<int64_t>());
   unsigned long long *cnt_gt = cnt, *cnt_eq = cnt + nch, *eq_take = cnt + 2 * nch,
                      *sel_before = cnt + 3 * nch;
-  launch_by_type(ids[0], ids[1], ids[2], ts, chunk_base, no_outs, chunk,
+  launch_by_type(table, ts, no_outs, chunk,
                  [&](int type, const TopkMeta& meta, int blocks) {
                    NTO_BY_TYPE(type, count_kernel, meta, chunk, st, cnt_gt, cnt_eq);
                  });
@@ -386,9 +360,9 @@ std::vector<at::Tensor> select_topk_cuda(at::TensorList ts, int64_t k) {
   const int64_t* sb = host.const_data_ptr<int64_t>();
   TORCH_INTERNAL_ASSERT(sb[nch] == k, kOp, ": selected ", sb[nch], " of k=", k);
   for (int64_t i = 0; i < n; ++i)
-    outs[i] = at::empty({sb[chunk_base[i] + nchunks[i]] - sb[chunk_base[i]]},
+    outs[i] = at::empty({sb[table.base[i] + table.count[i]] - sb[table.base[i]]},
                         iopts.dtype(index_dtype(i)));
-  launch_by_type(ids[0], ids[1], ids[2], ts, chunk_base, outs, chunk,
+  launch_by_type(table, ts, outs, chunk,
                  [&](int type, const TopkMeta& meta, int blocks) {
                    NTO_BY_TYPE(type, write_kernel, meta, chunk, st, eq_take, sel_before);
                  });
