@@ -17,6 +17,9 @@ import sys
 from typing import NoReturn
 
 from . import __version__
+from .policies import DEFAULT_POLICY, POLICIES
+
+_POLICY_HELP = f"{', '.join(POLICIES)} (default: {DEFAULT_POLICY})"
 
 EXIT_BAD_INPUT = 2
 DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
@@ -169,7 +172,7 @@ def _add_demo(sub) -> None:
     d.add_argument("--budget", default="10%",
                    help="NTO budget: '10%%', 0.1, an element count, or bytes like '64MiB' "
                         "(default: 10%%)")
-    d.add_argument("--policy", default="block", help="block, sample or sparse (default: block)")
+    d.add_argument("--policy", default=DEFAULT_POLICY, help=_POLICY_HELP)
     d.add_argument("--switch-every", type=int,
                    help="steps between changes of NTO's active set (default: 20; 3 for LMs)")
     d.add_argument("--order", default=None,
@@ -217,7 +220,7 @@ def _add_plan(sub) -> None:
                    help="with --fit: tokens per example the activations are for (shown)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                    help="parameter dtype (default: the config's torch_dtype, else fp32)")
-    p.add_argument("--policy", default="block", help="block, sample or sparse (default: block)")
+    p.add_argument("--policy", default=DEFAULT_POLICY, help=_POLICY_HELP)
     p.add_argument("--num-labels", type=int, default=None,
                    help="classification head size for encoder models (default: the config's)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")

@@ -36,6 +36,7 @@ from .distributed import (
     save_optimizer_state,
 )
 from .optimizer import NTO
+from .policies import DEFAULT_POLICY, policy_class
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +225,10 @@ def nto_optimizer(model: nn.Module, args: Any = None, **nto_kwargs: Any
         kwargs.setdefault("betas", (args.adam_beta1, args.adam_beta2))
         kwargs.setdefault("eps", args.adam_epsilon)
         kwargs.setdefault("weight_decay", args.weight_decay)
-        if kwargs.get("policy") == "sparse" and args.max_grad_norm:
+        # a policy with compact gradients frees the dense ones in backward: Trainer's own
+        # clipping sees none, so NTO clips (as NTO's docstring says)
+        if policy_class(kwargs.get("policy", DEFAULT_POLICY)).compact_grads \
+                and args.max_grad_norm:
             kwargs.setdefault("max_grad_norm", args.max_grad_norm)
     names = {id(p): n for n, p in model.named_parameters()}
     # not "params" / "model": Trainer treats those keys as replacements for its groups

@@ -19,7 +19,13 @@ from . import data
 from .blocks import ParamInfo, discover_blocks, first_names, group_label, param_label
 from .budget import FLOAT_DTYPES, format_bytes, parse_budget, state_bytes
 from .fit import Fit, check_fit_args, find_fit
-from .policies import ScheduledPolicy, SparsePolicy, make_policy, validate_policy_args
+from .policies import (
+    DEFAULT_POLICY,
+    ScheduledPolicy,
+    SparsePolicy,
+    make_policy,
+    validate_policy_args,
+)
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -145,7 +151,8 @@ class Plan:
                 f"  trainable: any of the {self.total_elements:,} elements"]
 
 
-def plan(model_or_config: Any, budget: int | float | str | None = None, policy: str = "block",
+def plan(model_or_config: Any, budget: int | float | str | None = None,
+         policy: str = DEFAULT_POLICY,
          dtype: torch.dtype | str | None = None, *, fit: int | str | None = None,
          activation_bytes: int | str | None = None, batch_size: int | None = None,
          seq_len: int | None = None, switch_every: int = 50,

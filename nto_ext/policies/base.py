@@ -140,6 +140,9 @@ class Policy:
     # Addresses elements of the flattened param in place: contiguous params only.
     needs_contiguous: ClassVar[bool] = False
     tensor_overhead_bytes: ClassVar[int] = 0  # memory model: fixed bytes per trained tensor
+    # Frees the dense gradients in backward (folded into its own buffers): clipping must be
+    # NTO's max_grad_norm, not clip_grad_norm_ (which would see no gradient).
+    compact_grads: ClassVar[bool] = False
 
     def __init__(self, infos: Sequence[ParamInfo], budget: Budget, config: Config) -> None:
         self.infos = list(infos)

@@ -677,6 +677,7 @@ class SparsePolicy(Policy):
     updater = SparseUpdater
     no_offload = ("it carries the moments of kept elements and starts grown ones at zero")
     needs_contiguous = True
+    compact_grads = True
 
     @classmethod
     def bytes_per_element(cls, dtype: torch.dtype) -> int:
