@@ -292,6 +292,8 @@ def _nothing_fits(small: Policy | None, lo: int, infos: list[ParamInfo], memory:
     smallest = min(pool, key=lambda i: infos[i].numel)
     what = (f"the smallest unit's training state {format_bytes(state)} (tensor "
             f"{infos[smallest].name or smallest!r}, {infos[smallest].numel:,} elements)"
+            + (f" + the transient dense gradient {format_bytes(transient)} (of a tensor "
+               "trained a range of rows at a time)" if transient else "")
             if policy != "sparse" else
             f"one element's state {state} B + the transient dense gradient "
             f"{format_bytes(transient)}")
