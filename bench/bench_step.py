@@ -89,11 +89,13 @@ def _leaves(params):
     return [(n, p.detach().clone().requires_grad_()) for n, p in params]
 
 
-def _run(benchmark, opt, leaves, grads, *, group: str, name: str, budget: float, elements: int):
-    """Time opt.step() only; grads are re-assigned (not copied) before every round."""
+def _run(benchmark, opt, leaves, grads, *, group: str, name: str, budget: float, elements: int,
+         active: frozenset[int] | None = None):
+    """Time opt.step() only; grads are re-assigned (not copied) before every round to the
+    params in `active` (None: all), as backward with NTO's hooks leaves them."""
     def setup():
-        for (_, p), g in zip(leaves, grads):
-            if p.requires_grad:  # NTO leaves inactive params without requires_grad
+        for i, ((_, p), g) in enumerate(zip(leaves, grads)):
+            if active is None or i in active:
                 p.grad = g
         return (), {}
 
@@ -125,11 +127,11 @@ def test_nto(benchmark, tensors, budget, nonfinite):
     leaves = _leaves(params)
     opt = NTO(leaves, **HYPER, budget=budget, policy="block", switch_every=10**9,
               nonfinite=nonfinite)
-    opt.train()  # apply the active set: inactive params drop requires_grad
-    active = sum(p.numel() for _, p in leaves if p.requires_grad)
+    active = opt.active_set  # the params whose gradients NTO's hooks keep
     suffix = "" if nonfinite == "skip" else f" ({nonfinite})"
     _run(benchmark, opt, leaves, grads, group="step", name=f"nto-block-{budget}{suffix}",
-         budget=float(budget.rstrip("%")) / 100, elements=active)
+         budget=float(budget.rstrip("%")) / 100,
+         elements=sum(leaves[i][1].numel() for i in active), active=active)
 
 
 def table(bench_json: dict) -> str:

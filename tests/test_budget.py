@@ -141,8 +141,9 @@ def test_memory_model_table():
 
 def test_cost_in_budget_units():
     items = [(10, torch.float32), (5, torch.bfloat16)]
-    assert Budget("elements", 100, "100").cost(items, "block") == 15
-    assert Budget("bytes", 100, "'100B'").cost(items, "block") == 10 * 12 + 5 * 10 + 2 * 4
+    block = POLICIES["block"].state_bytes
+    assert Budget("elements", 100, "100").cost(items, block) == 15
+    assert Budget("bytes", 100, "'100B'").cost(items, block) == 10 * 12 + 5 * 10 + 2 * 4
 
 
 def test_text_and_describe():

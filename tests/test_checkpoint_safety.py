@@ -473,7 +473,7 @@ def test_adamw_state_imports_at_a_partial_budget(mode, caplog):
     adamw, named = _adamw_run()
     sd = roundtrip(adamw.state_dict())
     opt = build(toy_params(), state_on_switch=mode)
-    with caplog.at_level(logging.INFO, logger="nto_ext.optimizer"):
+    with caplog.at_level(logging.INFO, logger="nto_ext.persist"):
         opt.load_state_dict(sd)
     active = opt.policy.active(0)
     assert {opt.table.index[p] for p in opt.state} == set(active)
