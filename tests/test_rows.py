@@ -193,3 +193,16 @@ def test_tiny_llama_at_one_percent_trains_everything():
     opt.step()
     rep = opt.memory_report()
     assert 0 < rep["trainable_elements"] <= rep["budget_elements"]
+
+
+def test_multi_process_runs_refuse_ranges_of_rows_with_a_clear_error(monkeypatch):
+    import nto_ext.policies.dense as dense
+
+    monkeypatch.setattr(dense, "_multi_process", lambda: True)  # as under DDP
+    model = wide_llama()
+    opt = build(model, budget="10%", switch_every=1)
+    x = tokens(0)
+    with pytest.raises(ValueError, match=r"'model.embed_tokens.weight' is larger than the "
+                       r"budget and trains a range of rows .* multi-process runs"):
+        model(input_ids=x, labels=x).loss.backward()
+    opt.remove_hooks()

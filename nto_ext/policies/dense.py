@@ -73,11 +73,13 @@ class DenseUpdater(Updater):
         g = p.grad
         if g is None:
             return
-        if hasattr(g, "device_mesh") or hasattr(p, "device_mesh"):
+        if hasattr(g, "device_mesh") or hasattr(p, "device_mesh") or _multi_process():
+            # DDP averages the gradients after this hook: the rows would be this rank's
             raise ValueError(
                 f"{self.host.table.label(i)} is larger than the budget and trains a range of "
-                "rows at a time, which NTO does not do for sharded (DTensor, FSDP2) params; "
-                "raise the budget so that it fits whole")
+                "rows at a time, which NTO does not do in multi-process runs (DDP, FSDP2) "
+                "yet; raise the budget so that every tensor fits whole (`nto plan` names "
+                "the split tensors)")
         with torch.no_grad():
             part = g[rows[0]:rows[1]]
             have = self.compact.get(i)
@@ -280,6 +282,11 @@ class DenseUpdater(Updater):
             if parked:
                 out["parked"] = parked
         return out or None
+
+
+def _multi_process() -> bool:
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _view(p: torch.Tensor, rows: Rows) -> torch.Tensor:
