@@ -206,3 +206,23 @@ def test_multi_process_runs_refuse_ranges_of_rows_with_a_clear_error(monkeypatch
                        r"budget and trains a range of rows .* multi-process runs"):
         model(input_ids=x, labels=x).loss.backward()
     opt.remove_hooks()
+
+
+@pytest.mark.parametrize("on_switch", ["drop", "offload"])
+def test_adamw_state_imports_into_ranges_of_rows(on_switch):
+    ref = wide_llama()
+    adamw = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    x = tokens(0)
+    ref(input_ids=x, labels=x).loss.backward()
+    adamw.step()
+    sd = roundtrip(adamw.state_dict())
+    model = wide_llama()
+    opt = build(model, lr=1e-2, budget="10%", switch_every=1, state_on_switch=on_switch)
+    opt.load_state_dict(sd)
+    (i, (a, b)), = opt.policy.active_rows(0).items()
+    st = opt.state[opt.table.params[i]]
+    assert st["rows"] == [a, b] and torch.equal(st["exp_avg"], sd["state"][i]["exp_avg"][a:b])
+    assert ("parked" in st) == (on_switch == "offload")
+    if on_switch == "offload":  # every other range waits on the host with its moments
+        assert sorted(st["parked"]) == [r[0] for r in opt.policy.split[i] if r != (a, b)]
+    run(model, opt, range(3))  # and training goes on from there
