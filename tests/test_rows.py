@@ -226,3 +226,25 @@ def test_adamw_state_imports_into_ranges_of_rows(on_switch):
     if on_switch == "offload":  # every other range waits on the host with its moments
         assert sorted(st["parked"]) == [r[0] for r in opt.policy.split[i] if r != (a, b)]
     run(model, opt, range(3))  # and training goes on from there
+
+
+def test_dcp_save_and_load_keep_ranges_and_parked_state(tmp_path):
+    from nto_ext.distributed import load_optimizer_state, save_optimizer_state
+
+    model = wide_llama()
+    kw = dict(lr=1e-2, budget="10%", switch_every=1, state_on_switch="offload")
+    opt = build(model, **kw)
+    run(model, opt, range(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DCP: "assuming ... a single process"
+        save_optimizer_state(model, opt, str(tmp_path / "o"))
+        model2 = wide_llama()
+        opt2 = build(model2, **kw)
+        load_optimizer_state(model2, opt2, str(tmp_path / "o"))
+    a, b = opt.state_dict(), opt2.state_dict()
+    (i, rows), = opt.policy.active_rows(2).items()
+    assert a["state"][i]["rows"] == b["state"][i]["rows"] == list(rows)
+    assert sorted(b["state"][i]["parked"]) == sorted(a["state"][i]["parked"]) != []
+    for start, st in a["state"][i]["parked"].items():
+        assert st["rows"] == b["state"][i]["parked"][start]["rows"]
+        assert torch.equal(st["exp_avg_sq"], b["state"][i]["parked"][start]["exp_avg_sq"])
