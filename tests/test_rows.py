@@ -232,9 +232,9 @@ def test_dcp_save_and_load_keep_ranges_and_parked_state(tmp_path):
     from nto_ext.distributed import load_optimizer_state, save_optimizer_state
 
     model = wide_llama()
-    kw = dict(lr=1e-2, budget="10%", switch_every=1, state_on_switch="offload")
+    kw = dict(lr=1e-2, budget="10%", switch_every=2, state_on_switch="offload")
     opt = build(model, **kw)
-    run(model, opt, range(2))
+    run(model, opt, range(3))  # inside the second range's period: the first one parked
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # DCP: "assuming ... a single process"
         save_optimizer_state(model, opt, str(tmp_path / "o"))
@@ -242,7 +242,7 @@ def test_dcp_save_and_load_keep_ranges_and_parked_state(tmp_path):
         opt2 = build(model2, **kw)
         load_optimizer_state(model2, opt2, str(tmp_path / "o"))
     a, b = opt.state_dict(), opt2.state_dict()
-    (i, rows), = opt.policy.active_rows(2).items()
+    (i, rows), = opt.policy.active_rows(3).items()
     assert a["state"][i]["rows"] == b["state"][i]["rows"] == list(rows)
     assert sorted(b["state"][i]["parked"]) == sorted(a["state"][i]["parked"]) != []
     for start, st in a["state"][i]["parked"].items():
