@@ -31,6 +31,7 @@ _HEAD_NAMES = ("lm_head", "classifier", "score")
 # Kinds that are also the name of their one block: `always=` may name them on any model;
 # one the model lacks (a head tied into the embedding) is skipped, not an error.
 KIND_BLOCKS = ("embed", "head", "other")
+MAX_RANGES = 1024  # ranges of rows a tensor larger than the budget is split into, at most
 
 
 @dataclass(frozen=True)
@@ -70,14 +71,17 @@ class Block:
 
 @dataclass(frozen=True)
 class Unit:
-    """The smallest thing a policy switches: a whole block, or one tensor of a block that
-    is larger than the budget. `cost` is in budget units (elements or bytes)."""
+    """The smallest thing a policy switches: a whole block, one tensor of a block that is
+    larger than the budget, or a range of rows (first dimension) of a tensor larger than
+    the budget: `rows` = (start, stop), one param. `cost` is in budget units (elements or
+    bytes)."""
 
     name: str
     block: str
     params: tuple[int, ...]
     elements: int
     cost: int
+    rows: tuple[int, int] | None = None
 
 
 def block_of(name: str | None, index: int) -> tuple[str, str]:
@@ -109,13 +113,15 @@ def discover_blocks(infos: Sequence[ParamInfo]) -> list[Block]:
 
 
 def make_units(blocks: Sequence[Block], infos: Sequence[ParamInfo],
-               cost: Callable[[Sequence[int]], int], capacity: int,
+               cost: Callable[..., int], capacity: int,
                ) -> tuple[list[Unit], list[int]]:
     """Units that can train within `capacity`, and the params that never can.
 
     A block that fits is one unit; a larger block is split into its tensors; a tensor
-    larger than `capacity` is returned in the second list (it cannot train under
-    block/sample).
+    larger than `capacity` into ranges of its rows (`row_ranges`). A tensor whose
+    `smallest_piece` is larger than `capacity` (a 1-D one, or one that would need more
+    than `MAX_RANGES` ranges) is returned in the second list: it cannot train under
+    block/sample.
     """
     units: list[Unit] = []
     too_big: list[int] = []
@@ -126,12 +132,52 @@ def make_units(blocks: Sequence[Block], infos: Sequence[ParamInfo],
             continue
         for i in b.params:
             ci = cost((i,))
+            label = param_label(infos[i].name, i)
             if ci <= capacity:
-                units.append(Unit(param_label(infos[i].name, i), b.name, (i,),
-                                  infos[i].numel, ci))
-            else:
+                units.append(Unit(label, b.name, (i,), infos[i].numel, ci))
+                continue
+            ranges = row_ranges(infos[i], lambda n, i=i: cost((i,), n), capacity)
+            if not ranges:
                 too_big.append(i)
+                continue
+            row = infos[i].numel // infos[i].shape[0]
+            units += [Unit(f"{label}[{a}:{z}]", b.name, (i,), (z - a) * row,
+                           cost((i,), (z - a) * row), (a, z)) for a, z in ranges]
     return units, too_big
+
+
+def row_ranges(info: ParamInfo, cost: Callable[[int], int], capacity: int,
+               ) -> list[tuple[int, int]]:
+    """The fewest equal ranges of rows (first dimension, sizes differing by at most one
+    row) that each fit `capacity` (`cost(elements)` in budget units); [] when its
+    `smallest_piece` does not fit. The fewest: then no two ranges of one tensor fit
+    together (cost is additive in rows), so a period never holds two of them and a param
+    has one active range."""
+    least = smallest_piece(info)
+    if least == info.numel:
+        return []
+    rows, row = info.shape[0], info.numel // info.shape[0]
+    lo, hi = 0, rows  # the most rows that fit: lo fits (0 trivially), hi + 1 does not
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if cost(mid * row) <= capacity else (lo, mid - 1)
+    if lo * row < least:
+        return []
+    n = -(-rows // lo)
+    q, r = divmod(rows, n)
+    bounds = [k * q + min(k, r) for k in range(n + 1)]  # the first r ranges get q + 1 rows
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def smallest_piece(info: ParamInfo) -> int:
+    """Elements of the smallest unit a tensor can train as: itself when it has fewer than
+    2 dimensions (rows would be elements), else a range of its rows, at most
+    `MAX_RANGES` ranges (a budget that needs more would train it a sliver per period, and
+    plan millions of units for a large model)."""
+    if len(info.shape) < 2 or info.shape[0] < 2:
+        return info.numel
+    rows = info.shape[0]
+    return -(-rows // MAX_RANGES) * (info.numel // rows)
 
 
 def pack_consecutive(units: Sequence[Unit], capacity: int) -> list[tuple[Unit, ...]]:
@@ -152,11 +198,12 @@ def pack_consecutive(units: Sequence[Unit], capacity: int) -> list[tuple[Unit, .
 
 def group_label(units: Sequence[Unit], width: int = 60) -> str:
     """Short readable name of a group: whole blocks by name, split blocks as
-    'model.layers.0[3 tensors]'; cut to about `width` characters."""
+    'model.layers.0[3 tensors]', ranges of rows as 'embed.weight[0:512]'; cut to about
+    `width` characters."""
     parts: list[str] = []
     counts: dict[str, int] = {}
     for u in units:
-        if u.name == u.block:
+        if u.name == u.block or u.rows is not None:  # a range of rows: the tensor[a:b]
             parts.append(u.name)
         else:
             if u.block not in counts:

@@ -150,15 +150,25 @@ def save_optimizer_state(model: nn.Module, optimizer: Any, path: str) -> None:
 
 def _state_template(model: nn.Module, metadata: Any, params: list[torch.Tensor],
                     fqns: list[str]) -> dict[str, dict[str, Any]]:
-    """{fqn: {key: empty tensor}} for every state tensor the checkpoint holds; moments of
-    DTensor params are DTensors sharded like the param here (DCP reads the right slice)."""
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    """{fqn: {key: empty tensor}} for every state tensor the checkpoint holds (and a
+    placeholder for every other value, e.g. the `rows` of a range of rows); nested entries
+    (`parked.<start>.<key>`) as nested dicts. Moments of DTensor params are DTensors
+    sharded like the param here (DCP reads the right slice)."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
     by_fqn = dict(zip(fqns, params))
     prefix = f"{_OPT_KEY}.state."
     out: dict[str, dict[str, Any]] = {}
     for key, md in metadata.state_dict_metadata.items():
-        if not key.startswith(prefix) or not isinstance(md, TensorStorageMetadata):
+        if not key.startswith(prefix):
+            continue
+        if isinstance(md, BytesStorageMetadata):  # a Python value: DCP puts it in place
+            rest = key[len(prefix):]
+            fqn = max((f for f in by_fqn if rest.startswith(f + ".")), key=len, default=None)
+            if fqn is not None:
+                _put(out.setdefault(fqn, {}), rest[len(fqn) + 1:], None)
+            continue
+        if not isinstance(md, TensorStorageMetadata):
             continue
         rest = key[len(prefix):]
         fqn = max((f for f in by_fqn if rest.startswith(f + ".")), key=len, default=None)
@@ -173,8 +183,24 @@ def _state_template(model: nn.Module, metadata: Any, params: list[torch.Tensor],
         else:
             t = torch.empty(size, dtype=dtype, device=local_tensor(p).device
                             if size else "cpu")
-        out.setdefault(fqn, {})[rest[len(fqn) + 1:]] = t
+        _put(out.setdefault(fqn, {}), rest[len(fqn) + 1:], t)
     return out
+
+
+def _put(st: dict[str, Any], path: str, value: Any) -> None:
+    """st[a][b]... = value for path "a.b..." (str keys: DCP sets Python values by str key;
+    `_int_keys` turns digits back into the int keys NTO's `parked` entries have)."""
+    *outer, last = path.split(".")
+    for k in outer:
+        st = st.setdefault(k, {})
+    st[last] = value
+
+
+def _int_keys(v: Any) -> Any:
+    if not isinstance(v, dict):
+        return v.to_local() if _is_dtensor(v) else v
+    return {int(k) if isinstance(k, str) and k.isdigit() else k: _int_keys(x)
+            for k, x in v.items()}
 
 
 def load_optimizer_state(model: nn.Module, optimizer: Any, path: str) -> None:
@@ -198,7 +224,7 @@ def load_optimizer_state(model: nn.Module, optimizer: Any, path: str) -> None:
     index = {f: i for i, f in enumerate(fqns)}
     loaded = head[_OPT_KEY]
     sd = {
-        "state": {index[f]: {k: v.to_local() if _is_dtensor(v) else v for k, v in st.items()}
+        "state": {index[f]: {k: _int_keys(v) for k, v in st.items()}
                   for f, st in state.items()},
         "param_groups": [{**g, "params": [index[f] for f in g["params"]]}
                          for g in loaded["param_groups"]],

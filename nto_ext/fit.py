@@ -16,7 +16,7 @@ fits and one element more does not. Sparse needs no search (16 B per chosen elem
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -166,19 +166,17 @@ def state_peak(pol: Policy) -> tuple[int, int]:
                 max(i.numel * i.dtype.itemsize for i in infos))
     assert isinstance(pol, ScheduledPolicy)
 
-    def nbytes(params: Sequence[int]) -> int:
-        return sum(pol.state_bytes(infos[i].numel, infos[i].dtype) for i in params)
-
-    fixed = nbytes([i for u in pol.always_units for i in u.params])
+    fixed = pol.unit_bytes(pol.always_units)
+    # a tensor trained a range of rows at a time: its dense gradient lives in backward
+    transient = max((infos[i].numel * infos[i].dtype.itemsize for i in pol.split), default=0)
     if isinstance(pol, BlockPolicy):
-        return fixed + max((nbytes([i for u in g for i in u.params]) for g in pol.groups),
-                           default=0), 0
-    switching = [i for u in pol.units for i in u.params]
+        return fixed + max((pol.unit_bytes(g) for g in pol.groups), default=0), transient
+    switching = sorted({i for u in pol.units for i in u.params})  # one range of each at once
     if not switching:
         return fixed, 0
     bpe = max(pol.bytes_per_element(infos[i].dtype) for i in switching)
-    room = min(pol.capacity, sum(infos[i].numel for i in switching))
-    return fixed + room * bpe + len(switching) * pol.tensor_overhead_bytes, 0
+    room = min(pol.capacity, sum(u.elements for u in pol.units))
+    return fixed + room * bpe + len(switching) * pol.tensor_overhead_bytes, transient
 
 
 def _elements_budget(n: int) -> Budget:
@@ -294,6 +292,8 @@ def _nothing_fits(small: Policy | None, lo: int, infos: list[ParamInfo], memory:
     smallest = min(pool, key=lambda i: infos[i].numel)
     what = (f"the smallest unit's training state {format_bytes(state)} (tensor "
             f"{infos[smallest].name or smallest!r}, {infos[smallest].numel:,} elements)"
+            + (f" + the transient dense gradient {format_bytes(transient)} (of a tensor "
+               "trained a range of rows at a time)" if transient else "")
             if policy != "sparse" else
             f"one element's state {state} B + the transient dense gradient "
             f"{format_bytes(transient)}")

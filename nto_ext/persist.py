@@ -114,7 +114,7 @@ def read(opt, sd: Any) -> Loaded:
             raise ValueError("optimizer state: the saved active set does not match the "
                              f"schedule at step {nto['step']}{why}; nothing was loaded")
         new_state, new_offloaded, other = build_loaded_state(opt, sd, nto)
-        opt.updater.check_loaded(new_state)
+        opt.updater.check_loaded(new_state, nto["step"])
         new_groups = loaded_groups(opt, sd["param_groups"])
     except Exception:
         opt.policy.load_state_dict(cursor)

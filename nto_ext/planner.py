@@ -119,6 +119,9 @@ class Plan:
         lines += ["", "training state (grad + optimizer state):",
                   f"  NTO ({self.policy}, peak)  {format_bytes(self.nto_bytes):>12}  "
                   f"({ratio:.3f}x AdamW)",
+                  *([f"  + transient         {format_bytes(self.transient_bytes):>12}  "
+                     "(a dense gradient in backward, reduced to the rows that train)"]
+                    if self.transient_bytes else []),
                   f"  AdamW (torch)       {format_bytes(self.adamw_bytes):>12}",
                   f"  8-bit AdamW         {format_bytes(self.adamw8bit_bytes):>12}  (approx.)",
                   f"  trainable over a cycle: {self.trainable_elements:,} of "
@@ -261,18 +264,18 @@ def _build_plan(pol: ScheduledPolicy, infos: list[ParamInfo], want: torch.dtype 
 
     blocks = [PlanBlock(b.name, b.kind, len(b.params), _elems(infos, b.params), nto(b.params))
               for b in pol.blocks]
-    fixed = [i for u in pol.always_units for i in u.params]
     groups = []
     for period in pol.schedule(0):
-        params = fixed + [i for u in period for i in u.params]
         units = pol.always_units + list(period)
         groups.append(PlanGroup(group_label(units, 44), [u.name for u in units],
-                                _elems(infos, params), nto(params)))
+                                sum(u.elements for u in units), pol.unit_bytes(units)))
     big = sorted(pol.untrainable, key=lambda i: -infos[i].numel)
     return Plan(
         **_plan_fields(pol, infos, want), cycle_steps=pol.cycle_steps(0), blocks=blocks,
         groups=groups, always=[u.name for u in pol.always_units],
         trainable_elements=_elems(infos, pol.trainable), nto_bytes=max(g.nto_bytes for g in groups),
+        transient_bytes=max((infos[i].numel * infos[i].dtype.itemsize for i in pol.split),
+                            default=0),
         untrainable=[{"name": param_label(infos[i].name, i), "elements": infos[i].numel,
                       "nto_bytes": nto((i,))} for i in big])
 

@@ -19,6 +19,7 @@ from nto_ext.blocks import (
     make_units,
     pack_consecutive,
     param_label,
+    row_ranges,
 )
 from nto_ext.budget import Budget
 from nto_ext.policies import BlockPolicy, SamplePolicy, make_policy
@@ -101,16 +102,46 @@ def test_make_units_splits_big_blocks_and_lists_too_big():
     infos = _llama_infos()
     blocks = discover_blocks(infos)
 
-    def cost(params):
-        return sum(infos[i].numel for i in params)
+    def cost(params, elements=None):
+        return sum(infos[i].numel if elements is None else elements for i in params)
 
     units, too_big = make_units(blocks, infos, cost, 3000)
-    assert [infos[i].name for i in too_big] == ["model.embed_tokens.weight", "lm_head.weight"]
+    assert not too_big  # embed and head (128 x 32 = 4096 elements) are split into rows
+    ranged = [(u.name, u.rows, u.elements) for u in units if u.rows is not None]
+    assert ranged == [("model.embed_tokens.weight[0:64]", (0, 64), 2048),
+                      ("model.embed_tokens.weight[64:128]", (64, 128), 2048),
+                      ("lm_head.weight[0:64]", (0, 64), 2048),
+                      ("lm_head.weight[64:128]", (64, 128), 2048)]
     layer0 = [u for u in units if u.block == "model.layers.0"]
     assert len(layer0) == 9 and all(len(u.params) == 1 for u in layer0)
     assert [u.name for u in units if u.block == "other"] == ["other"]  # whole block fits
+    units, too_big = make_units(blocks, infos, cost, 31)  # one row (32) is too big
+    assert len(too_big) == 39 and not units  # 1-D norms (32) are not split
     units, too_big = make_units(blocks, infos, cost, 10_000)
     assert not too_big and [u.name for u in units] == [b.name for b in blocks]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(2, 300), st.integers(1, 7), st.integers(0, 9), st.integers(1, 400))
+def test_row_ranges_cover_the_rows_and_no_two_fit_together(rows, width, overhead, capacity):
+    info = ParamInfo("w", (rows, width), torch.float32)
+
+    def cost(n):
+        return n + overhead  # additive in rows, plus a per-tensor cost (byte budgets)
+
+    ranges = row_ranges(info, cost, capacity)
+    if cost(width) > capacity:
+        assert ranges == []
+        return
+    assert ranges[0][0] == 0 and ranges[-1][1] == rows
+    assert all(a < b == c for (a, b), (c, _) in zip(ranges, ranges[1:]))  # contiguous
+    sizes = [b - a for a, b in ranges]
+    assert max(sizes) - min(sizes) <= 1
+    assert all(cost(s * width) <= capacity for s in sizes)
+    if len(ranges) > 1:  # so one period never holds two ranges of one tensor
+        a, b = sorted(sizes)[:2]
+        assert cost(a * width) + cost(b * width) > capacity
+        assert cost(-(-rows // (len(ranges) - 1)) * width) > capacity  # the fewest ranges
 
 
 @settings(max_examples=200, deadline=None)

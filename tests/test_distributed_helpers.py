@@ -132,8 +132,9 @@ def test_distributed_works_without_transformers(tmp_path):
         assert a["nto"] == b["nto"], (a["nto"], b["nto"])
         assert a["state"].keys() == b["state"].keys() and a["state"]
         for i in a["state"]:
-            for k in a["state"][i]:
-                assert torch.equal(a["state"][i][k], b["state"][i][k]), (i, k)
+            for k, v in a["state"][i].items():  # "rows": a tensor trained a range of rows
+                w = b["state"][i][k]
+                assert torch.equal(v, w) if isinstance(v, torch.Tensor) else v == w, (i, k)
         assert not [m for m in sys.modules if m.startswith("transformers")]
     """)
 

@@ -56,12 +56,23 @@ def test_plan_shares_the_optimizer_schedule():
 
 
 def test_plan_lists_untrainable_tensors_largest_first():
-    p = plan(llama_config(), "1%")
-    assert p.untrainable[0]["name"] == "model.embed_tokens.weight"
-    assert p.largest_untrainable == "model.embed_tokens.weight"
-    assert len(p.untrainable) == 30
+    p = plan(llama_config(), 50)  # a row of the 64-wide down_proj (64) is larger
+    assert [u["name"] for u in p.untrainable] == [
+        f"model.layers.{k}.mlp.down_proj.weight" for k in range(4)]
+    assert p.largest_untrainable == "model.layers.0.mlp.down_proj.weight"
     assert "cannot train under policy=block" in str(p)
-    assert p.trainable_elements == 9 * 32
+    assert p.trainable_elements == N_ELEMENTS - 4 * 64 * 32
+
+
+def test_plan_shows_tensors_split_into_ranges_of_rows():
+    p = plan(llama_config(), "1%")  # 453 elements: at most 14 rows of 32 a unit
+    assert not p.untrainable and p.trainable_elements == N_ELEMENTS
+    assert "cannot train" not in str(p)
+    assert p.groups[0].names == ["model.embed_tokens.weight[0:13]"]
+    assert "model.embed_tokens.weight[0:13]" in str(p)
+    assert p.transient_bytes == 4096 * 4  # the embedding's dense gradient in backward
+    assert "+ transient" in str(p)
+    assert max(g.elements for g in p.groups) <= 453
 
 
 def test_plan_bytes_and_dtype():
@@ -168,8 +179,11 @@ def test_plan_135m_model_at_10_percent():
     p = plan(cfg, "10%")
     assert p.total_elements > 100e6
     assert p.nto_bytes <= 0.12 * p.adamw_bytes
-    # the tied 28.3M-element embedding is larger than 10% of 134.5M: named, not trained
-    assert [u["name"] for u in p.untrainable] == ["model.embed_tokens.weight"]
+    # the tied 28.3M-element embedding is larger than 10% of 134.5M: three ranges of rows
+    assert not p.untrainable
+    assert [n for g in p.groups for n in g.names if "embed" in n] == [
+        "model.embed_tokens.weight[0:16384]", "model.embed_tokens.weight[16384:32768]",
+        "model.embed_tokens.weight[32768:49152]"]
 
 
 BAD = [
@@ -208,20 +222,21 @@ def test_fit_block_is_the_largest_budget_that_fits(memory, act):
     mem = f.memory_bytes
     assert f.weights_bytes == WEIGHTS and f.margin_bytes == _margin(mem)
     at = plan(llama_config(), f.budget_elements)  # the ordinary plan at the chosen budget
-    assert f.state_bytes == at.nto_bytes and f.transient_bytes == 0
-    assert f.predicted_bytes == WEIGHTS + at.nto_bytes + (act or 0) + _margin(mem) <= mem
+    assert (f.state_bytes, f.transient_bytes) == (at.nto_bytes, at.transient_bytes)
+    assert f.predicted_bytes == WEIGHTS + at.nto_bytes + at.transient_bytes + (act or 0) \
+        + _margin(mem) <= mem
     assert f.headroom_bytes == mem - f.predicted_bytes >= 0
     nxt = plan(llama_config(), f.budget_elements + 1)  # one element more: over the memory
-    assert WEIGHTS + nxt.nto_bytes + (act or 0) + _margin(mem) > mem
+    assert WEIGHTS + nxt.nto_bytes + nxt.transient_bytes + (act or 0) + _margin(mem) > mem
     assert f.budget_percent == pytest.approx(100 * f.budget_elements / N_ELEMENTS)
     assert ("activations unknown" in f.covers) == (act is None)
 
 
-def test_fit_a_small_memory_gives_a_small_budget_and_names_what_cannot_train():
+def test_fit_a_small_memory_gives_a_small_budget_that_trains_everything():
     f = plan(llama_config(), fit=230_000).fit
-    assert f.budget_elements < 4096  # smaller than the embedding / head: they cannot train
-    assert f.untrainable[:2] == ["model.embed_tokens.weight", "lm_head.weight"]
-    assert "cannot train at this budget (too large): model.embed_tokens.weight" in str(f)
+    assert f.budget_elements < 4096  # smaller than the embedding / head: ranges of rows
+    assert not f.untrainable and "cannot train" not in str(f)
+    assert f.transient_bytes == 4096 * 4  # their dense gradient in backward
 
 
 def test_fit_sparse_and_sample():
@@ -259,14 +274,15 @@ def test_fit_nothing_fits_names_the_smallest_footprint():
     with pytest.raises(ValueError, match=r"fit='100KiB' \(100.00 KiB\): nothing fits under "
                        r"policy='block' \(the weights alone exceed it\); the smallest "
                        r"footprint is .* = weights 177.12 KiB \+ the smallest unit's training "
-                       r"state 388 B \(tensor '.*layernorm.weight', 32 elements\), plus the 5% "
-                       r"margin. State a memory of at least .* \(191,331 bytes\)"):
+                       r"state 388 B \(tensor '.*layernorm.weight', 32 elements\) \+ the "
+                       r"transient dense gradient 16.00 KiB .*, plus the 5% "
+                       r"margin. State a memory of at least .* \(208,577 bytes\)"):
         plan(llama_config(), fit="100KiB")
     # the least memory named is exact: it fits, one byte less does not
-    f = plan(llama_config(), fit=191_331).fit
+    f = plan(llama_config(), fit=208_577).fit
     assert 32 <= f.budget_elements < 64 and f.state_bytes == 388  # one 32-element norm a period
     with pytest.raises(ValueError, match=r"nothing fits under policy='block'; the smallest"):
-        plan(llama_config(), fit=191_330)  # weights fit; weights + one norm + margin do not
+        plan(llama_config(), fit=208_576)  # weights fit; weights + one norm + margin do not
     with pytest.raises(ValueError, match=r"nothing fits under policy='sparse'.*activations "
                        r"1.00 MiB"):
         plan(llama_config(), fit="1MiB", policy="sparse", activation_bytes="1MiB")

@@ -82,6 +82,7 @@ def measured_bytes(opt: NTO) -> tuple[int, int]:
     tensors themselves: every distinct storage behind a .grad or a state tensor."""
     seen, total = set(), 0
     tensors = [p.grad for p in opt.table.params if p.grad is not None]
+    tensors += opt.updater.grad_tensors()  # compact gradients (sparse, ranges of rows)
     tensors += [v for st_ in opt.state.values() for v in st_.values()
                 if isinstance(v, torch.Tensor)]
     for t in tensors:
@@ -94,6 +95,8 @@ def measured_bytes(opt: NTO) -> tuple[int, int]:
         st_ = opt.state.get(p) or {}
         if "indices" in st_:  # compact (sparse) state: the chosen elements only
             elements += st_["indices"].numel()
+        elif "rows" in st_ or "parked" in st_:  # a range of rows of a tensor larger than
+            elements += st_["exp_avg"].numel() if "rows" in st_ else 0  # the budget
         elif p.grad is not None or st_:
             elements += p.numel()
     return total, elements
@@ -141,13 +144,14 @@ RUN_SETTINGS = settings(SETTINGS, max_examples=5)  # per (policy, budget kind, d
 
 
 @st.composite
-def budget_runs(draw):
+def budget_runs(draw, widths=(1,)):
     n_layers = draw(st.integers(1, 5))
     size = st.integers(1, 96)
     layout = Layout(embed=draw(st.sampled_from([0, 40, 160])),
                     layers=tuple(tuple(draw(st.lists(size, min_size=1, max_size=3)))
                                  for _ in range(n_layers)),
-                    norm=draw(st.sampled_from([0, 8])), head=draw(st.sampled_from([0, 40, 128])))
+                    norm=draw(st.sampled_from([0, 8])), head=draw(st.sampled_from([0, 40, 128])),
+                    width=draw(st.sampled_from(widths)))
     return {
         "layout": layout, "share": draw(st.floats(0.05, 1.0)),
         "unit": draw(st.sampled_from(["B", "KiB"])),
@@ -195,6 +199,21 @@ def _groups(named: list, how: str, seed: int) -> list:
 def test_budget_invariant_randomized(policy, kind, dtype, run):
     """Hypothesis draws the model layout, budget size, group layout, switch period, steps,
     accumulation, offload and seed; the parameters fix policy, budget kind and dtype."""
+    _budget_run(policy, kind, dtype, run)
+
+
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("policy", ["block", "sample"])
+@RUN_SETTINGS
+@given(run=budget_runs(widths=(4, 8)))
+def test_budget_invariant_with_ranges_of_rows(policy, kind, dtype, run):
+    """As above with 2-D tensors (rows of 4 or 8): those larger than the budget train a
+    range of rows at a time; the invariant holds with their compact gradients."""
+    _budget_run(policy, kind, dtype, run)
+
+
+def _budget_run(policy: str, kind: str, dtype: str, run: dict) -> None:
     torch_dtype = DTYPES[dtype]
     n_tensors = len(run["layout"].names_and_sizes())
     dtypes = torch_dtype if torch_dtype is not None else [

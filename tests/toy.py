@@ -21,6 +21,7 @@ class Layout:
     layers: tuple[tuple[int, ...], ...] = ((32, 8), (32, 8), (32, 8), (32, 8))
     norm: int = 8
     head: int = 64
+    width: int = 1  # > 1: a tensor whose size it divides is (size // width, width)
 
     def names_and_sizes(self) -> list[tuple[str, int]]:
         out = [("model.embed_tokens.weight", self.embed)] if self.embed else []
@@ -39,7 +40,12 @@ def toy_params(layout: Layout = Layout(), dtype: torch.dtype | list[torch.dtype]
     gen = torch.Generator().manual_seed(seed)
     named = layout.names_and_sizes()
     dtypes = dtype if isinstance(dtype, list) else [dtype] * len(named)
-    return [(name, torch.nn.Parameter(torch.randn(n, generator=gen).to(dt)))
+    w = layout.width
+
+    def shape(n: int) -> tuple[int, ...]:
+        return (n // w, w) if w > 1 and n % w == 0 else (n,)
+
+    return [(name, torch.nn.Parameter(torch.randn(shape(n), generator=gen).to(dt)))
             for (name, n), dt in zip(named, dtypes)]
 
 

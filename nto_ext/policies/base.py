@@ -120,8 +120,8 @@ class Updater:
         """A loaded per-param state, validated, as it will be kept."""
         raise NotImplementedError
 
-    def check_loaded(self, new_state: dict[torch.Tensor, dict[str, Any]]) -> None:
-        """The loaded state as a whole agrees with the loaded policy state."""
+    def check_loaded(self, new_state: dict[torch.Tensor, dict[str, Any]], step: int) -> None:
+        """The loaded state as a whole agrees with the loaded policy state at `step`."""
 
     def import_entry(self, where: str, st: dict[str, Any],
                      p: torch.Tensor) -> dict[str, Any] | None:
@@ -162,10 +162,11 @@ class Policy:
         """Training-state bytes of one fully trained tensor."""
         return numel * cls.bytes_per_element(dtype) + cls.tensor_overhead_bytes
 
-    def cost(self, params: Iterable[int]) -> int:
-        """Cost of training `params` together, in budget units (elements or bytes)."""
-        return self.budget.cost(((self.infos[i].numel, self.infos[i].dtype) for i in params),
-                                self.state_bytes)
+    def cost(self, params: Iterable[int], elements: int | None = None) -> int:
+        """Cost of training `params` together, in budget units (elements or bytes);
+        `elements`: of one param, that many of its elements (a range of its rows)."""
+        return self.budget.cost(((self.infos[i].numel if elements is None else elements,
+                                  self.infos[i].dtype) for i in params), self.state_bytes)
 
     def budget_bytes(self) -> int:
         """The budget in device bytes of gradient + state. Element budgets are converted
@@ -175,12 +176,17 @@ class Policy:
             return self.budget.amount
         trainable = [i for i in self.infos if i.trainable]
         bpe = max(self.bytes_per_element(i.dtype) for i in trainable)
-        n, used = 0, 0  # the most tensors that fit the budget together
-        for size in sorted(i.numel for i in trainable):
+        n, used = 0, 0  # the most tensors (or row ranges) that fit the budget together
+        for size in sorted(self.piece_sizes()):
             if used + size > self.budget.amount:
                 break
             n, used = n + 1, used + size
         return self.budget.amount * bpe + self.tensor_overhead_bytes * n
+
+    def piece_sizes(self) -> list[int]:
+        """Elements of each thing that trains with its own per-tensor state: the
+        trainable tensors (a policy that splits tensors: their pieces)."""
+        return [i.numel for i in self.infos if i.trainable]
 
     def budget_elements(self) -> int:
         """The budget in elements (byte budgets: bytes / smallest bytes per element)."""

@@ -20,7 +20,16 @@ from typing import Any
 
 import torch
 
-from ..blocks import KIND_BLOCKS, Block, ParamInfo, Unit, discover_blocks, make_units
+from ..blocks import (
+    KIND_BLOCKS,
+    MAX_RANGES,
+    Block,
+    ParamInfo,
+    Unit,
+    discover_blocks,
+    make_units,
+    smallest_piece,
+)
 from ..budget import Budget, format_bytes
 from ..formats import FP32
 from .base import Config, Policy
@@ -89,6 +98,11 @@ class ScheduledPolicy(Policy):
         if not self.units and not self.always_units:
             self._raise_nothing_fits()
         self._trainable = _params_of(self.units) | _params_of(self.always_units)
+        # param -> its row ranges, for the params trained a range of rows at a time
+        self.split: dict[int, list[tuple[int, int]]] = {}
+        for u in self.units:
+            if u.rows is not None:
+                self.split.setdefault(u.params[0], []).append(u.rows)
         self._cycle, self._cycle_start = 0, 0
         self._cache: tuple[int, list[tuple[Unit, ...]]] | None = None
 
@@ -106,13 +120,34 @@ class ScheduledPolicy(Policy):
 
     def _raise_nothing_fits(self) -> None:
         rest = [i for b in self.blocks if b.name not in self.always for i in b.params]
-        smallest = min(rest, key=lambda i: self.cost((i,)))
-        need = self.cost((smallest,))
+        smallest = min(rest, key=lambda i: (self._piece_cost(i), self._splittable(i)))
+        need = self._piece_cost(smallest)
+        what = "rows of tensor" if self._splittable(smallest) else "tensor"
         raise ValueError(
             f"budget={self.budget.given} ({self._fmt(self.budget.amount)}) is below the "
-            f"smallest unit that can train, tensor {self._label(smallest)} "
+            f"smallest unit that can train, {what} {self._label(smallest)} "
             f"({self._fmt(need)} under policy={self.name!r}); nothing would train. Raise the "
             f"budget to at least {self._fmt(need + self.budget.amount - self.capacity)}.")
+
+    def _splittable(self, i: int) -> bool:
+        return smallest_piece(self.infos[i]) < self.infos[i].numel
+
+    def _piece_cost(self, i: int) -> int:
+        """Cost of the smallest unit param i can train as: itself, or a range of rows."""
+        return self.cost((i,), smallest_piece(self.infos[i]))
+
+    def unit_bytes(self, units: Sequence[Unit]) -> int:
+        """Device bytes of gradient + state of training `units` together (memory model)."""
+        return sum(self.state_bytes(u.elements, self.infos[u.params[0]].dtype)
+                   if u.rows is not None else
+                   sum(self.state_bytes(self.infos[i].numel, self.infos[i].dtype)
+                       for i in u.params) for u in units)
+
+    def piece_sizes(self) -> list[int]:
+        whole = [info.numel for i, info in enumerate(self.infos)
+                 if info.trainable and i not in self.split]
+        return whole + [(b - a) * (self.infos[i].numel // self.infos[i].shape[0])
+                        for i, ranges in self.split.items() for a, b in ranges]
 
     def too_big_message(self) -> str | None:
         """One sentence naming the tensors that cannot train, or None."""
@@ -121,10 +156,11 @@ class ScheduledPolicy(Policy):
         big = sorted(self._too_big, key=lambda i: -self.cost((i,)))
         shown = ", ".join(f"{self._label(i)} ({self._fmt(self.cost((i,)))})" for i in big[:8])
         more = f" and {len(big) - 8} more" if len(big) > 8 else ""
-        need = self.cost((big[0],)) + self.budget.amount - self.capacity
+        need = max(map(self._piece_cost, big)) + self.budget.amount - self.capacity
         return (f"{len(big)} parameter tensor(s) are larger than the budget "
                 f"{self.budget.given} ({self._fmt(self.capacity)} left for switching units) "
-                f"and cannot train under policy={self.name!r}: {shown}{more}. To train them, "
+                f"and cannot train under policy={self.name!r}, not even {MAX_RANGES} ranges "
+                f"of rows at a time (1-D tensors: whole): {shown}{more}. To train them, "
                 f"raise the budget to at least {self._fmt(need)}.")
 
     # ---------------------------------------------------------------- schedule
@@ -153,6 +189,17 @@ class ScheduledPolicy(Policy):
 
     def active(self, step: int) -> frozenset[int]:
         return _params_of(self.active_units(step))
+
+    def active_rows(self, step: int) -> dict[int, tuple[int, int]]:
+        """Params that train a range of their rows at `step`: param -> (start, stop)."""
+        rows: dict[int, tuple[int, int]] = {}
+        for u in self.active_units(step):
+            if u.rows is not None:
+                if u.params[0] in rows:  # row_ranges makes this impossible: say so loudly
+                    raise RuntimeError(f"NTO internal error: two row ranges of "
+                                       f"{self._label(u.params[0])} in one period")
+                rows[u.params[0]] = u.rows
+        return rows
 
     def active_names(self, step: int) -> list[str]:
         return [u.name for u in self.active_units(step)]

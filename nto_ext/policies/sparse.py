@@ -641,7 +641,7 @@ class SparseUpdater(Updater):
     def trained(self) -> frozenset[int]:
         return self.policy.selected
 
-    def check_loaded(self, new_state: dict[torch.Tensor, dict[str, Any]]) -> None:
+    def check_loaded(self, new_state: dict[torch.Tensor, dict[str, Any]], step: int) -> None:
         """The loaded state agrees with the loaded policy state: exactly the params listed
         as holding chosen elements have state, and together at most K elements."""
         host = self.host
