@@ -1,6 +1,6 @@
 """The updater of block and sample: every active param holds its whole gradient and its
-state in a state format (`nto_ext.formats`), updated by one fused kernel call per (param
-group, device, dtype)."""
+state in a state format (`nto_ext.formats`, chosen by the policy per param dtype), updated
+by one fused kernel call per (param group, device, dtype)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import torch
 
 from ..args import check_grad, check_hyper
 from ..checkpoint import Storages, local_tensor
-from ..formats import FP32
 from .base import Updater
 
 
 class DenseUpdater(Updater):
-    fmt = FP32
+    def fmt(self, p: torch.Tensor) -> Any:
+        return self.policy.state_format(p.dtype)
 
     def trained(self) -> frozenset[int]:
         return self.host.active_set
@@ -24,7 +24,7 @@ class DenseUpdater(Updater):
     def _state(self, p: torch.Tensor) -> dict[str, Any]:
         st = self.host.state[p]
         if not st:  # lazily, like torch: only params that get a gradient have state
-            st.update(self.fmt.new_state(p))
+            st.update(self.fmt(p).new_state(p))
         return st
 
     def init_state(self) -> None:
@@ -43,7 +43,9 @@ class DenseUpdater(Updater):
             batches[(gi, local.device, local.dtype)].append((i, local, local_tensor(g), p))
         for (gi, _, _), items in batches.items():
             states = [self._state(p) for _, _, _, p in items]
-            self.fmt.update(self.host.param_groups[gi], items, states, self.host.table.call)
+            self.fmt(items[0][1]).update(self.host.param_groups[gi], items, states,
+                                         self.host.table.call, seed=self.policy.seed,
+                                         step=self.host.step_count)
 
     def _active_grads(self) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
         """(group index, param index, param, grad) of every active param with a grad,
@@ -65,15 +67,20 @@ class DenseUpdater(Updater):
                 check_grad(table.label(i), p, g)
                 st = self.host.state.get(p)
                 if st:
-                    self.fmt.check_entry(table.label(i), st, p)
+                    self.fmt(p).check_entry(table.label(i), st, p)
                 out.append((gi, i, p, g))
         return out
 
     def check_state(self, i: int, p: torch.Tensor, st: dict[str, Any], seen: Storages,
                     propagate: bool) -> dict[str, Any]:
         where = f"optimizer state for {self.host.table.label(i)}"
-        return self.fmt.check_loaded(where, st, p, seen, propagate)
+        return self.fmt(p).check_loaded(where, st, p, seen, propagate)
 
     def import_entry(self, where: str, st: dict[str, Any],
                      p: torch.Tensor) -> dict[str, Any] | None:
-        return self.fmt.from_adamw(where, st, p)
+        return self.fmt(p).from_adamw(where, st, p)
+
+    def transient_bytes(self) -> int:
+        params, infos = self.host.table.params, self.host.table.infos
+        return max((self.fmt(params[i]).transient_bytes(infos[i].numel)
+                    for i in self.host.active_set), default=0)
