@@ -153,7 +153,7 @@ def test_memory_model_table():
 
 def test_cost_in_budget_units():
     items = [(10, torch.float32), (5, torch.bfloat16)]
-    block = POLICIES["block"].state_bytes
+    block = _policy("block", master_weights=False).state_bytes  # bf16 without masters
     assert Budget("elements", 100, "100").cost(items, block) == 15
     assert Budget("bytes", 100, "'100B'").cost(items, block) == 10 * 12 + 5 * 10 + 2 * 4
 

@@ -37,6 +37,10 @@ class Fp32Moments:
         """Largest temporary of an update whose largest tensor has `numel` elements."""
         return 0
 
+    def retire(self, st: dict[str, Any], t: torch.Tensor, seed: int, step: int,
+               index: int) -> None:
+        """The param `t` stops training at `step` (its state is dropped or offloaded next)."""
+
     def new_state(self, p: torch.Tensor) -> dict[str, Any]:
         local = local_tensor(p)
         return {"step": torch.tensor(0.0, dtype=torch.float32),

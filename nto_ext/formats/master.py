@@ -6,7 +6,9 @@ rounded to nearest, they vanish. Two formats keep them:
 - `MasterWeights` ("master"): an fp32 copy of the param, `master`, for the *active* set
   only (made from the param when its state is made; dropped or offloaded with the moments
   at a switch, as all of a param's state is). AdamW updates the master; the param gets it
-  rounded to nearest every step. 12 B per element (moments 8 + master 4).
+  rounded to nearest every step, and rounded stochastically when its period ends (else a
+  period's progress below half an ulp would be lost with the master). 12 B per element
+  (moments 8 + master 4).
 - `StochasticRounding` ("stochastic"): no extra state (8 B per element, as fp32 moments);
   the fp32 result is rounded to the param's dtype up or down with probability given by
   its distance to each (unbiased), the coin drawn from a counter-based stream keyed on
@@ -128,6 +130,14 @@ class MasterWeights(_Fp32Compute):
     def _write(self, t: torch.Tensor, value: torch.Tensor, seed: int, step: int,
                index: int) -> None:
         t.copy_(value)  # round to nearest even, as every torch cast
+
+    def retire(self, st: dict[str, Any], t: torch.Tensor, seed: int, step: int,
+               index: int) -> None:
+        """The master is about to go: the param takes it rounded stochastically, so the
+        progress below half an ulp that the master gathered this period is kept on
+        average instead of lost (rounding to nearest keeps none of a small update)."""
+        with torch.no_grad():
+            STOCHASTIC._write(t, st["master"], seed, step, index)
 
 
 class StochasticRounding(_Fp32Compute):

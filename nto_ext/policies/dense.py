@@ -47,6 +47,15 @@ class DenseUpdater(Updater):
                                          self.host.table.call, seed=self.policy.seed,
                                          step=self.host.step_count)
 
+    def advance(self, step: int) -> None:
+        """Params that stop training at `step` hand their state format the last word
+        (masters round the param stochastically before they go)."""
+        params, leaving = self.host.table.params, self.host.active_set - self.policy.active(step)
+        for i in sorted(leaving):
+            st = self.host.state.get(params[i])
+            if st:
+                self.fmt(params[i]).retire(st, local_tensor(params[i]), self.policy.seed, step, i)
+
     def _active_grads(self) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
         """(group index, param index, param, grad) of every active param with a grad,
         each checked before anything changes (a refused step changes nothing)."""
