@@ -136,18 +136,13 @@ def test_fp32_params_of_a_mixed_model_keep_fp32_moments():
     ({"stochastic_rounding": True, "policy": "sparse"}, ValueError, "policy='sparse' yet"),
 ])
 def test_bad_combinations_are_refused_before_anything_changes(kw, err, msg):
+    """On bf16 params (fp32 ones: tests/test_optimizer.py BAD_INPUTS)."""
     params = _params(BF16)
     flags = [p.requires_grad for p in params]
     with pytest.raises(err, match=msg):
         NTO(params, **kw)
     assert [p.requires_grad for p in params] == flags
     assert all(not p._post_accumulate_grad_hooks for p in params)
-
-
-@pytest.mark.parametrize("key", ["master_weights", "stochastic_rounding"])
-def test_fp32_params_with_a_bf16_format_are_refused(key):
-    with pytest.raises(ValueError, match=f"{key}=True but no trainable param is bf16"):
-        NTO(_params(torch.float32), **{key: True})
 
 
 def test_per_group_format_is_refused():

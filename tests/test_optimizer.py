@@ -134,6 +134,16 @@ BAD_INPUTS = [
     ({"params": P("[{'params': [('a', p)]}, {'params': [q]}]",
                   lambda: [{"params": [("a", _w(3))]}, {"params": [_w(3)]}])}, ValueError,
      r"some param groups have names and some do not"),
+    # bf16/fp16 state formats (issue 19); the model here is fp32
+    ({"master_weights": True}, ValueError,
+     r"master_weights=True but no trainable param is bf16 or fp16"),
+    ({"stochastic_rounding": True}, ValueError,
+     r"stochastic_rounding=True but no trainable param is bf16 or fp16"),
+    ({"master_weights": True, "stochastic_rounding": True}, ValueError,
+     r"master_weights=True with stochastic_rounding=True; allowed: one of them"),
+    ({"master_weights": "yes"}, TypeError, r"master_weights='yes'; allowed: None"),
+    ({"master_weights": True, "policy": "sparse"}, ValueError,
+     r"master_weights=True does not apply to policy='sparse' yet"),
 ]
 
 
