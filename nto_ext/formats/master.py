@@ -32,7 +32,13 @@ from ..checkpoint import Storages, check_moment, check_values, local_tensor
 from .fp32 import MOMENTS, Fp32Moments
 
 _MASK32 = 0xFFFFFFFF
-_SR_CHUNK = 1 << 20  # elements rounded at once: bounds the int64 temporaries (~40 MB)
+_SR_CHUNK = 1 << 20  # elements rounded at once: bounds the int64 temporaries
+_SR_TEMP = 96  # bytes of temporaries per element of a chunk (an upper bound)
+
+
+def _fp32_copy(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous fp32 copy: the kernel walks value, grad and moments in one flat order."""
+    return t.detach().to(torch.float32, memory_format=torch.contiguous_format, copy=True)
 
 
 class _Fp32Compute(Fp32Moments):
@@ -45,10 +51,6 @@ class _Fp32Compute(Fp32Moments):
                index: int) -> None:
         raise NotImplementedError
 
-    def transient_bytes(self, numel: int) -> int:
-        """Largest temporary of an update whose largest tensor has `numel` elements."""
-        return 4 * numel  # the fp32 copy of the gradients of one batch
-
     def update(self, group: dict[str, Any], items: list, states: list[dict[str, Any]],
                call: Callable[..., Any], *, seed: int = 0, step: int = 0) -> None:
         beta1, beta2 = group["betas"]
@@ -56,7 +58,7 @@ class _Fp32Compute(Fp32Moments):
                  "eps": float(group["eps"]), "weight_decay": float(group["weight_decay"])}
         for batch in _batches(list(zip(items, states))):
             values = [self._source(st, t) for (_, t, _, _), st in batch]
-            grads = [g.float() for (_, _, g, _), _ in batch]  # transient fp32 copies
+            grads = [_fp32_copy(g) for (_, _, g, _), _ in batch]  # transient
             if group.get("maximize", False):  # AdamW's maximize: descend on -grad
                 torch._foreach_neg_(grads)
             steps = [st["step"] for _, st in batch]
@@ -91,10 +93,7 @@ class MasterWeights(_Fp32Compute):
     element_bytes = 12  # two fp32 moments + the fp32 master
 
     def new_state(self, p: torch.Tensor) -> dict[str, Any]:
-        local = local_tensor(p)
-        return {**super().new_state(p),
-                "master": local.detach().to(torch.float32, memory_format=torch.contiguous_format,
-                                            copy=True)}
+        return {**super().new_state(p), "master": _fp32_copy(local_tensor(p))}
 
     def check_entry(self, where: str, st: dict[str, Any], p: torch.Tensor) -> None:
         super().check_entry(where, st, p)
@@ -123,9 +122,12 @@ class MasterWeights(_Fp32Compute):
 
     def _source(self, st: dict[str, Any], t: torch.Tensor) -> torch.Tensor:
         if "master" not in st:  # a state made while the param was fp32 (model.to(bf16))
-            st["master"] = t.detach().to(torch.float32, memory_format=torch.contiguous_format,
-                                         copy=True)
+            st["master"] = _fp32_copy(t)
         return st["master"]
+
+    def transient_bytes(self, numel: int) -> int:
+        # the fp32 gradients of one batch, or (apart, as a period ends) the rounding's
+        return max(4 * numel, _SR_TEMP * min(numel, _SR_CHUNK))
 
     def _write(self, t: torch.Tensor, value: torch.Tensor, seed: int, step: int,
                index: int) -> None:
@@ -145,10 +147,10 @@ class StochasticRounding(_Fp32Compute):
 
     def transient_bytes(self, numel: int) -> int:
         # fp32 gradients + fp32 param copies of one batch; the rounding's chunk temporaries
-        return 8 * numel + 40 * min(numel, _SR_CHUNK)
+        return 8 * numel + _SR_TEMP * min(numel, _SR_CHUNK)
 
     def _source(self, st: dict[str, Any], t: torch.Tensor) -> torch.Tensor:
-        return t.float()
+        return _fp32_copy(t)
 
     def _write(self, t: torch.Tensor, value: torch.Tensor, seed: int, step: int,
                index: int) -> None:
