@@ -37,10 +37,6 @@ class Fp32Moments:
         """Largest temporary of an update whose largest tensor has `numel` elements."""
         return 0
 
-    def retire(self, st: dict[str, Any], t: torch.Tensor, seed: int, step: int,
-               index: int) -> None:
-        """The param `t` stops training at `step` (its state is dropped or offloaded next)."""
-
     def new_state(self, p: torch.Tensor) -> dict[str, Any]:
         local = local_tensor(p)
         return {"step": torch.tensor(0.0, dtype=torch.float32),
@@ -76,12 +72,13 @@ class Fp32Moments:
         return adamw_entry(where, st, p, compact=False)
 
     def update(self, group: dict[str, Any], items: list, states: list[dict[str, Any]],
-               call: Callable[..., Any], *, seed: int = 0, step: int = 0) -> None:
+               call: Callable[..., Any], *, seed: int = 0, step: int = 0,
+               leaving: frozenset[int] = frozenset()) -> None:
         """One fused kernel call over `items` = [(index, local param, local grad, param)]
         of one group, device and dtype. Strided params (transposed views, channels_last)
         go through contiguous copies, written back. `call(op, indices, *args)` runs an op
-        so that its errors name the params. `seed`, `step`: for formats that round
-        stochastically (formats/master.py); rounding to nearest needs neither."""
+        so that its errors name the params. `seed`, `step` and `leaving` (the params
+        whose period ends with this step) are for the formats of formats/master.py."""
         params = [t if t.is_contiguous() else t.contiguous() for _, t, _, _ in items]
         grads = [g if g.is_contiguous() else g.contiguous() for _, _, g, _ in items]
         steps = [st["step"] for st in states]

@@ -6,9 +6,9 @@ rounded to nearest, they vanish. Two formats keep them:
 - `MasterWeights` ("master"): an fp32 copy of the param, `master`, for the *active* set
   only (made from the param when its state is made; dropped or offloaded with the moments
   at a switch, as all of a param's state is). AdamW updates the master; the param gets it
-  rounded to nearest every step, and rounded stochastically when its period ends (else a
-  period's progress below half an ulp would be lost with the master). 12 B per element
-  (moments 8 + master 4).
+  rounded to nearest every step but the last of its period, where it is rounded
+  stochastically (else the period's progress below half an ulp would go with the
+  master). 12 B per element (moments 8 + master 4).
 - `StochasticRounding` ("stochastic"): no extra state (8 B per element, as fp32 moments);
   the fp32 result is rounded to the param's dtype up or down with probability given by
   its distance to each (unbiased), the coin drawn from a counter-based stream keyed on
@@ -48,11 +48,12 @@ class _Fp32Compute(Fp32Moments):
         raise NotImplementedError
 
     def _write(self, t: torch.Tensor, value: torch.Tensor, seed: int, step: int,
-               index: int) -> None:
+               index: int, last: bool) -> None:
         raise NotImplementedError
 
     def update(self, group: dict[str, Any], items: list, states: list[dict[str, Any]],
-               call: Callable[..., Any], *, seed: int = 0, step: int = 0) -> None:
+               call: Callable[..., Any], *, seed: int = 0, step: int = 0,
+               leaving: frozenset[int] = frozenset()) -> None:
         beta1, beta2 = group["betas"]
         hyper = {"lr": float(group["lr"]), "beta1": float(beta1), "beta2": float(beta2),
                  "eps": float(group["eps"]), "weight_decay": float(group["weight_decay"])}
@@ -67,7 +68,7 @@ class _Fp32Compute(Fp32Moments):
                  [None] * len(batch), [s + 1 for s in steps], **hyper)
             torch._foreach_add_(steps, 1.0)  # counted once the kernel has run
             for ((i, t, _, _), _), value in zip(batch, values):
-                self._write(t, value, seed, step, i)
+                self._write(t, value, seed, step, i, i in leaving)
 
 
 def _batches(pairs: list) -> Iterator[list]:
@@ -126,20 +127,16 @@ class MasterWeights(_Fp32Compute):
         return st["master"]
 
     def transient_bytes(self, numel: int) -> int:
-        # the fp32 gradients of one batch, or (apart, as a period ends) the rounding's
-        return max(4 * numel, _SR_TEMP * min(numel, _SR_CHUNK))
+        # the fp32 gradients of one batch + the rounding's temporaries at a period's end
+        return 4 * numel + _SR_TEMP * min(numel, _SR_CHUNK)
 
     def _write(self, t: torch.Tensor, value: torch.Tensor, seed: int, step: int,
-               index: int) -> None:
-        t.copy_(value)  # round to nearest even, as every torch cast
-
-    def retire(self, st: dict[str, Any], t: torch.Tensor, seed: int, step: int,
-               index: int) -> None:
-        """The master is about to go: the param takes it rounded stochastically, so the
-        progress below half an ulp that the master gathered this period is kept on
-        average instead of lost (rounding to nearest keeps none of a small update)."""
-        with torch.no_grad():
-            STOCHASTIC._write(t, st["master"], seed, step, index)
+               index: int, last: bool) -> None:
+        if last:  # the master goes after this step: round stochastically, so the progress
+            # below half an ulp it gathered this period is kept on average, not lost
+            STOCHASTIC._write(t, value, seed, step, index, last)
+        else:
+            t.copy_(value)  # round to nearest even, as every torch cast
 
 
 class StochasticRounding(_Fp32Compute):
@@ -153,7 +150,7 @@ class StochasticRounding(_Fp32Compute):
         return _fp32_copy(t)
 
     def _write(self, t: torch.Tensor, value: torch.Tensor, seed: int, step: int,
-               index: int) -> None:
+               index: int, last: bool) -> None:
         t.copy_(stochastic_round(value, t.dtype, seed, step, index).view(t.shape))
 
 

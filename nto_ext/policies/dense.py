@@ -41,20 +41,13 @@ class DenseUpdater(Updater):
         for gi, i, p, g in entries:
             local = local_tensor(p)
             batches[(gi, local.device, local.dtype)].append((i, local, local_tensor(g), p))
+        step = self.host.step_count
+        leaving = self.host.active_set - self.policy.active(step + 1)  # their period ends
         for (gi, _, _), items in batches.items():
             states = [self._state(p) for _, _, _, p in items]
             self.fmt(items[0][1]).update(self.host.param_groups[gi], items, states,
                                          self.host.table.call, seed=self.policy.seed,
-                                         step=self.host.step_count)
-
-    def advance(self, step: int) -> None:
-        """Params that stop training at `step` hand their state format the last word
-        (masters round the param stochastically before they go)."""
-        params, leaving = self.host.table.params, self.host.active_set - self.policy.active(step)
-        for i in sorted(leaving):
-            st = self.host.state.get(params[i])
-            if st:
-                self.fmt(params[i]).retire(st, local_tensor(params[i]), self.policy.seed, step, i)
+                                         step=step, leaving=leaving)
 
     def _active_grads(self) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
         """(group index, param index, param, grad) of every active param with a grad,
