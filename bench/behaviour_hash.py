@@ -58,7 +58,8 @@ def _digest(v: object) -> str:
     return h.hexdigest()[:16]
 
 
-def run(policy: str, kind: str, dtype: torch.dtype, on_switch: str, steps: int) -> str:
+def run(policy: str, kind: str, dtype: torch.dtype, on_switch: str, steps: int,
+        plain: bool = False) -> str:
     model = tiny_llama(0, dtype)
     named = list(model.named_parameters())
     groups = [{"params": [x for x in named if x[1].dim() >= 2]},
@@ -67,6 +68,8 @@ def run(policy: str, kind: str, dtype: torch.dtype, on_switch: str, steps: int) 
     kw = {"switch_every": 3, "state_on_switch": on_switch, "seed": 7}
     if policy == "sparse":
         kw["regrow_fraction"] = 0.2
+    if plain and policy != "sparse" and dtype != torch.float32:
+        kw["master_weights"] = False  # bf16 updated in place, as before issue 19
     opt = NTO(groups, lr=1e-3, budget=BUDGETS[kind], policy=policy,
               max_grad_norm=1.0 if kind == "percent" else None, **kw)
     trace = []
@@ -91,6 +94,9 @@ def run(policy: str, kind: str, dtype: torch.dtype, on_switch: str, steps: int) 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=14)
+    ap.add_argument("--plain-bf16", action="store_true",
+                    help="bf16 params without fp32 master weights (the default before issue "
+                         "19): compares with hashes taken before it")
     args = ap.parse_args()
     logging.disable(logging.WARNING)
     warnings.simplefilter("ignore")
@@ -99,7 +105,7 @@ def main() -> None:
         for kind in BUDGETS:
             for dtype in (torch.float32, torch.bfloat16):
                 for on_switch in (("drop",) if policy == "sparse" else ("drop", "offload")):
-                    out = run(policy, kind, dtype, on_switch, args.steps)
+                    out = run(policy, kind, dtype, on_switch, args.steps, args.plain_bf16)
                     print(f"{policy:6} {kind:8} {str(dtype)[6:]:8} {on_switch:7} {out}",
                           flush=True)
 

@@ -9,6 +9,7 @@ weights, per trainable element, by policy and parameter dtype (DESIGN.md, "Memor
 |---------------|----------------|--------------------|-------|-------------------|
 | adamw (torch) | param dtype    | 2 x param          | -     | 12, 6             |
 | block, sample | param dtype    | 2 x fp32           | -     | 12, 10            |
+|  + fp32 master| -              | + fp32 (bf16/fp16) | -     | -, 14 (default)   |
 | sparse        | fp32 (compact) | 2 x fp32           | int32 | 16, 16            |
 | adamw8bit     | param dtype    | ~2 x 1 B           | -     | 6, 4              |
 
@@ -16,6 +17,10 @@ Sparse: 4 (compact grad) + 8 (moments) + 4 (index, int64 past 2**31 elements in 
 tensor) = 16 B. Step counts are kept per cohort (the elements grown at one regrowth) in
 small host tables, not per element (see sparse.py). It also needs one dense gradient at a
 time during backward (the transient, reported apart).
+
+The master row is the default for bf16/fp16 params under block and sample (the active set
+only; `stochastic_rounding=True` or `master_weights=False`: 10): the policy asks its state
+format (`nto_ext.formats`) for the bytes.
 
 Dense NTO state also holds one `step` scalar per trainable tensor (a 0-dim fp32 tensor, as
 `torch.optim.AdamW` keeps it): `STEP_BYTES` per tensor, counted by the model and measured

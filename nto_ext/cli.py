@@ -144,7 +144,8 @@ def _make_plan(args: argparse.Namespace):
         dtype, source = config_dtype(config)
     model = data.meta_model(config, num_labels=args.num_labels, dtype=dtype)
     fit = {} if args.fit is None else {"fit": args.fit, **fit_args}
-    p = plan(model, budget, policy=args.policy, dtype=dtype, **fit)
+    p = plan(model, budget, policy=args.policy, dtype=dtype, master_weights=args.master_weights,
+             stochastic_rounding=args.stochastic_rounding, **fit)
     p.dtype_source = source
     return p
 
@@ -221,6 +222,11 @@ def _add_plan(sub) -> None:
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                    help="parameter dtype (default: the config's torch_dtype, else fp32)")
     p.add_argument("--policy", default=DEFAULT_POLICY, help=_POLICY_HELP)
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--no-master-weights", dest="master_weights", action="store_false",
+                     default=None, help="bf16/fp16 params without fp32 master weights")
+    fmt.add_argument("--stochastic-rounding", action="store_true",
+                     help="bf16/fp16 params rounded stochastically instead of fp32 masters")
     p.add_argument("--num-labels", type=int, default=None,
                    help="classification head size for encoder models (default: the config's)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")

@@ -1,9 +1,8 @@
 """class NTO: AdamW under a hard training-state memory budget.
 
-The optimizer gathers; the policy decides; the updater and the kernels compute. `NTO`
-owns every parameter it is given, asks its policy (`nto_ext.policies`) which of them train
-at each step, applies that set (requires_grad, .grad, state) and lets the policy's updater
-update them. It never asks which policy it has: what differs is behind `Policy`/`Updater`.
+`NTO` owns every parameter it is given, asks its policy (`nto_ext.policies`) which train at
+each step, applies that set (requires_grad, .grad, state) and lets the policy's updater
+update them, never asking which policy it has (all that differs is behind Policy/Updater).
 
 Lifecycle (DESIGN.md, "The user-facing contract"): `__init__` validates everything, plans
 the schedule and installs hooks that drop inactive gradients as they are produced, never
@@ -90,12 +89,13 @@ class NTO(torch.optim.Optimizer):
             A policy with compact gradients frees the dense ones in backward, so
             `clip_grad_norm_` and Trainer's own clipping see none: pass it here.
         memory: with budget="auto" only: the memory to fit ("20GiB", or an int of bytes).
+        master_weights, stochastic_rounding: bf16/fp16 params (README "bf16 models"): fp32
+            master weights for the active set (None: the default), or stochastic rounding.
         maximize: as torch.optim.AdamW (per group too). `foreach`, `fused` (None/True/False)
             and `amsgrad`, `capturable`, `differentiable` (False only) are accepted so code
             written for AdamW runs unchanged; NTO always runs its own fused kernel.
 
-    Params with requires_grad=False when NTO is built are the user's frozen params: never
-    trained, never counted in the budget, their flag never turned on (as AdamW skips them).
+    Params with requires_grad=False when NTO is built are frozen: never trained or counted.
     """
 
     def __init__(self, params: Iterable[Any], lr: float | torch.Tensor = 1e-3,
@@ -106,8 +106,8 @@ class NTO(torch.optim.Optimizer):
                  nonfinite: str = "skip", always: Sequence[str] = (),
                  max_grad_norm: float | None = None, sample_layers: int | None = None,
                  regrow_fraction: float | None = None, *, memory: int | str | None = None,
-                 maximize: bool = False,
-                 amsgrad: bool = False, foreach: bool | None = None,
+                 master_weights: bool | None = None, stochastic_rounding: bool = False,
+                 maximize: bool = False, amsgrad: bool = False, foreach: bool | None = None,
                  fused: bool | None = None, capturable: bool = False,
                  differentiable: bool = False) -> None:
         lr, eps, weight_decay = (plain_number(v) for v in (lr, eps, weight_decay))
@@ -122,7 +122,8 @@ class NTO(torch.optim.Optimizer):
         cls = policy_class(policy)
         cfg = configure(policy, switch_every=switch_every, order=order, seed=seed,
                         always=always, sample_layers=sample_layers,
-                        regrow_fraction=regrow_fraction)
+                        regrow_fraction=regrow_fraction, master_weights=master_weights,
+                        stochastic_rounding=stochastic_rounding)
         check_global(budget, state_on_switch, nonfinite, max_grad_norm, cls)
         check_auto_args(budget, memory)
         groups = normalize_groups(params)

@@ -34,7 +34,8 @@ _NTO_KEYS = ("config", "layout", "step", "skipped_steps", "active", "offloaded",
 
 
 def config_of(opt) -> dict[str, Any]:
-    return {**opt.policy.config(), "state_on_switch": opt.state_on_switch}
+    return {**opt.policy.config(), **opt.policy.format_config(),
+            "state_on_switch": opt.state_on_switch}
 
 
 def layout_of(opt) -> dict[str, Any]:
@@ -192,8 +193,9 @@ def check_config(opt, saved: object) -> None:
         raise ValueError(f"optimizer state was saved with policy={saved.get('policy')!r} "
                          f"but this optimizer has policy={mine['policy']!r}; build NTO "
                          "with the arguments of the run that saved it")
-    diff = [f"{k}: saved {saved.get(k)!r}, here {v!r}" for k, v in mine.items()
-            if _plain(saved.get(k)) != _plain(v)]
+    keys = [*mine, *(k for k in saved if k not in mine)]  # a format saved but not here
+    diff = [f"{k}: saved {saved.get(k)!r}, here {mine.get(k)!r}" for k in keys
+            if _plain(saved.get(k)) != _plain(mine.get(k))]
     if diff:
         raise ValueError("optimizer state was saved with other NTO arguments ("
                          + "; ".join(diff) + "); build NTO with the arguments of the "

@@ -7,6 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from nto_ext.blocks import ParamInfo
 from nto_ext.budget import (
     STEP_BYTES,
     Budget,
@@ -16,7 +17,7 @@ from nto_ext.budget import (
     state_bytes,
     storage_bytes,
 )
-from nto_ext.policies import POLICIES
+from nto_ext.policies import make_policy
 
 TOTAL = 45_344  # elements of the tiny Llama of the other tests
 
@@ -121,19 +122,30 @@ def test_small_share_is_at_least_one_element():
     assert parse_budget("0.0001%", 100).amount == 1
 
 
+def _policy(name: str, **cfg):
+    """A policy over one bf16 and one fp32 tensor (formats depend on the config)."""
+    infos = [ParamInfo("w", (4, 4), torch.bfloat16, True), ParamInfo("b", (4,), torch.float32,
+                                                                      True)]
+    return make_policy(name, infos, parse_budget("100%", 20), **cfg)
+
+
 def test_memory_model_table():
     # DESIGN.md "Memory model": fp32 param, bf16 param. Sparse: 4 (compact fp32 grad) + 8
     # (fp32 moments) + 4 (int32 index); step counts are per cohort, not per element.
     assert bytes_per_element("adamw", torch.float32) == 12
     assert bytes_per_element("adamw", torch.bfloat16) == 6
-    assert POLICIES["block"].bytes_per_element(torch.float32) == 12
-    assert POLICIES["block"].bytes_per_element(torch.bfloat16) == 10
-    assert POLICIES["sample"].bytes_per_element(torch.float16) == 10
-    assert POLICIES["sparse"].bytes_per_element(torch.float32) == 16
-    assert POLICIES["sparse"].bytes_per_element(torch.bfloat16) == 16
+    block, sample, sparse = (_policy(name) for name in ("block", "sample", "sparse"))
+    assert block.bytes_per_element(torch.float32) == 12
+    assert _policy("block", master_weights=False).bytes_per_element(torch.bfloat16) == 10
+    assert block.bytes_per_element(torch.bfloat16) == 14  # + the fp32 master (the default)
+    assert _policy("block", stochastic_rounding=True).bytes_per_element(torch.bfloat16) == 10
+    assert _policy("sample", master_weights=False).bytes_per_element(torch.float16) == 10
+    assert sample.bytes_per_element(torch.float16) == 14
+    assert sparse.bytes_per_element(torch.float32) == 16
+    assert sparse.bytes_per_element(torch.bfloat16) == 16
     assert bytes_per_element("adamw8bit", torch.bfloat16) == 4
-    assert POLICIES["block"].state_bytes(10, torch.float32) == 120 + STEP_BYTES
-    assert POLICIES["sparse"].state_bytes(10, torch.float32) == 160  # steps per cohort
+    assert block.state_bytes(10, torch.float32) == 120 + STEP_BYTES
+    assert sparse.state_bytes(10, torch.float32) == 160  # steps per cohort
     assert state_bytes("adamw", 10, torch.float32) == 120 + STEP_BYTES
     with pytest.raises(ValueError, match="unknown optimizer 'lion'; allowed"):
         bytes_per_element("lion", torch.float32)
@@ -141,7 +153,7 @@ def test_memory_model_table():
 
 def test_cost_in_budget_units():
     items = [(10, torch.float32), (5, torch.bfloat16)]
-    block = POLICIES["block"].state_bytes
+    block = _policy("block", master_weights=False).state_bytes  # bf16 without masters
     assert Budget("elements", 100, "100").cost(items, block) == 15
     assert Budget("bytes", 100, "'100B'").cost(items, block) == 10 * 12 + 5 * 10 + 2 * 4
 

@@ -56,11 +56,14 @@ def test_plan_known_answer(tmp_path, capsys):
     assert p["nto_bytes"] == 10336 * 12 + 10 * 4  # the largest group: layer 1 + norm
     assert p["adamw_bytes"] == 28_832 * 12 + 21 * 4
     assert p["adamw8bit_bytes"] == 28_832 * 6
-    # bf16 weights: NTO keeps fp32 moments (10 B/elem), AdamW bf16 ones (6 B/elem)
-    assert cli.main(["plan", "--model", folder, "--budget", "10400", "--dtype", "bf16",
-                     "--json"]) == 0
-    p = json.loads(capsys.readouterr().out)
-    assert p["nto_bytes"] == 10336 * 10 + 10 * 4 and p["adamw_bytes"] == 28_832 * 6 + 21 * 4
+    # bf16 weights: NTO keeps fp32 moments and, by default, fp32 masters of the active set
+    # (14 B/elem; 10 without), AdamW bf16 moments (6 B/elem)
+    for flags, per in (([], 14), (["--no-master-weights"], 10), (["--stochastic-rounding"], 10)):
+        assert cli.main(["plan", "--model", folder, "--budget", "10400", "--dtype", "bf16",
+                         "--json", *flags]) == 0
+        p = json.loads(capsys.readouterr().out)
+        assert p["nto_bytes"] == 10336 * per + 10 * 4, flags
+        assert p["adamw_bytes"] == 28_832 * 6 + 21 * 4
     assert cli.main(["plan", "--model", folder, "--budget", "10400"]) == 0
     table = capsys.readouterr().out
     assert "AdamW" in table and "8-bit AdamW" in table and "model.layers.1" in table
@@ -139,7 +142,7 @@ def test_plan_json_budget_and_dtype(tmp_path, capsys):
     assert cli.main(["plan", "--model", folder, "--budget", "100%", "--json"]) == 0
     p = json.loads(capsys.readouterr().out)
     assert (p["dtype"], p["dtype_source"]) == ("bfloat16", "the config's torch_dtype")
-    assert p["weights_bytes"] == 2 * 28_832 and p["nto_bytes"] == 10 * 28_832 + 21 * 4
+    assert p["weights_bytes"] == 2 * 28_832 and p["nto_bytes"] == 14 * 28_832 + 21 * 4
     assert cli.main(["plan", "--model", folder, "--budget", "100%", "--dtype", "fp32"]) == 0
     assert "dtype float32 (--dtype)" in capsys.readouterr().out
 

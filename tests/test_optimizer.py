@@ -134,6 +134,16 @@ BAD_INPUTS = [
     ({"params": P("[{'params': [('a', p)]}, {'params': [q]}]",
                   lambda: [{"params": [("a", _w(3))]}, {"params": [_w(3)]}])}, ValueError,
      r"some param groups have names and some do not"),
+    # bf16/fp16 state formats (issue 19); the model here is fp32
+    ({"master_weights": True}, ValueError,
+     r"master_weights=True but no trainable param is bf16 or fp16"),
+    ({"stochastic_rounding": True}, ValueError,
+     r"stochastic_rounding=True but no trainable param is bf16 or fp16"),
+    ({"master_weights": True, "stochastic_rounding": True}, ValueError,
+     r"master_weights=True with stochastic_rounding=True; allowed: one of them"),
+    ({"master_weights": "yes"}, TypeError, r"master_weights='yes'; allowed: None"),
+    ({"master_weights": True, "policy": "sparse"}, ValueError,
+     r"master_weights=True does not apply to policy='sparse' yet"),
 ]
 
 
@@ -336,16 +346,18 @@ def test_memory_report_measures_storage():
     assert opt.memory_report()["grad_bytes"] == 0
 
 
-def test_memory_report_bf16_counts_fp32_moments():
+@pytest.mark.parametrize("masters", [None, False])
+def test_memory_report_bf16_counts_fp32_moments(masters):
     model = tiny_llama(dtype=torch.bfloat16)
-    opt = NTO(model.named_parameters(), budget="100%")
+    opt = NTO(model.named_parameters(), budget="100%", master_weights=masters)
     x = batch(0)
     model(input_ids=x, labels=x).loss.backward()
     opt.step()
     rep = opt.memory_report()
+    per = 8 if masters is False else 12  # two fp32 moments (+ the fp32 master: default)
     assert rep["grad_bytes"] == N_ELEMENTS * 2
-    assert rep["state_bytes"] == N_ELEMENTS * 8 + N_TENSORS * 4
-    assert rep["budget_bytes"] == N_ELEMENTS * 10 + N_TENSORS * 4
+    assert rep["state_bytes"] == N_ELEMENTS * per + N_TENSORS * 4
+    assert rep["budget_bytes"] == N_ELEMENTS * (per + 2) + N_TENSORS * 4
     assert all(s["exp_avg"].dtype == torch.float32 for s in opt.state.values())
 
 

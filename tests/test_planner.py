@@ -80,7 +80,9 @@ def test_plan_bytes_and_dtype():
     assert p32.nto_bytes <= 100 * 1024
     p16 = plan(llama_config(), "100%", dtype="bfloat16")
     assert p16.dtype == "bfloat16"
-    assert p16.nto_bytes == N_ELEMENTS * 10 + N_TENSORS * STEP_BYTES
+    assert p16.nto_bytes == N_ELEMENTS * 14 + N_TENSORS * STEP_BYTES  # + fp32 masters
+    plain = plan(llama_config(), "100%", dtype="bfloat16", master_weights=False)
+    assert plain.nto_bytes == N_ELEMENTS * 10 + N_TENSORS * STEP_BYTES
     assert p16.adamw_bytes == N_ELEMENTS * 6 + N_TENSORS * STEP_BYTES
     assert p16.weights_bytes == N_ELEMENTS * 2
     assert plan(llama_config(), "100%", dtype=torch.float16).dtype == "float16"
@@ -96,7 +98,7 @@ def test_plan_uses_the_config_dtype(tmp_path):
     p = plan(_config_with_dtype("bfloat16"), "100%")
     assert (p.dtype, p.dtype_source) == ("bfloat16", "the config's torch_dtype")
     assert p.weights_bytes == N_ELEMENTS * 2
-    assert p.nto_bytes == N_ELEMENTS * 10 + N_TENSORS * STEP_BYTES
+    assert p.nto_bytes == N_ELEMENTS * 14 + N_TENSORS * STEP_BYTES  # with fp32 masters
     assert "dtype bfloat16 (the config's torch_dtype)" in str(p)
     p = plan(_config_with_dtype("bfloat16"), "100%", dtype="float32")  # explicit wins
     assert (p.dtype, p.dtype_source, p.weights_bytes) == ("float32", "dtype=", N_ELEMENTS * 4)

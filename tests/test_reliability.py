@@ -33,7 +33,9 @@ from tiny import batch, roundtrip, tiny_llama
 from toy import Layout, backward, same, snapshot, toy_params, train
 
 from nto_ext import NTO
-from nto_ext.policies import POLICIES
+from nto_ext.blocks import ParamInfo
+from nto_ext.budget import parse_budget
+from nto_ext.policies import make_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = settings(max_examples=12, deadline=None, derandomize=True, database=None,
@@ -138,7 +140,11 @@ class BudgetWatch:
         assert rep["peak_total_bytes"] <= rep["budget_bytes"], rep
 
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "mixed": None}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "mixed": None,
+          "bf16-plain": torch.bfloat16, "bf16-sr": torch.bfloat16}
+# bf16 state formats (the default for bf16/fp16 params: fp32 masters of the active set)
+FORMAT_ARGS = {"bf16-plain": {"master_weights": False},
+               "bf16-sr": {"stochastic_rounding": True}}
 KINDS = ["elements", "fraction", "percent", "bytes"]
 RUN_SETTINGS = settings(SETTINGS, max_examples=5)  # per (policy, budget kind, dtype)
 
@@ -164,9 +170,11 @@ def budget_runs(draw, widths=(1,)):
     }
 
 
-def _budget_arg(kind: str, run: dict, named: list, policy: str):
+def _budget_arg(kind: str, run: dict, named: list, policy: str, fmt: dict):
     total = sum(p.numel() for _, p in named)
-    full = sum(POLICIES[policy].state_bytes(p.numel(), p.dtype) for _, p in named)
+    infos = [ParamInfo(n, tuple(p.shape), p.dtype, True) for n, p in named]
+    pol = make_policy(policy, infos, parse_budget("100%", total), **fmt)
+    full = sum(pol.state_bytes(p.numel(), p.dtype) for _, p in named)
     share = run["share"]
     if kind == "bytes":
         return (f"{max(1, int(share * full))}B" if run["unit"] == "B"
@@ -214,13 +222,16 @@ def test_budget_invariant_with_ranges_of_rows(policy, kind, dtype, run):
 
 
 def _budget_run(policy: str, kind: str, dtype: str, run: dict) -> None:
-    torch_dtype = DTYPES[dtype]
+    torch_dtype, fmt = DTYPES[dtype], FORMAT_ARGS.get(dtype, {})
+    if policy == "sparse" and fmt.get("stochastic_rounding"):
+        pytest.skip("policy='sparse' refuses stochastic_rounding (tested apart)")
     n_tensors = len(run["layout"].names_and_sizes())
     dtypes = torch_dtype if torch_dtype is not None else [
         (torch.float32, torch.bfloat16)[k % 2] for k in range(n_tensors)]
     named = toy_params(run["layout"], dtypes, seed=run["seed"])
     offload = run["offload"] and policy != "sparse"
-    kw = dict(lr=1e-3, budget=_budget_arg(kind, run, named, policy), policy=policy,
+    kw = dict(lr=1e-3, budget=_budget_arg(kind, run, named, policy, fmt), policy=policy,
+              **fmt,
               switch_every=run["switch_every"], seed=run["seed"],
               state_on_switch="offload" if offload else "drop")
     if policy == "block":

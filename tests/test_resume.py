@@ -41,6 +41,13 @@ CASES = {
     "sparse-mid": ({"policy": "sparse", "budget": "10%", "switch_every": 3}, 7),
     "sparse-before-regrowth": ({"policy": "sparse", "budget": "2%", "switch_every": 2,
                                 "max_grad_norm": 1.0, "regrow_fraction": 0.25}, 6),
+    # bf16 weights (`_dtype`, not an NTO argument): fp32 masters offloaded and restored
+    # across the checkpoint; stochastic rounding keyed on the step (issue 19)
+    "block-bf16-masters-offload": ({"policy": "block", "state_on_switch": "offload",
+                                    "budget": "20%", "switch_every": 2, "_dtype": "bfloat16"},
+                                   7),
+    "sample-bf16-stochastic": ({"policy": "sample", "budget": "30%", "switch_every": 2,
+                                "stochastic_rounding": True, "_dtype": "bfloat16"}, 7),
 }
 
 CHILD = r"""
@@ -54,7 +61,8 @@ work = sys.argv[2]
 cases = json.loads(open(f"{work}/cases.json").read())
 for name, (kwargs, k, steps) in cases.items():
     ckpt = torch.load(f"{work}/{name}.pt", weights_only=True)
-    model = tiny_llama(seed=1234)  # other weights: the checkpoint must restore them
+    dtype = getattr(torch, kwargs.pop("_dtype", "float32"))
+    model = tiny_llama(seed=1234, dtype=dtype)  # other weights: the checkpoint restores them
     model.load_state_dict(ckpt["model"])
     opt = NTO(model.named_parameters(), lr=1e-2, **kwargs)
     opt.load_state_dict(ckpt["opt"])
@@ -67,7 +75,8 @@ for name, (kwargs, k, steps) in cases.items():
 
 def _run(kwargs, steps, model=None, opt=None, start=0):
     if model is None:
-        model = tiny_llama()
+        kwargs = dict(kwargs)
+        model = tiny_llama(dtype=getattr(torch, kwargs.pop("_dtype", "float32")))
         opt = NTO(model.named_parameters(), lr=1e-2, **kwargs)
     for step in range(start, steps):
         train_step(model, opt, step)

@@ -18,7 +18,6 @@ from tiny import (
 )
 
 from nto_ext import NTO, ops, plan
-from nto_ext.policies import SparsePolicy
 
 N_ELEMENTS = 45_344
 LARGEST_DENSE = 4096 * 4  # the tiny Llama's embedding / LM head gradient, fp32 bytes
@@ -463,7 +462,7 @@ def test_bad_inputs(kw, msg):
 def test_byte_budget_and_static_selection():
     model = tiny_llama()
     opt = sparse(model, budget="40KiB", switch_every=1, regrow_fraction=0)
-    assert opt.policy.k == 40 * 1024 // SparsePolicy.bytes_per_element(torch.float32)
+    assert opt.policy.k == 40 * 1024 // opt.policy.bytes_per_element(torch.float32)
     train_step(model, opt, 0)
     first = chosen(opt)
     for step in range(1, 4):

@@ -30,8 +30,12 @@ MOMENTS = ("exp_avg", "exp_avg_sq")
 class Fp32Moments:
     name = "fp32"
     keys = ("step", *MOMENTS)
-    moment_bytes = 8  # two fp32 moments per element
+    element_bytes = 8  # two fp32 moments per element
     step_bytes = 4  # one fp32 `step` scalar per tensor
+
+    def transient_bytes(self, numel: int) -> int:
+        """Largest temporary of an update whose largest tensor has `numel` elements."""
+        return 0
 
     def new_state(self, p: torch.Tensor) -> dict[str, Any]:
         local = local_tensor(p)
@@ -68,11 +72,13 @@ class Fp32Moments:
         return adamw_entry(where, st, p, compact=False)
 
     def update(self, group: dict[str, Any], items: list, states: list[dict[str, Any]],
-               call: Callable[..., Any]) -> None:
+               call: Callable[..., Any], *, seed: int = 0, step: int = 0,
+               leaving: frozenset[int] = frozenset()) -> None:
         """One fused kernel call over `items` = [(index, local param, local grad, param)]
         of one group, device and dtype. Strided params (transposed views, channels_last)
         go through contiguous copies, written back. `call(op, indices, *args)` runs an op
-        so that its errors name the params."""
+        so that its errors name the params. `seed`, `step` and `leaving` (the params
+        whose period ends with this step) are for the formats of formats/master.py."""
         params = [t if t.is_contiguous() else t.contiguous() for _, t, _, _ in items]
         grads = [g if g.is_contiguous() else g.contiguous() for _, _, g, _ in items]
         steps = [st["step"] for st in states]

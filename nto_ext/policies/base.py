@@ -24,15 +24,20 @@ import torch
 from ..blocks import ParamInfo
 from ..budget import Budget, storage_bytes
 from ..checkpoint import Storages
+from ..formats import LOW_PRECISION, Fp32Moments, choose
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Validated policy arguments (every policy has these two). Subclasses add fields and
-    validate them in `__post_init__`; NTO passes only the fields a policy's config has."""
+    """Validated policy arguments (every policy has these). Subclasses add fields and
+    validate them in `__post_init__`; NTO passes only the fields a policy's config has.
+    `master_weights`, `stochastic_rounding`: the state format of bf16/fp16 params
+    (`nto_ext.formats.choose`)."""
 
     switch_every: int = 50
     seed: int = 0
+    master_weights: bool | None = None
+    stochastic_rounding: bool = False
 
     def __post_init__(self) -> None:
         v = self.switch_every
@@ -42,6 +47,16 @@ class Config:
         s = self.seed
         if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2**63:
             raise ValueError(f"seed={s!r}; allowed: an int in [0, 2**63)")
+        m, sr = self.master_weights, self.stochastic_rounding
+        if not isinstance(m, (bool, type(None))):
+            raise TypeError(f"master_weights={m!r}; allowed: None (the default: fp32 master "
+                            "weights for bf16/fp16 params), True or False")
+        if not isinstance(sr, bool):
+            raise TypeError(f"stochastic_rounding={sr!r}; allowed: True or False")
+        if m and sr:
+            raise ValueError("master_weights=True with stochastic_rounding=True; allowed: one "
+                             "of them (masters keep an fp32 copy of the active bf16/fp16 "
+                             "params; stochastic rounding keeps none)")
 
 
 class Host(Protocol):
@@ -150,17 +165,33 @@ class Policy:
         self.cfg = config
         self.switch_every = config.switch_every
         self.seed = config.seed
+        low = any(i.dtype in LOW_PRECISION for i in self.infos if i.trainable)
+        asked = [f"{k}=True" for k in ("master_weights", "stochastic_rounding")
+                 if getattr(config, k)]
+        if asked and not low:
+            raise ValueError(f"{asked[0]} but no trainable param is bf16 or fp16 (fp32 params "
+                             "are updated in fp32 already); allowed here: leave it unset")
 
     # ---------------------------------------------------------------- memory model
-    @classmethod
-    def bytes_per_element(cls, dtype: torch.dtype) -> int:
+    def state_format(self, dtype: torch.dtype) -> Fp32Moments:
+        """How the state of a param of `dtype` is kept (`nto_ext.formats`)."""
+        return choose(dtype, self.cfg.master_weights, self.cfg.stochastic_rounding)
+
+    def format_config(self) -> dict[str, Any]:
+        """The formats in use beyond fp32 moments, for the saved config (empty when none:
+        checkpoints of fp32 runs keep loading)."""
+        used = {self.state_format(i.dtype).name for i in self.infos if i.trainable}
+        return {key: True for key, fmt in (("master_weights", "master"),
+                                           ("stochastic_rounding", "stochastic"))
+                if fmt in used}
+
+    def bytes_per_element(self, dtype: torch.dtype) -> int:
         """Device bytes of training state per trained element (gradient + state + index)."""
         raise NotImplementedError
 
-    @classmethod
-    def state_bytes(cls, numel: int, dtype: torch.dtype) -> int:
+    def state_bytes(self, numel: int, dtype: torch.dtype) -> int:
         """Training-state bytes of one fully trained tensor."""
-        return numel * cls.bytes_per_element(dtype) + cls.tensor_overhead_bytes
+        return numel * self.bytes_per_element(dtype) + self.tensor_overhead_bytes
 
     def cost(self, params: Iterable[int], elements: int | None = None) -> int:
         """Cost of training `params` together, in budget units (elements or bytes);

@@ -1,6 +1,6 @@
 """The updater of block and sample: every active param holds its gradient and its state in
-a state format (`nto_ext.formats`), updated by one fused kernel call per (param group,
-device, dtype).
+a state format (`nto_ext.formats`, chosen by the policy per param dtype), updated by one
+fused kernel call per (param group, device, dtype).
 
 A param larger than the budget trains a range of its rows at a time (`Unit.rows`): its
 gradient is reduced in the post-accumulate-grad hook to the active rows (a compact buffer,
@@ -22,14 +22,14 @@ import torch
 from .. import persist
 from ..args import check_grad, check_hyper, check_param
 from ..checkpoint import Storages, local_tensor
-from ..formats import FP32
 from .base import Updater
 
 Rows = tuple[int, int]
 
 
 class DenseUpdater(Updater):
-    fmt = FP32
+    def fmt(self, p: torch.Tensor) -> Any:
+        return self.policy.state_format(p.dtype)
 
     def __init__(self, host: Any, policy: Any) -> None:
         super().__init__(host, policy)
@@ -52,7 +52,7 @@ class DenseUpdater(Updater):
         st = self.host.state[p]
         if not st or (rows is not None and "step" not in st):
             # lazily, like torch: only params that get a gradient have state
-            st.update(self.fmt.new_state(p if rows is None else _view(p, rows)))
+            st.update(self.fmt(p).new_state(p if rows is None else _view(p, rows)))
             if rows is not None:
                 st["rows"] = list(rows)
         return st
@@ -94,11 +94,13 @@ class DenseUpdater(Updater):
         return [buf for _, buf in self.compact.values()]
 
     def transient_bytes(self) -> int:
-        """The largest dense gradient of a param training a range of rows (alive in
-        backward until its hook reduces it)."""
-        infos = self.host.table.infos
-        return max((infos[i].numel * infos[i].dtype.itemsize for i in self._rows()),
-                   default=0)
+        """The largest of: the dense gradient of a param training a range of rows (alive
+        in backward until its hook reduces it), and the format's step temporaries."""
+        params, infos, rows = self.host.table.params, self.host.table.infos, self._rows()
+        dense = max((infos[i].numel * infos[i].dtype.itemsize for i in rows), default=0)
+        fmt = max((self.fmt(params[i]).transient_bytes(infos[i].numel)
+                   for i in self.host.active_set), default=0)
+        return max(dense, fmt)
 
     def clear(self) -> None:
         self.compact.clear()
@@ -114,9 +116,13 @@ class DenseUpdater(Updater):
         for gi, i, p, g in entries:
             local = local_tensor(p)
             batches[(gi, local.device, local.dtype)].append((i, local, local_tensor(g), p))
+        step = self.host.step_count
+        leaving = self.host.active_set - self.policy.active(step + 1)  # their period ends
         for (gi, _, _), items in batches.items():
             states = [self._state(i, rows.get(i)) for i, _, _, _ in items]
-            self.fmt.update(self.host.param_groups[gi], items, states, self.host.table.call)
+            self.fmt(items[0][1]).update(self.host.param_groups[gi], items, states,
+                                         self.host.table.call, seed=self.policy.seed,
+                                         step=step, leaving=leaving)
 
     def _active_grads(self) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
         """(group index, param index, param or its active rows, grad) of every active
@@ -144,7 +150,7 @@ class DenseUpdater(Updater):
                 check_grad(table.label(i), p, g)
                 st = self.host.state.get(p)
                 if st:
-                    self.fmt.check_entry(table.label(i), st, p)
+                    self.fmt(p).check_entry(table.label(i), st, p)
                 out.append((gi, i, p, g))
         return out
 
@@ -166,7 +172,7 @@ class DenseUpdater(Updater):
                 raise ValueError(f"the state of {label} is for rows {st.get('rows')!r} but "
                                  f"rows {list(rows)} train now (a state edited by hand); "
                                  "nothing was changed")
-            self.fmt.check_entry(label, st, view)
+            self.fmt(p).check_entry(label, st, view)
         return view, self.compact[i][1]
 
     # ---------------------------------------------------------------- switches
@@ -214,7 +220,7 @@ class DenseUpdater(Updater):
                     propagate: bool) -> dict[str, Any]:
         where = f"optimizer state for {self.host.table.label(i)}"
         if i not in self.policy.split:
-            return self.fmt.check_loaded(where, st, p, seen, propagate)
+            return self.fmt(p).check_loaded(where, st, p, seen, propagate)
         st = dict(st)
         parked = st.pop("parked", None)
         out = self._check_range(where, i, p, st, seen, propagate) if st else {}
@@ -247,7 +253,8 @@ class DenseUpdater(Updater):
                              f"row ranges under this budget ({shown}"
                              f"{', ...' if len(ranges) > 4 else ''})")
         view = _view(p, tuple(rows))
-        return {**self.fmt.check_loaded(where, st, view, seen, propagate), "rows": list(rows)}
+        return {**self.fmt(p).check_loaded(where, st, view, seen, propagate),
+                "rows": list(rows)}
 
     def check_loaded(self, new_state: dict[torch.Tensor, dict[str, Any]], step: int) -> None:
         """An active param training a range of rows has that range's state, if any."""
@@ -264,7 +271,7 @@ class DenseUpdater(Updater):
 
     def import_entry(self, where: str, st: dict[str, Any],
                      p: torch.Tensor) -> dict[str, Any] | None:
-        full = self.fmt.from_adamw(where, st, p)
+        full = self.fmt(p).from_adamw(where, st, p)
         i = self.host.table.index[p]
         if i not in self.policy.split:
             return full
@@ -274,7 +281,7 @@ class DenseUpdater(Updater):
 
         def piece(rows: Rows) -> dict[str, Any]:
             return {"step": full["step"].clone(), "rows": list(rows),
-                    **{k: full[k][rows[0]:rows[1]].clone() for k in FP32.keys if k != "step"}}
+                    **{k: v[rows[0]:rows[1]].clone() for k, v in full.items() if k != "step"}}
 
         out = piece(first) if first is not None else {}
         if self.host.state_on_switch == "offload":

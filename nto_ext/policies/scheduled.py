@@ -216,9 +216,8 @@ class ScheduledPolicy(Policy):
     def untrainable(self) -> list[int]:
         return list(self._too_big)
 
-    @classmethod
-    def bytes_per_element(cls, dtype: torch.dtype) -> int:
-        return dtype.itemsize + FP32.moment_bytes  # the param's gradient, fp32 moments
+    def bytes_per_element(self, dtype: torch.dtype) -> int:
+        return dtype.itemsize + self.state_format(dtype).element_bytes  # gradient + format
 
     # ---------------------------------------------------------------- persistence
     def config(self) -> dict[str, Any]:

@@ -228,6 +228,13 @@ class SparseConfig(Config):
             raise ValueError(f"regrow_fraction={r!r}; allowed: None (0.1) or a number in [0, "
                              f"{MAX_REGROW_FRACTION}] (share of the chosen elements replaced "
                              "at each regrowth; 0 keeps the first choice)")
+        for key in ("master_weights", "stochastic_rounding"):
+            if getattr(self, key):
+                raise ValueError(f"{key}=True does not apply to policy='sparse' yet (its "
+                                 "compact state has no master or stochastic-rounding "
+                                 f"variant); allowed here: {key}=False, or policy='block' / "
+                                 "'sample'")
+        object.__setattr__(self, "master_weights", False)  # None: none, as before
 
 
 class SparseUpdater(Updater):
@@ -679,8 +686,7 @@ class SparsePolicy(Policy):
     needs_contiguous = True
     compact_grads = True
 
-    @classmethod
-    def bytes_per_element(cls, dtype: torch.dtype) -> int:
+    def bytes_per_element(self, dtype: torch.dtype) -> int:
         return 4 + 8 + 4  # compact fp32 grad, two fp32 moments, int32 index
 
     def __init__(self, infos: Sequence[ParamInfo], budget: Budget,
