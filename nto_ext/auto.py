@@ -183,6 +183,15 @@ class AutoBudget:
         self.replans = 0
         self.fit: Fit | None = None
         self.budget_elements = 0
+        self._fixed: int | None = None  # a budget taken from a checkpoint (resume)
+
+    def adopted(self) -> tuple[int | None, int | None]:
+        return self._fixed, self.activations
+
+    def adopt(self, elements: int | None, activations: int | None) -> None:
+        """Plan `elements` with `activations` measured (a resumed run's choice) until a
+        batch needs more; (None, None): back to measuring."""
+        self._fixed, self.activations = elements, activations
 
     @property
     def text(self) -> str:
@@ -204,6 +213,7 @@ class AutoBudget:
             self.activations = act
             return True
         if act > self.activations + REPLAN_TOLERANCE * self.memory:
+            self._fixed = None
             log.info("NTO budget=auto: this batch needed %s of activations, %s were planned; "
                      "re-planning", format_bytes(act), format_bytes(self.activations))
             self.activations, self.replans = act, self.replans + 1
@@ -221,7 +231,8 @@ class AutoBudget:
                        self.other + (self.activations or 0), dtypes, arg="memory",
                        activation_label=label)
         self.fit = fit
-        self.budget_elements = (fit.budget_elements if self.activations is not None
+        self.budget_elements = (self._fixed if self._fixed is not None else
+                                fit.budget_elements if self.activations is not None
                                 else smallest_budget(infos, policy, make))
         budget = Budget("elements", self.budget_elements, repr(AUTO))
         pol = make(budget)

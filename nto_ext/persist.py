@@ -8,6 +8,7 @@ loadable with torch.load(weights_only=True)."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,9 +34,16 @@ _NTO_KEYS = ("config", "layout", "step", "skipped_steps", "active", "offloaded",
              "with_state", "policy_state")
 
 
+_AUTO_KEY = "budget_auto"  # under budget="auto": the activation bytes the plan was made for
+
+
 def config_of(opt) -> dict[str, Any]:
-    return {**opt.policy.config(), **opt.policy.format_config(),
-            "state_on_switch": opt.state_on_switch}
+    cfg = {**opt.policy.config(), **opt.policy.format_config(),
+           "state_on_switch": opt.state_on_switch}
+    auto = opt._auto()
+    if auto is not None and auto.activations is not None:
+        cfg[_AUTO_KEY] = auto.activations
+    return cfg
 
 
 def layout_of(opt) -> dict[str, Any]:
@@ -102,6 +110,39 @@ def read(opt, sd: Any) -> Loaded:
     was if any check fails (it is a cache, but nothing is changed by a refused load)."""
     if isinstance(sd, dict) and "nto" not in sd and "state" in sd and "param_groups" in sd:
         sd = import_adamw(opt, sd)
+    undo = _adopt_auto_budget(opt, sd)
+    try:
+        return _read(opt, sd)
+    except Exception:
+        if undo is not None:
+            undo()
+        raise
+
+
+def _adopt_auto_budget(opt, sd: Any) -> Callable[[], None] | None:
+    """budget="auto" resuming a state saved under budget="auto": take the budget that run
+    chose (and the activations it measured) instead of this run's provisional one, so the
+    plans match; returns how to go back if the load is then refused."""
+    auto = opt._auto()
+    nto = sd.get("nto") if isinstance(sd, dict) else None
+    cfg = nto.get("config") if isinstance(nto, dict) else None
+    if auto is None or not isinstance(cfg, dict) or not is_index(cfg.get(_AUTO_KEY), 2**62) \
+            or cfg.get("budget_kind") != "elements" \
+            or not is_index(cfg.get("budget_amount"), 2**62) \
+            or cfg["budget_amount"] == opt.budget.amount:
+        return None
+    before = auto.adopted()
+
+    def replan(state: tuple[int | None, int | None]) -> None:
+        auto.adopt(*state)
+        infos = opt.table.infos
+        opt._replace_plan(*opt._plan(infos), infos, opt._user_flags())
+
+    replan((cfg["budget_amount"], cfg[_AUTO_KEY]))
+    return lambda: replan(before)
+
+
+def _read(opt, sd: Any) -> Loaded:
     sd, nto, reordered = check_loadable(opt, sd)
     cursor = opt.policy.state_dict()
     opt.policy.load_state_dict(nto["policy_state"])
@@ -194,6 +235,7 @@ def check_config(opt, saved: object) -> None:
                          f"but this optimizer has policy={mine['policy']!r}; build NTO "
                          "with the arguments of the run that saved it")
     keys = [*mine, *(k for k in saved if k not in mine)]  # a format saved but not here
+    keys = [k for k in keys if k != _AUTO_KEY]  # a measurement, not an argument
     diff = [f"{k}: saved {saved.get(k)!r}, here {mine.get(k)!r}" for k in keys
             if _plain(saved.get(k)) != _plain(mine.get(k))]
     if diff:

@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from tiny import llama_config, tiny_llama, train_step
+from tiny import llama_config, roundtrip, tiny_llama, train_step
 
 import nto_ext.auto as auto
 from nto_ext import NTO, plan
@@ -150,6 +150,40 @@ def test_auto_a_batch_that_needs_more_replans_or_says_nothing_fits(fake, caplog)
                        r"footprint is .* \+ activations \(measured\) \+ other process memory"):
         opt.step()
     opt.remove_hooks()
+
+
+def test_auto_resumes_a_state_saved_under_auto_bit_exactly(fake):
+    """A fresh NTO(budget="auto") (provisional budget) loading a checkpoint saved under
+    auto takes that run's budget and measured activations: the plans match, the load is
+    accepted, and training continues bit for bit as the uninterrupted run does. A refused
+    load leaves the fresh optimizer's provisional plan as it was."""
+    def build(model):
+        return NTO(model.named_parameters(), budget="auto", memory=1_500_000, switch_every=2)
+
+    model = tiny_llama()
+    opt = build(model)
+    for step in range(3):
+        train_step(model, opt, step)
+    sd = roundtrip(opt.state_dict())
+    assert sd["nto"]["config"]["budget_auto"] == opt.memory_report()["budget_auto"][
+        "activation_bytes"]
+    model2 = tiny_llama()  # a new process would rebuild the model and load its weights
+    model2.load_state_dict(model.state_dict())
+    fresh = build(model2)
+    provisional = fresh.budget.amount
+    assert provisional < opt.budget.amount
+    bad = {**sd, "nto": {**sd["nto"], "step": -1}}
+    with pytest.raises(ValueError):
+        fresh.load_state_dict(bad)
+    assert fresh.budget.amount == provisional and fresh._auto().activations is None
+    fresh.load_state_dict(sd)
+    assert fresh.budget.amount == opt.budget.amount
+    for step in range(3, 7):
+        train_step(model, opt, step)
+        train_step(model2, fresh, step)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
+    opt.remove_hooks()
+    fresh.remove_hooks()
 
 
 def test_auto_deepcopy_and_sparse(fake):
