@@ -239,9 +239,13 @@ def check_config(opt, saved: object) -> None:
     diff = [f"{k}: saved {saved.get(k)!r}, here {mine.get(k)!r}" for k in keys
             if _plain(saved.get(k)) != _plain(mine.get(k))]
     if diff:
+        # a format key is saved only when in use: absent = the run did not use it
+        hint = "".join(f"; the checkpoint's run did not use {k} (pass {k}=False)"
+                       for k in ("master_weights", "stochastic_rounding")
+                       if k in mine and k not in saved)
         raise ValueError("optimizer state was saved with other NTO arguments ("
-                         + "; ".join(diff) + "); build NTO with the arguments of the "
-                         "run that saved it")
+                         + "; ".join(diff) + f"){hint}; build NTO with the arguments of "
+                         "the run that saved it")
 
 
 def check_layout(opt, layout: object, saved_groups: object) -> list[int]:
