@@ -90,6 +90,9 @@ CONFIGS: dict[str, tuple[str, str]] = {
     "nto-sample-25": ("nto", "NTO sample, budget 25%"),
     "nto-sample-10": ("nto", "NTO sample, budget 10%"),
     "nto-sample-10-head": ("nto", "NTO sample, budget 10%, always=(head, other)"),
+    "nto-block-10-importance": ("nto", "NTO block, budget 10%, order importance (ascending, "
+                                "each group repeated by its gradient norm), state dropped"),
+    "nto-sample-10-importance": ("nto", "NTO sample, budget 10%, order importance"),
     "nto-sparse-25": ("nto", "NTO sparse, budget 25%"),
     "nto-sparse-10": ("nto", "NTO sparse, budget 10%"),
     "nto-sparse-7.5": ("nto", "NTO sparse, budget 7.5%: 16 B per chosen element, so the "
@@ -169,9 +172,12 @@ def build_optimizer(spec: RunSpec, task: str, model):
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=demo.WEIGHT_DECAY,
                                  foreach=True), model, info
     if name.startswith("nto-"):
-        # nto-POLICY-PCT[-drop|-offload][-head]
+        # nto-POLICY-PCT[-drop|-offload][-head][-importance]
         _, policy, pct, *how = name.split("-")
         extra: dict[str, Any] = {"order": "descending"} if policy == "block" else {}
+        if "importance" in how:  # more periods where the gradient is large (issue 21)
+            how.remove("importance")
+            extra["order"] = "importance"
         if "head" in how:  # the new task head (and BERT's pooler) train in every period
             how.remove("head")
             extra["always"] = tuple(b for b in ("head", "other") if b in _units(model))

@@ -177,8 +177,8 @@ def _add_demo(sub) -> None:
     d.add_argument("--switch-every", type=int,
                    help="steps between changes of NTO's active set (default: 20; 3 for LMs)")
     d.add_argument("--order", default=None,
-                   help="NTO block order, --policy block only: ascending, descending or "
-                        "random (default: descending: the head and top layers first)")
+                   help="NTO block order, --policy block only: ascending, descending, random or "
+                        "importance (default: descending: the head and top layers first)")
     d.add_argument("--batch-size", type=int, help="examples per step (default: 16; 4 for LMs)")
     d.add_argument("--lr", type=float,
                    help="learning rate of both optimizers (default: NTO 3e-4, AdamW 1e-4, "

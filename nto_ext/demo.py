@@ -28,6 +28,7 @@ from typing import Any
 from . import data
 from .budget import storage_bytes
 from .policies import POLICIES as _REGISTRY
+from .policies.block import BlockConfig
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "lm": {"steps": 30, "batch_size": 4, "max_length": 128, "eval_size": 32,
            "switch_every": 3, "lr_nto": 5e-5, "lr_adamw": 5e-5},
 }
-ORDERS = ("ascending", "descending", "random")
+ORDERS = BlockConfig.ORDERS
 DEFAULT_DATA = {"minilm": "tweets", "smollm2": "bbc"}
 RESULTS_FILE = "results.json"
 PLOT_FILE = "nto_demo.png"

@@ -55,17 +55,14 @@ class GradGuard:
         for k, (_, _, _, g) in enumerate(entries):
             by_dev[g.device].append(k)
         sumsq, n_bad, first_bad = 0.0, 0, None
-        for ks in by_dev.values():
-            # no histogram: a NaN or inf in a grad makes its absmax non-finite
-            grads = [local_tensor(entries[k][3]).contiguous() for k in ks]
-            _, sq, absmax, _ = table.call(ops.param_stats, [entries[k][1] for k in ks], grads,
-                                          histogram=False)
+        for ks, sq, absmax in _stats(entries, table, by_dev):
             bad = (~torch.isfinite(absmax)).nonzero().flatten().tolist()
             if bad and first_bad is None:
                 first_bad = entries[ks[bad[0]]][1]
             n_bad += len(bad)
             sumsq += float(sq.sum())
-        sumsq, n_bad = _sum_over_shards(entries, sumsq, n_bad)
+        sumsq, n_bad = _sum_over_shards(entries, [sumsq, float(n_bad)])
+        n_bad = int(n_bad)
         if n_bad and self.nonfinite != "propagate":
             where = table.label(first_bad) if first_bad is not None else \
                 "a shard on another rank"
@@ -79,19 +76,43 @@ class GradGuard:
         return True
 
 
-def _sum_over_shards(entries: list, sumsq: float, n_bad: int) -> tuple[float, int]:
-    """(sumsq, n_bad) summed over the ranks that hold shards of the grads, when the grads
-    are DTensors sharded on a device mesh (FSDP2); unchanged otherwise (DDP grads are
+def sq_norms(entries: list, table: Any) -> dict[int, float]:
+    """param index -> squared L2 norm of its gradient (summed over FSDP2 shards), for
+    `entries` = [(group, param index, param, grad)] (a policy's importance scores)."""
+    by_dev: dict[torch.device, list[int]] = defaultdict(list)
+    for k, (_, _, _, g) in enumerate(entries):
+        by_dev[g.device].append(k)
+    out = [0.0] * len(entries)
+    for ks, sq, _ in _stats(entries, table, by_dev):
+        for k, v in zip(ks, sq.tolist()):
+            out[k] = v
+    return dict(zip((e[1] for e in entries), _sum_over_shards(entries, out)))
+
+
+def _stats(entries: list, table: Any, by_dev: dict[torch.device, list[int]]) -> list:
+    """[(entry numbers, squared norms, absmax)] per device, one fused pass each (no
+    histogram: a NaN or inf in a grad makes its absmax non-finite)."""
+    out = []
+    for ks in by_dev.values():
+        grads = [local_tensor(entries[k][3]).contiguous() for k in ks]
+        _, sq, absmax, _ = table.call(ops.param_stats, [entries[k][1] for k in ks], grads,
+                                      histogram=False)
+        out.append((ks, sq, absmax))
+    return out
+
+
+def _sum_over_shards(entries: list, values: list[float]) -> list[float]:
+    """`values` summed over the ranks that hold shards of the grads, when the grads are
+    DTensors sharded on a device mesh (FSDP2); unchanged otherwise (DDP grads are
     replicated, one process has nothing to reduce). Assumes one mesh for all params, as
     fully_shard with a single mesh gives."""
     g = next((e[3] for e in entries if hasattr(e[3], "device_mesh")), None)
     if g is None:
-        return sumsq, n_bad
+        return values
     dims = [d for d, pl in enumerate(g.placements) if pl.is_shard()]
     if not dims:
-        return sumsq, n_bad
-    buf = torch.tensor([sumsq, float(n_bad)], dtype=torch.float64,
-                       device=local_tensor(g).device)
+        return values
+    buf = torch.tensor(values, dtype=torch.float64, device=local_tensor(g).device)
     for d in dims:
         torch.distributed.all_reduce(buf, group=g.device_mesh.get_group(d))
-    return float(buf[0]), int(buf[1])
+    return buf.tolist()

@@ -76,10 +76,11 @@ class NTO(torch.optim.Optimizer):
         switch_every: optimizer steps between changes of the active set (>= 1).
         seed: seeds every random choice (counter-based: identical on all ranks).
         order, always, sample_layers, regrow_fraction: policy arguments (each policy's
-            `Config`): the order blocks take turns in, blocks trained in every period (e.g.
-            ("embed", "head")), units drawn per period (LISA), share of the chosen elements
-            regrown every `switch_every` steps. One a policy does not take must keep its
-            default.
+            `Config`; one a policy does not take must keep its default): the order units
+            take turns in (block: "ascending" (None), "descending", "random"; sample:
+            "random" (None); both: "importance", more steps where the gradient is large),
+            blocks trained in every period (e.g. ("embed", "head")), units drawn per period
+            (LISA), share of the chosen elements regrown every `switch_every` steps.
         state_on_switch: "drop" (state freed when a param stops training) or "offload"
             (kept in host memory, restored bit-exactly).
         nonfinite: "skip" (a step with NaN/Inf in an active grad changes nothing and is
@@ -102,7 +103,7 @@ class NTO(torch.optim.Optimizer):
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.01, budget: int | float | str = "10%",
                  policy: str = DEFAULT_POLICY, switch_every: int = 50,
-                 order: str = "ascending", seed: int = 0, state_on_switch: str = "drop",
+                 order: str | None = None, seed: int = 0, state_on_switch: str = "drop",
                  nonfinite: str = "skip", always: Sequence[str] = (),
                  max_grad_norm: float | None = None, sample_layers: int | None = None,
                  regrow_fraction: float | None = None, *, memory: int | str | None = None,
@@ -141,8 +142,7 @@ class NTO(torch.optim.Optimizer):
         self._constructing = True
         super().__init__(groups, defaults)
         self._constructing = False
-        self.state_on_switch = state_on_switch
-        self.guard = GradGuard(nonfinite, max_grad_norm)
+        self.state_on_switch, self.guard = state_on_switch, GradGuard(nonfinite, max_grad_norm)
         self._step = 0
         self.offloaded: dict[int, dict[str, Any]] = {}
         self._attach(infos, [i.trainable for i in infos])

@@ -159,7 +159,7 @@ def plan(model_or_config: Any, budget: int | float | str | None = None,
          dtype: torch.dtype | str | None = None, *, fit: int | str | None = None,
          activation_bytes: int | str | None = None, batch_size: int | None = None,
          seq_len: int | None = None, switch_every: int = 50,
-         order: str = "ascending", seed: int = 0, always: tuple[str, ...] = (),
+         order: str | None = None, seed: int = 0, always: tuple[str, ...] = (),
          sample_layers: int | None = None, task: str | None = None,
          regrow_fraction: float | None = None, master_weights: bool | None = None,
          stochastic_rounding: bool = False) -> Plan:

@@ -20,20 +20,28 @@ WEIGHTS = 45_344 * 4  # the tiny Llama in fp32
 
 
 class FakeProbe:
-    """A probe whose readings the test sets: in use `base`, peak `base + act`."""
+    """A probe whose readings the test sets: in use `base`, peak `base + act`, each plus
+    the gradients the `watched` model holds (as a real probe sees them)."""
 
     method = "fake probe"
     base = WEIGHTS + 1_000_000
     act = 50_000
+    watched: torch.nn.Module | None = None
 
     def __init__(self, device: torch.device) -> None:
         pass
 
+    @staticmethod
+    def grads() -> int:
+        m = FakeProbe.watched
+        return 0 if m is None else sum(p.grad.nbytes for p in m.parameters()
+                                       if p.grad is not None)
+
     def in_use(self) -> int:
-        return FakeProbe.base
+        return FakeProbe.base + self.grads()
 
     def peak(self) -> int:
-        return FakeProbe.base + FakeProbe.act
+        return FakeProbe.base + FakeProbe.act + self.grads()
 
     def reset_peak(self) -> None:
         pass
@@ -46,6 +54,7 @@ class FakeProbe:
 def fake(monkeypatch):
     monkeypatch.setattr(auto, "MemoryProbe", FakeProbe)
     monkeypatch.setattr(FakeProbe, "act", 50_000)
+    monkeypatch.setattr(FakeProbe, "watched", None)
     return FakeProbe
 
 
@@ -110,6 +119,7 @@ def test_auto_a_small_limit_gives_a_small_budget_the_same_as_plan_fit(fake):
     rep = opt.memory_report()["budget_auto"]
     act = rep["activation_bytes"]
     assert FakeProbe.act - 1024 <= act <= FakeProbe.act  # less the first batch's grads
+    # (the fake probe here does not see the gradients: the budget is still exact)
     f = plan(llama_config(), fit=memory, activation_bytes=other + act).fit
     assert rep["budget_elements"] == f.budget_elements < 4096  # no embedding fits
     assert rep["predicted_peak_bytes"] == f.predicted_bytes - f.margin_bytes
@@ -129,7 +139,7 @@ def test_auto_nothing_fits_names_the_smallest_footprint():
 
 
 def test_auto_a_batch_that_needs_more_replans_or_says_nothing_fits(fake, caplog):
-    model = tiny_llama()
+    model = FakeProbe.watched = tiny_llama()
     opt = NTO(model.named_parameters(), budget="auto", memory=1_500_000, switch_every=2)
     train_step(model, opt, 0)
     first = opt.memory_report()["budget_auto"]["budget_elements"]
@@ -152,6 +162,31 @@ def test_auto_a_batch_that_needs_more_replans_or_says_nothing_fits(fake, caplog)
     opt.remove_hooks()
 
 
+def test_auto_the_first_batch_under_a_plan_settles_the_figure_upward_once(fake, caplog):
+    """The first batch (nothing frozen) is an upper bound: the next one, run under the
+    plan, needs less, and the budget grows once to use that room; a later smaller batch
+    changes nothing, and the plan still fits the memory."""
+    model = FakeProbe.watched = tiny_llama()
+    opt = NTO(model.named_parameters(), budget="auto", memory=1_500_000, switch_every=2)
+    FakeProbe.act = 150_000
+    train_step(model, opt, 0)
+    first = opt.memory_report()["budget_auto"]
+    FakeProbe.act = 60_000
+    with caplog.at_level("INFO", logger="nto_ext"):
+        train_step(model, opt, 1)
+    rep = opt.memory_report()["budget_auto"]
+    assert "re-planning upward" in caplog.text and rep["replans"] == 1
+    assert rep["first_batch_activation_bytes"] == first["activation_bytes"] > 140_000
+    assert rep["activation_bytes"] == 60_000
+    assert rep["budget_elements"] > first["budget_elements"]
+    assert rep["predicted_peak_bytes"] + rep["margin_bytes"] <= 1_500_000
+    assert opt.budget.amount == rep["budget_elements"]
+    FakeProbe.act = 20_000  # settled: no second upward re-plan
+    train_step(model, opt, 2)
+    assert opt.memory_report()["budget_auto"]["budget_elements"] == rep["budget_elements"]
+    opt.remove_hooks()
+
+
 def test_auto_resumes_a_state_saved_under_auto_bit_exactly(fake):
     """A fresh NTO(budget="auto") (provisional budget) loading a checkpoint saved under
     auto takes that run's budget and measured activations: the plans match, the load is
@@ -160,7 +195,7 @@ def test_auto_resumes_a_state_saved_under_auto_bit_exactly(fake):
     def build(model):
         return NTO(model.named_parameters(), budget="auto", memory=1_500_000, switch_every=2)
 
-    model = tiny_llama()
+    model = FakeProbe.watched = tiny_llama()
     opt = build(model)
     for step in range(3):
         train_step(model, opt, step)

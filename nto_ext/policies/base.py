@@ -252,6 +252,14 @@ class Policy:
     def take_over(self, old: Policy) -> None:
         """Carry what `old` (the plan this one replaces, same params first) learned."""
 
+    def wants_scores(self, step: int) -> bool:
+        """Whether `observe` wants the active gradients' squared norms at `step`."""
+        return False
+
+    def observe(self, step: int, sq_norms: dict[int, float]) -> None:
+        """The squared L2 norm of each active param's gradient at `step` (param index ->
+        |g|^2, summed over shards), before its update."""
+
     # ---------------------------------------------------------------- persistence
     def config(self) -> dict[str, Any]:
         """What must match for a saved state to load (weights-only types)."""

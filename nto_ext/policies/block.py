@@ -1,30 +1,24 @@
 """policy="block" (BAdam generalized): units (blocks, or tensors of blocks larger than the
 budget) packed consecutively into groups that fit; one group trains for `switch_every`
-steps, then the next, in `order` ascending / descending / random (re-shuffled per cycle)."""
+steps, then the next, in `order` ascending / descending / random (re-shuffled per cycle),
+or "importance" (ascending, each group repeated by its gradient norm: scheduled.py)."""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from ..blocks import ParamInfo, Unit, pack_consecutive
 from ..budget import Budget
-from .scheduled import ScheduledConfig, ScheduledPolicy, _generator
-
-ORDERS = ("ascending", "descending", "random")
+from .scheduled import IMPORTANCE, ScheduledConfig, ScheduledPolicy, _generator
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockConfig(ScheduledConfig):
-    order: str = "ascending"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not isinstance(self.order, str) or self.order not in ORDERS:
-            raise ValueError(f"order={self.order!r}; allowed: {', '.join(map(repr, ORDERS))}")
+    ORDERS: ClassVar[tuple[str, ...]] = ("ascending", "descending", "random", IMPORTANCE)
 
 
 class BlockPolicy(ScheduledPolicy):
@@ -39,7 +33,7 @@ class BlockPolicy(ScheduledPolicy):
         self.groups = pack_consecutive(self.units, self.capacity)
 
     def _make_schedule(self, cycle: int) -> list[tuple[Unit, ...]]:
-        if self.order == "ascending":
+        if self.order in ("ascending", IMPORTANCE):
             return list(self.groups)
         if self.order == "descending":
             return self.groups[::-1]
@@ -47,6 +41,8 @@ class BlockPolicy(ScheduledPolicy):
         return [self.groups[i] for i in perm.tolist()]
 
     def _period_units(self, period: int) -> tuple[Unit, ...]:
+        if self.order == IMPORTANCE:  # cycles of varying length: walk
+            return super()._period_units(period)
         n = max(len(self.groups), 1)  # fixed cycle length: no walk needed
         self._cycle, self._cycle_start = period // n, (period // n) * n
         return self.schedule(self._cycle)[period % n]

@@ -22,6 +22,7 @@ import torch
 from .. import persist
 from ..args import check_grad, check_hyper, check_param
 from ..checkpoint import Storages, local_tensor
+from ..grads import sq_norms
 from .base import Updater
 
 Rows = tuple[int, int]
@@ -117,6 +118,8 @@ class DenseUpdater(Updater):
             local = local_tensor(p)
             batches[(gi, local.device, local.dtype)].append((i, local, local_tensor(g), p))
         step = self.host.step_count
+        if self.policy.wants_scores(step):  # before the lookahead below (scheduled.py)
+            self.policy.observe(step, sq_norms(entries, self.host.table))
         leaving = self.host.active_set - self.policy.active(step + 1)  # their period ends
         for (gi, _, _), items in batches.items():
             states = [self._state(i, rows.get(i)) for i, _, _, _ in items]

@@ -1,23 +1,25 @@
 """policy="sample" (LISA generalized): every cycle the units are shuffled; each period
 takes the next units of that permutation while they fit (or exactly `sample_layers` of
-them), so every unit trains once per cycle."""
+them), so every unit trains once per cycle. order="importance" repeats each period by its
+gradient norm (scheduled.py); "random" (the default) is LISA's uniform draw."""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from ..blocks import ParamInfo, Unit, pack_consecutive
 from ..budget import Budget
-from .scheduled import ScheduledConfig, ScheduledPolicy, _generator
+from .scheduled import IMPORTANCE, ScheduledConfig, ScheduledPolicy, _generator
 
 
 @dataclasses.dataclass(frozen=True)
 class SampleConfig(ScheduledConfig):
     sample_layers: int | None = None  # draw exactly this many units per period (LISA)
+    ORDERS: ClassVar[tuple[str, ...]] = ("random", IMPORTANCE)
 
     def __post_init__(self) -> None:
         super().__post_init__()

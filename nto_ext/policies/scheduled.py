@@ -8,6 +8,20 @@ comes from a generator seeded with a hash of (seed, c), so there is no hidden RN
 the cursor in `state_dict()` (which cycle the schedule is in, where it started) is a cache
 that makes `active()` O(1) and is saved so a resumed run needs no replay. `always` blocks
 (e.g. ("embed", "head")) train in every period and count against the budget.
+
+order="importance" (issue 21) spends more steps where the gradient is large: at the first
+step of each period the squared L2 norm of every active unit's gradient is recorded
+(`observe`, from the updater's checked gradients, summed over FSDP2 shards, so identical on
+every rank). A cycle's schedule is the policy's usual one with each period repeated in a
+row about in proportion to its gradient norm, round(MEAN_REPEAT * norm / mean norm) times,
+1 to `MAX_REPEAT` (a period of average norm trains MEAN_REPEAT periods, one of small
+gradients once), from the scores known when the cycle is
+first asked for (all of the cycle before: the lookahead `active(step + 1)` at a cycle's last
+step comes after that step's scores). Cycle 0, and any cycle with an unscored unit, is the
+usual schedule. Every unit still trains once per cycle, and a cycle is at most `MAX_REPEAT`
+times the usual one, so every unit trains within 2 * MAX_REPEAT usual cycles. The scores
+and those of the current and previous cycle's schedule are in `state_dict()`: resume is
+exact; a look further back than one cycle is refused.
 """
 
 from __future__ import annotations
@@ -15,8 +29,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import math
+import statistics
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -38,12 +54,24 @@ from .dense import DenseUpdater
 log = logging.getLogger(__name__)
 
 
+IMPORTANCE = "importance"
+MEAN_REPEAT, MAX_REPEAT = 2, 4  # order="importance": repeats of a period of average norm,
+# and at most (module doc)
+
+
 @dataclasses.dataclass(frozen=True)
 class ScheduledConfig(Config):
     always: tuple[str, ...] = ()
+    order: str | None = None  # None: the policy's first entry of ORDERS
+    ORDERS: ClassVar[tuple[str, ...]] = (IMPORTANCE,)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        order = self.ORDERS[0] if self.order is None else self.order
+        if not isinstance(order, str) or order not in self.ORDERS:
+            raise ValueError(f"order={self.order!r}; allowed: "
+                             f"{', '.join(map(repr, self.ORDERS))}")
+        object.__setattr__(self, "order", order)
         a = self.always
         if isinstance(a, str) or not isinstance(a, (tuple, list)) or not all(
                 isinstance(x, str) for x in a):
@@ -105,6 +133,9 @@ class ScheduledPolicy(Policy):
                 self.split.setdefault(u.params[0], []).append(u.rows)
         self._cycle, self._cycle_start = 0, 0
         self._cache: tuple[int, list[tuple[Unit, ...]]] | None = None
+        self.order = config.order
+        self._scores: dict[str, float] = {}  # importance: unit name -> its grad's |g|^2
+        self._plans: dict[int, dict[str, float]] = {}  # cycle -> the scores it was made from
 
     # ---------------------------------------------------------------- costs and messages
     def _elements(self, params: Sequence[int]) -> int:
@@ -171,18 +202,49 @@ class ScheduledPolicy(Policy):
         """The periods of cycle `cycle`: each a tuple of switching units (without always)."""
         if self._cache is None or self._cache[0] != cycle:
             sched = self._make_schedule(cycle) if self.units else [()]
+            if self.order == IMPORTANCE and self.units:
+                sched = _repeat(sched, self._plan_scores(cycle))
             self._cache = (cycle, sched)
         return self._cache[1]
 
+    def _plan_scores(self, cycle: int) -> dict[str, float]:
+        """The scores cycle `cycle` is made from: those known when it is first asked for,
+        kept while it is the current or the previous cycle (module doc)."""
+        if cycle not in self._plans:
+            self._plans = {c: v for c, v in self._plans.items() if c >= cycle - 1}
+            self._plans[cycle] = dict(self._scores)
+        return self._plans[cycle]
+
+    def wants_scores(self, step: int) -> bool:
+        return self.order == IMPORTANCE and step % self.switch_every == 0
+
+    def observe(self, step: int, sq_norms: dict[int, float]) -> None:
+        """Record the squared gradient norm of every switching unit training at `step`
+        (param index -> |g|^2; a row unit's param holds only its rows' gradient)."""
+        for u in self._period_units(step // self.switch_every):
+            self._scores[u.name] = sum(sq_norms.get(i, 0.0) for i in u.params)
+
     def _period_units(self, period: int) -> tuple[Unit, ...]:
         if period < self._cycle_start:  # asked about the past: recompute from the start
-            self._cycle, self._cycle_start = 0, 0
+            if self.order == IMPORTANCE:  # ... which only the cycle before can be
+                self._step_back(period)
+            else:
+                self._cycle, self._cycle_start = 0, 0
         while True:
             sched = self.schedule(self._cycle)
             if period < self._cycle_start + len(sched):
                 return sched[period - self._cycle_start]
             self._cycle_start += len(sched)
             self._cycle += 1
+
+    def _step_back(self, period: int) -> None:
+        prev = self._cycle - 1
+        if prev not in self._plans:
+            raise ValueError(f"order='importance': period {period} is before cycle "
+                             f"{self._cycle}'s start ({self._cycle_start}) and the schedule "
+                             "of an earlier cycle depends on scores no longer kept; allowed: "
+                             "steps of the current or the previous cycle")
+        self._cycle, self._cycle_start = prev, self._cycle_start - len(self.schedule(prev))
 
     def active_units(self, step: int) -> list[Unit]:
         return self.always_units + list(self._period_units(step // self.switch_every))
@@ -223,13 +285,19 @@ class ScheduledPolicy(Policy):
     def config(self) -> dict[str, Any]:
         return {"policy": self.name, "budget_kind": self.budget.kind,
                 "budget_amount": self.budget.amount, "switch_every": self.switch_every,
-                "seed": self.seed, "always": list(self.always)}
+                "seed": self.seed, "always": list(self.always),
+                **({"order": self.order} if self.order == IMPORTANCE else {})}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"cycle": self._cycle, "cycle_start": self._cycle_start}
+        out: dict[str, Any] = {"cycle": self._cycle, "cycle_start": self._cycle_start}
+        if self.order == IMPORTANCE:
+            out.update(scores=dict(self._scores),
+                       plans={c: dict(v) for c, v in self._plans.items()})
+        return out
 
     def initial_state(self) -> dict[str, Any]:
-        return {"cycle": 0, "cycle_start": 0}
+        return {"cycle": 0, "cycle_start": 0,
+                **({"scores": {}, "plans": {}} if self.order == IMPORTANCE else {})}
 
     def check_state_dict(self, state: object) -> None:
         super().check_state_dict(state)
@@ -237,10 +305,25 @@ class ScheduledPolicy(Policy):
             v = state.get(key)  # type: ignore[union-attr]
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"policy state {key!r} must be an int >= 0, got {v!r}")
+        if self.order == IMPORTANCE:
+            names = {u.name for u in self.units}
+            plans = state.get("plans")  # type: ignore[union-attr]
+            if not isinstance(plans, dict) or not all(
+                    isinstance(c, int) and not isinstance(c, bool) for c in plans):
+                raise ValueError(f"policy state 'plans' must be a dict of cycle -> scores "
+                                 f"(order='importance'), got {type(plans).__name__}")
+            for where, scores in [("scores", state.get("scores")),  # type: ignore[union-attr]
+                                  *((f"plans[{c}]", v) for c, v in plans.items())]:
+                _check_scores(where, scores, names)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.check_state_dict(state)
         self._cycle, self._cycle_start = state["cycle"], state["cycle_start"]
+        if self.order == IMPORTANCE:
+            self._scores = {k: float(v) for k, v in state["scores"].items()}
+            self._plans = {c: {k: float(x) for k, x in v.items()}
+                           for c, v in state["plans"].items()}
+            self._cache = None  # the schedules follow the loaded scores
 
     def check_cursor(self, step: int) -> None:
         """ValueError unless the cursor's cycle holds `step` (as every saved state's does:
@@ -254,6 +337,28 @@ class ScheduledPolicy(Policy):
                              f"{period} (a foreign or edited checkpoint); nothing was loaded")
 
 
+
+
+def _repeat(periods: list[tuple[Unit, ...]],
+            scores: dict[str, float]) -> list[tuple[Unit, ...]]:
+    """order="importance": each period repeated round(MEAN_REPEAT * its gradient norm /
+    the mean period's) times, 1..MAX_REPEAT; unchanged until every unit has a score."""
+    if any(u.name not in scores for p in periods for u in p):
+        return periods
+    norms = [math.sqrt(sum(scores[u.name] for u in p)) for p in periods]
+    mean = statistics.fmean(norms)
+    if not mean > 0:
+        return periods
+    reps = [min(MAX_REPEAT, max(1, round(MEAN_REPEAT * n / mean))) for n in norms]
+    return [p for p, r in zip(periods, reps) for _ in range(r)]
+
+
+def _check_scores(where: str, scores: object, names: set[str]) -> None:
+    if not isinstance(scores, dict) or not all(
+            isinstance(k, str) and k in names and isinstance(v, float) and math.isfinite(v)
+            and v >= 0 for k, v in scores.items()):
+        raise ValueError(f"policy state {where!r} must map unit names of this model to "
+                         f"finite floats >= 0 (order='importance'), got {scores!r:.200}")
 
 
 def _short_list(names: Sequence[str], n: int = 12) -> str:
