@@ -43,7 +43,7 @@ from .grads import GradGuard
 from .ownership import ParamHandles, grad_hook, register_hook, switch, user_flag
 from .params import ParamTable
 from .policies import DEFAULT_POLICY, Policy, configure, policy_class
-from .policies.base import measure
+from .policies.base import host_bytes, measure
 
 log = logging.getLogger(__name__)
 
@@ -342,16 +342,16 @@ class NTO(torch.optim.Optimizer):
         grad_bytes (params' .grad and the policy's gradient buffers), state_bytes, index_bytes,
         total_bytes (their sum: the budgeted training state now), peak_total_bytes (the
         largest total inside step(), after the update and before a switch frees anything),
-        offload_bytes (host copies), transient_bytes (temporary buffers outside the total).
+        offload_bytes (host copies, parked row ranges too), transient_bytes (temporary
+        buffers outside the total).
         """
         self._sync_params()
         grad_b, state_b, index_b = measure(self, self.updater)
-        offl = [v for st in self.offloaded.values() for v in st.values()]
         total = grad_b + state_b + index_b
         infos = self.table.infos
         return {
             "grad_bytes": grad_b, "state_bytes": state_b, "index_bytes": index_b,
-            "offload_bytes": storage_bytes(offl),
+            "offload_bytes": host_bytes(self),
             "transient_bytes": self.updater.transient_bytes(),
             "total_bytes": total,
             "peak_total_bytes": max(self._peak_bytes, total, self.updater.peak),

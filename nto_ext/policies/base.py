@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, ClassVar, Protocol
 
 import torch
@@ -64,6 +64,7 @@ class Host(Protocol):
 
     state: Any  # param -> per-param state dict (torch.optim.Optimizer.state)
     param_groups: list[dict[str, Any]]
+    offloaded: dict[int, dict[str, Any]]  # param index -> its state on the host
 
     @property
     def table(self) -> Any: ...  # nto_ext.params.ParamTable: params, infos, labels
@@ -287,6 +288,24 @@ class Policy:
         """A checked `state` saved over params in another order: saved param j is param
         perm[j] here (a checkpoint matched by name). Nothing index-based by default."""
         return state
+
+
+def host_bytes(host: Host) -> int:
+    """Bytes of the host copies: offloaded state, and the parked state of the row ranges
+    not training now of a param that trains another range (policies/dense.py)."""
+    entries = [*host.offloaded.values(),
+               *(st["parked"] for st in host.state.values() if isinstance(st, dict)
+                 and isinstance(st.get("parked"), dict))]
+    return storage_bytes(_tensors(entries))
+
+
+def _tensors(obj: object) -> Iterator[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        yield from (t for v in obj.values() for t in _tensors(v))
+    elif isinstance(obj, list):
+        yield from (t for v in obj for t in _tensors(v))
 
 
 def measure(host: Host, updater: Updater) -> tuple[int, int, int]:
