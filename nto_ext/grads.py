@@ -82,16 +82,16 @@ class GradGuard:
 def _sum_over_shards(entries: list, sumsq: float, n_bad: int) -> tuple[float, int]:
     """(sumsq, n_bad) summed over the ranks that hold shards of the grads, when the grads
     are DTensors sharded on a device mesh (FSDP2); unchanged otherwise (DDP grads are
-    replicated, one process has nothing to reduce). Assumes one mesh for all params, as
-    fully_shard with a single mesh gives."""
+    replicated, one process has nothing to reduce). Over the replicate dims of an HSDP mesh
+    the replicas agree after FSDP's all-reduce; the max makes the clip and the skip decision
+    the same on every rank even if one replica saw a NaN the others did not. Assumes one
+    mesh for all params, as fully_shard with a single mesh gives."""
     g = next((e[3] for e in entries if hasattr(e[3], "device_mesh")), None)
-    if g is None:
-        return sumsq, n_bad
-    dims = [d for d, pl in enumerate(g.placements) if pl.is_shard()]
-    if not dims:
+    if g is None or not any(pl.is_shard() for pl in g.placements):
         return sumsq, n_bad
     buf = torch.tensor([sumsq, float(n_bad)], dtype=torch.float64,
                        device=local_tensor(g).device)
-    for d in dims:
-        torch.distributed.all_reduce(buf, group=g.device_mesh.get_group(d))
+    for d, pl in enumerate(g.placements):
+        op = torch.distributed.ReduceOp.SUM if pl.is_shard() else torch.distributed.ReduceOp.MAX
+        torch.distributed.all_reduce(buf, op=op, group=g.device_mesh.get_group(d))
     return float(buf[0]), int(buf[1])
