@@ -28,6 +28,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
+import transformers
 from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer import SCHEDULER_NAME
@@ -114,7 +115,9 @@ def _fsdp_version(args: Any) -> int | None:
         return 1  # torch_xla's FSDP: wraps like FSDP1
     if args is not None and getattr(args, "fsdp", None):
         plugin = getattr(args, "fsdp_plugin_args", None) or {}
-        return int(plugin.get("fsdp_version", cfg.get("version", cfg.get("fsdp_version", 2))))
+        # transformers' own default: FSDP2 from version 5 on, FSDP1 before
+        default = 2 if int(transformers.__version__.split(".")[0]) >= 5 else 1
+        return int(plugin.get("fsdp_version", cfg.get("version", default)))
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes"):
         return int(os.environ.get("FSDP_VERSION", "1"))
     return None
