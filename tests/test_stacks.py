@@ -55,6 +55,12 @@ def _within_share(report: dict, shards: int) -> None:
 
 
 @pytest.fixture(scope="module")
+def reference() -> dict:
+    """One process, the whole global batch of every step (dist_worker.reference_run)."""
+    return W.reference_run("block")
+
+
+@pytest.fixture(scope="module")
 def fsdp2(tmp_path_factory) -> list[dict]:
     return _launch("fsdp2", 2, tmp_path_factory.mktemp("fsdp2"))
 
@@ -79,11 +85,11 @@ def test_trainer_fsdp2_trains_and_resumes_bit_identical(fsdp2):
         _within_share(t["report"], 2)
 
 
-def test_accelerate_fsdp2_loop(fsdp2):
+def test_accelerate_fsdp2_loop(fsdp2, reference):
     a0, a1 = (r["accelerate"] for r in fsdp2)
     assert a0["param_type"] == "DTensor"
     assert _equal(a0["params"], a1["params"])
-    _close(a0["params"], W.reference_run("block")["params"])  # one process, same batches
+    _close(a0["params"], reference["params"])  # one process, same batches
     for a in (a0, a1):
         assert _equal(a["resumed"], a["params"])
         assert a["resumed_losses"] == a["losses"][SW.SPLIT:]
@@ -95,10 +101,10 @@ def hsdp(tmp_path_factory) -> list[dict]:
     return _launch("hsdp", 4, tmp_path_factory.mktemp("hsdp"))
 
 
-def test_hsdp_2x2_matches_one_process(hsdp):
+def test_hsdp_2x2_matches_one_process(hsdp, reference):
     runs = [r["block"] for r in hsdp]
     assert runs[0]["placements"] == ["R", "S(0)"]  # replicate x shard
-    ref = W.reference_run("block")
+    ref = reference
     for r in runs:
         assert r["active"] == ref["active"]
         assert r["budget_bytes"] == runs[0]["budget_bytes"]
