@@ -402,7 +402,8 @@ def load_model(src: ModelSource, task: str, num_labels: int = 0, dtype=None):
     if dtype is not None:
         kwargs["dtype"] = dtype
     if task == "lm":
-        return transformers.AutoModelForCausalLM.from_pretrained(src.folder, **kwargs)
+        return _dequantized(src, transformers.AutoModelForCausalLM.from_pretrained(
+            src.folder, **kwargs))
     if task != "classify":
         raise ValueError(f"unknown task {task!r}; allowed: classify, lm")
     # silence "some weights were newly initialized": the new head is the point here
@@ -416,6 +417,17 @@ def load_model(src: ModelSource, task: str, num_labels: int = 0, dtype=None):
     if model.config.pad_token_id is None:  # decoder models need it to find the last token
         tok_pad = getattr(model.config, "eos_token_id", None)
         model.config.pad_token_id = tok_pad[0] if isinstance(tok_pad, list) else tok_pad
+    return _dequantized(src, model)
+
+
+def _dequantized(src: ModelSource, model):
+    """transformers loads GGUF weights dequantized (plain fp32 / dtype tensors) but still
+    marks the model quantized, and Trainer (TRL's SFTTrainer too) then refuses to train it
+    ("purely quantized models"): drop the mark, the weights are ordinary tensors."""
+    if src.gguf_file and getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer, model.is_quantized = None, False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
     return model
 
 

@@ -22,7 +22,7 @@ from .optimizer import NTO
 log = logging.getLogger(__name__)
 
 __all__ = ["check_ddp", "ddp_bucket_bytes", "load_optimizer_state", "nto_of",
-           "save_optimizer_state"]
+           "save_optimizer_state", "track_ddp"]
 
 
 def nto_of(optimizer: Any) -> NTO:
@@ -62,8 +62,20 @@ def ddp_bucket_bytes(model: nn.Module) -> int:
     return sum(int(s) for s in sizes.split(",") if s.strip())
 
 
-def check_ddp(model: nn.Module) -> dict[str, Any]:
+def track_ddp(optimizer: Any, model: nn.Module) -> None:
+    """Tell NTO the DDP module: its `memory_report()` then has `ddp_bucket_bytes` (measured
+    at each report), so the picture includes the gradient memory DDP holds for every param,
+    outside NTO's budget. Only a weak reference to `model` is kept."""
+    import weakref
+
+    opt, ref = nto_of(optimizer), weakref.ref(_ddp(model))
+    opt.extra_reports = {**opt.extra_reports, "ddp_bucket_bytes":
+                         lambda: ddp_bucket_bytes(m) if (m := ref()) is not None else 0}
+
+
+def check_ddp(model: nn.Module, optimizer: Any = None) -> dict[str, Any]:
     """Check that a DDP-wrapped model works with NTO; return its settings and bucket bytes.
+    With `optimizer` (NTO), also `track_ddp(optimizer, model)`.
 
     Raises ValueError if `find_unused_parameters` is False or `static_graph` is on.
     """
@@ -80,6 +92,8 @@ def check_ddp(model: nn.Module) -> dict[str, Any]:
             f"and no static_graph (got find_unused_parameters={info['find_unused_parameters']}, "
             f"static_graph={info['static_graph']}): the parameters that receive gradients "
             "change when NTO switches its active set.")
+    if optimizer is not None:
+        track_ddp(optimizer, ddp)
     return info
 
 

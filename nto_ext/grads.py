@@ -51,11 +51,9 @@ class GradGuard:
         made only that rank skip)."""
         if self.nonfinite == "propagate" and self.max_grad_norm is None:
             return True
-        by_dev: dict[torch.device, list[int]] = defaultdict(list)
-        for k, (_, _, _, g) in enumerate(entries):
-            by_dev[g.device].append(k)
+        stats = _stats(entries, table)
         sumsq, n_bad, first_bad = 0.0, 0, None
-        for ks, sq, absmax in _stats(entries, table, by_dev):
+        for ks, sq, absmax in stats:
             bad = (~torch.isfinite(absmax)).nonzero().flatten().tolist()
             if bad and first_bad is None:
                 first_bad = entries[ks[bad[0]]][1]
@@ -71,7 +69,7 @@ class GradGuard:
         self.last_grad_norm = norm
         if self.max_grad_norm is not None and norm > self.max_grad_norm:
             coef = self.max_grad_norm / (norm + 1e-6)  # as torch.nn.utils.clip_grad_norm_
-            for ks in by_dev.values():
+            for ks, _, _ in stats:
                 torch._foreach_mul_([local_tensor(entries[k][3]) for k in ks], coef)
         return True
 
@@ -79,19 +77,19 @@ class GradGuard:
 def sq_norms(entries: list, table: Any) -> dict[int, float]:
     """param index -> squared L2 norm of its gradient (summed over FSDP2 shards), for
     `entries` = [(group, param index, param, grad)] (a policy's importance scores)."""
-    by_dev: dict[torch.device, list[int]] = defaultdict(list)
-    for k, (_, _, _, g) in enumerate(entries):
-        by_dev[g.device].append(k)
     out = [0.0] * len(entries)
-    for ks, sq, _ in _stats(entries, table, by_dev):
+    for ks, sq, _ in _stats(entries, table):
         for k, v in zip(ks, sq.tolist()):
             out[k] = v
     return dict(zip((e[1] for e in entries), _sum_over_shards(entries, out)))
 
 
-def _stats(entries: list, table: Any, by_dev: dict[torch.device, list[int]]) -> list:
+def _stats(entries: list, table: Any) -> list:
     """[(entry numbers, squared norms, absmax)] per device, one fused pass each (no
     histogram: a NaN or inf in a grad makes its absmax non-finite)."""
+    by_dev: dict[torch.device, list[int]] = defaultdict(list)
+    for k, (_, _, _, g) in enumerate(entries):
+        by_dev[g.device].append(k)
     out = []
     for ks in by_dev.values():
         grads = [local_tensor(entries[k][3]).contiguous() for k in ks]
@@ -104,15 +102,16 @@ def _stats(entries: list, table: Any, by_dev: dict[torch.device, list[int]]) -> 
 def _sum_over_shards(entries: list, values: list[float]) -> list[float]:
     """`values` summed over the ranks that hold shards of the grads, when the grads are
     DTensors sharded on a device mesh (FSDP2); unchanged otherwise (DDP grads are
-    replicated, one process has nothing to reduce). Assumes one mesh for all params, as
-    fully_shard with a single mesh gives."""
+    replicated, one process has nothing to reduce). Over the replicate dims of an HSDP mesh
+    the replicas agree after FSDP's all-reduce; the max makes the clip, the skip decision
+    and the importance scores the same on every rank even if one replica saw a NaN the
+    others did not. Assumes one mesh for all params, as fully_shard with a single mesh
+    gives."""
     g = next((e[3] for e in entries if hasattr(e[3], "device_mesh")), None)
-    if g is None:
-        return values
-    dims = [d for d, pl in enumerate(g.placements) if pl.is_shard()]
-    if not dims:
+    if g is None or not any(pl.is_shard() for pl in g.placements):
         return values
     buf = torch.tensor(values, dtype=torch.float64, device=local_tensor(g).device)
-    for d in dims:
-        torch.distributed.all_reduce(buf, group=g.device_mesh.get_group(d))
+    for d, pl in enumerate(g.placements):
+        op = torch.distributed.ReduceOp.SUM if pl.is_shard() else torch.distributed.ReduceOp.MAX
+        torch.distributed.all_reduce(buf, op=op, group=g.device_mesh.get_group(d))
     return buf.tolist()

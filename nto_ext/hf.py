@@ -9,8 +9,12 @@ param groups and take lr, betas, eps, weight decay from `TrainingArguments` unle
     class MyTrainer(NTOTrainerMixin, Trainer): ...      # or NTOTrainer(..., nto_kwargs={...})
     Trainer(..., optimizers=(NTO(model.named_parameters(), ...), None))   # one process
 
-DDP under Trainer needs `ddp_find_unused_parameters=True` (checked before training);
-DeepSpeed ZeRO is refused with an error naming the alternatives. The torch-only helpers
+DDP under Trainer needs `ddp_find_unused_parameters=True` (checked before training).
+Trainer's FSDP2 mode (`fsdp=True`, `fsdp_config={"version": 2}`, or `accelerate launch` with
+an FSDP2 config) works with `NTOTrainer` / `NTOTrainerMixin`, which save and load NTO's state
+through DCP in NTO's own layout (`optimizer_nto/` in each checkpoint): torch's
+`get_optimizer_state_dict`, which Trainer uses otherwise, cannot hold it. FSDP1 and DeepSpeed
+ZeRO are refused with an error naming the alternatives. The torch-only helpers
 (`check_ddp`, `ddp_bucket_bytes`, `save_optimizer_state` / `load_optimizer_state` for
 FSDP2, `nto_of`) live in `nto_ext.distributed` and are re-exported here.
 """
@@ -24,8 +28,10 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
+import transformers
 from torch import nn
 from transformers import Trainer, TrainerCallback
+from transformers.trainer import SCHEDULER_NAME
 
 from .blocks import first_names
 from .distributed import (
@@ -34,6 +40,7 @@ from .distributed import (
     load_optimizer_state,
     nto_of,
     save_optimizer_state,
+    track_ddp,
 )
 from .optimizer import NTO
 from .policies import DEFAULT_POLICY, policy_class
@@ -44,6 +51,7 @@ __all__ = [
     "NTOCallback", "NTOTrainer", "NTOTrainerMixin", "TrainerNTO", "check_ddp",
     "check_trainer_args", "ddp_bucket_bytes", "enable_checkpoint_input_grads",
     "load_optimizer_state", "nto_metrics", "nto_of", "nto_optimizer", "save_optimizer_state",
+    "track_ddp",
 ]
 
 _DEEPSPEED_MSG = (
@@ -51,8 +59,11 @@ _DEEPSPEED_MSG = (
     "state and gradients, so NTO's budget and active set would be silently wrong. Use torch "
     "DDP (Trainer under torchrun, or accelerate without a DeepSpeed config) for models that "
     "fit one device, or FSDP2 (`torch.distributed.fsdp.fully_shard` on the model, then NTO) "
-    "to shard weights; remove the `deepspeed` argument / accelerate DeepSpeed plugin to go on."
+    "to shard weights (with Trainer: NTOTrainer and fsdp_config={{'version': 2}}); remove the "
+    "`deepspeed` argument / accelerate DeepSpeed plugin to go on."
 )
+# where NTOTrainerMixin puts NTO's optimizer state in a checkpoint under FSDP2 (a DCP folder)
+NTO_OPTIMIZER_DIR = "optimizer_nto"
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -96,10 +107,48 @@ def _is_ddp_run(args: Any) -> bool:
     return not getattr(args, "fsdp", None)
 
 
-def check_trainer_args(args: Any, model: nn.Module | None = None) -> None:
+def _fsdp_version(args: Any) -> int | None:
+    """The FSDP version Trainer will run (from `fsdp` / `fsdp_config`, or accelerate's
+    environment as `accelerate launch` sets it), None without FSDP."""
+    cfg = (getattr(args, "fsdp_config", None) or {}) if args is not None else {}
+    if isinstance(cfg, dict) and cfg.get("xla"):
+        return 1  # torch_xla's FSDP: wraps like FSDP1
+    if args is not None and getattr(args, "fsdp", None):
+        plugin = getattr(args, "fsdp_plugin_args", None) or {}
+        # transformers' own default: FSDP2 from version 5 on, FSDP1 before
+        default = 2 if int(transformers.__version__.split(".")[0]) >= 5 else 1
+        return int(plugin.get("fsdp_version", cfg.get("version", default)))
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes"):
+        return int(os.environ.get("FSDP_VERSION", "1"))
+    return None
+
+
+def _check_fsdp(args: Any, fsdp_checkpoints: bool) -> None:
+    version = _fsdp_version(args)
+    if version is None:
+        return
+    if version != 2:
+        raise ValueError(
+            f"NTO does not support FSDP version {version} (FlatParameter / XLA wrapping hides "
+            "the parameters NTO switches between). Use FSDP2: fsdp=True with "
+            "fsdp_config={'version': 2} in TrainingArguments, or fsdp_version: 2 in the "
+            "accelerate config.")
+    if not fsdp_checkpoints:
+        raise ValueError(
+            "Trainer's FSDP2 mode saves optimizer checkpoints through torch's "
+            "get_optimizer_state_dict, which cannot hold NTO's state (one rank's shard, no "
+            "schedule position). Use nto_ext.hf.NTOTrainer(..., nto_kwargs={...}) or "
+            "class MyTrainer(NTOTrainerMixin, Trainer) (also for TRL's SFTTrainer): they save "
+            "NTO's state through DCP in its own layout.")
+
+
+def check_trainer_args(args: Any, model: nn.Module | None = None,
+                       fsdp_checkpoints: bool = False) -> None:
     """Raise before training if `args` (TrainingArguments, or None) or the environment ask
-    for something NTO cannot do correctly: DeepSpeed, or DDP settings that hang or break."""
+    for something NTO cannot do correctly: DeepSpeed, FSDP1, FSDP2 without NTOTrainerMixin's
+    checkpoints (`fsdp_checkpoints`), or DDP settings that hang or break."""
     _refuse_deepspeed(args)
+    _check_fsdp(args, fsdp_checkpoints)
     if args is None or not _is_ddp_run(args):
         return
     if getattr(args, "ddp_static_graph", None):
@@ -126,34 +175,40 @@ class TrainerNTO(NTO):
     parameters; `param_names` (id(param) -> name, made by `nto_optimizer`) gives them back
     their names so blocks follow the model's layers. A parameter missing from the map is
     named `param<k>` (it joins the `other` block) and reported in one warning. Build it with
-    `nto_optimizer`, which checks TrainingArguments (DeepSpeed, DDP) before Trainer builds it.
+    `nto_optimizer`, which checks TrainingArguments (DeepSpeed, FSDP, DDP) before Trainer
+    builds it. `fsdp_checkpoints=True` (set by NTOTrainerMixin, which saves NTO's state
+    itself) lets accelerate's FSDP2 prepare swap the params for their DTensors.
     """
 
     def __init__(self, params: Iterable[Any], *, param_names: Mapping[int, str],
                  nto_model: nn.Module | None = None, checkpoint_inputs: bool = True,
-                 **kwargs: Any) -> None:
+                 fsdp_checkpoints: bool = False, **kwargs: Any) -> None:
         groups = _name_groups(params, param_names)
         _warn_frozen(nto_model, groups)
         super().__init__(groups, **kwargs)
         self._built_with = [id(p) for g in self.param_groups for p in g["params"]]
+        self._fsdp_checkpoints = fsdp_checkpoints
         if nto_model is not None and checkpoint_inputs and _checkpointing_on(nto_model):
             enable_checkpoint_input_grads(nto_model)
 
     def _check_params_kept(self) -> None:
         # Trainer's FSDP2 mode: accelerate's prepare swaps the params for DTensors. NTO
-        # follows them, but Trainer then checkpoints through torch's
+        # follows them, but plain Trainer then checkpoints through torch's
         # get/set_optimizer_state_dict, which would save one rank's shard of NTO's moments
         # for all ranks (plain local tensors) and cannot load a changing active set
-        # (docs/hf_notes.md N3).
+        # (docs/hf_notes.md N3); NTOTrainerMixin saves through DCP instead. (A backstop:
+        # check_trainer_args refuses this from TrainingArguments before training.)
+        if self._fsdp_checkpoints:
+            return
         now = [id(p) for g in self.param_groups for p in g["params"]]
         if now != self._built_with:
             raise RuntimeError(
                 "the parameters in the optimizer's param_groups were replaced after NTO was "
                 "built: this is Trainer's FSDP2 mode (accelerate's prepare shards them), whose "
-                "optimizer checkpoints cannot hold NTO's state correctly. Use DDP with Trainer "
-                "(torchrun without fsdp), or shard the model with "
-                "torch.distributed.fsdp.fully_shard in your own loop, build NTO after it and "
-                "checkpoint with nto_ext.distributed.save_optimizer_state (README, Multi-GPU).")
+                "optimizer checkpoints cannot hold NTO's state correctly. Use "
+                "nto_ext.hf.NTOTrainer or class MyTrainer(NTOTrainerMixin, Trainer) instead of "
+                "optimizer_cls_and_kwargs=nto_optimizer(...): they checkpoint NTO through DCP "
+                "(README, Multi-GPU).")
 
     def train(self) -> None:
         self._check_params_kept()
@@ -215,10 +270,17 @@ def nto_optimizer(model: nn.Module, args: Any = None, **nto_kwargs: Any
     defaults to `args.max_grad_norm` (its compact gradients are invisible to Trainer's
     clipping). `checkpoint_inputs=False` leaves gradient checkpointing's input handling as
     transformers set it (see `enable_checkpoint_input_grads`).
-    Raises at once if `args` enable DeepSpeed, or DDP settings NTO cannot work with (the
-    one check of the factory and mixin paths: TrainerNTO is built from what this returns).
+    Raises at once if `args` enable DeepSpeed, FSDP (Trainer's FSDP2 mode needs
+    `NTOTrainer` / `NTOTrainerMixin` for its checkpoints), or DDP settings NTO cannot work
+    with (the one check of the factory and mixin paths: TrainerNTO is built from what this
+    returns).
     """
-    check_trainer_args(args, model)
+    return _trainer_optimizer(model, args, False, nto_kwargs)
+
+
+def _trainer_optimizer(model: nn.Module, args: Any, fsdp_checkpoints: bool,
+                       nto_kwargs: Mapping[str, Any]) -> tuple[type[TrainerNTO], dict[str, Any]]:
+    check_trainer_args(args, model, fsdp_checkpoints)
     kwargs = dict(nto_kwargs)
     if args is not None:
         kwargs.setdefault("lr", args.learning_rate)
@@ -232,7 +294,7 @@ def nto_optimizer(model: nn.Module, args: Any = None, **nto_kwargs: Any
             kwargs.setdefault("max_grad_norm", args.max_grad_norm)
     names = {id(p): n for n, p in model.named_parameters()}
     # not "params" / "model": Trainer treats those keys as replacements for its groups
-    kwargs.update(param_names=names, nto_model=model)
+    kwargs.update(param_names=names, nto_model=model, fsdp_checkpoints=fsdp_checkpoints)
     return TrainerNTO, kwargs
 
 
@@ -329,18 +391,51 @@ class NTOTrainerMixin:
 
     def create_optimizer(self, model: nn.Module | None = None):
         if self.optimizer is None:
-            self.optimizer_cls_and_kwargs = nto_optimizer(
-                self.model if model is None else model, self.args, **self.nto_kwargs)
+            self.optimizer_cls_and_kwargs = _trainer_optimizer(
+                self.model if model is None else model, self.args, True, self.nto_kwargs)
         return super().create_optimizer(model)
+
+    def _nto_fsdp(self) -> bool:
+        """FSDP2 with NTO: the optimizer state goes through DCP in NTO's own layout."""
+        return bool(getattr(self, "is_fsdp_enabled", False)) and \
+            _maybe_nto(self.optimizer) is not None
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self._nto_fsdp():
+            return super()._save_optimizer_and_scheduler(output_dir)
+        # what Trainer's FSDP branch does, with NTO's optimizer layout: the (sharded) model
+        # checkpoint is written here too, through the functions Trainer itself calls
+        import transformers.trainer as hf_trainer
+
+        hf_trainer.save_fsdp_model(self.accelerator.state.fsdp_plugin, self.accelerator,
+                                   self.model, output_dir, **hf_trainer.get_fsdp_ckpt_kwargs())
+        save_optimizer_state(self.model, self.optimizer,
+                             os.path.join(output_dir, NTO_OPTIMIZER_DIR))  # every rank
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is None or not self._nto_fsdp():
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        path = os.path.join(checkpoint, NTO_OPTIMIZER_DIR)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(
+                f"resuming Trainer's FSDP2 mode with NTO from {checkpoint!r}, which has no "
+                f"{NTO_OPTIMIZER_DIR}/ folder (NTOTrainerMixin writes NTO's state there; this "
+                "checkpoint was saved by another optimizer or trainer). Resume from a "
+                "checkpoint NTOTrainer saved, or start without resume_from_checkpoint.")
+        load_optimizer_state(self.model, self.optimizer, path)
+        self.lr_scheduler.load_state_dict(
+            torch.load(os.path.join(checkpoint, SCHEDULER_NAME), weights_only=True))
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         metrics: dict[str, Any] = {}
         if (isinstance(_maybe_nto(self.optimizer), NTO)
                 and not any(k.startswith("eval_") for k in logs)):
-            metrics = nto_metrics(self.optimizer)
             ddp = self.model_wrapped
             if isinstance(ddp, nn.parallel.DistributedDataParallel):
-                metrics["nto/ddp_bucket_bytes"] = ddp_bucket_bytes(ddp)
+                track_ddp(self.optimizer, ddp)  # memory_report: ddp_bucket_bytes
+            metrics = nto_metrics(self.optimizer)
             _add_numbers(logs, metrics)  # before any callback runs (TensorBoard, W&B, ...)
         super().log(logs, *args, **kwargs)
         _add_to_history(self.state, metrics)

@@ -195,6 +195,7 @@ class NTO(torch.optim.Optimizer):
         """Index of the param kept requiring grad in every period (None: not chosen yet)."""
         return self._anchor
 
+    extra_reports: dict[str, Callable[[], Any]] = {}  # name -> measure, set per instance
     # the GradGuard's settings and counters, as attributes of the optimizer
     skipped_steps = _guarded("skipped_steps", "Steps skipped for NaN/Inf gradients.")
     last_grad_norm = _guarded("last_grad_norm", "L2 norm of the last step's active grads.")
@@ -343,8 +344,8 @@ class NTO(torch.optim.Optimizer):
         total_bytes (their sum: the budgeted training state now), peak_total_bytes (the
         largest total inside step(), after the update and before a switch frees anything),
         offload_bytes (host copies, parked row ranges too), transient_bytes (temporary
-        buffers outside the total).
-        """
+        buffers outside the total), and what `extra_reports` measures
+        (distributed.track_ddp: ddp_bucket_bytes)."""
         self._sync_params()
         grad_b, state_b, index_b = measure(self, self.updater)
         total = grad_b + state_b + index_b
@@ -352,8 +353,7 @@ class NTO(torch.optim.Optimizer):
         return {
             "grad_bytes": grad_b, "state_bytes": state_b, "index_bytes": index_b,
             "offload_bytes": host_bytes(self),
-            "transient_bytes": self.updater.transient_bytes(),
-            "total_bytes": total,
+            "transient_bytes": self.updater.transient_bytes(), "total_bytes": total,
             "peak_total_bytes": max(self._peak_bytes, total, self.updater.peak),
             "budget_bytes": self.budget_bytes(), "budget_elements": self.budget_elements(),
             "trainable_elements": self.updater.trainable_elements(),
@@ -364,7 +364,7 @@ class NTO(torch.optim.Optimizer):
                                if i.trainable),
             "policy": self.policy.name, "budget": self.budget.text,
             **({"budget_auto": auto.report()} if (auto := self._auto()) else {}),
-        }
+            **{k: f() for k, f in self.extra_reports.items()}}
 
     def reset_peak(self) -> None:
         """Forget the peak measured so far (memory_report()["peak_total_bytes"])."""

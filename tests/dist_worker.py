@@ -126,7 +126,7 @@ def scenario_ddp(rank: int, world: int) -> dict:
         # param as trainable, NTO freezes the inactive ones lazily on its first step.
         opt = NTO(model.named_parameters(), lr=LR, **POLICY_KW[policy])
         ddp = DDP(model, find_unused_parameters=True)
-        info = check_ddp(ddp)
+        info = check_ddp(ddp, opt)  # and tell NTO the DDP module (memory_report)
         # block: first backward before any train()/step() (hooks drop inactive grads);
         # sample: opt.train() before every forward, as Trainer does.
         losses, active = train_steps(ddp, opt, range(STEPS), rank, world,

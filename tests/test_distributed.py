@@ -87,6 +87,9 @@ def test_ddp_matches_one_process(ddp_results, references, policy):
     # DDP's buckets cover the whole model (all params required grad when it was wrapped)
     total = sum(p.numel() * p.element_size() for p in ref["params"].values())
     assert r0["ddp"]["bucket_bytes"] == total  # 4x the 25% NTO trains
+    # told the DDP module, NTO's memory report has the buckets next to its own state
+    assert r0["report"]["ddp_bucket_bytes"] == total
+    assert r0["report"]["total_bytes"] < total
     assert r0["ddp"]["find_unused_parameters"] is True
 
 

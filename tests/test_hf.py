@@ -223,12 +223,34 @@ def test_checkpoint_input_grads_unit():
 def test_deepspeed_refused(tmp_path, monkeypatch):
     model = W.tiny_llama()
     fake = types.SimpleNamespace(deepspeed="ds_config.json", learning_rate=1e-3)
-    with pytest.raises(RuntimeError, match="DeepSpeed.*FSDP2"):
+    with pytest.raises(RuntimeError, match="DeepSpeed.*FSDP2.*NTOTrainer"):
         nto_optimizer(model, fake)
     args = _args(tmp_path)
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # accelerate launch --use_deepspeed
     with pytest.raises(RuntimeError, match="DDP"):
         nto_optimizer(model, args)
+
+
+def test_fsdp_args_checked(tmp_path, monkeypatch):
+    """Trainer's FSDP2 mode needs NTOTrainer / the mixin (its checkpoints carry NTO's state);
+    the factory path and FSDP1 are refused before training, naming what to use."""
+    model = W.tiny_llama()
+    fsdp2 = types.SimpleNamespace(fsdp=True, fsdp_config={"version": 2},
+                                  fsdp_plugin_args={"fsdp_version": 2}, learning_rate=1e-3)
+    with pytest.raises(ValueError, match="NTOTrainer.*NTOTrainerMixin"):
+        nto_optimizer(model, fsdp2)
+    check_trainer_args(fsdp2, model, fsdp_checkpoints=True)  # what the mixin passes
+    fsdp1 = types.SimpleNamespace(fsdp=True, fsdp_config={"version": 1},
+                                  fsdp_plugin_args={"fsdp_version": 1})
+    with pytest.raises(ValueError, match="FSDP version 1.*'version': 2"):
+        check_trainer_args(fsdp1, model, fsdp_checkpoints=True)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # accelerate launch, FSDP1 config
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(ValueError, match="FSDP version 1"):
+        nto_optimizer(model, _args(tmp_path))
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    with pytest.raises(ValueError, match="NTOTrainer"):
+        nto_optimizer(model, _args(tmp_path))
 
 
 def test_ddp_settings_checked():
