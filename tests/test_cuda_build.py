@@ -94,3 +94,69 @@ def test_forced_cuda_build_on_cpu_torch_says_why():
                        text=True, env=dict(os.environ, NTO_EXT_BUILD="cuda"), timeout=300)
     assert r.returncode != 0
     assert "NTO_EXT_BUILD=cuda" in r.stderr and "CPU-only build" in r.stderr
+
+
+# ------------------------------------------------------------ bench/gpu_check.sh (issue 20)
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+# Stands in for python in gpu_check.sh: imports succeed, the CUDA probe reports a device,
+# anything else (the build) hangs.
+case "$*" in
+  --version) echo "Python (fake)" ;;
+  "-c import "*) exit 0 ;;
+  -) cat > /dev/null; echo "torch 0.0 (CUDA 12.8), Fake GPU, 1 GiB, sm_90" ;;
+  *get_device_capability*) echo 9.0 ;;
+  *) exec sleep 600 ;;
+esac
+"""
+
+
+def _gpu_check(tmp_path, **env):
+    out = tmp_path / "out"
+    r = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, OUT=str(out), **env))
+    return r, (out / "summary.md").read_text()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible")
+def test_gpu_check_without_cuda_writes_the_summary_naming_why(tmp_path):
+    r, summary = _gpu_check(tmp_path, PYTHON=sys.executable)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "FAILED: torch cannot run CUDA here" in summary
+    assert "- build: not reached" in summary and "exit status 1" in summary
+
+
+def test_gpu_check_step_that_hangs_is_timed_out_and_the_summary_kept(tmp_path):
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    nvcc = tmp_path / "cuda" / "bin" / "nvcc"  # gpu_check only asks for its version
+    nvcc.parent.mkdir(parents=True)
+    nvcc.write_text("#!/bin/sh\necho 'Cuda compilation tools, release 12.8'\necho 'Build'\n")
+    nvcc.chmod(0o755)
+    r, summary = _gpu_check(tmp_path, PYTHON=str(fake), BUILD_TIMEOUT="3",
+                            CUDA_HOME=str(nvcc.parent.parent))
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "- build: TIMED OUT" in summary and "Fake GPU" in summary
+    assert "TIMED OUT after 3 s" in (tmp_path / "out" / "build.log").read_text()
+
+
+# ------------------------------------------------------------- bench/bench_cuda.py
+
+
+def test_bench_cuda_dry_run_reports_host_time_per_call(tmp_path):
+    """--device cpu runs the script's plumbing (no GPU): every timed measure reports GPU-side
+    milliseconds and host microseconds per call, and the markdown has both columns."""
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_cuda.py"), "--device",
+                        "cpu", "--elements", str(1 << 15), "--out", str(tmp_path)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    import json
+
+    res = json.loads((tmp_path / "bench_cuda.json").read_text())
+    for key in ("dense_fp32", "dense_bf16", "indexed10_fp32", "param_stats", "topk10"):
+        assert res[key]["ms"] > 0 and res[key]["host_us"] > 0, key
+    assert res["dense_fp32"]["fused_host_us"] > 0
+    assert "host us/call" in (tmp_path / "bench_cuda.md").read_text()

@@ -334,14 +334,6 @@ void launch_group(c10::ScalarType pt, bool g_fp32, const std::vector<Entry>& es,
 #undef NTO_LAUNCH
 }
 
-// _reference._check_steps_values, for steps the host can read without a sync (CPU ones).
-void check_host_step_value(size_t i, const at::Tensor& step) {
-  if (!step.device().is_cpu()) return;
-  const double low = step.item<double>();
-  TORCH_CHECK_VALUE(low >= 1.0, kOp, ": steps[", i, "] holds a step count of ", fmt_g(low),
-                    "; step counts start at 1 (the count after incrementing)");
-}
-
 int8_t device_step_code(c10::ScalarType t) {
   switch (t) {
     case at::kDouble: return kStepF64;
@@ -371,16 +363,16 @@ void masked_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
   c10::cuda::CUDAGuard guard(dev);
 
   // Values, entry by entry as the reference: the indices (one device check for all of them,
-  // cached), then the host step counts.
-  std::vector<at::Tensor> idx_list;
+  // cached), then the host step counts (each read once, here).
+  std::vector<IndexRef> idx_refs;
   for (size_t i = 0; i < n; ++i)
-    if (idx[i].has_value()) idx_list.push_back(*idx[i]);
-  const auto facts = index_facts(idx_list);
+    if (idx[i].has_value()) idx_refs.push_back({&*idx[i], i});
+  const auto facts = index_facts(kOp, "indices", idx_refs);
+  std::vector<double> host_steps(n, 0.0);
   for (size_t i = 0, k = 0; i < n; ++i) {
     if (idx[i].has_value())
-      check_index_values(kOp, "indices", i, *idx[i], facts[k++], params[i].numel(),
-                         "params[" + std::to_string(i) + "]");
-    check_host_step_value(i, steps[i]);
+      check_index_values(kOp, "indices", i, *idx[i], facts[k++], params[i].numel(), "params");
+    if (steps[i].device().is_cpu()) host_steps[i] = checked_host_step(kOp, i, steps[i]);
   }
 
   // Sort the entries into kernel groups: kind x param dtype x (grad fp32 while param is not).
@@ -390,7 +382,7 @@ void masked_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
     const at::Tensor& st = steps[i];
     Entry e{i, kStepHost, nullptr, 0.0f, 1.0f, 0, false};
     if (st.device().is_cpu()) {
-      adamw_step_scalars(lr, beta1, beta2, st.item<double>(), &e.nss, &e.bc2);
+      adamw_step_scalars(lr, beta1, beta2, host_steps[i], &e.nss, &e.bc2);
     } else {
       e.code = device_step_code(st.scalar_type());
       if (e.code < 0) {
