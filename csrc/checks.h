@@ -142,7 +142,8 @@ enum class Access : uint8_t { kRead = 0, kWrite = 1, kScatter = 2 };  // kScatte
 struct Region {
   uintptr_t begin, end;  // bytes [begin, end)
   const char* what;      // "exp_avgs"
-  size_t i;              // list position
+  uint32_t i;            // list position
+  uint32_t order;        // position in argument order (errors name the first clash in it)
   Access access;
 };
 
@@ -150,7 +151,8 @@ inline void add_region(std::vector<Region>& rs, const at::Tensor& t, const char*
                        Access access) {
   if (t.numel() == 0) return;
   const auto b = reinterpret_cast<uintptr_t>(t.const_data_ptr());
-  rs.push_back({b, b + static_cast<uintptr_t>(t.numel()) * t.element_size(), what, i, access});
+  rs.push_back({b, b + static_cast<uintptr_t>(t.numel()) * t.element_size(), what,
+                static_cast<uint32_t>(i), static_cast<uint32_t>(rs.size()), access});
 }
 
 inline bool may_not_share(Access a, Access b) {
@@ -161,8 +163,10 @@ inline bool clash(const Region& a, const Region& b) {
   return may_not_share(a.access, b.access) && a.begin < b.end && b.begin < a.end;
 }
 
-// Names the first clashing pair in argument order (the order of `rs`): the error path only.
-[[noreturn]] inline void raise_overlap(const char* op, const std::vector<Region>& rs) {
+// Names the first clashing pair in argument order: the error path only (quadratic).
+[[noreturn]] inline void raise_overlap(const char* op, std::vector<Region> rs) {
+  std::sort(rs.begin(), rs.end(),
+            [](const Region& a, const Region& b) { return a.order < b.order; });
   for (size_t b = 1; b < rs.size(); ++b)
     for (size_t a = 0; a < b; ++a) {
       if (!clash(rs[a], rs[b])) continue;
@@ -170,7 +174,8 @@ inline bool clash(const Region& a, const Region& b) {
       const bool written = x.access != Access::kRead && y.access != Access::kRead;
       TORCH_CHECK_VALUE(false, op, ": ", x.what, "[", x.i, "] and ", y.what, "[", y.i,
                         "] share memory; ",
-                        written ? "tensors the op writes" : "a tensor the op writes and one it reads",
+                        written ? "tensors the op writes"
+                                : "a tensor the op writes and one it reads",
                         " must not overlap (the kernel updates them in parallel); pass separate "
                         "tensors (e.g. .clone() one of them)");
     }
@@ -178,20 +183,19 @@ inline bool clash(const Region& a, const Region& b) {
   __builtin_unreachable();
 }
 
-inline void check_no_overlap(const char* op, const std::vector<Region>& rs) {
-  std::vector<const Region*> order(rs.size());
-  for (size_t k = 0; k < rs.size(); ++k) order[k] = &rs[k];
-  std::sort(order.begin(), order.end(),
-            [](const Region* a, const Region* b) { return a->begin < b->begin; });
+// Refuses a clash among `rs` (in argument order; sorted by address here, in place).
+inline void check_no_overlap(const char* op, std::vector<Region>& rs) {
+  std::sort(rs.begin(), rs.end(),
+            [](const Region& a, const Region& b) { return a.begin < b.begin; });
   // Sweep by start: an earlier region overlaps r iff it ends past r's start, and whether the
   // overlap is allowed depends only on the two access kinds; so the earlier region of each
   // kind that ends furthest is the only one to compare with.
   const Region* furthest[3] = {nullptr, nullptr, nullptr};
-  for (const Region* r : order) {
+  for (const Region& r : rs) {
     for (const Region* f : furthest)
-      if (f != nullptr && clash(*f, *r)) raise_overlap(op, rs);
-    const Region*& f = furthest[static_cast<int>(r->access)];
-    if (f == nullptr || r->end > f->end) f = r;
+      if (f != nullptr && clash(*f, r)) raise_overlap(op, rs);
+    const Region*& f = furthest[static_cast<int>(r.access)];
+    if (f == nullptr || r.end > f->end) f = &r;
   }
 }
 

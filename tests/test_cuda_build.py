@@ -32,6 +32,32 @@ def test_cuda_sources_compile_with_nvcc():
     assert "passed" in out
 
 
+@pytest.mark.slow
+def test_dense_adamw_kernel_fits_two_blocks_per_sm_without_spills():
+    """Issue 20: the dense kernel took 102-114 registers (one 512-thread block per SM); its
+    __launch_bounds__(512, 2) caps it at 64, which it must meet without spilling (ptxas,
+    sm_90; ~1 minute)."""
+    env = dict(os.environ, PYTHON=sys.executable, NTO_CUDA_CHECK="full", JOBS="1",
+               NTO_CUDA_FILES="csrc/cuda/masked_adamw.cu", NTO_CUDA_EXTRA="-Xptxas -v")
+    r = subprocess.run(["bash", str(ROOT / "bench" / "cuda_syntax_check.sh")], cwd=ROOT,
+                       capture_output=True, text=True, env=env, timeout=900)
+    out = r.stdout + r.stderr
+    if r.returncode == 77:
+        pytest.skip(out.strip().splitlines()[-1])
+    assert r.returncode == 0, out[-6000:]
+    regs, kernel = {}, None
+    for line in out.splitlines():
+        if m := re.search(r"Compiling entry function '(\w+)'", line):
+            kernel = m.group(1)
+        elif m := re.search(r"Used (\d+) registers", line):
+            regs[kernel] = int(m.group(1))
+        elif m := re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line):
+            assert m.groups() == ("0", "0"), f"{kernel} spills: {line}"
+    dense = {k: v for k, v in regs.items() if "dense_kernel" in k}
+    assert len(dense) == 5 and all(v <= 64 for v in dense.values()), dense
+    assert any("indexed_kernel" in k for k in regs), regs
+
+
 def _registered(folder: Path, key: str) -> dict[str, str]:
     """op name -> file, for every TORCH_LIBRARY_IMPL(nto, <key>, m) m.impl in folder."""
     found = {}

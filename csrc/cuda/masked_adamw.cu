@@ -1,6 +1,6 @@
 // masked_adamw_ on CUDA: torch.optim.AdamW's update (csrc/adamw_math.h, shared with the CPU
 // kernels) over whole tensor lists, in one multi-tensor launch per (param dtype, grad dtype)
-// group and kind: dense (aligned vector loads, 4 independent vectors in flight per thread)
+// group and kind: dense (aligned vector loads, kDenseIlp vectors in flight per thread)
 // or indexed (sorted unique positions; compact fp32 state; grad compact or dense).
 //
 // Steps (one count per tensor): an int becomes a CPU scalar in ops.py and its bias
@@ -30,8 +30,16 @@ namespace {
 
 constexpr const char* kOp = "masked_adamw_";
 constexpr int kThreads = 512;
-constexpr int kIlp = 4;              // independent vectors (dense) / elements (indexed) in flight
+constexpr int kIlp = 4;              // independent elements in flight per thread (indexed)
 constexpr int64_t kChunk = 1 << 16;  // elements per block
+// Dense: independent 4-element vectors in flight per thread, and blocks resident per SM
+// (__launch_bounds__ caps registers at 65536 / (kThreads * kDenseBlocksPerSm) = 64). With
+// 4 vectors the kernel took 102-114 registers (ptxas, sm_90), so one 512-thread block per SM;
+// with 2 vectors it takes 48-55 and no spills (4 vectors under a 64 cap spill 150-750 bytes),
+// so two blocks fit: the same bytes in flight per SM, twice the warps to hide the math and a
+// block's tail behind another block.
+constexpr int kDenseIlp = 2;
+constexpr int kDenseBlocksPerSm = 2;
 
 // Where a tensor's step count comes from.
 enum StepCode : int8_t {
@@ -114,7 +122,7 @@ __device__ __forceinline__ bool block_work(const Meta& meta, const Hyper& h, Blo
 struct DenseMeta : AdamWMeta<32, 320> {};
 
 template <typename P, typename G>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kDenseBlocksPerSm)
     dense_kernel(DenseMeta meta, AdamWScalars s, Hyper h) {
   BlockWork w;
   if (!block_work(meta, h, &w)) return;
@@ -133,12 +141,12 @@ __global__ void __launch_bounds__(kThreads)
   const bool vec = aligned<sizeof(PV)>(p) && aligned<sizeof(GV)>(g) && aligned<16>(m) &&
                    aligned<16>(v);
   const int64_t nvec = vec ? len / V : 0;
-  for (int64_t q0 = threadIdx.x; q0 < nvec; q0 += static_cast<int64_t>(kThreads) * kIlp) {
-    PV pv[kIlp];
-    GV gv[kIlp];
-    FV mv[kIlp], vv[kIlp];
+  for (int64_t q0 = threadIdx.x; q0 < nvec; q0 += static_cast<int64_t>(kThreads) * kDenseIlp) {
+    PV pv[kDenseIlp];
+    GV gv[kDenseIlp];
+    FV mv[kDenseIlp], vv[kDenseIlp];
 #pragma unroll
-    for (int u = 0; u < kIlp; ++u) {  // all loads first: kIlp vectors in flight per stream
+    for (int u = 0; u < kDenseIlp; ++u) {  // all loads first: kDenseIlp vectors in flight
       const int64_t q = q0 + static_cast<int64_t>(u) * kThreads;
       if (q < nvec) {
         pv[u] = reinterpret_cast<const PV*>(p)[q];
@@ -148,7 +156,7 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
 #pragma unroll
-    for (int u = 0; u < kIlp; ++u) {
+    for (int u = 0; u < kDenseIlp; ++u) {
       const int64_t q = q0 + static_cast<int64_t>(u) * kThreads;
       if (q < nvec) {
 #pragma unroll
