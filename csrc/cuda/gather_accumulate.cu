@@ -96,8 +96,8 @@ void gather_accumulate_cuda(at::TensorList dense, at::TensorList indices,
   raise_recorded_fault();  // an earlier launch's (index_check.cuh), before anything changes
   c10::cuda::CUDAGuard guard(dev);
   std::vector<IndexRef> refs(n);
-  for (size_t i = 0; i < n; ++i) refs[i] = {&indices[i], i};
-  const auto facts = index_facts(kOp, "indices", refs);
+  for (size_t i = 0; i < n; ++i) refs[i] = {&indices[i], "indices", i};
+  const auto facts = index_facts(kOp, refs);
   for (size_t i = 0; i < n; ++i)
     check_index_values(kOp, "indices", i, indices[i], facts[i], dense[i].numel(), "dense");
 

@@ -164,8 +164,7 @@ void refuse_during_capture(const char* op, const char* what, size_t i, cudaStrea
 }  // namespace
 }  // namespace idxcheck
 
-std::vector<IndexFacts> index_facts(const char* op, const char* what,
-                                    const std::vector<IndexRef>& idx) {
+std::vector<IndexFacts> index_facts(const char* op, const std::vector<IndexRef>& idx) {
   using namespace idxcheck;
   std::vector<IndexFacts> facts(idx.size(), IndexFacts{true, -1});
   std::vector<int64_t> todo;  // positions in idx that need the device check
@@ -184,7 +183,7 @@ std::vector<IndexFacts> index_facts(const char* op, const char* what,
   const at::Tensor& first = *idx[todo[0]].t;
   c10::cuda::CUDAGuard guard(first.device());
   const auto stream = current_stream();
-  refuse_during_capture(op, what, idx[todo[0]].list, stream);
+  refuse_during_capture(op, idx[todo[0]].what, idx[todo[0]].list, stream);
   auto out = at::zeros({2 * m}, first.options().dtype(at::kLong));
   std::vector<int64_t> lengths(todo.size());
   for (size_t k = 0; k < todo.size(); ++k) lengths[k] = idx[todo[k]].t->numel();

@@ -88,13 +88,13 @@ struct IndexFacts {
 
 struct IndexRef {
   const at::Tensor* t;  // 1-D int32/int64 CUDA tensor, metadata already checked
-  size_t list;          // its position in the op's list (named in errors)
+  const char* what;     // its list ("indices") and position there, as errors name it
+  size_t list;
 };
 
 // Facts of each tensor (all on one device). At most one kernel launch and one host sync, and
-// none when all are cached. `op`, `what` ("indices") name a tensor in errors.
-std::vector<IndexFacts> index_facts(const char* op, const char* what,
-                                    const std::vector<IndexRef>& idx);
+// none when all are cached. `op` names the op in errors.
+std::vector<IndexFacts> index_facts(const char* op, const std::vector<IndexRef>& idx);
 
 // Raises the reference's IndexError / ValueError for `what[i]` (limit < 0: no upper bound,
 // as the reference's limit=None); `target` names the list indexed ("params": params[i]).

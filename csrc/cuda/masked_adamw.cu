@@ -374,8 +374,8 @@ void masked_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
   // cached), then the host step counts (each read once, here).
   std::vector<IndexRef> idx_refs;
   for (size_t i = 0; i < n; ++i)
-    if (idx[i].has_value()) idx_refs.push_back({&*idx[i], i});
-  const auto facts = index_facts(kOp, "indices", idx_refs);
+    if (idx[i].has_value()) idx_refs.push_back({&*idx[i], "indices", i});
+  const auto facts = index_facts(kOp, idx_refs);
   std::vector<double> host_steps(n, 0.0);
   for (size_t i = 0, k = 0; i < n; ++i) {
     if (idx[i].has_value())
