@@ -9,7 +9,9 @@
 // host (that would sync every step): a tensor whose device step is < 1 or NaN is left
 // untouched (bit-identical) instead of raising as a CPU step does.
 // Index tensors are checked before any write (index_check.cuh: a host sync only the first
-// time a given index tensor is seen), and each position again where the kernel reads it.
+// time given index memory is seen at its current version, through any view of it), and each
+// position again where the kernel reads it. Arguments sharing memory are refused on the host
+// (csrc/checks.h: grads are read through __restrict__ pointers, the non-coherent cache).
 #include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
