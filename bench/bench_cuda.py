@@ -12,7 +12,8 @@ written per second) and the torch op a user would otherwise call. Reported:
   - param_stats vs torch._foreach_norm; select_topk (10% and 1%) vs torch.topk on the
     concatenated |x| (and on cat + abs + topk, what a user would write).
 Targets (issue 9): dense fp32 >= 0.85 of copy bandwidth and >= 1.0x fused AdamW; indexed at
-10% <= 0.25x of the fused step. Times are medians of CUDA-event timings after warm-up.
+10% <= 0.25x of the fused step. GPU times: back-to-back calls between two CUDA events, no
+sync per call (see `timed`); host microseconds per call reported beside them.
 Writes bench_cuda.json and bench_cuda.md; exit status 0 (targets are reported, not enforced:
 gpu_check.sh decides).
 """
@@ -28,6 +29,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -42,33 +44,47 @@ TARGETS = {  # name: (comparison, bound)
 }
 
 
-def timed(fn, iters: int = 20, warmup: int = 3) -> float:
-    """Median milliseconds of fn() on the GPU timeline."""
+class Timing(NamedTuple):
+    ms: float  # GPU time per call: back-to-back calls between two events (throughput)
+    host_us: float  # host time per call: issuing it (checks, grouping, launches), no waiting
+
+
+def timed(fn, iters: int = 20, warmup: int = 3, rounds: int = 5) -> Timing:
+    """Medians over `rounds` of: `iters` calls of fn() back to back between two CUDA events,
+    with no sync between calls (so the GPU time is not inflated by launch latency and host
+    work overlaps the kernels, as in training), divided by iters; and the host time to issue
+    them (perf_counter around the loop, before the end event is waited on). A host time near
+    the GPU time means the op is host-bound at that size. On --device cpu both are the wall
+    time per call."""
     for _ in range(warmup):
         fn()
-    if DEV == "cpu":
-        times = []
-        for _ in range(iters):
+    gpu, host = [], []
+    for _ in range(rounds):
+        if DEV == "cpu":
             t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
+            for _ in range(iters):
+                fn()
+            wall = (time.perf_counter() - t0) / iters
+            gpu.append(wall * 1e3)
+            host.append(wall * 1e6)
+            continue
+        torch.cuda.synchronize()
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        fn()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        host.append((time.perf_counter() - t0) / iters * 1e6)
         b.record()
         b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+        gpu.append(a.elapsed_time(b) / iters)
+    return Timing(statistics.median(gpu), statistics.median(host))
 
 
 def copy_bandwidth(nbytes: int) -> float:
     """GB/s of x.clone(): 2 * nbytes moved per call."""
     x = torch.empty(nbytes // 4, device=DEV)
-    ms = timed(lambda: x.clone(), iters=30)
+    ms = timed(lambda: x.clone(), iters=30).ms
     return 2 * nbytes / ms / 1e6
 
 
@@ -98,17 +114,18 @@ def bench_dense(sizes, dtype, copy_gbs):
                           beta1=BETAS[0], beta2=BETAS[1], eps=EPS, weight_decay=WD)
         step[0] += 1
 
-    t_ours = timed(ours)
+    t_ours, host_us = timed(ours)
     esize = torch.tensor([], dtype=dtype).element_size()
     nbytes = n * (2 * esize + esize + 8 + 8)  # p r/w, g r, m r/w, v r/w
     ref = [p.clone().requires_grad_() for p in params]
     for r, g in zip(ref, grads):
         r.grad = g
     opt = torch.optim.AdamW(ref, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, fused=True)
-    t_fused = timed(opt.step)
+    t_fused, fused_host_us = timed(opt.step)
     del opt, ref
     out = {
         "elements": n, "tensors": len(sizes), "ms": t_ours, "fused_ms": t_fused,
+        "host_us": host_us, "fused_host_us": fused_host_us,
         "gbs": nbytes / t_ours / 1e6, "fraction_of_copy": nbytes / t_ours / 1e6 / copy_gbs,
         "speedup_vs_fused": t_fused / t_ours,
     }
@@ -140,16 +157,16 @@ def bench_indexed(params, t_fused, density=0.1, runs=False):
         step[0] += 1
 
     ours()  # the first call checks the index tensors (cached afterwards)
-    t = timed(ours)
-    return {"density": density, "runs_of_256": runs, "ms": t, "time_vs_fused": t / t_fused,
-            "elements": sum(i.numel() for i in idx)}
+    t, host_us = timed(ours)
+    return {"density": density, "runs_of_256": runs, "ms": t, "host_us": host_us,
+            "time_vs_fused": t / t_fused, "elements": sum(i.numel() for i in idx)}
 
 
 def bench_stats(params, copy_gbs):
     nbytes = sum(p.numel() * p.element_size() for p in params)
-    t = timed(lambda: ops.param_stats(params))
-    t_norm = timed(lambda: torch._foreach_norm(params))
-    return {"ms": t, "foreach_norm_ms": t_norm, "gbs": nbytes / t / 1e6,
+    t, host_us = timed(lambda: ops.param_stats(params))
+    t_norm = timed(lambda: torch._foreach_norm(params)).ms
+    return {"ms": t, "host_us": host_us, "foreach_norm_ms": t_norm, "gbs": nbytes / t / 1e6,
             "fraction_of_copy": nbytes / t / 1e6 / copy_gbs, "speedup_vs_foreach_norm":
             t_norm / t}
 
@@ -157,13 +174,15 @@ def bench_stats(params, copy_gbs):
 def bench_topk(params, frac):
     total = sum(p.numel() for p in params)
     k = max(int(total * frac), 1)
-    t = timed(lambda: ops.select_topk(params, k), iters=5, warmup=1)
+    t, host_us = timed(lambda: ops.select_topk(params, k), iters=5, warmup=1, rounds=3)
     flat = [torch.cat([p.reshape(-1) for p in params]).abs()]
-    t_topk = timed(lambda: torch.topk(flat[0], k, sorted=False), iters=3, warmup=1)
+    t_topk = timed(lambda: torch.topk(flat[0], k, sorted=False), iters=3, warmup=1,
+                   rounds=3).ms
     flat.clear()  # free the copy before the next measure
     t_full = timed(lambda: torch.topk(torch.cat([p.reshape(-1) for p in params]).abs(), k,
-                                      sorted=False), iters=3, warmup=1)
-    return {"k": k, "fraction": frac, "ms": t, "topk_ms": t_topk, "cat_abs_topk_ms": t_full,
+                                      sorted=False), iters=3, warmup=1, rounds=3).ms
+    return {"k": k, "fraction": frac, "ms": t, "host_us": host_us, "topk_ms": t_topk,
+            "cat_abs_topk_ms": t_full,
             "speedup_vs_topk": t_topk / t, "speedup_vs_cat_abs_topk": t_full / t}
 
 
@@ -188,25 +207,30 @@ def markdown(res) -> str:
         f"Device: {env['device']} ({env['memory_gib']:.0f} GiB), torch {env['torch']} "
         f"(CUDA {env['cuda']}), backend {env['backend']}. Command: `{env['command']}`.", "",
         f"Copy bandwidth (clone of 1 GiB): **{d['copy_gbs']:.0f} GB/s**.", "",
-        "| measure | ours | yardstick | ratio |", "|---|---|---|---|",
+        "GPU times: back-to-back calls between CUDA events (no sync per call), medians of 5 "
+        "rounds; host: microseconds per call to issue it (yardstick's in brackets).", "",
+        "| measure | ours | host us/call | yardstick | ratio |", "|---|---|---|---|---|",
     ]
     for key, label in (("dense_fp32", "dense AdamW fp32"), ("dense_bf16", "dense AdamW bf16")):
         r = d[key]
         lines.append(f"| {label}, {r['elements'] / 1e6:.1f}M el. in {r['tensors']} tensors | "
                      f"{r['ms']:.3f} ms, {r['gbs']:.0f} GB/s ({r['fraction_of_copy']:.2f} of "
-                     f"copy) | fused AdamW {r['fused_ms']:.3f} ms | "
+                     f"copy) | {r['host_us']:.0f} ({r['fused_host_us']:.0f}) | fused AdamW "
+                     f"{r['fused_ms']:.3f} ms | "
                      f"{r['speedup_vs_fused']:.2f}x faster |")
     for key, label in (("indexed10_fp32", "indexed 10% (random)"),
                        ("indexed10_fp32_runs", "indexed 10% (runs of 256)")):
         r = d[key]
-        lines.append(f"| {label} | {r['ms']:.3f} ms | fused full step "
+        lines.append(f"| {label} | {r['ms']:.3f} ms | {r['host_us']:.0f} | fused full step "
                      f"{d['dense_fp32']['fused_ms']:.3f} ms | {r['time_vs_fused']:.3f}x the time |")
     r = d["param_stats"]
-    lines.append(f"| param_stats | {r['ms']:.3f} ms, {r['gbs']:.0f} GB/s | _foreach_norm "
+    lines.append(f"| param_stats | {r['ms']:.3f} ms, {r['gbs']:.0f} GB/s | {r['host_us']:.0f} | "
+                 f"_foreach_norm "
                  f"{r['foreach_norm_ms']:.3f} ms | {r['speedup_vs_foreach_norm']:.2f}x faster |")
     for key in ("topk10", "topk1"):
         r = d[key]
         lines.append(f"| select_topk {r['fraction']:.0%} (k={r['k']}) | {r['ms']:.2f} ms | "
+                     f"{r['host_us']:.0f} | "
                      f"torch.topk {r['topk_ms']:.2f} ms (cat+abs+topk {r['cat_abs_topk_ms']:.2f})"
                      f" | {r['speedup_vs_topk']:.2f}x ({r['speedup_vs_cat_abs_topk']:.2f}x) |")
     lines += ["", "| target | value | bound | met |", "|---|---|---|---|"]

@@ -16,6 +16,11 @@
 #   bash bench/cuda_syntax_check.sh
 #   NTO_CUDA_CHECK=full NTO_CUDA_ARCH=sm_80 JOBS=1 bash bench/cuda_syntax_check.sh
 #
+# NTO_CUDA_FILES (a glob, default csrc/cuda/*.cu) picks the files; NTO_CUDA_EXTRA adds nvcc
+# flags, e.g. "-Xptxas -v" with full mode prints each kernel's registers and spills:
+#   NTO_CUDA_CHECK=full NTO_CUDA_FILES=csrc/cuda/masked_adamw.cu NTO_CUDA_EXTRA="-Xptxas -v" \
+#     bash bench/cuda_syntax_check.sh
+#
 # Exit status: 0 all compiled, 1 a file failed (its errors are printed), 77 skipped (no
 # usable nvcc or no CUDA headers; the reason is printed).
 set -euo pipefail
@@ -80,10 +85,12 @@ check_one() {  # file -> prints "ok <file> <seconds>" or the errors
   local f=$1 out t0 t1
   out="$TMP/$(basename "$f").out"
   t0=$(date +%s)
-  if "$NVCC" "${FLAGS[@]}" -arch="$ARCH" "${MODE_FLAGS[@]}" "$f" \
+  # shellcheck disable=SC2086  # NTO_CUDA_EXTRA is split into flags on purpose
+  if "$NVCC" "${FLAGS[@]}" -arch="$ARCH" "${MODE_FLAGS[@]}" ${NTO_CUDA_EXTRA:-} "$f" \
        -o "$TMP/$(basename "$f").o" >"$out" 2>&1; then
     t1=$(date +%s)
     echo "ok   $f ($((t1 - t0)) s)"
+    grep -E "ptxas info *: (Compiling entry|Used)|spill" "$out" || true
     # torch's headers use C++20 bit-field initializers (warning 3306 / -Wc++20-extensions)
     grep -i "warning" "$out" | grep -v "c++20\|3306\|Wc++20-extensions\|^Remark" | head -5 || true
   else
@@ -93,10 +100,11 @@ check_one() {  # file -> prints "ok <file> <seconds>" or the errors
   fi
 }
 export -f check_one
-export NVCC ARCH TMP
+export NVCC ARCH TMP NTO_CUDA_EXTRA
 export FLAGS_STR="${FLAGS[*]}" MODE_STR="${MODE_FLAGS[*]}"
 
-mapfile -t FILES < <(ls csrc/cuda/*.cu)
+# shellcheck disable=SC2086  # a glob
+mapfile -t FILES < <(ls ${NTO_CUDA_FILES:-csrc/cuda/*.cu})
 [ "${#FILES[@]}" -gt 0 ] || { echo "cuda_syntax_check: no csrc/cuda/*.cu files"; exit 1; }
 if [ "$MODE" = unity ]; then
   for f in "${FILES[@]}"; do echo "#include \"$PWD/$f\""; done > "$TMP/all_cuda_ops.cu"

@@ -3,17 +3,24 @@
 // the order of the checks are those of nto_ext/_reference.py (the executable spec):
 // wrong dtypes raise TypeError, out-of-range indices IndexError, the rest ValueError.
 // Checks of index *values* (sorted, unique, in range) read memory and live per backend
-// (csrc/cpu/index_checks.h); everything here reads only metadata.
+// (csrc/cpu/index_checks.h); everything here reads only metadata, but for a CPU step count's
+// value (host_step). The overlap check (check_no_overlap) is the kernels' own: the reference
+// updates entry after entry, where shared memory is harmless.
 #pragma once
 #include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
 #include <cctype>
 #include <cmath>
 #include <cstdio>
+#include <algorithm>
+#include <cstdint>
 #include <initializer_list>
 #include <string>
+#include <vector>
 
 namespace nto {
 
@@ -119,6 +126,104 @@ inline void check_index_meta(const char* op, const char* what, size_t i, const a
                     " dimensions; indices must be 1-D");
 }
 
+// ------------------------------------------------------------------ overlapping memory
+//
+// The kernels write params and state in parallel and read grads (and gather's dense) through
+// __restrict__ pointers (on CUDA through the read-only, non-coherent cache), so a tensor an op
+// writes must not share memory with any other argument: the same tensor twice in a list,
+// exp_avgs[i] being exp_avg_sqs[i], a grad that is a view of its param. Refused on the host
+// from the tensors' byte ranges (contiguous: checked before), O(n log n), no memory read.
+// Two exceptions: read-only arguments may share memory (one dense gradient passed for several
+// index lists), and so may params of *indexed* entries (the sparse policy passes one param
+// once per cohort): each is written only at its own positions, which the caller keeps
+// disjoint across entries (a contract: checking it would read every index).
+enum class Access : uint8_t { kRead = 0, kWrite = 1, kScatter = 2 };  // kScatter: see above
+
+struct Region {
+  uintptr_t begin, end;  // bytes [begin, end)
+  const char* what;      // "exp_avgs"
+  uint32_t i;            // list position
+  uint32_t order;        // position in argument order (errors name the first clash in it)
+  Access access;
+};
+
+inline void add_region(std::vector<Region>& rs, const at::Tensor& t, const char* what, size_t i,
+                       Access access) {
+  if (t.numel() == 0) return;
+  const auto b = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+  rs.push_back({b, b + static_cast<uintptr_t>(t.numel()) * t.element_size(), what,
+                static_cast<uint32_t>(i), static_cast<uint32_t>(rs.size()), access});
+}
+
+inline bool may_not_share(Access a, Access b) {
+  return !(a == b && (a == Access::kRead || a == Access::kScatter));
+}
+
+inline bool clash(const Region& a, const Region& b) {
+  return may_not_share(a.access, b.access) && a.begin < b.end && b.begin < a.end;
+}
+
+// Names the first clashing pair in argument order: the error path only (quadratic).
+[[noreturn]] inline void raise_overlap(const char* op, std::vector<Region> rs) {
+  std::sort(rs.begin(), rs.end(),
+            [](const Region& a, const Region& b) { return a.order < b.order; });
+  for (size_t b = 1; b < rs.size(); ++b)
+    for (size_t a = 0; a < b; ++a) {
+      if (!clash(rs[a], rs[b])) continue;
+      const Region &x = rs[a], &y = rs[b];
+      const bool written = x.access != Access::kRead && y.access != Access::kRead;
+      TORCH_CHECK_VALUE(false, op, ": ", x.what, "[", x.i, "] and ", y.what, "[", y.i,
+                        "] share memory; ",
+                        written ? "tensors the op writes"
+                                : "a tensor the op writes and one it reads",
+                        " must not overlap (the kernel updates them in parallel); pass separate "
+                        "tensors (e.g. .clone() one of them)");
+    }
+  TORCH_CHECK(false, op, ": internal error: overlapping arguments found but not named");
+  __builtin_unreachable();
+}
+
+// Refuses a clash among `rs` (in argument order; sorted by address here, in place).
+inline void check_no_overlap(const char* op, std::vector<Region>& rs) {
+  std::sort(rs.begin(), rs.end(),
+            [](const Region& a, const Region& b) { return a.begin < b.begin; });
+  // Sweep by start: an earlier region overlaps r iff it ends past r's start, and whether the
+  // overlap is allowed depends only on the two access kinds; so the earlier region of each
+  // kind that ends furthest is the only one to compare with.
+  const Region* furthest[3] = {nullptr, nullptr, nullptr};
+  for (const Region& r : rs) {
+    for (const Region* f : furthest)
+      if (f != nullptr && clash(*f, r)) raise_overlap(op, rs);
+    const Region*& f = furthest[static_cast<int>(r.access)];
+    if (f == nullptr || r.end > f->end) f = &r;
+  }
+}
+
+// A CPU step count's value (one read of host memory, no dispatch: the hot path calls this
+// once per tensor and call).
+inline double host_step(const at::Tensor& step) {
+  const void* p = step.const_data_ptr();
+  switch (step.scalar_type()) {
+    case at::kDouble: return *static_cast<const double*>(p);
+    case at::kFloat: return *static_cast<const float*>(p);
+    case at::kBFloat16: return static_cast<float>(*static_cast<const c10::BFloat16*>(p));
+    case at::kHalf: return static_cast<float>(*static_cast<const c10::Half*>(p));
+    case at::kLong: return static_cast<double>(*static_cast<const int64_t*>(p));
+    case at::kInt: return *static_cast<const int32_t*>(p);
+    case at::kShort: return *static_cast<const int16_t*>(p);
+    case at::kChar: return *static_cast<const int8_t*>(p);
+    default: return *static_cast<const uint8_t*>(p);  // kByte: is_step_type was checked
+  }
+}
+
+// _reference._check_steps_values: the value of CPU step i, refused below 1 (and NaN).
+inline double checked_host_step(const char* op, size_t i, const at::Tensor& step) {
+  const double s = host_step(step);
+  TORCH_CHECK_VALUE(s >= 1.0, op, ": steps[", i, "] holds a step count of ", fmt_g(s),
+                    "; step counts start at 1 (the count after incrementing)");
+  return s;
+}
+
 // ------------------------------------------------------------------- masked_adamw_
 
 inline void check_adamw_hyper(double lr, double beta1, double beta2, double eps, double wd) {
@@ -150,13 +255,15 @@ inline void check_adamw_entry(size_t i, const at::Tensor& p, const at::Tensor& g
   const bool indexed = idx.has_value() && idx->defined();
   if (indexed) check_index_meta(op, "indices", i, *idx, dev);
   const int64_t length = indexed ? idx->numel() : p.numel();
-  const std::string where = indexed ? "len(indices[" + std::to_string(i) + "])"
-                                    : "params[" + std::to_string(i) + "].numel()";
+  auto where = [&] {  // built only when a check fails (TORCH_CHECK's message is lazy)
+    return indexed ? "len(indices[" + std::to_string(i) + "])"
+                   : "params[" + std::to_string(i) + "].numel()";
+  };
   const std::pair<const char*, const at::Tensor*> states[] = {{"exp_avgs", &m},
                                                               {"exp_avg_sqs", &v}};
   for (const auto& [name, t] : states)
     TORCH_CHECK_VALUE(t->numel() == length, op, ": ", name, "[", i, "] has ", t->numel(),
-                      " elements but ", where, " is ", length,
+                      " elements but ", where(), " is ", length,
                       "; state must have one element per updated position");
   TORCH_CHECK_VALUE(g.numel() == length || g.numel() == p.numel(), op, ": grads[", i, "] has ",
                     g.numel(), " elements; allowed: ", length, " (compact) or ", p.numel(),
@@ -191,6 +298,21 @@ inline void check_adamw_meta(at::TensorList params, at::TensorList grads, at::Te
   for (size_t i = 0; i < n; ++i)
     check_adamw_entry(i, params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], indices.get(i),
                       steps[i], dev);
+  std::vector<Region> rs;
+  rs.reserve(6 * n);
+  for (size_t i = 0; i < n; ++i) {
+    const c10::optional<at::Tensor> idx = indices.get(i);
+    const bool indexed = idx.has_value() && idx->defined();
+    add_region(rs, params[i], "params", i, indexed ? Access::kScatter : Access::kWrite);
+    add_region(rs, grads[i], "grads", i, Access::kRead);
+    add_region(rs, exp_avgs[i], "exp_avgs", i, Access::kWrite);
+    add_region(rs, exp_avg_sqs[i], "exp_avg_sqs", i, Access::kWrite);
+    if (indexed) add_region(rs, *idx, "indices", i, Access::kRead);
+    // a step on the device is read by the kernel; a CPU one on the host before any write
+    if (!dev.is_cpu() && steps[i].device() == dev)
+      add_region(rs, steps[i], "steps", i, Access::kRead);
+  }
+  check_no_overlap(op, rs);
 }
 
 // ------------------------------------------------------------------------ select_topk
@@ -247,6 +369,14 @@ inline void check_gather_meta(at::TensorList dense, at::TensorList indices,
                       compact[i].numel(), " elements but len(indices[", i, "]) is ",
                       indices[i].numel(), "; they must match");
   }
+  std::vector<Region> rs;
+  rs.reserve(3 * n);
+  for (size_t i = 0; i < n; ++i) {
+    add_region(rs, dense[i], "dense", i, Access::kRead);
+    add_region(rs, indices[i], "indices", i, Access::kRead);
+    add_region(rs, compact[i], "compact", i, Access::kWrite);
+  }
+  check_no_overlap(op, rs);
 }
 
 }  // namespace nto

@@ -12,6 +12,8 @@ fp32 lanes).
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -23,6 +25,23 @@ DEV = torch.device("cuda")
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 SIZES = (0, 1, 3, 4097, 65537)
 INT32_MAX = 2**31 - 1
+# Version-dependent exact comparisons: csrc/adamw_math.h reproduces the rounding of torch's
+# own ops as measured on torch 2.13 (the pinned version). Against torch's ops (the reference,
+# torch.optim) results are bit-exact on that version only; on another torch (a GPU machine's
+# preinstalled one) they are compared within tolerance and a warning says so. Comparisons of
+# the CUDA kernels with the CPU kernels (the same csrc/adamw_math.h) stay exact everywhere.
+MEASURED_TORCH = "2.13"
+SAME_TORCH = torch.__version__.split("+")[0].rsplit(".", 1)[0] == MEASURED_TORCH
+
+
+def _exact_vs_torch() -> bool:
+    """Whether a comparison with torch's own ops may demand bit equality (see SAME_TORCH)."""
+    if not SAME_TORCH:
+        warnings.warn(f"torch {torch.__version__} is not the measured {MEASURED_TORCH}: "
+                      "comparing with torch's ops within tolerance, not bit for bit",
+                      stacklevel=2)
+    return SAME_TORCH
+
 
 
 # --------------------------------------------------------------------------- helpers
@@ -196,7 +215,8 @@ def test_masked_adamw_agrees_with_cpu_and_reference(pdtype, gdtype, kind):
             want_cpu = _run_adamw(_cpu_or_reference("masked_adamw_"), case, "cpu", "int")
             _assert_same(got, want_cpu, exact=True, dtype=pdtype)
             want_ref = _run_adamw(_reference.masked_adamw_, case, "cpu", "int")
-            _assert_same(got, want_ref, exact=pdtype == torch.float32, dtype=pdtype)
+            _assert_same(got, want_ref, exact=pdtype == torch.float32 and _exact_vs_torch(),
+                         dtype=pdtype)
 
 
 @pytest.mark.parametrize("step_kind", ["cpu", "cuda", "cuda_f32"])
@@ -313,6 +333,119 @@ def test_masked_adamw_under_cuda_graph_replay():
         op([eager[0]], [g], [eager[1]], [eager[2]], [idx], [step.clone()], *HYPER.values())
     for a, b in zip((p, m, v), eager):
         assert torch.equal(a, b)
+
+
+
+def _cohort_args(base_idx, p, g, m, v, step):
+    """masked_adamw_ arguments as the sparse policy builds them every step: fresh slices of
+    one index, grad and state tensor per cohort, the param repeated once per cohort."""
+    cuts = (0, 300, base_idx.numel())
+    sl = [slice(a, b) for a, b in zip(cuts, cuts[1:])]
+    return ([p] * len(sl), [g[c] for c in sl], [m[c] for c in sl], [v[c] for c in sl],
+            [base_idx[c] for c in sl], [step] * len(sl))
+
+
+def test_fresh_slices_of_checked_indices_need_no_host_sync():
+    """Issue 20: the index-check cache is keyed on the memory, not the tensor object, so the
+    sparse policy's per-call slices are checked once (the sync) and never again."""
+    p = torch.randn(50_000, device=DEV)
+    idx = torch.arange(0, 50_000, 9, dtype=torch.int32, device=DEV)
+    g, m, v = (torch.zeros(idx.numel(), device=DEV) for _ in range(3))
+    step = torch.ones(1, device=DEV)
+    op, gather = _cuda_op("masked_adamw_"), _cuda_op("gather_accumulate_")
+    op(*_cohort_args(idx, p, g, m, v, step), *HYPER.values())
+    gather([p, p], [idx[:300], idx[300:]], [g[:300], g[300:]])
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            step.add_(1)
+            op(*_cohort_args(idx, p, g, m, v, step), *HYPER.values())
+            gather([p, p], [idx[:300], idx[300:]], [g[:300], g[300:]])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    idx[5] += 1  # a torch write: the version moves, the next call checks (and syncs) again
+    with pytest.raises(RuntimeError, match="synchroniz"):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            gather([p, p], [idx[:300], idx[300:]], [g[:300], g[300:]])
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+def test_cuda_graph_capture_of_sparse_style_calls_after_a_warm_up():
+    gen = torch.Generator().manual_seed(9)
+    p = torch.randn(20_000, generator=gen).to(DEV)
+    idx = torch.arange(0, 20_000, 5, dtype=torch.int64, device=DEV)
+    g = torch.randn(idx.numel(), generator=gen).to(DEV)
+    m, v = torch.zeros_like(g), torch.zeros_like(g)
+    step = torch.ones(1, device=DEV)
+    op = _cuda_op("masked_adamw_")
+    eager = [t.clone() for t in (p, m, v)]
+    op(*_cohort_args(idx, eager[0], g, eager[1], eager[2], step.clone()), *HYPER.values())
+    op(*_cohort_args(idx, p.clone(), g, m.clone(), v.clone(), step), *HYPER.values())  # warm-up
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # new slice objects: the cache must still hit
+        op(*_cohort_args(idx, p, g, m, v, step), *HYPER.values())
+    graph.replay()
+    for a, b in zip((p, m, v), eager):
+        assert torch.equal(a, b)
+    fresh = torch.arange(1, 20_000, 5, dtype=torch.int64, device=DEV)  # never checked
+    with pytest.raises(RuntimeError, match=r"captured into a CUDA graph; run the same call once"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            op(*_cohort_args(fresh, p, g, m, v, step), *HYPER.values())
+
+
+def test_overlapping_arguments_raise_the_cpu_errors():
+    def cases(d):
+        a = _adamw_args(d)
+        a["exp_avg_sqs"] = a["exp_avgs"]
+        b = _adamw_args(d)
+        b["grads"] = [b["params"][0]]  # a dense grad that is the param itself
+        return [a, b]
+    for cpu, dev in zip(cases("cpu"), cases(DEV)):
+        want = _error_of(lambda cpu=cpu: _cpu_or_reference("masked_adamw_")(*cpu.values()))
+        got = _error_of(lambda dev=dev: _cuda_op("masked_adamw_")(*dev.values()))
+        assert got[0] is ValueError and got == want and "share memory" in got[1], (got, want)
+    c = torch.zeros(4, device=DEV)
+    got = _error_of(lambda: _cuda_op("gather_accumulate_")(
+        [torch.ones(8, device=DEV)] * 2, [torch.tensor([1, 2], device=DEV)] * 2, [c[:2], c[1:3]]))
+    assert got[0] is ValueError and "compact[0] and compact[1] share memory" in got[1]
+
+
+def test_every_op_once_small():
+    """One small call of every kernel variant (dense / indexed, compact / dense grad, int32 /
+    int64 positions, each dtype, unaligned tails, device steps), checked against the CPU:
+    the subset bench/gpu_check.sh runs under compute-sanitizer memcheck and racecheck."""
+    gen = torch.Generator().manual_seed(10)
+    sizes = (1, 3, 4097, 65537 + 2)
+    for pdtype in FLOATS:
+        for kind, idx_dtype in (("dense", None), ("compact", torch.int32),
+                                ("dense_grad", torch.int64)):
+            case = _adamw_case(sizes, pdtype, torch.float32, kind, idx_dtype, gen, offset=1)
+            got = _run_adamw(_cuda_op("masked_adamw_"), case, DEV, "int")
+            want = _run_adamw(_cpu_or_reference("masked_adamw_"), case, "cpu", "int")
+            _assert_same(got, want, exact=True, dtype=pdtype)
+            _run_adamw(_cuda_op("masked_adamw_"), case, DEV, "cuda")
+        ts = [torch.randn(n, generator=gen).to(pdtype) for n in sizes]
+        stats = _cuda_op("param_stats")(_to(ts, DEV))
+        assert torch.equal(stats[3].cpu(), _cpu_or_reference("param_stats")(ts)[3])
+        k = sum(sizes) // 10
+        got = _cuda_op("select_topk")(_to(ts, DEV), k)
+        assert all(torch.equal(a.cpu(), b) for a, b in zip(got, _reference.select_topk(ts, k)))
+        idx = [_sorted_positions(n, 0.3, torch.int32, gen) for n in sizes]
+        new = [_sorted_positions(n, 0.3, torch.int64, gen) for n in sizes]
+        states = [torch.randn(2, i.numel(), generator=gen).to(pdtype) for i in idx]
+        got = _cuda_op("remap_state")(_to(idx, DEV), _to(new, DEV), _to(states, DEV))
+        want = _reference.remap_state(idx, new, states)
+        assert all(torch.equal(a.cpu(), b) for a, b in zip(got, want))
+        compact = [torch.zeros(i.numel(), device=DEV) for i in idx]
+        _cuda_op("gather_accumulate_")(_to(ts, DEV), _to(idx, DEV), compact)
+        want = [torch.zeros(i.numel()) for i in idx]
+        _reference.gather_accumulate_(ts, idx, want)
+        assert all(torch.equal(a.cpu(), b) for a, b in zip(compact, want))
+    torch.cuda.synchronize()
 
 
 # --------------------------------------------------------------------- select_topk

@@ -129,10 +129,14 @@ inline void shuffle(std::vector<unsigned>& v) {
   }
 }
 
+inline long long launches = 0;  // kernel launches so far (tests count the index checks)
+inline bool capturing = false;  // what cudaStreamIsCapturing reports (tests set it)
+
 struct Launch {
   unsigned blocks, threads;
   template <class F, class... A>
   void operator()(F f, A... args) const {
+    ++launches;
     Sched s;
     s.threads = threads;
     s.fibers.resize(threads);
@@ -252,6 +256,11 @@ enum { cudaHostAllocPortable = 1, cudaHostAllocMapped = 2 };
 inline cudaError_t cudaGetDevice(int* d) { *d = 0; return 0; }
 inline cudaError_t cudaHostAlloc(void** p, size_t n, unsigned) { *p = std::malloc(n); return 0; }
 inline cudaError_t cudaHostGetDevicePointer(void** d, void* h, unsigned) { *d = h; return 0; }
+enum cudaStreamCaptureStatus { cudaStreamCaptureStatusNone = 0, cudaStreamCaptureStatusActive = 1 };
+inline cudaError_t cudaStreamIsCapturing(cudaStream_t, cudaStreamCaptureStatus* s) {
+  *s = ::emu::capturing ? cudaStreamCaptureStatusActive : cudaStreamCaptureStatusNone;
+  return 0;
+}
 inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
 inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
 """
@@ -319,6 +328,8 @@ def _emulated_sources(dst: Path) -> Path:
         *[f'#include "{u}"' for u in units],
         "TORCH_LIBRARY(nto_emu, m) {",
         defs,
+        '  m.def("emu_launches() -> int", [] { return static_cast<int64_t>(::emu::launches); });',
+        '  m.def("emu_set_capturing(bool on) -> ()", [](bool on) { ::emu::capturing = on; });',
         "}",
         "",
     ]))
@@ -546,3 +557,113 @@ def test_an_index_changed_after_the_check_is_skipped_and_raised_by_the_next_call
     with pytest.raises(IndexError, match=r"^gather_accumulate_: indices\[1\]\[0\] = -3 is out "
                        r"of range for dense\[1\] with 20 elements"):
         emu.gather_accumulate_([torch.ones(2)], [torch.tensor([0])], [torch.zeros(1)])
+
+
+# ------------------------------------------------- the index-check cache (issue 20)
+
+
+def _gather_slices(emu, base, dense, compact):
+    """gather_accumulate_ on fresh slices of one index tensor, as the sparse policy calls it
+    (st["indices"][a:b]); returns the kernel launches it made (the index check is one)."""
+    before = emu.emu_launches()
+    emu.gather_accumulate_([dense, dense], [base[0:8], base[8:]], [compact[0:8], compact[8:]])
+    return emu.emu_launches() - before
+
+
+def test_index_checks_are_cached_per_storage_not_per_tensor_object(emu, monkeypatch):
+    monkeypatch.delenv("NTO_EXT_INDEX_CHECK", raising=False)
+    base, dense, compact = torch.arange(0, 40, 2), torch.randn(50), torch.zeros(20)
+    assert _gather_slices(emu, base, dense, compact) == 2  # check + gather
+    for _ in range(3):  # new slice objects each call, same memory: no check, no host sync
+        assert _gather_slices(emu, base, dense, compact) == 1
+    base[3] = 7  # a torch write through the base bumps the version its views share
+    assert _gather_slices(emu, base, dense, compact) == 2
+    assert _gather_slices(emu, base, dense, compact) == 1
+    base[8:][0] = 17  # ... and so does one through a view
+    assert _gather_slices(emu, base, dense, compact) == 2
+    base[8:][0] = 50  # in place: seen, refused on the host before any write
+    before = compact.clone()
+    with pytest.raises(IndexError, match=r"indices\[1\]\[0\] = 50 is out of range for "
+                                         r"dense\[1\] with 50 elements"):
+        _gather_slices(emu, base, dense, compact)
+    assert torch.equal(compact, before)
+
+
+def test_always_check_sees_writes_that_bypass_the_version_counter(emu, monkeypatch):
+    monkeypatch.delenv("NTO_EXT_INDEX_CHECK", raising=False)
+    base, dense, compact = torch.arange(0, 40, 2), torch.randn(50), torch.zeros(20)
+    _gather_slices(emu, base, dense, compact)  # cached
+    monkeypatch.setenv("NTO_EXT_INDEX_CHECK", "always")
+    assert _gather_slices(emu, base, dense, compact) == 2
+    assert _gather_slices(emu, base, dense, compact) == 2  # every call
+    base.numpy()[9] = 99  # a raw write: no version bump (as .data, DLPack, CuPy would)
+    before = compact.clone()
+    with pytest.raises(IndexError, match=r"^gather_accumulate_: indices\[1\]\[1\] = 99 is out "
+                                         r"of range for dense\[1\] with 50 elements; allowed"):
+        _gather_slices(emu, base, dense, compact)  # the host check, not the deferred fault
+    assert torch.equal(compact, before)
+    monkeypatch.setenv("NTO_EXT_INDEX_CHECK", "sometimes")
+    with pytest.raises(ValueError, match=r"NTO_EXT_INDEX_CHECK=sometimes; allowed: cached .* "
+                                         r"or always"):
+        _gather_slices(emu, base, dense, compact)
+
+
+def test_a_check_needed_during_graph_capture_is_refused_naming_the_fix(emu, monkeypatch):
+    monkeypatch.delenv("NTO_EXT_INDEX_CHECK", raising=False)
+    base, dense, compact = torch.arange(0, 40, 2), torch.randn(50), torch.zeros(20)
+    emu.emu_set_capturing(True)
+    try:
+        with pytest.raises(RuntimeError, match=r"gather_accumulate_: indices\[0\] must be checked "
+                                               r".* captured into a CUDA graph; run the same call "
+                                               r"once before the capture"):
+            _gather_slices(emu, base, dense, compact)
+        assert not compact.any()
+        emu.emu_set_capturing(False)
+        _gather_slices(emu, base, dense, compact)  # the warm-up: checked and cached
+        emu.emu_set_capturing(True)
+        assert _gather_slices(emu, base, dense, compact) == 1  # captured: no check, no sync
+    finally:
+        emu.emu_set_capturing(False)
+
+
+# ------------------------------------------------------ overlapping arguments (issue 20)
+
+
+def _adamw_entries(n, indexed=False):
+    gen = torch.Generator().manual_seed(9)
+    p = [torch.randn(12, generator=gen) for _ in range(n)]
+    idx = [torch.tensor([1, 4, 7]) if indexed else None for _ in range(n)]
+    length = 3 if indexed else 12
+    return [p, [torch.randn(length, generator=gen) for _ in range(n)],
+            [torch.zeros(length) for _ in range(n)], [torch.zeros(length) for _ in range(n)],
+            idx, [torch.tensor([1.0], dtype=torch.float64)] * n]
+
+
+def test_overlapping_arguments_raise_the_cpu_errors_before_any_write(emu):
+    cases = []
+    a = _adamw_entries(2)
+    a[3][1] = a[2][1]  # exp_avg is exp_avg_sq
+    cases.append((a, r"exp_avgs\[1\] and exp_avg_sqs\[1\] share memory"))
+    a = _adamw_entries(2)
+    a[0][1] = a[0][0]  # the same param twice (dense)
+    cases.append((a, r"params\[0\] and params\[1\] share memory"))
+    a = _adamw_entries(1)
+    a[1][0] = a[0][0][:]  # the grad is a view of its param
+    cases.append((a, r"params\[0\] and grads\[0\] share memory; a tensor the op writes and"))
+    for a, match in cases:
+        before = [t.clone() for t in a[0] + a[2] + a[3]]
+        got = _error(lambda a=a: emu.masked_adamw_(*a, *HYPER))
+        want = _error(lambda a=a: _cpu("masked_adamw_")(*a, *HYPER))
+        assert want[0] is ValueError and got == want and re.search(match, got[1]), got
+        assert all(torch.equal(x, y) for x, y in zip(a[0] + a[2] + a[3], before))
+    a = _adamw_entries(2, indexed=True)  # one param per cohort, disjoint positions: allowed
+    a[0][1], a[4][1] = a[0][0], torch.tensor([0, 5])
+    a[1][1], a[2][1], a[3][1] = torch.ones(2), torch.zeros(2), torch.zeros(2)
+    got, want = _run(emu.masked_adamw_, a), _run(_cpu("masked_adamw_"), a)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    c = torch.zeros(4)
+    got = _error(lambda: emu.gather_accumulate_([torch.ones(8)] * 2, [torch.tensor([1, 2])] * 2,
+                                                [c[0:2], c[1:3]]))
+    assert got[0] is ValueError and "compact[0] and compact[1] share memory" in got[1]
+    assert got == _error(lambda: _cpu("gather_accumulate_")(
+        [torch.ones(8)] * 2, [torch.tensor([1, 2])] * 2, [c[0:2], c[1:3]]))

@@ -45,8 +45,7 @@ void gather_accumulate_cpu(at::TensorList dense, at::TensorList indices, at::Ten
   const size_t n = dense.size();
   std::vector<IndexList> lists;
   for (size_t i = 0; i < n; ++i)
-    lists.push_back({&indices[i], dense[i].numel(), "indices", i,
-                     "dense[" + std::to_string(i) + "]"});
+    lists.push_back({&indices[i], dense[i].numel(), "indices", i, "dense"});
   if (!all_indices_ok(lists))
     for (const auto& l : lists) explain_first(op, l);
 

@@ -23,7 +23,7 @@ struct IndexList {
   int64_t limit;          // positions must be < limit; -1: only >= 0
   const char* what;       // "indices"
   size_t i;               // list position
-  std::string target;     // "params[3]"
+  const char* target;     // the list indexed: "params" names params[i] (i as above)
 };
 
 // Strictly ascending over [begin, end) (and across the boundary with begin - 1); the ends
@@ -62,7 +62,7 @@ inline void explain_first(const char* op, const IndexList& l) {
       const std::string allowed = l.limit > 0 ? "0.." + std::to_string(l.limit - 1)
                                               : std::string("none (it is empty)");
       TORCH_CHECK_INDEX(a >= 0 && a < l.limit, op, ": ", l.what, "[", l.i, "][", j, "] = ", a,
-                        " is out of range for ", l.target, " with ", l.limit,
+                        " is out of range for ", l.target, "[", l.i, "] with ", l.limit,
                         " elements; allowed: ", allowed);
     }
     if (j > 0) {

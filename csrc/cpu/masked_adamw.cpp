@@ -4,7 +4,6 @@
 // per-capability vector loop of vec_kernels_impl.h, which checks each position again where
 // it reads it (another thread may change the indices meanwhile: index_fault.h).
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -25,20 +24,6 @@ FType ftype(c10::ScalarType t) {
   return t == at::kFloat ? FType::F32 : t == at::kBFloat16 ? FType::BF16 : FType::F16;
 }
 
-// A 1-element step tensor's value as a double (read on the host; the device was checked).
-double scalar_step(const at::Tensor& step) {
-  double out = 0.0;
-  AT_DISPATCH_ALL_TYPES_AND2(at::kHalf, at::kBFloat16, step.scalar_type(), "nto_step", [&] {
-    out = static_cast<double>(*step.const_data_ptr<scalar_t>());
-  });
-  return out;
-}
-
-void throw_step(size_t i, double low) {
-  TORCH_CHECK_VALUE(false, kOp, ": steps[", i, "] holds a step count of ", fmt_g(low),
-                    "; step counts start at 1 (the count after incrementing)");
-}
-
 // Index values and step counts, in the reference's order (per entry: indices, then steps).
 void check_values(at::TensorList params, const c10::List<std::optional<at::Tensor>>& indices,
                   at::TensorList steps, std::vector<double>& scalar_steps) {
@@ -51,19 +36,18 @@ void check_values(at::TensorList params, const c10::List<std::optional<at::Tenso
   }
   for (size_t i = 0; i < n; ++i)
     if (idx[i].defined())
-      lists.push_back({&idx[i], params[i].numel(), "indices", i,
-                       "params[" + std::to_string(i) + "]"});
+      lists.push_back({&idx[i], params[i].numel(), "indices", i, "params"});
   bool ok = all_indices_ok(lists);
   scalar_steps.assign(n, 0.0);
   for (size_t i = 0; i < n; ++i) {
-    scalar_steps[i] = scalar_step(steps[i]);
+    scalar_steps[i] = host_step(steps[i]);
     ok = ok && scalar_steps[i] >= 1.0;  // also refuses NaN
   }
   if (ok) return;
   size_t li = 0;
   for (size_t i = 0; i < n; ++i) {  // something is wrong: name the first offence
     if (idx[i].defined()) explain_first(kOp, lists[li++]);
-    if (!(scalar_steps[i] >= 1.0)) throw_step(i, scalar_steps[i]);
+    checked_host_step(kOp, i, steps[i]);
   }
 }
 

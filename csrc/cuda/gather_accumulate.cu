@@ -95,10 +95,11 @@ void gather_accumulate_cuda(at::TensorList dense, at::TensorList indices,
   check_on_cuda(kOp, "dense", dense[0]);
   raise_recorded_fault();  // an earlier launch's (index_check.cuh), before anything changes
   c10::cuda::CUDAGuard guard(dev);
-  const auto facts = index_facts(std::vector<at::Tensor>(indices.begin(), indices.end()));
+  std::vector<IndexRef> refs(n);
+  for (size_t i = 0; i < n; ++i) refs[i] = {&indices[i], "indices", i};
+  const auto facts = index_facts(kOp, refs);
   for (size_t i = 0; i < n; ++i)
-    check_index_values(kOp, "indices", i, indices[i], facts[i], dense[i].numel(),
-                       "dense[" + std::to_string(i) + "]");
+    check_index_values(kOp, "indices", i, indices[i], facts[i], dense[i].numel(), "dense");
 
   std::vector<int64_t> lengths(n);
   for (size_t i = 0; i < n; ++i) lengths[i] = indices[i].numel();

@@ -3,12 +3,14 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
-#include <c10/core/TensorImpl.h>
-#include <c10/core/UndefinedTensorImpl.h>
+#include <c10/core/StorageImpl.h>
 #include <c10/util/intrusive_ptr.h>
 
 #include <atomic>
+#include <cstdlib>
 #include <cstring>
+#include <functional>
+#include <iterator>
 #include <mutex>
 #include <unordered_map>
 
@@ -58,66 +60,119 @@ __global__ void __launch_bounds__(kThreads) check_indices_kernel(IdxMeta meta, i
   if (bad) facts[meta.out[slot]] = 1;
 }
 
-using WeakImpl = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
+// The cache is keyed on what the kernels read (data pointer, numel, dtype), not on the
+// tensor object: callers slice their index tensors afresh on every call (the sparse policy's
+// st["indices"][a:b]), and each slice is a new TensorImpl. An entry holds a weak reference
+// to the storage, so an address freed and reused by another storage never matches, and the
+// version counter, which views share with their base, so a torch write through any view of
+// the storage makes every entry in it stale.
+using WeakStorage = c10::weak_intrusive_ptr<c10::StorageImpl>;
 
-struct Entry {
-  WeakImpl impl;
-  uint32_t version;
+struct Key {
   const void* data;
   int64_t numel;
   c10::ScalarType dtype;
+  bool operator==(const Key& o) const {
+    return data == o.data && numel == o.numel && dtype == o.dtype;
+  }
+};
+struct KeyHash {
+  size_t operator()(const Key& k) const {
+    const size_t h = std::hash<const void*>()(k.data);
+    return h ^ (std::hash<int64_t>()(k.numel) * 0x9E3779B97F4A7C15ull) ^
+           static_cast<size_t>(k.dtype);
+  }
+};
+
+struct Entry {
+  WeakStorage storage;
+  const c10::StorageImpl* impl;
+  uint32_t version;
   int64_t last;
 };
 
 constexpr size_t kMaxEntries = 4096;
 std::mutex cache_mu;
-std::unordered_map<const c10::TensorImpl*, Entry>& cache() {
-  static auto* c = new std::unordered_map<const c10::TensorImpl*, Entry>();  // never destroyed:
-  return *c;  // safe to use from other static destructors at exit
+std::unordered_map<Key, Entry, KeyHash>& cache() {
+  static auto* c = new std::unordered_map<Key, Entry, KeyHash>();  // never destroyed: safe to
+  return *c;  // use from other static destructors at exit
 }
 
+// Inference tensors have no version counter, a tensor without storage nothing to hold.
+bool cacheable(const at::Tensor& t) { return !t.is_inference() && t.has_storage(); }
+
+Key key_of(const at::Tensor& t) { return Key{t.const_data_ptr(), t.numel(), t.scalar_type()}; }
+
 bool lookup(const at::Tensor& t, int64_t* last) {
-  if (t.is_inference()) return false;
+  if (!cacheable(t)) return false;
   std::lock_guard<std::mutex> g(cache_mu);
   auto& c = cache();
-  auto it = c.find(t.unsafeGetTensorImpl());
+  auto it = c.find(key_of(t));
   if (it == c.end()) return false;
   const Entry& e = it->second;
-  if (e.impl.expired()) {
+  if (e.storage.expired()) {
     c.erase(it);
     return false;
   }
-  if (e.version != t._version() || e.data != t.const_data_ptr() || e.numel != t.numel() ||
-      e.dtype != t.scalar_type())
+  if (e.impl != t.storage().unsafeGetStorageImpl() ||
+      e.version != static_cast<uint32_t>(t._version()))
     return false;
   *last = e.last;
   return true;
 }
 
 void remember(const at::Tensor& t, int64_t last) {
-  if (t.is_inference()) return;
+  if (!cacheable(t)) return;
   std::lock_guard<std::mutex> g(cache_mu);
   auto& c = cache();
   if (c.size() >= kMaxEntries) {
-    for (auto it = c.begin(); it != c.end();) it = it->second.impl.expired() ? c.erase(it) : ++it;
+    for (auto it = c.begin(); it != c.end();)
+      it = it->second.storage.expired() ? c.erase(it) : std::next(it);
     if (c.size() >= kMaxEntries) c.clear();
   }
-  c.insert_or_assign(t.unsafeGetTensorImpl(),
-                     Entry{WeakImpl(t.getIntrusivePtr()), static_cast<uint32_t>(t._version()),
-                           t.const_data_ptr(), t.numel(), t.scalar_type(), last});
+  c.insert_or_assign(key_of(t),
+                     Entry{t.storage().getWeakStorageImpl(), t.storage().unsafeGetStorageImpl(),
+                           static_cast<uint32_t>(t._version()), last});
+}
+
+// NTO_EXT_INDEX_CHECK: "cached" (default, or unset) or "always". Read on every call, so it
+// can be switched at run time.
+bool always_check() {
+  const char* v = std::getenv("NTO_EXT_INDEX_CHECK");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "cached") == 0) return false;
+  if (std::strcmp(v, "always") == 0) return true;
+  TORCH_CHECK_VALUE(false, "NTO_EXT_INDEX_CHECK=", v,
+                    "; allowed: cached (the default: an index tensor is checked once per "
+                    "version) or always (checked on every call, a host sync each time); set "
+                    "one of them or unset it");
+  return false;
+}
+
+// A check needs a host sync, which a stream being captured into a CUDA graph forbids (the
+// capture would fail inside torch with a message that names no index): name the fix.
+void refuse_during_capture(const char* op, const char* what, size_t i, cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
+  TORCH_CHECK(status == cudaStreamCaptureStatusNone, op, ": ", what, "[", i,
+              "] must be checked on the device (first sight, changed since, or "
+              "NTO_EXT_INDEX_CHECK=always), which needs a host sync, but the stream is "
+              "being captured into a CUDA graph; run the same call once before the capture "
+              "(a warm-up step) so its indices' checks are cached, and leave "
+              "NTO_EXT_INDEX_CHECK unset");
 }
 
 }  // namespace
 }  // namespace idxcheck
 
-std::vector<IndexFacts> index_facts(const std::vector<at::Tensor>& idx) {
+std::vector<IndexFacts> index_facts(const char* op, const std::vector<IndexRef>& idx) {
   using namespace idxcheck;
   std::vector<IndexFacts> facts(idx.size(), IndexFacts{true, -1});
   std::vector<int64_t> todo;  // positions in idx that need the device check
+  const bool always = always_check();
   for (size_t i = 0; i < idx.size(); ++i) {
-    if (idx[i].numel() == 0) continue;
+    if (idx[i].t->numel() == 0) continue;
     int64_t last;
-    if (lookup(idx[i], &last))
+    if (!always && lookup(*idx[i].t, &last))
       facts[i].last = last;
     else
       todo.push_back(static_cast<int64_t>(i));
@@ -125,16 +180,17 @@ std::vector<IndexFacts> index_facts(const std::vector<at::Tensor>& idx) {
   if (todo.empty()) return facts;
 
   const int64_t m = static_cast<int64_t>(todo.size());
-  const at::Tensor& first = idx[todo[0]];
+  const at::Tensor& first = *idx[todo[0]].t;
   c10::cuda::CUDAGuard guard(first.device());
+  const auto stream = current_stream();
+  refuse_during_capture(op, idx[todo[0]].what, idx[todo[0]].list, stream);
   auto out = at::zeros({2 * m}, first.options().dtype(at::kLong));
   std::vector<int64_t> lengths(todo.size());
-  for (size_t k = 0; k < todo.size(); ++k) lengths[k] = idx[todo[k]].numel();
-  auto stream = current_stream();
+  for (size_t k = 0; k < todo.size(); ++k) lengths[k] = idx[todo[k]].t->numel();
   multi_tensor_launch<IdxMeta>(
       lengths, kChunk,
       [&](IdxMeta& meta, int slot, int64_t k) {
-        const at::Tensor& t = idx[todo[k]];
+        const at::Tensor& t = *idx[todo[k]].t;
         meta.ptr[slot] = t.const_data_ptr();
         meta.n[slot] = t.numel();
         meta.out[slot] = static_cast<int32_t>(k);
@@ -151,13 +207,13 @@ std::vector<IndexFacts> index_facts(const std::vector<at::Tensor>& idx) {
     IndexFacts& f = facts[todo[k]];
     f.ok = h[k] == 0;
     f.last = h[m + k];
-    if (f.ok) remember(idx[todo[k]], f.last);
+    if (f.ok) remember(*idx[todo[k]].t, f.last);
   }
   return facts;
 }
 
 void raise_index_error(const char* op, const char* what, size_t i, const at::Tensor& idx,
-                       int64_t limit, const std::string& target) {
+                       int64_t limit, const char* target) {
   // The CPU check names the offence (same words as every backend) from a host copy.
   const at::Tensor host = idx.cpu();
   explain_first(op, IndexList{&host, limit, what, i, target});

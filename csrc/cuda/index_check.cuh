@@ -4,11 +4,20 @@
 // The choice, and its cost: a device kernel checks "non-negative and strictly increasing" and
 // reads the last (largest) element; one 16-byte-per-tensor device-to-host copy brings those
 // facts back (a host sync), and the range check is then `last < limit` on the host. Facts are
-// cached per tensor (keyed on the TensorImpl, held by a weak reference so its address cannot
-// be reused, plus its version counter, data pointer, numel and dtype): the sparse policy
-// passes the same index tensors every step, so only the first call after they change syncs.
-// An in-place change through torch bumps the version and re-checks; writes that bypass torch
-// (raw pointers) are not seen. Inference tensors have no version counter: never cached.
+// cached per indexed memory (data pointer, numel, dtype; the storage held by a weak reference
+// so that its address cannot be reused, plus the version counter, which views share with
+// their base): the sparse policy passes fresh slices of the same index storage every call,
+// so only the first call after they change checks and syncs, and a call with cached facts
+// can be captured into a CUDA graph (one that needs a check refuses capture, naming the fix:
+// a warm-up call before capturing).
+//
+// What the cache trusts: the version counter. An in-place change through torch bumps it and
+// re-checks; writes that bypass it are not seen: through `.data` (a tensor with its own
+// counter), DLPack / __cuda_array_inter__ consumers (CuPy, Numba, JAX), raw pointers, or
+// other processes. For those, NTO_EXT_INDEX_CHECK=always checks every call (a host sync
+// each); the kernels' own check at use (below) still keeps any index from reaching memory
+// out of range either way. Inference tensors have no version counter: never cached.
+// A replayed CUDA graph runs no host code at all: its indices are those checked at capture.
 // When a tensor is bad, its error is rebuilt on the host from a copy by the CPU check
 // (csrc/cpu/index_checks.h), so the words are those of every backend.
 //
@@ -77,19 +86,24 @@ struct IndexFacts {
   int64_t last;  // the last (so the largest, when ok) element; -1 for an empty tensor
 };
 
-// Facts of each tensor (1-D int32/int64 CUDA tensors on one device, metadata already
-// checked). At most one kernel launch and one host sync, and none when all are cached.
-std::vector<IndexFacts> index_facts(const std::vector<at::Tensor>& idx);
+struct IndexRef {
+  const at::Tensor* t;  // 1-D int32/int64 CUDA tensor, metadata already checked
+  const char* what;     // its list ("indices") and position there, as errors name it
+  size_t list;
+};
+
+// Facts of each tensor (all on one device). At most one kernel launch and one host sync, and
+// none when all are cached. `op` names the op in errors.
+std::vector<IndexFacts> index_facts(const char* op, const std::vector<IndexRef>& idx);
 
 // Raises the reference's IndexError / ValueError for `what[i]` (limit < 0: no upper bound,
-// as the reference's limit=None). Reads the tensor on the host: the error path only.
+// as the reference's limit=None); `target` names the list indexed ("params": params[i]).
+// Reads the tensor on the host: the error path only.
 [[noreturn]] void raise_index_error(const char* op, const char* what, size_t i,
-                                    const at::Tensor& idx, int64_t limit,
-                                    const std::string& target);
+                                    const at::Tensor& idx, int64_t limit, const char* target);
 
 inline void check_index_values(const char* op, const char* what, size_t i, const at::Tensor& idx,
-                               const IndexFacts& facts, int64_t limit,
-                               const std::string& target) {
+                               const IndexFacts& facts, int64_t limit, const char* target) {
   if (facts.ok && (limit < 0 || facts.last < limit)) return;
   raise_index_error(op, what, i, idx, limit, target);
 }

@@ -1,6 +1,6 @@
 // masked_adamw_ on CUDA: torch.optim.AdamW's update (csrc/adamw_math.h, shared with the CPU
 // kernels) over whole tensor lists, in one multi-tensor launch per (param dtype, grad dtype)
-// group and kind: dense (aligned vector loads, 4 independent vectors in flight per thread)
+// group and kind: dense (aligned vector loads, kDenseIlp vectors in flight per thread)
 // or indexed (sorted unique positions; compact fp32 state; grad compact or dense).
 //
 // Steps (one count per tensor): an int becomes a CPU scalar in ops.py and its bias
@@ -9,7 +9,9 @@
 // host (that would sync every step): a tensor whose device step is < 1 or NaN is left
 // untouched (bit-identical) instead of raising as a CPU step does.
 // Index tensors are checked before any write (index_check.cuh: a host sync only the first
-// time a given index tensor is seen), and each position again where the kernel reads it.
+// time given index memory is seen at its current version, through any view of it), and each
+// position again where the kernel reads it. Arguments sharing memory are refused on the host
+// (csrc/checks.h: grads are read through __restrict__ pointers, the non-coherent cache).
 #include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
@@ -30,8 +32,16 @@ namespace {
 
 constexpr const char* kOp = "masked_adamw_";
 constexpr int kThreads = 512;
-constexpr int kIlp = 4;              // independent vectors (dense) / elements (indexed) in flight
+constexpr int kIlp = 4;              // independent elements in flight per thread (indexed)
 constexpr int64_t kChunk = 1 << 16;  // elements per block
+// Dense: independent 4-element vectors in flight per thread, and blocks resident per SM
+// (__launch_bounds__ caps registers at 65536 / (kThreads * kDenseBlocksPerSm) = 64). With
+// 4 vectors the kernel took 102-114 registers (ptxas, sm_90), so one 512-thread block per SM;
+// with 2 vectors it takes 48-55 and no spills (4 vectors under a 64 cap spill 150-750 bytes),
+// so two blocks fit: the same bytes in flight per SM, twice the warps to hide the math and a
+// block's tail behind another block.
+constexpr int kDenseIlp = 2;
+constexpr int kDenseBlocksPerSm = 2;
 
 // Where a tensor's step count comes from.
 enum StepCode : int8_t {
@@ -114,7 +124,7 @@ __device__ __forceinline__ bool block_work(const Meta& meta, const Hyper& h, Blo
 struct DenseMeta : AdamWMeta<32, 320> {};
 
 template <typename P, typename G>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kDenseBlocksPerSm)
     dense_kernel(DenseMeta meta, AdamWScalars s, Hyper h) {
   BlockWork w;
   if (!block_work(meta, h, &w)) return;
@@ -133,12 +143,12 @@ __global__ void __launch_bounds__(kThreads)
   const bool vec = aligned<sizeof(PV)>(p) && aligned<sizeof(GV)>(g) && aligned<16>(m) &&
                    aligned<16>(v);
   const int64_t nvec = vec ? len / V : 0;
-  for (int64_t q0 = threadIdx.x; q0 < nvec; q0 += static_cast<int64_t>(kThreads) * kIlp) {
-    PV pv[kIlp];
-    GV gv[kIlp];
-    FV mv[kIlp], vv[kIlp];
+  for (int64_t q0 = threadIdx.x; q0 < nvec; q0 += static_cast<int64_t>(kThreads) * kDenseIlp) {
+    PV pv[kDenseIlp];
+    GV gv[kDenseIlp];
+    FV mv[kDenseIlp], vv[kDenseIlp];
 #pragma unroll
-    for (int u = 0; u < kIlp; ++u) {  // all loads first: kIlp vectors in flight per stream
+    for (int u = 0; u < kDenseIlp; ++u) {  // all loads first: kDenseIlp vectors in flight
       const int64_t q = q0 + static_cast<int64_t>(u) * kThreads;
       if (q < nvec) {
         pv[u] = reinterpret_cast<const PV*>(p)[q];
@@ -148,7 +158,7 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
 #pragma unroll
-    for (int u = 0; u < kIlp; ++u) {
+    for (int u = 0; u < kDenseIlp; ++u) {
       const int64_t q = q0 + static_cast<int64_t>(u) * kThreads;
       if (q < nvec) {
 #pragma unroll
@@ -334,14 +344,6 @@ void launch_group(c10::ScalarType pt, bool g_fp32, const std::vector<Entry>& es,
 #undef NTO_LAUNCH
 }
 
-// _reference._check_steps_values, for steps the host can read without a sync (CPU ones).
-void check_host_step_value(size_t i, const at::Tensor& step) {
-  if (!step.device().is_cpu()) return;
-  const double low = step.item<double>();
-  TORCH_CHECK_VALUE(low >= 1.0, kOp, ": steps[", i, "] holds a step count of ", fmt_g(low),
-                    "; step counts start at 1 (the count after incrementing)");
-}
-
 int8_t device_step_code(c10::ScalarType t) {
   switch (t) {
     case at::kDouble: return kStepF64;
@@ -371,16 +373,16 @@ void masked_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
   c10::cuda::CUDAGuard guard(dev);
 
   // Values, entry by entry as the reference: the indices (one device check for all of them,
-  // cached), then the host step counts.
-  std::vector<at::Tensor> idx_list;
+  // cached), then the host step counts (each read once, here).
+  std::vector<IndexRef> idx_refs;
   for (size_t i = 0; i < n; ++i)
-    if (idx[i].has_value()) idx_list.push_back(*idx[i]);
-  const auto facts = index_facts(idx_list);
+    if (idx[i].has_value()) idx_refs.push_back({&*idx[i], "indices", i});
+  const auto facts = index_facts(kOp, idx_refs);
+  std::vector<double> host_steps(n, 0.0);
   for (size_t i = 0, k = 0; i < n; ++i) {
     if (idx[i].has_value())
-      check_index_values(kOp, "indices", i, *idx[i], facts[k++], params[i].numel(),
-                         "params[" + std::to_string(i) + "]");
-    check_host_step_value(i, steps[i]);
+      check_index_values(kOp, "indices", i, *idx[i], facts[k++], params[i].numel(), "params");
+    if (steps[i].device().is_cpu()) host_steps[i] = checked_host_step(kOp, i, steps[i]);
   }
 
   // Sort the entries into kernel groups: kind x param dtype x (grad fp32 while param is not).
@@ -390,7 +392,7 @@ void masked_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
     const at::Tensor& st = steps[i];
     Entry e{i, kStepHost, nullptr, 0.0f, 1.0f, 0, false};
     if (st.device().is_cpu()) {
-      adamw_step_scalars(lr, beta1, beta2, st.item<double>(), &e.nss, &e.bc2);
+      adamw_step_scalars(lr, beta1, beta2, host_steps[i], &e.nss, &e.bc2);
     } else {
       e.code = device_step_code(st.scalar_type());
       if (e.code < 0) {

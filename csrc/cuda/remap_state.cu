@@ -105,9 +105,10 @@ std::vector<at::Tensor> remap_state_cuda(at::TensorList old_indices, at::TensorL
   const at::Device dev = states[0].device();
   check_on_cuda(kOp, "states", states[0]);
   c10::cuda::CUDAGuard guard(dev);
-  std::vector<at::Tensor> all(old_indices.begin(), old_indices.end());
-  all.insert(all.end(), new_indices.begin(), new_indices.end());
-  const auto facts = index_facts(all);
+  std::vector<IndexRef> all;
+  for (size_t i = 0; i < n; ++i) all.push_back({&old_indices[i], "old_indices", i});
+  for (size_t i = 0; i < n; ++i) all.push_back({&new_indices[i], "new_indices", i});
+  const auto facts = index_facts(kOp, all);
   for (size_t i = 0; i < n; ++i) {
     check_index_values(kOp, "old_indices", i, old_indices[i], facts[i], -1, "positions");
     check_index_values(kOp, "new_indices", i, new_indices[i], facts[n + i], -1, "positions");
