@@ -15,6 +15,7 @@
 //   void adamw_step_scalars(lr, beta1, beta2, double step, float* neg_step_size, float* bc2_sqrt);
 //   template <T> void adamw_update(T& p, T g, T& m, T& v, const AdamWScalars&, T neg_step_size,
 //                                  T bc2_sqrt);     // T = float, or a SIMD type with FloatOps<T>
+//   template <T> T adamw_update_root(...same...);   // the same, returning sqrt(new v)
 // Every op is explicitly rounded: the CPU build passes -ffp-contract=off, and on the device
 // the __f*_rn intrinsics keep nvcc's default fmad contraction out. The functions are
 // `static` (one private copy per translation unit): the CPU's AVX2/AVX-512 variants include
@@ -97,18 +98,39 @@ struct FloatOps<float> {
 #endif
 };
 
-// One element (or one SIMD lane group), fp32; p, m, v are updated in place.
+// One element (or one SIMD lane group), fp32; p, m, v are updated in place. Returns
+// sqrt(v) of the new v (the 8-bit format stores its root: csrc/cpu masked_adamw_int8).
 // neg_step_size / bc2_sqrt are arguments: each tensor's step count supplies its own pair.
 template <typename T>
-static NTO_HOST_DEVICE void adamw_update(T& p, T g, T& m, T& v, const AdamWScalars& s,
-                                         T neg_step_size, T bc2_sqrt) {
+static NTO_HOST_DEVICE T adamw_update_root(T& p, T g, T& m, T& v, const AdamWScalars& s,
+                                           T neg_step_size, T bc2_sqrt) {
   using O = FloatOps<T>;
   p = O::mul(p, O::splat(s.decay));
   const T diff = O::sub(g, m);
   m = O::fma(O::splat(s.lerp_coeff), diff, s.lerp_from_m ? m : g);
   v = O::fma(O::mul(O::splat(s.one_minus_b2), g), g, O::mul(v, O::splat(s.beta2)));
-  const T denom = O::add(O::div(O::sqrt(v), bc2_sqrt), O::splat(s.eps));
+  const T root = O::sqrt(v);
+  const T denom = O::add(O::div(root, bc2_sqrt), O::splat(s.eps));
   p = O::add(p, O::div(O::mul(neg_step_size, m), denom));
+  return root;
+}
+
+template <typename T>
+static NTO_HOST_DEVICE void adamw_update(T& p, T g, T& m, T& v, const AdamWScalars& s,
+                                         T neg_step_size, T bc2_sqrt) {
+  (void)adamw_update_root(p, g, m, v, s, neg_step_size, bc2_sqrt);
+}
+
+// The 8-bit moments' map (nto_ext/_reference.py quantize_q8 / dequantize_q8, the spec):
+// blocks of kQ8Block elements; exp_avg m = q|q| * sm, q in [-127, 127], sm = max|m| / 127^2;
+// the root w of exp_avg_sq: w = q^2 * sw, q in [0, 255], sw = max w / 255^2; levels
+// q = RNE(sqrt(|x| * (1 / scale))) (0 for scale 0; NaN -> 0), a positive w at least 1.
+constexpr int kQ8Block = 256;
+constexpr float kQ8MLevels = 127.0f, kQ8WLevels = 255.0f;
+constexpr float kQ8MSquare = 16129.0f, kQ8WSquare = 65025.0f;  // levels^2, exact
+
+static NTO_HOST_DEVICE float q8_inverse(float scale) {
+  return scale > 0.0f ? FloatOps<float>::div(1.0f, scale) : 0.0f;
 }
 
 }  // namespace nto
