@@ -397,9 +397,10 @@ def masked_adamw_int8_(params: Sequence[torch.Tensor], grads: Sequence[torch.Ten
                        lr: float, beta1: float, beta2: float, eps: float,
                        weight_decay: float) -> None:
     """In-place AdamW on whole tensors with 8-bit moments (formats/int8.py): per block of
-    Q8_BLOCK elements, dequantize (`dequantize_q8`), update exactly as masked_adamw_ does
-    in fp32 (the root of the new exp_avg_sq correctly rounded), requantize
-    (`quantize_q8`). bf16/fp16 params are widened, updated and rounded back once."""
+    Q8_BLOCK elements, dequantize (`dequantize_q8`), update in fp32 as masked_adamw_ does
+    but for sqrt(exp_avg_sq) (correctly rounded) multiplied by the fp32 1/sqrt(1-beta2^t)
+    instead of divided by sqrt(1-beta2^t) (one division less per element in the kernels),
+    requantize (`quantize_q8`). bf16/fp16 params are widened, updated and rounded back."""
     check_masked_adamw_int8(params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales,
                             exp_avg_sq_scales, steps, lr, beta1, beta2, eps, weight_decay)
     with torch.no_grad():
@@ -415,7 +416,7 @@ def masked_adamw_int8_(params: Sequence[torch.Tensor], grads: Sequence[torch.Ten
             m.lerp_(g32, 1 - beta1)
             v.mul_(beta2).addcmul_(g32, g32, value=1 - beta2)
             w = sqrt_rn(v)
-            denom = (w / math.sqrt(1 - beta2**t)).add_(eps)
+            denom = (w * (1 / math.sqrt(1 - beta2**t))).add_(eps)  # a product, see the doc
             p32.addcdiv_(m, denom, value=-(lr / (1 - beta1**t)))
             p.view(-1).copy_(p32.view(-1)[:n])
             new = quantize_q8(m, w, n)

@@ -49,6 +49,7 @@ void masked_adamw_int8_cpu(at::TensorList params, at::TensorList grads,
     TORCH_CHECK_VALUE(step >= 1.0, kOp, ": steps[", i, "] holds a step count of ", fmt_g(step),
                       "; step counts start at 1 (the count after incrementing)");
     adamw_step_scalars(lr, beta1, beta2, step, &scal[i].neg_step_size, &scal[i].bc2_sqrt);
+    scal[i].inv_bc2_sqrt = adamw_inv_bc2_sqrt(beta2, step);
     sizes[i] = params[i].numel();
   }
   const auto items = make_work_items(sizes);

@@ -283,7 +283,7 @@ inline void adamw_q8_block(P* p, const G* g, int8_t* qm, uint8_t* qw, float* sm,
     wb[t] = w * w;
   }
   for (int64_t t = cnt; t < kQ8Block; ++t) mb[t] = 0.0f, wb[t] = 0.0f;
-  const Vec nss(s.neg_step_size), bc2(s.bc2_sqrt);
+  const Vec nss(s.neg_step_size), inv_bc2(s.inv_bc2_sqrt);
   Vec amax_m(0.0f), amax_w(0.0f);
   for (int64_t j = 0; j < kQ8Block; j += kW) {
     Vec p0, p1, g0, g1;
@@ -291,8 +291,8 @@ inline void adamw_q8_block(P* p, const G* g, int8_t* qm, uint8_t* qw, float* sm,
     load2(g + j, g0, g1);
     Vec m0 = Vec::loadu(mb + j), m1 = Vec::loadu(mb + j + kV);
     Vec v0 = Vec::loadu(wb + j), v1 = Vec::loadu(wb + j + kV);
-    const Vec w0 = adamw_update_root(p0, g0, m0, v0, s, nss, bc2);
-    const Vec w1 = adamw_update_root(p1, g1, m1, v1, s, nss, bc2);
+    const Vec w0 = adamw_update_q8(p0, g0, m0, v0, s, nss, inv_bc2);
+    const Vec w1 = adamw_update_q8(p1, g1, m1, v1, s, nss, inv_bc2);
     store2(p + j, p0, p1);
     m0.store(mb + j);
     m1.store(mb + j + kV);

@@ -1,7 +1,7 @@
 // masked_adamw_int8_ on CUDA: AdamW over whole tensors with 8-bit moments (nto_ext/formats/
 // int8.py; spec: nto_ext/_reference.py masked_adamw_int8_, map: csrc/adamw_math.h). One
 // thread block per quantization block of kQ8Block elements, one element per thread:
-// dequantize, update (adamw_update_root, the CPU kernels' math), block-wide abs-max of the
+// dequantize, update (adamw_update_q8, the CPU kernels' math), block-wide abs-max of the
 // new moments (NaN propagates, as torch.amax), new scales, requantize. One launch per
 // tensor; the step counts are read on the host (NTO keeps them there).
 #include <ATen/core/Tensor.h>
@@ -68,7 +68,7 @@ __global__ void __launch_bounds__(kQ8Block)
     const float w = O::mul(O::mul(r, r), sw[b]);
     v = O::mul(w, w);
   }
-  const float root = adamw_update_root(pf, gf, m, v, s, s.neg_step_size, s.bc2_sqrt);
+  const float root = adamw_update_q8(pf, gf, m, v, s, s.neg_step_size, s.inv_bc2_sqrt);
   if (in) p[i] = static_cast<P>(pf);
   const float new_sm = O::div(block_max(fabsf(m), red_m), kQ8MSquare);
   const float new_sw = O::div(block_max(root, red_w), kQ8WSquare);
@@ -114,6 +114,7 @@ void masked_adamw_int8_cuda(at::TensorList params, at::TensorList grads,
     TORCH_CHECK_VALUE(step >= 1.0, kOp, ": steps[", i, "] holds a step count of ", fmt_g(step),
                       "; step counts start at 1 (the count after incrementing)");
     adamw_step_scalars(lr, beta1, beta2, step, &scal[i].neg_step_size, &scal[i].bc2_sqrt);
+    scal[i].inv_bc2_sqrt = adamw_inv_bc2_sqrt(beta2, step);
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   for (size_t i = 0; i < n; ++i) {
