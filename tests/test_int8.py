@@ -474,3 +474,17 @@ def test_plan_knows_the_8bit_cost():
     assert max(g.elements for g in int8.groups) > 1.5 * max(g.elements for g in fp32.groups)
     assert INT8.state_bytes(257) == 2 * 257 + 16
     assert math.isclose(INT8.element_bytes, 2.03125)
+
+
+def test_nonfinite_scales_load_only_under_propagate():
+    named = _model()
+    opt = NTO(named, lr=1e-2, budget="100%", state_dtype="int8")
+    _steps(opt, named, 0, 1)
+    sd = opt.state_dict()
+    sd["state"][0]["exp_avg_scale"][0] = float("nan")
+    with pytest.raises(ValueError, match="negative or non-finite"):
+        NTO(_model(), lr=1e-2, budget="100%", state_dtype="int8").load_state_dict(sd)
+    other = NTO(_model(), lr=1e-2, budget="100%", state_dtype="int8", nonfinite="propagate")
+    other.load_state_dict(sd)
+    p = other.table.params[0]
+    assert other.state[p]["exp_avg_scale"][0].isnan()

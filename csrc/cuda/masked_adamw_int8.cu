@@ -17,6 +17,7 @@
 
 #include "../adamw_math.h"
 #include "arg_checks.cuh"
+#include "multi_tensor.cuh"
 
 namespace nto {
 namespace cuda {
@@ -31,9 +32,10 @@ __device__ __forceinline__ float max_nan(float a, float b) {  // lanes >= 0 or N
   return a != a ? a : (b != b ? b : fmaxf(a, b));
 }
 
-// The largest of the block's values (NaN if any is NaN); every thread gets it.
+// The largest of the block's values (NaN if any is NaN); every thread gets it (each warp's
+// lane 0 holds its warp's after the shuffles).
 __device__ __forceinline__ float block_max(float x, float* shared) {
-  for (int o = 16; o > 0; o /= 2) x = max_nan(x, __shfl_xor_sync(0xffffffffu, x, o));
+  for (int o = 16; o > 0; o >>= 1) x = max_nan(x, __shfl_down_sync(0xffffffffu, x, o));
   if (threadIdx.x % 32 == 0) shared[threadIdx.x / 32] = x;
   __syncthreads();
   float out = shared[0];
@@ -116,7 +118,7 @@ void masked_adamw_int8_cuda(at::TensorList params, at::TensorList grads,
     adamw_step_scalars(lr, beta1, beta2, step, &scal[i].neg_step_size, &scal[i].bc2_sqrt);
     scal[i].inv_bc2_sqrt = adamw_inv_bc2_sqrt(beta2, step);
   }
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream();
   for (size_t i = 0; i < n; ++i) {
     if (params[i].numel() == 0) continue;
     const auto pt = params[i].scalar_type();

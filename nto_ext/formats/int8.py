@@ -98,7 +98,7 @@ class Int8Moments(Fp32Moments):
         out["step"] = loaded_step(where, st.get("step"))
         for key in SCALES:
             s = local_tensor(out[key])
-            bad = ((s < 0) | (~torch.isfinite(s) if not propagate else s != s)).any()
+            bad = ((s < 0) | ~torch.isfinite(s) if not propagate else s < 0).any()
             if s.numel() and bool(bad):
                 raise ValueError(f"{where}: {key} holds negative or non-finite values; "
                                  "allowed: finite scales >= 0 (NaN/Inf only with "
