@@ -14,7 +14,8 @@ switches during the benchmark (switch_every is larger than the rounds), so the s
 steady-state update of the active set, including NTO's default non-finite check
 (nonfinite="skip": one param_stats(histogram=False) read of the active gradients), and again
 with nonfinite="propagate" (no check, torch's AdamW semantics).
-Target (issue 8): NTO at budget b costs <= (b + 0.05) x the fused AdamW step.
+Target (issue 8): NTO at budget b costs <= (b + 0.05) x the fused AdamW step; with
+state_dtype="int8" (issue 20) <= 1.3x the fp32-state step on the same elements.
 """
 
 from __future__ import annotations
@@ -134,6 +135,21 @@ def test_nto(benchmark, tensors, budget, nonfinite):
          elements=sum(leaves[i][1].numel() for i in active), active=active)
 
 
+@pytest.mark.parametrize("state_dtype", ["fp32", "int8"])
+@pytest.mark.parametrize("budget", ("100%", "25%"))
+def test_nto_state_dtype(benchmark, tensors, budget, state_dtype):
+    """The same active elements with fp32 and 8-bit moments (issue 20's target: int8 <= 1.3x
+    fp32), without the non-finite check (the update kernel alone)."""
+    params, grads = tensors
+    leaves = _leaves(params)
+    opt = NTO(leaves, **HYPER, budget=budget, policy="block", switch_every=10**9,
+              nonfinite="propagate", state_dtype=state_dtype)
+    active = opt.active_set
+    _run(benchmark, opt, leaves, grads, group="state", name=f"nto-block-{budget} {state_dtype}",
+         budget=float(budget.rstrip("%")) / 100,
+         elements=sum(leaves[i][1].numel() for i in active), active=active)
+
+
 def table(bench_json: dict) -> str:
     """Markdown: each step's median time and its fraction of the fused AdamW step."""
     rows = {b["extra_info"]["name"]: b for b in bench_json["benchmarks"]}
@@ -148,6 +164,11 @@ def table(bench_json: dict) -> str:
         lines.append(f"| {name} | {info['elements'] / 1e6:.2f}M of {info['total'] / 1e6:.1f}M "
                      f"| {1e3 * med:.1f} | {x:.3f} | {'-' if target is None else f'{target:.2f}'}"
                      f" | {met} |")
+    for budget in ("100%", "25%"):
+        pair = [rows.get(f"nto-block-{budget} {d}") for d in ("fp32", "int8")]
+        if all(pair):
+            ratio = pair[1]["stats"]["median"] / pair[0]["stats"]["median"]
+            lines.append(f"\nint8 / fp32 state at {budget}: {ratio:.3f} (target <= 1.3)")
     return "\n".join(lines)
 
 

@@ -15,6 +15,7 @@
 //   void adamw_step_scalars(lr, beta1, beta2, double step, float* neg_step_size, float* bc2_sqrt);
 //   template <T> void adamw_update(T& p, T g, T& m, T& v, const AdamWScalars&, T neg_step_size,
 //                                  T bc2_sqrt);     // T = float, or a SIMD type with FloatOps<T>
+//   template <T> T adamw_update_q8(...);  // the 8-bit format's variant, returning sqrt(new v)
 // Every op is explicitly rounded: the CPU build passes -ffp-contract=off, and on the device
 // the __f*_rn intrinsics keep nvcc's default fmad contraction out. The functions are
 // `static` (one private copy per translation unit): the CPU's AVX2/AVX-512 variants include
@@ -40,6 +41,7 @@ struct AdamWScalars {
   float eps;            // eps
   float neg_step_size;  // -(lr / (1 - beta1^step)) for a scalar step
   float bc2_sqrt;       // sqrt(1 - beta2^step) for a scalar step
+  float inv_bc2_sqrt;   // 1 / sqrt(1 - beta2^step): the 8-bit path (adamw_update_q8) only
 };
 
 // Bias corrections in double from the step count (the count after incrementing, >= 1),
@@ -51,6 +53,11 @@ static NTO_HOST_DEVICE void adamw_step_scalars(double lr, double beta1, double b
   const double bc2 = 1.0 - pow(beta2, step);
   *neg_step_size = static_cast<float>(-(lr / bc1));
   *bc2_sqrt = static_cast<float>(sqrt(bc2));
+}
+
+// 1 / sqrt(1 - beta2^step) in double, rounded to fp32 once (the 8-bit path's factor).
+static NTO_HOST_DEVICE float adamw_inv_bc2_sqrt(double beta2, double step) {
+  return static_cast<float>(1.0 / sqrt(1.0 - pow(beta2, step)));
 }
 
 // Hyper-parameter scalars, plus the per-step pair for `step` (pass 1 if steps vary by tensor).
@@ -66,6 +73,7 @@ static NTO_HOST_DEVICE AdamWScalars adamw_scalars(double lr, double beta1, doubl
   s.one_minus_b2 = static_cast<float>(1.0 - beta2);
   s.eps = static_cast<float>(eps);
   adamw_step_scalars(lr, beta1, beta2, step, &s.neg_step_size, &s.bc2_sqrt);
+  s.inv_bc2_sqrt = adamw_inv_bc2_sqrt(beta2, step);
   return s;
 }
 
@@ -97,18 +105,52 @@ struct FloatOps<float> {
 #endif
 };
 
+// The decay and both moments of one element (or one SIMD lane group), in place.
+template <typename T>
+static NTO_HOST_DEVICE void adamw_moments(T& p, T g, T& m, T& v, const AdamWScalars& s) {
+  using O = FloatOps<T>;
+  p = O::mul(p, O::splat(s.decay));
+  const T diff = O::sub(g, m);
+  m = O::fma(O::splat(s.lerp_coeff), diff, s.lerp_from_m ? m : g);
+  v = O::fma(O::mul(O::splat(s.one_minus_b2), g), g, O::mul(v, O::splat(s.beta2)));
+}
+
 // One element (or one SIMD lane group), fp32; p, m, v are updated in place.
 // neg_step_size / bc2_sqrt are arguments: each tensor's step count supplies its own pair.
 template <typename T>
 static NTO_HOST_DEVICE void adamw_update(T& p, T g, T& m, T& v, const AdamWScalars& s,
                                          T neg_step_size, T bc2_sqrt) {
   using O = FloatOps<T>;
-  p = O::mul(p, O::splat(s.decay));
-  const T diff = O::sub(g, m);
-  m = O::fma(O::splat(s.lerp_coeff), diff, s.lerp_from_m ? m : g);
-  v = O::fma(O::mul(O::splat(s.one_minus_b2), g), g, O::mul(v, O::splat(s.beta2)));
+  adamw_moments(p, g, m, v, s);
   const T denom = O::add(O::div(O::sqrt(v), bc2_sqrt), O::splat(s.eps));
   p = O::add(p, O::div(O::mul(neg_step_size, m), denom));
+}
+
+// The 8-bit format's update (nto_ext/formats/int8.py): AdamW's, but sqrt(v) is multiplied
+// by inv_bc2_sqrt = 1 / sqrt(1 - beta2^step) (rounded once, from double) instead of divided
+// by its inverse: one division less per element, where the divider is the bottleneck (the
+// moments are quantized anyway). Returns sqrt(v), the root the format stores.
+template <typename T>
+static NTO_HOST_DEVICE T adamw_update_q8(T& p, T g, T& m, T& v, const AdamWScalars& s,
+                                         T neg_step_size, T inv_bc2_sqrt) {
+  using O = FloatOps<T>;
+  adamw_moments(p, g, m, v, s);
+  const T root = O::sqrt(v);
+  const T denom = O::add(O::mul(root, inv_bc2_sqrt), O::splat(s.eps));
+  p = O::add(p, O::div(O::mul(neg_step_size, m), denom));
+  return root;
+}
+
+// The 8-bit moments' map (nto_ext/_reference.py quantize_q8 / dequantize_q8, the spec):
+// blocks of kQ8Block elements; exp_avg m = q|q| * sm, q in [-127, 127], sm = max|m| / 127^2;
+// the root w of exp_avg_sq: w = q^2 * sw, q in [0, 255], sw = max w / 255^2; levels
+// q = RNE(sqrt(|x| * (1 / scale))) (0 for scale 0; NaN -> 0), a positive w at least 1.
+constexpr int kQ8Block = 256;
+constexpr float kQ8MLevels = 127.0f, kQ8WLevels = 255.0f;
+constexpr float kQ8MSquare = 16129.0f, kQ8WSquare = 65025.0f;  // levels^2, exact
+
+static NTO_HOST_DEVICE float q8_inverse(float scale) {
+  return scale > 0.0f ? FloatOps<float>::div(1.0f, scale) : 0.0f;
 }
 
 }  // namespace nto

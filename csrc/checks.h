@@ -20,7 +20,10 @@
 #include <cstdint>
 #include <initializer_list>
 #include <string>
+#include <utility>
 #include <vector>
+
+#include "adamw_math.h"
 
 namespace nto {
 
@@ -226,8 +229,8 @@ inline double checked_host_step(const char* op, size_t i, const at::Tensor& step
 
 // ------------------------------------------------------------------- masked_adamw_
 
-inline void check_adamw_hyper(double lr, double beta1, double beta2, double eps, double wd) {
-  const char* op = "masked_adamw_";
+inline void check_adamw_hyper(double lr, double beta1, double beta2, double eps, double wd,
+                              const char* op = "masked_adamw_") {
   auto rule = [&](const char* name, double v, bool ok, const char* r) {
     TORCH_CHECK_VALUE(ok, op, ": ", name, "=", v, " is not allowed; ", name, " must be ", r);
   };
@@ -237,6 +240,9 @@ inline void check_adamw_hyper(double lr, double beta1, double beta2, double eps,
   rule("eps", eps, eps >= 0.0, ">= 0");
   rule("weight_decay", wd, wd >= 0.0, ">= 0");
 }
+
+inline void check_step_meta(const char* op, size_t i, const at::Tensor& step,
+                            const at::Device& dev);
 
 // Metadata of entry i (no tensor contents): dtypes, layouts, devices and lengths.
 inline void check_adamw_entry(size_t i, const at::Tensor& p, const at::Tensor& g,
@@ -268,6 +274,12 @@ inline void check_adamw_entry(size_t i, const at::Tensor& p, const at::Tensor& g
   TORCH_CHECK_VALUE(g.numel() == length || g.numel() == p.numel(), op, ": grads[", i, "] has ",
                     g.numel(), " elements; allowed: ", length, " (compact) or ", p.numel(),
                     " (dense, like params[", i, "])");
+  check_step_meta(op, i, step, dev);
+}
+
+// steps[i]: one count per tensor, of a readable dtype, on the cpu or the params' device.
+inline void check_step_meta(const char* op, size_t i, const at::Tensor& step,
+                            const at::Device& dev) {
   TORCH_CHECK_VALUE(step.defined(), op, ": steps[", i, "] is undefined; expected a Tensor");
   TORCH_CHECK_VALUE(step.numel() == 1, op, ": steps[", i, "] has ", step.numel(),
                     " elements; allowed: one step count per tensor (a 1-element tensor or a "
@@ -309,6 +321,69 @@ inline void check_adamw_meta(at::TensorList params, at::TensorList grads, at::Te
     add_region(rs, exp_avg_sqs[i], "exp_avg_sqs", i, Access::kWrite);
     if (indexed) add_region(rs, *idx, "indices", i, Access::kRead);
     // a step on the device is read by the kernel; a CPU one on the host before any write
+    if (!dev.is_cpu() && steps[i].device() == dev)
+      add_region(rs, steps[i], "steps", i, Access::kRead);
+  }
+  check_no_overlap(op, rs);
+}
+
+// -------------------------------------------------------------- masked_adamw_int8_
+
+inline void check_adamw_int8_entry(size_t i, const at::Tensor& p, const at::Tensor& g,
+                                   const at::Tensor& m, const at::Tensor& v,
+                                   const at::Tensor& sm, const at::Tensor& sv,
+                                   const at::Tensor& step, const at::Device& dev) {
+  const char* op = "masked_adamw_int8_";
+  check_tensor(op, "params", i, p, {at::kFloat, at::kBFloat16, at::kHalf}, kFloats, dev);
+  check_tensor(op, "grads", i, g, {at::kFloat, at::kBFloat16, at::kHalf}, kFloats, dev);
+  TORCH_CHECK_TYPE(g.scalar_type() == p.scalar_type() || g.scalar_type() == at::kFloat, op,
+                   ": grads[", i, "] has dtype ", dtype_name(g.scalar_type()), " but params[", i,
+                   "] has ", dtype_name(p.scalar_type()), "; allowed: ",
+                   dtype_name(p.scalar_type()), " or torch.float32");
+  check_tensor(op, "exp_avgs", i, m, {at::kChar}, "torch.int8", dev);
+  check_tensor(op, "exp_avg_sqs", i, v, {at::kByte}, "torch.uint8", dev);
+  check_tensor(op, "exp_avg_scales", i, sm, {at::kFloat}, "torch.float32", dev);
+  check_tensor(op, "exp_avg_sq_scales", i, sv, {at::kFloat}, "torch.float32", dev);
+  const int64_t n = p.numel(), nb = (n + kQ8Block - 1) / kQ8Block;
+  const std::pair<const char*, std::pair<const at::Tensor*, int64_t>> sizes[] = {
+      {"grads", {&g, n}}, {"exp_avgs", {&m, n}}, {"exp_avg_sqs", {&v, n}},
+      {"exp_avg_scales", {&sm, nb}}, {"exp_avg_sq_scales", {&sv, nb}}};
+  for (const auto& [name, tw] : sizes)
+    TORCH_CHECK_VALUE(tw.first->numel() == tw.second, op, ": ", name, "[", i, "] has ",
+                      tw.first->numel(), " elements; allowed: ", tw.second, " (params[", i,
+                      "] has ", n, " elements, ", nb, " blocks of ", kQ8Block, ")");
+  check_step_meta(op, i, step, dev);
+}
+
+inline void check_adamw_int8_meta(at::TensorList params, at::TensorList grads,
+                                  at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                                  at::TensorList exp_avg_scales,
+                                  at::TensorList exp_avg_sq_scales, at::TensorList steps,
+                                  double lr, double beta1, double beta2, double eps,
+                                  double wd) {
+  const char* op = "masked_adamw_int8_";
+  check_adamw_hyper(lr, beta1, beta2, eps, wd, op);
+  const size_t n = params.size();
+  check_same_length(op, "params", n, "grads", grads.size());
+  check_same_length(op, "params", n, "exp_avgs", exp_avgs.size());
+  check_same_length(op, "params", n, "exp_avg_sqs", exp_avg_sqs.size());
+  check_same_length(op, "params", n, "exp_avg_scales", exp_avg_scales.size());
+  check_same_length(op, "params", n, "exp_avg_sq_scales", exp_avg_sq_scales.size());
+  check_same_length(op, "params", n, "steps", steps.size());
+  if (n == 0) return;
+  const at::Device dev = params[0].device();
+  for (size_t i = 0; i < n; ++i)
+    check_adamw_int8_entry(i, params[i], grads[i], exp_avgs[i], exp_avg_sqs[i],
+                           exp_avg_scales[i], exp_avg_sq_scales[i], steps[i], dev);
+  std::vector<Region> rs;
+  rs.reserve(7 * n);
+  for (size_t i = 0; i < n; ++i) {
+    add_region(rs, params[i], "params", i, Access::kWrite);
+    add_region(rs, grads[i], "grads", i, Access::kRead);
+    add_region(rs, exp_avgs[i], "exp_avgs", i, Access::kWrite);
+    add_region(rs, exp_avg_sqs[i], "exp_avg_sqs", i, Access::kWrite);
+    add_region(rs, exp_avg_scales[i], "exp_avg_scales", i, Access::kWrite);
+    add_region(rs, exp_avg_sq_scales[i], "exp_avg_sq_scales", i, Access::kWrite);
     if (!dev.is_cpu() && steps[i].device() == dev)
       add_region(rs, steps[i], "steps", i, Access::kRead);
   }

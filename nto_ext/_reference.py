@@ -158,8 +158,8 @@ def param_stats(tensors: Sequence[torch.Tensor], histogram: bool = True):
 # ---------------------------------------------------------------------- masked_adamw_
 
 
-def _check_hyper(lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
-    op = "masked_adamw_"
+def _check_hyper(lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+                 op: str = "masked_adamw_") -> None:
     for name, v, ok, rule in (("lr", lr, lr >= 0.0, ">= 0"),
                               ("beta1", beta1, 0.0 <= beta1 < 1.0, "in [0, 1)"),
                               ("beta2", beta2, 0.0 <= beta2 < 1.0, "in [0, 1)"),
@@ -190,9 +190,13 @@ def _check_adamw_entry(i: int, p, g, m, v, idx, step, dev: torch.device) -> None
     if g.numel() != length and g.numel() != p.numel():
         raise ValueError(f"{op}: grads[{i}] has {g.numel()} elements; allowed: {length} "
                          f"(compact) or {p.numel()} (dense, like params[{i}])")
+    _check_step_meta(op, i, step, dev)
+
+
+def _check_step_meta(op: str, i: int, step, dev: torch.device) -> None:
     if not isinstance(step, torch.Tensor):
         raise TypeError(f"{op}: steps[{i}] is {type(step).__name__}; expected a Tensor "
-                        "(ops.masked_adamw_ converts ints)")
+                        f"(ops.{op} converts ints)")
     if step.numel() != 1:
         raise ValueError(f"{op}: steps[{i}] has {step.numel()} elements; allowed: one step "
                          "count per tensor (a 1-element tensor or a number)")
@@ -204,12 +208,12 @@ def _check_adamw_entry(i: int, p, g, m, v, idx, step, dev: torch.device) -> None
                          f"be on the cpu or on {dev}")
 
 
-def _check_steps_values(i: int, step: torch.Tensor) -> None:
+def _check_steps_values(i: int, step: torch.Tensor, op: str = "masked_adamw_") -> None:
     if not _has_values(step):
         return
     low = float(step.item())
     if not low >= 1:  # also refuses NaN
-        raise ValueError(f"masked_adamw_: steps[{i}] holds a step count of {low:g}; step "
+        raise ValueError(f"{op}: steps[{i}] holds a step count of {low:g}; step "
                          "counts start at 1 (the count after incrementing)")
 
 
@@ -278,6 +282,146 @@ def masked_adamw_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
                     flat.copy_(p32)  # round back once
             else:
                 flat[pos] = p32.to(p.dtype)  # the positions read above, not idx again
+
+
+# ---------------------------------------------------------------- masked_adamw_int8_
+
+Q8_BLOCK = 256  # elements per quantization block (one fp32 scale per moment per block)
+M_LEVELS = 127  # exp_avg: signed levels, |q| <= 127
+W_LEVELS = 255  # sqrt(exp_avg_sq): unsigned levels
+_Q8_OP = "masked_adamw_int8_"
+
+
+def q8_blocks(numel: int) -> int:
+    """Quantization blocks (scales per moment) of a tensor of `numel` elements."""
+    return -(-numel // Q8_BLOCK)
+
+
+def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
+    """fp32 square root correctly rounded, as the kernels' (torch's CPU sqrt is not
+    always): the double root of an fp32 value rounds to the nearest fp32 exactly."""
+    return x.double().sqrt().float()
+
+
+def _blocks(x: torch.Tensor, nb: int) -> torch.Tensor:
+    """Flat fp32 `x` zero padded to nb whole blocks, as [nb, Q8_BLOCK]."""
+    out = torch.zeros(nb * Q8_BLOCK, dtype=torch.float32, device=x.device)
+    out[:x.numel()] = x.reshape(-1)
+    return out.view(nb, Q8_BLOCK)
+
+
+def dequantize_q8(qm: torch.Tensor, sm: torch.Tensor, qw: torch.Tensor,
+                  sw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(exp_avg, exp_avg_sq) in fp32, [nb, Q8_BLOCK] (zero padded), from the 8-bit state:
+    exp_avg = q|q| * scale, sqrt(exp_avg_sq) = w = q^2 * scale (squares of integers up to
+    255 are exact in fp32: one rounding each), exp_avg_sq = w * w."""
+    nb = sm.numel()
+    q = _blocks(qm.reshape(-1).float(), nb)
+    m = (q * q.abs()) * sm.view(nb, 1)
+    q = _blocks(qw.reshape(-1).float(), nb)
+    w = (q * q) * sw.view(nb, 1)
+    return m, w * w
+
+
+def _levels(x: torch.Tensor, scale: torch.Tensor, top: int) -> torch.Tensor:
+    """round-to-nearest-even(sqrt(|x| / scale)) per block, in [0, top]; NaN -> 0. The
+    division is a multiplication by the fp32 reciprocal of the scale (0 for scale 0)."""
+    inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+    u = sqrt_rn(x.abs() * inv.view(-1, 1)).round().clamp(max=top)
+    return torch.where(u == u, u, torch.zeros_like(u))
+
+
+def quantize_q8(m: torch.Tensor, w: torch.Tensor, numel: int):
+    """8-bit state (qm int8, sm fp32, qw uint8, sw fp32) of fp32 exp_avg `m` and
+    w = sqrt(exp_avg_sq), both [nb, Q8_BLOCK]; qm and qw have `numel` elements.
+
+    Per block, scales from the abs-max (NaN propagates): sm = max|m| / 127^2 and
+    sw = max w / 255^2; levels q = RNE(sqrt(|x| / scale)), signed for m. The square-root
+    map spends levels on small values: a value 100x below its block's largest keeps ~8%
+    precision instead of rounding to zero as a linear map makes it. A positive w never
+    rounds to level 0: no update is divided by eps alone."""
+    sm = m.abs().amax(1) / float(M_LEVELS * M_LEVELS)
+    u = _levels(m, sm, M_LEVELS)
+    qm = torch.where(m < 0, -u, u).reshape(-1)[:numel].to(torch.int8)
+    sw = w.amax(1) / float(W_LEVELS * W_LEVELS)
+    u = _levels(w, sw, W_LEVELS)
+    u = torch.where((u == 0) & (w > 0), torch.ones_like(u), u)
+    return qm, sm, u.reshape(-1)[:numel].to(torch.uint8), sw
+
+
+def _check_int8_entry(i: int, p, g, m, v, sm, sv, step, dev: torch.device) -> None:
+    op = _Q8_OP
+    _check_tensor(op, "params", i, p, _FLOAT_DTYPES, _FLOATS, dev)
+    _check_tensor(op, "grads", i, g, _FLOAT_DTYPES, _FLOATS, dev)
+    if g.dtype not in (p.dtype, torch.float32):
+        raise TypeError(f"{op}: grads[{i}] has dtype {g.dtype} but params[{i}] has {p.dtype}; "
+                        f"allowed: {p.dtype} or torch.float32")
+    _check_tensor(op, "exp_avgs", i, m, (torch.int8,), "torch.int8", dev)
+    _check_tensor(op, "exp_avg_sqs", i, v, (torch.uint8,), "torch.uint8", dev)
+    _check_tensor(op, "exp_avg_scales", i, sm, (torch.float32,), "torch.float32", dev)
+    _check_tensor(op, "exp_avg_sq_scales", i, sv, (torch.float32,), "torch.float32", dev)
+    n = p.numel()
+    for name, t, want in (("grads", g, n), ("exp_avgs", m, n), ("exp_avg_sqs", v, n),
+                          ("exp_avg_scales", sm, q8_blocks(n)),
+                          ("exp_avg_sq_scales", sv, q8_blocks(n))):
+        if t.numel() != want:
+            raise ValueError(f"{op}: {name}[{i}] has {t.numel()} elements; allowed: {want} "
+                             f"(params[{i}] has {n} elements, {q8_blocks(n)} blocks of "
+                             f"{Q8_BLOCK})")
+    _check_step_meta(op, i, step, dev)
+
+
+def check_masked_adamw_int8(params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales,
+                            exp_avg_sq_scales, steps, lr, beta1, beta2, eps,
+                            weight_decay) -> None:
+    """Every argument check of masked_adamw_int8_, in the kernels' order."""
+    op = _Q8_OP
+    _check_hyper(lr, beta1, beta2, eps, weight_decay, op)
+    _check_same_length(op, "params", len(params), grads=grads, exp_avgs=exp_avgs,
+                       exp_avg_sqs=exp_avg_sqs, exp_avg_scales=exp_avg_scales,
+                       exp_avg_sq_scales=exp_avg_sq_scales, steps=steps)
+    if not params:
+        return
+    dev = params[0].device if isinstance(params[0], torch.Tensor) else None
+    for i in range(len(params)):
+        _check_int8_entry(i, params[i], grads[i], exp_avgs[i], exp_avg_sqs[i],
+                          exp_avg_scales[i], exp_avg_sq_scales[i], steps[i], dev)
+    for i in range(len(params)):
+        _check_steps_values(i, steps[i], op)
+
+
+def masked_adamw_int8_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                       exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor],
+                       exp_avg_scales: Sequence[torch.Tensor],
+                       exp_avg_sq_scales: Sequence[torch.Tensor], steps: Sequence[torch.Tensor],
+                       lr: float, beta1: float, beta2: float, eps: float,
+                       weight_decay: float) -> None:
+    """In-place AdamW on whole tensors with 8-bit moments (formats/int8.py): per block of
+    Q8_BLOCK elements, dequantize (`dequantize_q8`), update in fp32 as masked_adamw_ does
+    but for sqrt(exp_avg_sq) (correctly rounded) multiplied by the fp32 1/sqrt(1-beta2^t)
+    instead of divided by sqrt(1-beta2^t) (one division less per element in the kernels),
+    requantize (`quantize_q8`). bf16/fp16 params are widened, updated and rounded back."""
+    check_masked_adamw_int8(params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales,
+                            exp_avg_sq_scales, steps, lr, beta1, beta2, eps, weight_decay)
+    with torch.no_grad():
+        for p, g, qm, qw, sm, sw, step in zip(params, grads, exp_avgs, exp_avg_sqs,
+                                              exp_avg_scales, exp_avg_sq_scales, steps):
+            n, nb = p.numel(), sm.numel()
+            if n == 0:
+                continue
+            p32, g32 = _blocks(p.reshape(-1).float(), nb), _blocks(g.reshape(-1).float(), nb)
+            m, v = dequantize_q8(qm, sm, qw, sw)
+            t = float(step.item())
+            p32.mul_(1 - lr * weight_decay)
+            m.lerp_(g32, 1 - beta1)
+            v.mul_(beta2).addcmul_(g32, g32, value=1 - beta2)
+            w = sqrt_rn(v)
+            denom = (w * (1 / math.sqrt(1 - beta2**t))).add_(eps)  # a product, see the doc
+            p32.addcdiv_(m, denom, value=-(lr / (1 - beta1**t)))
+            p.view(-1).copy_(p32.view(-1)[:n])
+            new = quantize_q8(m, w, n)
+            for dst, src in zip((qm, sm, qw, sw), new):
+                dst.view(-1).copy_(src)
 
 
 # ------------------------------------------------------------------------ select_topk

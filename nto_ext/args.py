@@ -19,7 +19,7 @@ STATE_ON_SWITCH = ("drop", "offload")
 # Arguments that belong to the whole optimizer (they shape one schedule over all groups).
 GLOBAL_ARGS = ("budget", "policy", "switch_every", "order", "seed", "state_on_switch",
                "nonfinite", "always", "max_grad_norm", "sample_layers", "regrow_fraction",
-               "master_weights", "stochastic_rounding")
+               "master_weights", "stochastic_rounding", "state_dtype")
 
 
 def plain_number(x: object) -> object:

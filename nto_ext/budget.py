@@ -10,6 +10,7 @@ weights, per trainable element, by policy and parameter dtype (DESIGN.md, "Memor
 | adamw (torch) | param dtype    | 2 x param          | -     | 12, 6             |
 | block, sample | param dtype    | 2 x fp32           | -     | 12, 10            |
 |  + fp32 master| -              | + fp32 (bf16/fp16) | -     | -, 14 (default)   |
+|  state int8   | param dtype    | 2 x 1 B + scales   | -     | 6.03, 4.03        |
 | sparse        | fp32 (compact) | 2 x fp32           | int32 | 16, 16            |
 | adamw8bit     | param dtype    | ~2 x 1 B           | -     | 6, 4              |
 
@@ -17,6 +18,9 @@ Sparse: 4 (compact grad) + 8 (moments) + 4 (index, int64 past 2**31 elements in 
 tensor) = 16 B. Step counts are kept per cohort (the elements grown at one regrowth) in
 small host tables, not per element (see sparse.py). It also needs one dense gradient at a
 time during backward (the transient, reported apart).
+
+state_dtype="int8" (formats/int8.py): 2 B of moments per element plus two fp32 scales per
+block of 256 (and per tensor at most one partial block: counted per tensor, exactly).
 
 The master row is the default for bf16/fp16 params under block and sample (the active set
 only; `stochastic_rounding=True` or `master_weights=False`: 10): the policy asks its state

@@ -17,6 +17,7 @@ import sys
 from typing import NoReturn
 
 from . import __version__
+from .formats import STATE_DTYPES
 from .policies import DEFAULT_POLICY, POLICIES
 
 _POLICY_HELP = f"{', '.join(POLICIES)} (default: {DEFAULT_POLICY})"
@@ -145,7 +146,7 @@ def _make_plan(args: argparse.Namespace):
     model = data.meta_model(config, num_labels=args.num_labels, dtype=dtype)
     fit = {} if args.fit is None else {"fit": args.fit, **fit_args}
     p = plan(model, budget, policy=args.policy, dtype=dtype, master_weights=args.master_weights,
-             stochastic_rounding=args.stochastic_rounding, **fit)
+             stochastic_rounding=args.stochastic_rounding, state_dtype=args.state_dtype, **fit)
     p.dtype_source = source
     return p
 
@@ -227,6 +228,9 @@ def _add_plan(sub) -> None:
                      default=None, help="bf16/fp16 params without fp32 master weights")
     fmt.add_argument("--stochastic-rounding", action="store_true",
                      help="bf16/fp16 params rounded stochastically instead of fp32 masters")
+    p.add_argument("--state-dtype", default="fp32", choices=STATE_DTYPES,
+                   help="how the two AdamW moments are stored: fp32 (8 B per element) or int8 "
+                        "(blockwise 8-bit, 2.03 B; bf16 models also need --no-master-weights)")
     p.add_argument("--num-labels", type=int, default=None,
                    help="classification head size for encoder models (default: the config's)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")

@@ -176,7 +176,7 @@ def state_peak(pol: Policy) -> tuple[int, int]:
         return fixed, 0
     bpe = max(pol.bytes_per_element(infos[i].dtype) for i in switching)
     room = min(pol.capacity, sum(u.elements for u in pol.units))
-    return fixed + room * bpe + len(switching) * pol.tensor_overhead_bytes, transient
+    return fixed + math.ceil(room * bpe) + len(switching) * pol.tensor_bytes(), transient
 
 
 def _elements_budget(n: int) -> Budget:

@@ -41,6 +41,10 @@ SCHEMAS = {
     "masked_adamw_": "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
                      "Tensor(c!)[] exp_avg_sqs, Tensor?[] indices, Tensor[] steps, float lr, "
                      "float beta1, float beta2, float eps, float weight_decay) -> ()",
+    "masked_adamw_int8_": "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+                          "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] exp_avg_scales, "
+                          "Tensor(e!)[] exp_avg_sq_scales, Tensor[] steps, float lr, "
+                          "float beta1, float beta2, float eps, float weight_decay) -> ()",
     "select_topk": "(Tensor[] tensors, int k) -> Tensor[]",
     "remap_state": "(Tensor[] old_indices, Tensor[] new_indices, Tensor[] states) -> Tensor[]",
     "gather_accumulate_": "(Tensor[] dense, Tensor[] indices, Tensor(a!)[] compact) -> ()",
@@ -74,6 +78,11 @@ def _(tensors, histogram=True):
 @torch.library.register_fake("nto::masked_adamw_", lib=_LIB)
 def _(*args):
     _reference.check_masked_adamw(*args)
+
+
+@torch.library.register_fake("nto::masked_adamw_int8_", lib=_LIB)
+def _(*args):
+    _reference.check_masked_adamw_int8(*args)
 
 
 @torch.library.register_fake("nto::select_topk", lib=_LIB)
@@ -241,13 +250,13 @@ def param_stats(tensors: Sequence[torch.Tensor], *, histogram: bool = True):
 StepsArg = int | float | torch.Tensor | Sequence[int | float | torch.Tensor]
 
 
-def _step_tensors(steps: StepsArg, n: int) -> list[torch.Tensor]:
+def _step_tensors(steps: StepsArg, n: int, op: str = "masked_adamw_") -> list[torch.Tensor]:
     """`steps` as the schema wants it: one 1-element tensor per param (one count per tensor).
     Plain numbers become float64 CPU scalars (exact up to 2**53), read once on the host;
     tensors pass through unchanged (the op refuses any that is not 1-element)."""
     if isinstance(steps, (int, float, torch.Tensor)):
         if isinstance(steps, torch.Tensor) and steps.numel() != 1:
-            raise ValueError(f"masked_adamw_: steps is a tensor of {steps.numel()} elements; "
+            raise ValueError(f"{op}: steps is a tensor of {steps.numel()} elements; "
                              "pass an int, a 1-element tensor, or a list with one entry per "
                              "param")
         steps = [steps] * n
@@ -260,7 +269,7 @@ def _step_tensors(steps: StepsArg, n: int) -> list[torch.Tensor]:
                 cache[s] = torch.tensor([float(s)], dtype=torch.float64)
             out.append(cache[s])
         else:
-            raise TypeError(f"masked_adamw_: steps[{i}] is {type(s).__name__}; allowed: a "
+            raise TypeError(f"{op}: steps[{i}] is {type(s).__name__}; allowed: a "
                             "number or a 1-element tensor")
     return out
 
@@ -286,6 +295,23 @@ def masked_adamw_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
                          float(beta1), float(beta2), float(eps), float(weight_decay))
 
 
+def masked_adamw_int8_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                       exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor],
+                       exp_avg_scales: Sequence[torch.Tensor],
+                       exp_avg_sq_scales: Sequence[torch.Tensor], steps: StepsArg, *,
+                       lr: float, beta1: float, beta2: float, eps: float,
+                       weight_decay: float) -> None:
+    """masked_adamw_ (dense) with 8-bit moments: exp_avgs int8 and exp_avg_sqs uint8 (one
+    element per param element), exp_avg_scales / exp_avg_sq_scales fp32 (one per block of
+    256 elements); dequantized, updated and requantized in one pass per block. See
+    `_reference.masked_adamw_int8_` (the spec) and nto_ext/formats/int8.py."""
+    _op("masked_adamw_int8_")(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs),
+                              list(exp_avg_scales), list(exp_avg_sq_scales),
+                              _step_tensors(steps, len(params), "masked_adamw_int8_"),
+                              float(lr), float(beta1), float(beta2), float(eps),
+                              float(weight_decay))
+
+
 def select_topk(tensors: Sequence[torch.Tensor], k: int) -> list[torch.Tensor]:
     """Exact global top-k by |x| over the concatenated tensors: per tensor, ascending int32
     positions (int64 past 2**31-1 elements) in the flattened tensor. Ties at the threshold
@@ -309,6 +335,6 @@ def gather_accumulate_(dense: Sequence[torch.Tensor], indices: Sequence[torch.Te
     _op("gather_accumulate_")(list(dense), list(indices), list(compact))
 
 
-__all__ = ["backend", "param_stats", "masked_adamw_", "select_topk", "remap_state",
-           "gather_accumulate_", "BuildMismatchError", "forced_backend", "has_cuda_kernels",
-           "SCHEMAS"]
+__all__ = ["backend", "param_stats", "masked_adamw_", "masked_adamw_int8_", "select_topk",
+           "remap_state", "gather_accumulate_", "BuildMismatchError", "forced_backend",
+           "has_cuda_kernels", "SCHEMAS"]

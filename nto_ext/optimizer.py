@@ -90,8 +90,8 @@ class NTO(torch.optim.Optimizer):
             A policy with compact gradients frees the dense ones in backward, so
             `clip_grad_norm_` and Trainer's own clipping see none: pass it here.
         memory: with budget="auto" only: the memory to fit ("20GiB", or an int of bytes).
-        master_weights, stochastic_rounding: bf16/fp16 params (README "bf16 models"): fp32
-            master weights for the active set (None: the default), or stochastic rounding.
+        master_weights, stochastic_rounding, state_dtype: bf16/fp16 params' fp32 masters (None:
+            default) or stochastic rounding; the moments' "fp32" or "int8" (nto_ext/formats).
         maximize: as torch.optim.AdamW (per group too). `foreach`, `fused` (None/True/False)
             and `amsgrad`, `capturable`, `differentiable` (False only) are accepted so code
             written for AdamW runs unchanged; NTO always runs its own fused kernel.
@@ -108,9 +108,9 @@ class NTO(torch.optim.Optimizer):
                  max_grad_norm: float | None = None, sample_layers: int | None = None,
                  regrow_fraction: float | None = None, *, memory: int | str | None = None,
                  master_weights: bool | None = None, stochastic_rounding: bool = False,
-                 maximize: bool = False, amsgrad: bool = False, foreach: bool | None = None,
-                 fused: bool | None = None, capturable: bool = False,
-                 differentiable: bool = False) -> None:
+                 state_dtype: str = "fp32", maximize: bool = False, amsgrad: bool = False,
+                 foreach: bool | None = None, fused: bool | None = None,
+                 capturable: bool = False, differentiable: bool = False) -> None:
         lr, eps, weight_decay = (plain_number(v) for v in (lr, eps, weight_decay))
         if isinstance(betas, (tuple, list)):
             betas = tuple(plain_number(b) for b in betas)  # type: ignore[assignment]
@@ -124,7 +124,7 @@ class NTO(torch.optim.Optimizer):
         cfg = configure(policy, switch_every=switch_every, order=order, seed=seed,
                         always=always, sample_layers=sample_layers,
                         regrow_fraction=regrow_fraction, master_weights=master_weights,
-                        stochastic_rounding=stochastic_rounding)
+                        stochastic_rounding=stochastic_rounding, state_dtype=state_dtype)
         check_global(budget, state_on_switch, nonfinite, max_grad_norm, cls)
         check_auto_args(budget, memory)
         groups = normalize_groups(params)

@@ -162,7 +162,7 @@ def plan(model_or_config: Any, budget: int | float | str | None = None,
          order: str | None = None, seed: int = 0, always: tuple[str, ...] = (),
          sample_layers: int | None = None, task: str | None = None,
          regrow_fraction: float | None = None, master_weights: bool | None = None,
-         stochastic_rounding: bool = False) -> Plan:
+         stochastic_rounding: bool = False, state_dtype: str = "fp32") -> Plan:
     """Plan an NTO run without allocating weights.
 
     model_or_config: an nn.Module (meta or real), a transformers PretrainedConfig, or a
@@ -193,7 +193,7 @@ def plan(model_or_config: Any, budget: int | float | str | None = None,
     validate_policy_args(policy, switch_every=switch_every, order=order, seed=seed,
                          always=always, sample_layers=sample_layers,
                          regrow_fraction=regrow_fraction, master_weights=master_weights,
-                         stochastic_rounding=stochastic_rounding)
+                         stochastic_rounding=stochastic_rounding, state_dtype=state_dtype)
     want = _parse_dtype(dtype)
     source = "dtype=" if want is not None else ""
     config = _as_config(model_or_config)
@@ -207,7 +207,7 @@ def plan(model_or_config: Any, budget: int | float | str | None = None,
         return make_policy(policy, infos, b, switch_every=switch_every, order=order,
                            seed=seed, always=tuple(always), sample_layers=sample_layers,
                            regrow_fraction=regrow_fraction, master_weights=master_weights,
-                           stochastic_rounding=stochastic_rounding)
+                           stochastic_rounding=stochastic_rounding, state_dtype=state_dtype)
 
     found = None
     if memory is not None:

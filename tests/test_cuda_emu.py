@@ -291,6 +291,7 @@ inline CUDAStream getCurrentCUDAStream() { return {}; }
 CUDA_FUNCTIONS = {
     "param_stats": "stats::param_stats_cuda",
     "masked_adamw_": "adamw::masked_adamw_cuda",
+    "masked_adamw_int8_": "adamw_int8::masked_adamw_int8_cuda",
     "select_topk": "topk::select_topk_cuda",
     "remap_state": "remap::remap_state_cuda",
     "gather_accumulate_": "gather::gather_accumulate_cuda",
@@ -419,6 +420,35 @@ def test_masked_adamw_many_tensors(emu):
                            torch.tensor([7.0], dtype=torch.float64), gen, 0)
         got, want = _run(emu.masked_adamw_, case), _run(_cpu("masked_adamw_"), case)
         assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+def test_masked_adamw_int8(emu):
+    """8-bit moments: the CUDA kernel (one thread block per quantization block) gives the
+    CPU kernel's bits, NaN/Inf gradients included (NaN payloads aside)."""
+    gen = torch.Generator().manual_seed(4)
+    for pdtype, gdtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                           (torch.float16, torch.float16)):
+        sizes = (1, 255, 256, 257, 4097)
+        cols = [[] for _ in range(7)]
+        for n in sizes:
+            nb = _reference.q8_blocks(n)
+            g = torch.randn(n, generator=gen) * torch.logspace(-4, 0, n)
+            if n == 4097:
+                g[5], g[700] = float("nan"), float("inf")
+            for c, v in zip(cols, (torch.randn(n, generator=gen).to(pdtype), g.to(gdtype),
+                                   torch.randint(-127, 128, (n,), generator=gen).to(torch.int8),
+                                   torch.randint(0, 256, (n,), generator=gen).to(torch.uint8),
+                                   torch.rand(nb, generator=gen) * 1e-4,
+                                   torch.rand(nb, generator=gen) * 1e-6,
+                                   torch.tensor([3.0], dtype=torch.float64))):
+                c.append(v)
+        runs = []
+        for op in (emu.masked_adamw_int8_, _cpu("masked_adamw_int8_")):
+            c = [[t.clone() for t in col] for col in cols]
+            op(*c, *HYPER)
+            runs.append([t for col in c[:6] for t in col])
+        for g, w in zip(*runs):
+            torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("dtype", FLOATS)

@@ -30,6 +30,20 @@ struct AdamWChunk {
   bool g_dense;     // indexed only: g is the dense grad, read at idx
 };
 
+// One work item of masked_adamw_int8_ (dense): n elements from a block boundary; p and g
+// at its first element, qm/qw (8-bit moments) too, sm/sw (scales) at its first block.
+struct AdamWQ8Chunk {
+  void* p;
+  const void* g;
+  int8_t* qm;
+  uint8_t* qw;
+  float* sm;
+  float* sw;
+  int64_t n;
+  FType p_type;
+  FType g_type;
+};
+
 // Per-chunk partial statistics of param_stats.
 struct StatsPartial {
   double sumsq;
@@ -39,6 +53,7 @@ struct StatsPartial {
 
 // fault: where an indexed chunk met a position out of range (see index_fault.h).
 using AdamWChunkFn = void (*)(const AdamWChunk&, const AdamWScalars&, IndexFault*);
+using AdamWQ8ChunkFn = void (*)(const AdamWQ8Chunk&, const AdamWScalars&);
 using StatsChunkFn = void (*)(const void* x, FType t, int64_t n, StatsPartial* out);
 // select_topk's ranking key of each element: fp32 bits of |x| plus one, NaN -> 0.
 using TopkKeysFn = void (*)(const void* x, FType t, int64_t n, uint32_t* keys);
@@ -49,6 +64,7 @@ struct CpuKernels {
   StatsChunkFn stats;  // sumsq, absmax and hist
   StatsChunkFn sums;   // sumsq and absmax only (the same bits as `stats`); hist untouched
   TopkKeysFn topk_keys;
+  AdamWQ8ChunkFn adamw_q8;  // masked_adamw_int8_
 };
 
 namespace cpu_default { const CpuKernels& kernels(); }

@@ -247,6 +247,118 @@ void adamw_chunk(const AdamWChunk& c, const AdamWScalars& s, IndexFault* f) {
   }
 }
 
+// ------------------------------------------------------------------ masked_adamw_int8_
+
+// Largest lane of lanes >= 0, NaN if any lane is NaN (torch's amax).
+inline float lane_max_nan(const Vec& a) {
+  alignas(64) float x[kV];
+  a.store(x);
+  float out = 0.0f;
+  for (int64_t t = 0; t < kV; ++t) {
+    if (std::isnan(x[t])) return x[t];
+    out = std::max(out, x[t]);
+  }
+  return out;
+}
+
+// sqrt(|x| * inv) rounded to nearest even, at most `top`, per lane (NaN stays NaN).
+inline Vec q8_level(const Vec& x, float inv, float top) {
+  return at::vec::minimum((x.abs() * Vec(inv)).sqrt().round(), Vec(top));
+}
+
+// One block of cnt <= kQ8Block elements: dequantize the 8-bit moments (scalar loops over
+// exact integer products, vectorized by the compiler), AdamW on float vectors, then the
+// block's new scales and levels (_reference.quantize_q8). p and g point at kQ8Block
+// elements (a partial block: the caller's zero-padded buffers).
+template <typename P, typename G>
+inline void adamw_q8_block(P* p, const G* g, int8_t* qm, uint8_t* qw, float* sm, float* sw,
+                           int64_t cnt, const AdamWScalars& s) {
+  alignas(64) float mb[kQ8Block], wb[kQ8Block];
+  const float s_m = *sm, s_w = *sw;
+  for (int64_t t = 0; t < cnt; ++t) {
+    const float q = static_cast<float>(qm[t]);
+    mb[t] = (q * std::fabs(q)) * s_m;
+    const float r = static_cast<float>(qw[t]);
+    const float w = (r * r) * s_w;
+    wb[t] = w * w;
+  }
+  for (int64_t t = cnt; t < kQ8Block; ++t) mb[t] = 0.0f, wb[t] = 0.0f;
+  const Vec nss(s.neg_step_size), inv_bc2(s.inv_bc2_sqrt);
+  Vec amax_m(0.0f), amax_w(0.0f);
+  for (int64_t j = 0; j < kQ8Block; j += kW) {
+    Vec p0, p1, g0, g1;
+    load2(p + j, p0, p1);
+    load2(g + j, g0, g1);
+    Vec m0 = Vec::loadu(mb + j), m1 = Vec::loadu(mb + j + kV);
+    Vec v0 = Vec::loadu(wb + j), v1 = Vec::loadu(wb + j + kV);
+    const Vec w0 = adamw_update_q8(p0, g0, m0, v0, s, nss, inv_bc2);
+    const Vec w1 = adamw_update_q8(p1, g1, m1, v1, s, nss, inv_bc2);
+    store2(p + j, p0, p1);
+    m0.store(mb + j);
+    m1.store(mb + j + kV);
+    w0.store(wb + j);
+    w1.store(wb + j + kV);
+    amax_m = at::vec::maximum(amax_m, at::vec::maximum(m0.abs(), m1.abs()));
+    amax_w = at::vec::maximum(amax_w, at::vec::maximum(w0, w1));
+  }
+  const float new_sm = lane_max_nan(amax_m) / kQ8MSquare;
+  const float new_sw = lane_max_nan(amax_w) / kQ8WSquare;
+  *sm = new_sm;
+  *sw = new_sw;
+  const float inv_m = q8_inverse(new_sm), inv_w = q8_inverse(new_sw);
+  alignas(64) float um[kQ8Block], uw[kQ8Block];
+  for (int64_t j = 0; j < kQ8Block; j += kV) {
+    q8_level(Vec::loadu(mb + j), inv_m, kQ8MLevels).store(um + j);
+    q8_level(Vec::loadu(wb + j), inv_w, kQ8WLevels).store(uw + j);
+  }
+  for (int64_t t = 0; t < cnt; ++t) {
+    const float u = um[t] == um[t] ? um[t] : 0.0f;  // NaN -> 0
+    const int level = static_cast<int>(u);
+    qm[t] = static_cast<int8_t>(mb[t] < 0.0f ? -level : level);
+    float r = uw[t] == uw[t] ? uw[t] : 0.0f;
+    if (r == 0.0f && wb[t] > 0.0f) r = 1.0f;  // a positive root never rounds to zero
+    qw[t] = static_cast<uint8_t>(static_cast<int>(r));
+  }
+}
+
+template <typename P, typename G>
+void adamw_q8_chunk_t(const AdamWQ8Chunk& c, const AdamWScalars& s) {
+  P* p = static_cast<P*>(c.p);
+  const G* g = static_cast<const G*>(c.g);
+  for (int64_t j = 0, b = 0; j < c.n; j += kQ8Block, ++b) {
+    const int64_t cnt = std::min<int64_t>(kQ8Block, c.n - j);
+    if (cnt == kQ8Block) {
+      prefetch_ahead(p + j, kQ8Block), prefetch_ahead(g + j, kQ8Block);
+      adamw_q8_block(p + j, g + j, c.qm + j, c.qw + j, c.sm + b, c.sw + b, cnt, s);
+      continue;
+    }
+    alignas(64) P pb[kQ8Block];  // the last partial block, zero padded
+    alignas(64) G gb[kQ8Block];
+    std::memset(pb, 0, sizeof(pb));
+    std::memset(gb, 0, sizeof(gb));
+    std::memcpy(pb, p + j, cnt * sizeof(P));
+    std::memcpy(gb, g + j, cnt * sizeof(G));
+    adamw_q8_block(pb, gb, c.qm + j, c.qw + j, c.sm + b, c.sw + b, cnt, s);
+    std::memcpy(p + j, pb, cnt * sizeof(P));
+  }
+}
+
+template <typename P>
+void adamw_q8_chunk_p(const AdamWQ8Chunk& c, const AdamWScalars& s) {
+  if (c.g_type == FType::F32)
+    adamw_q8_chunk_t<P, float>(c, s);
+  else
+    adamw_q8_chunk_t<P, P>(c, s);  // checks allow only the param's dtype or fp32
+}
+
+void adamw_q8_chunk(const AdamWQ8Chunk& c, const AdamWScalars& s) {
+  switch (c.p_type) {
+    case FType::F32: adamw_q8_chunk_p<float>(c, s); break;
+    case FType::BF16: adamw_q8_chunk_p<c10::BFloat16>(c, s); break;
+    case FType::F16: adamw_q8_chunk_p<c10::Half>(c, s); break;
+  }
+}
+
 // ------------------------------------------------------------------------ param_stats
 
 // Sums of squares go to 32 fp32 lanes, element j of each 32-element block to lane j, in
@@ -831,7 +943,7 @@ void topk_keys(const void* x, FType t, int64_t n, uint32_t* keys) {
 
 const CpuKernels& kernels() {
   static const CpuKernels k{NTO_CAP_NAME, &adamw_chunk, &stats_chunk, &sums_chunk,
-                            &topk_keys};
+                            &topk_keys, &adamw_q8_chunk};
   return k;
 }
 

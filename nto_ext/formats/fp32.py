@@ -30,8 +30,9 @@ MOMENTS = ("exp_avg", "exp_avg_sq")
 class Fp32Moments:
     name = "fp32"
     keys = ("step", *MOMENTS)
-    element_bytes = 8  # two fp32 moments per element
+    element_bytes: float = 8  # two fp32 moments per element
     step_bytes = 4  # one fp32 `step` scalar per tensor
+    tensor_bytes = 0  # per tensor beyond element_bytes per element and the step (worst case)
 
     def transient_bytes(self, numel: int) -> int:
         """Largest temporary of an update whose largest tensor has `numel` elements."""
@@ -87,11 +88,10 @@ class Fp32Moments:
         if maximize:  # AdamW's maximize: descend on -grad (negated in place, then back)
             torch._foreach_neg_(grads)
         try:
-            call(ops.masked_adamw_, [i for i, _, _, _ in items], params, grads,
-                 [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
-                 [None] * len(items), [s + 1 for s in steps], lr=float(group["lr"]),
-                 beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
-                 weight_decay=float(group["weight_decay"]))
+            self._kernel(call, [i for i, _, _, _ in items], params, grads, states,
+                         [s + 1 for s in steps], lr=float(group["lr"]), beta1=float(beta1),
+                         beta2=float(beta2), eps=float(group["eps"]),
+                         weight_decay=float(group["weight_decay"]))
         finally:
             if maximize:
                 torch._foreach_neg_(grads)
@@ -99,6 +99,16 @@ class Fp32Moments:
         for (_, t, _, _), staged in zip(items, params):
             if staged is not t:
                 t.copy_(staged)
+
+    def _kernel(self, call: Callable[..., Any], indices: list[int], params: list, grads: list,
+                states: list[dict[str, Any]], steps: list, **hyper: float) -> None:
+        """The fused update of contiguous params and grads (steps: the counts after it)."""
+        call(ops.masked_adamw_, indices, params, grads, [st["exp_avg"] for st in states],
+             [st["exp_avg_sq"] for st in states], [None] * len(params), steps, **hyper)
+
+    def state_bytes(self, numel: int) -> int:
+        """Device bytes of the state of `numel` elements (the `step` scalar apart)."""
+        return self.element_bytes * numel
 
 
 FP32 = Fp32Moments()

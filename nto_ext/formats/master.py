@@ -27,7 +27,6 @@ from typing import Any
 
 import torch
 
-from .. import ops
 from ..checkpoint import Storages, check_moment, check_values, local_tensor
 from .fp32 import MOMENTS, Fp32Moments
 
@@ -63,9 +62,8 @@ class _Fp32Compute(Fp32Moments):
             if group.get("maximize", False):  # AdamW's maximize: descend on -grad
                 torch._foreach_neg_(grads)
             steps = [st["step"] for _, st in batch]
-            call(ops.masked_adamw_, [i for (i, _, _, _), _ in batch], values, grads,
-                 [st["exp_avg"] for _, st in batch], [st["exp_avg_sq"] for _, st in batch],
-                 [None] * len(batch), [s + 1 for s in steps], **hyper)
+            self._kernel(call, [i for (i, _, _, _), _ in batch], values, grads,
+                         [st for _, st in batch], [s + 1 for s in steps], **hyper)
             torch._foreach_add_(steps, 1.0)  # counted once the kernel has run
             for ((i, t, _, _), _), value in zip(batch, values):
                 self._write(t, value, seed, step, i, i in leaving)

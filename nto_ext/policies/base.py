@@ -15,6 +15,7 @@ a `Config` subclass, a `Policy` subclass naming it and its updater, and one line
 from __future__ import annotations
 
 import dataclasses
+import math
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, ClassVar, Protocol
@@ -24,20 +25,21 @@ import torch
 from ..blocks import ParamInfo
 from ..budget import Budget, storage_bytes
 from ..checkpoint import Storages
-from ..formats import LOW_PRECISION, Fp32Moments, choose
+from ..formats import LOW_PRECISION, STATE_DTYPES, Fp32Moments, choose
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Validated policy arguments (every policy has these). Subclasses add fields and
     validate them in `__post_init__`; NTO passes only the fields a policy's config has.
-    `master_weights`, `stochastic_rounding`: the state format of bf16/fp16 params
-    (`nto_ext.formats.choose`)."""
+    `master_weights`, `stochastic_rounding`: the state format of bf16/fp16 params;
+    `state_dtype`: how the moments are stored (`nto_ext.formats.choose`)."""
 
     switch_every: int = 50
     seed: int = 0
     master_weights: bool | None = None
     stochastic_rounding: bool = False
+    state_dtype: str = "fp32"
 
     def __post_init__(self) -> None:
         v = self.switch_every
@@ -57,6 +59,17 @@ class Config:
             raise ValueError("master_weights=True with stochastic_rounding=True; allowed: one "
                              "of them (masters keep an fp32 copy of the active bf16/fp16 "
                              "params; stochastic rounding keeps none)")
+        d = self.state_dtype
+        if not isinstance(d, str) or d not in STATE_DTYPES:
+            raise ValueError(f"state_dtype={d!r}; allowed: {', '.join(map(repr, STATE_DTYPES))}"
+                             " (how AdamW's two moments are stored: 'int8' keeps them in 8 "
+                             "bits, 2.03 B per element instead of 8)")
+        if d != "fp32" and (m or sr):
+            other = "master_weights" if m else "stochastic_rounding"
+            raise ValueError(f"state_dtype={d!r} with {other}=True; allowed: one of them "
+                             "(the 8-bit format updates bf16/fp16 params in place, rounded "
+                             "to nearest; masters and stochastic rounding run with fp32 "
+                             "moments only, for now)")
 
 
 class Host(Protocol):
@@ -172,27 +185,43 @@ class Policy:
         if asked and not low:
             raise ValueError(f"{asked[0]} but no trainable param is bf16 or fp16 (fp32 params "
                              "are updated in fp32 already); allowed here: leave it unset")
+        if config.state_dtype != "fp32" and low and config.master_weights is None:
+            raise ValueError(f"state_dtype={config.state_dtype!r} with bf16/fp16 params keeps "
+                             "no fp32 master weights (their default): the params are updated "
+                             "in place, rounded to nearest, and updates below half an ulp are "
+                             "lost; allowed: pass master_weights=False to accept that, or "
+                             "state_dtype='fp32' (masters), or train fp32 params")
 
     # ---------------------------------------------------------------- memory model
     def state_format(self, dtype: torch.dtype) -> Fp32Moments:
         """How the state of a param of `dtype` is kept (`nto_ext.formats`)."""
-        return choose(dtype, self.cfg.master_weights, self.cfg.stochastic_rounding)
+        return choose(dtype, self.cfg.master_weights, self.cfg.stochastic_rounding,
+                      self.cfg.state_dtype)
 
     def format_config(self) -> dict[str, Any]:
         """The formats in use beyond fp32 moments, for the saved config (empty when none:
         checkpoints of fp32 runs keep loading)."""
         used = {self.state_format(i.dtype).name for i in self.infos if i.trainable}
-        return {key: True for key, fmt in (("master_weights", "master"),
-                                           ("stochastic_rounding", "stochastic"))
-                if fmt in used}
+        out: dict[str, Any] = {key: True for key, fmt in (("master_weights", "master"),
+                                                          ("stochastic_rounding", "stochastic"))
+                               if fmt in used}
+        return {**out, "state_dtype": "int8"} if "int8" in used else out
 
-    def bytes_per_element(self, dtype: torch.dtype) -> int:
-        """Device bytes of training state per trained element (gradient + state + index)."""
+    def bytes_per_element(self, dtype: torch.dtype) -> float:
+        """Device bytes of training state per trained element (gradient + state + index);
+        not a whole number for 8-bit moments (2 + 8/256 B of state)."""
         raise NotImplementedError
+
+    def tensor_bytes(self) -> int:
+        """Most bytes one trained tensor (or range of rows) adds beyond bytes_per_element
+        per element: the policy's fixed overhead, and a format's partial last block."""
+        return self.tensor_overhead_bytes + max(
+            (self.state_format(i.dtype).tensor_bytes for i in self.infos if i.trainable),
+            default=0)
 
     def state_bytes(self, numel: int, dtype: torch.dtype) -> int:
         """Training-state bytes of one fully trained tensor."""
-        return numel * self.bytes_per_element(dtype) + self.tensor_overhead_bytes
+        return math.ceil(numel * self.bytes_per_element(dtype)) + self.tensor_overhead_bytes
 
     def cost(self, params: Iterable[int], elements: int | None = None) -> int:
         """Cost of training `params` together, in budget units (elements or bytes);
@@ -213,7 +242,7 @@ class Policy:
             if used + size > self.budget.amount:
                 break
             n, used = n + 1, used + size
-        return self.budget.amount * bpe + self.tensor_overhead_bytes * n
+        return math.ceil(self.budget.amount * bpe) + self.tensor_bytes() * n
 
     def piece_sizes(self) -> list[int]:
         """Elements of each thing that trains with its own per-tensor state: the
@@ -224,8 +253,8 @@ class Policy:
         """The budget in elements (byte budgets: bytes / smallest bytes per element)."""
         if self.budget.kind == "elements":
             return self.budget.amount
-        return self.budget.amount // min(self.bytes_per_element(i.dtype)
-                                         for i in self.infos if i.trainable)
+        return int(self.budget.amount // min(self.bytes_per_element(i.dtype)
+                                             for i in self.infos if i.trainable))
 
     # ---------------------------------------------------------------- schedule
     def active(self, step: int) -> frozenset[int]:

@@ -22,6 +22,7 @@ import torch
 from .. import persist
 from ..args import check_grad, check_hyper, check_param
 from ..checkpoint import Storages, local_tensor
+from ..formats import FP32
 from ..grads import sq_norms
 from .base import Updater
 
@@ -274,17 +275,18 @@ class DenseUpdater(Updater):
 
     def import_entry(self, where: str, st: dict[str, Any],
                      p: torch.Tensor) -> dict[str, Any] | None:
-        full = self.fmt(p).from_adamw(where, st, p)
         i = self.host.table.index[p]
         if i not in self.policy.split:
-            return full
+            return self.fmt(p).from_adamw(where, st, p)
+        full = FP32.from_adamw(where, st, p)  # checked; each range converted on its own
         cursor = self.policy.state_dict()
         first = self.policy.active_rows(0).get(i)  # an imported state starts at step 0
         self.policy.load_state_dict(cursor)
 
         def piece(rows: Rows) -> dict[str, Any]:
-            return {"step": full["step"].clone(), "rows": list(rows),
-                    **{k: v[rows[0]:rows[1]].clone() for k, v in full.items() if k != "step"}}
+            part = {k: (v if k == "step" else v[rows[0]:rows[1]]).clone()
+                    for k, v in full.items()}
+            return {**self.fmt(p).from_adamw(where, part, _view(p, rows)), "rows": list(rows)}
 
         out = piece(first) if first is not None else {}
         if self.host.state_on_switch == "offload":

@@ -278,8 +278,12 @@ class ScheduledPolicy(Policy):
     def untrainable(self) -> list[int]:
         return list(self._too_big)
 
-    def bytes_per_element(self, dtype: torch.dtype) -> int:
+    def bytes_per_element(self, dtype: torch.dtype) -> float:
         return dtype.itemsize + self.state_format(dtype).element_bytes  # gradient + format
+
+    def state_bytes(self, numel: int, dtype: torch.dtype) -> int:
+        return (numel * dtype.itemsize + self.state_format(dtype).state_bytes(numel)
+                + self.tensor_overhead_bytes)
 
     # ---------------------------------------------------------------- persistence
     def config(self) -> dict[str, Any]:

@@ -234,6 +234,11 @@ class SparseConfig(Config):
                                  "compact state has no master or stochastic-rounding "
                                  f"variant); allowed here: {key}=False, or policy='block' / "
                                  "'sample'")
+        if self.state_dtype != "fp32":
+            raise ValueError(f"state_dtype={self.state_dtype!r} does not apply to "
+                             "policy='sparse' yet (its compact state is regrown and remapped "
+                             "in fp32); allowed here: state_dtype='fp32', or policy='block' / "
+                             "'sample'")
         object.__setattr__(self, "master_weights", False)  # None: none, as before
 
 

@@ -1,0 +1,81 @@
+// masked_adamw_int8_ on CPU: AdamW over whole tensors whose moments are stored in 8 bits
+// (nto_ext/formats/int8.py; the spec: nto_ext/_reference.py masked_adamw_int8_). Checks
+// everything first (metadata, step counts); then at::parallel_for over (tensor, chunk)
+// work items (chunks start on block boundaries), each running the per-capability block
+// loop of vec_kernels_impl.h: dequantize, update, requantize, one pass per block.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../adamw_math.h"
+#include "../checks.h"
+#include "vec_kernels.h"
+#include "work_items.h"
+
+namespace nto {
+namespace {
+
+constexpr const char* kOp = "masked_adamw_int8_";
+static_assert(kChunk % kQ8Block == 0, "work items start on block boundaries");
+
+FType ftype(c10::ScalarType t) {
+  return t == at::kFloat ? FType::F32 : t == at::kBFloat16 ? FType::BF16 : FType::F16;
+}
+
+double scalar_step(const at::Tensor& step) {
+  double out = 0.0;
+  AT_DISPATCH_ALL_TYPES_AND2(at::kHalf, at::kBFloat16, step.scalar_type(), "nto_step", [&] {
+    out = static_cast<double>(*step.const_data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+void masked_adamw_int8_cpu(at::TensorList params, at::TensorList grads,
+                           at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                           at::TensorList exp_avg_scales, at::TensorList exp_avg_sq_scales,
+                           at::TensorList steps, double lr, double beta1, double beta2,
+                           double eps, double weight_decay) {
+  check_adamw_int8_meta(params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales,
+                        exp_avg_sq_scales, steps, lr, beta1, beta2, eps, weight_decay);
+  const size_t n = params.size();
+  const AdamWScalars base = adamw_scalars(lr, beta1, beta2, eps, weight_decay);
+  std::vector<AdamWScalars> scal(n, base);
+  std::vector<int64_t> sizes(n);
+  for (size_t i = 0; i < n; ++i) {  // step values, in the reference's order
+    const double step = scalar_step(steps[i]);
+    TORCH_CHECK_VALUE(step >= 1.0, kOp, ": steps[", i, "] holds a step count of ", fmt_g(step),
+                      "; step counts start at 1 (the count after incrementing)");
+    adamw_step_scalars(lr, beta1, beta2, step, &scal[i].neg_step_size, &scal[i].bc2_sqrt);
+    scal[i].inv_bc2_sqrt = adamw_inv_bc2_sqrt(beta2, step);
+    sizes[i] = params[i].numel();
+  }
+  const auto items = make_work_items(sizes);
+  const auto& k = cpu_kernels();
+  at::parallel_for(0, (int64_t)items.size(), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t w = lo; w < hi; ++w) {
+      const auto& it = items[w];
+      const size_t t = it.tensor;
+      const int64_t b = it.begin;
+      AdamWQ8Chunk c;
+      c.p = static_cast<char*>(params[t].data_ptr()) + b * params[t].element_size();
+      c.g = static_cast<const char*>(grads[t].const_data_ptr()) + b * grads[t].element_size();
+      c.qm = exp_avgs[t].data_ptr<int8_t>() + b;
+      c.qw = exp_avg_sqs[t].data_ptr<uint8_t>() + b;
+      c.sm = exp_avg_scales[t].data_ptr<float>() + b / kQ8Block;
+      c.sw = exp_avg_sq_scales[t].data_ptr<float>() + b / kQ8Block;
+      c.n = it.end - b;
+      c.p_type = ftype(params[t].scalar_type());
+      c.g_type = ftype(grads[t].scalar_type());
+      k.adamw_q8(c, scal[t]);
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(nto, CPU, m) { m.impl("masked_adamw_int8_", &masked_adamw_int8_cpu); }
+
+}  // namespace nto
