@@ -15,7 +15,8 @@ steady-state update of the active set, including NTO's default non-finite check
 (nonfinite="skip": one param_stats(histogram=False) read of the active gradients), and again
 with nonfinite="propagate" (no check, torch's AdamW semantics).
 Target (issue 8): NTO at budget b costs <= (b + 0.05) x the fused AdamW step; with
-state_dtype="int8" (issue 20) <= 1.3x the fp32-state step on the same elements.
+state_dtype="int8" (issue 20) <= 1.3x the fp32-state step on the same elements; bf16 params
+through fp32 master weights (issue 19) add the masters' read and write to the step.
 """
 
 from __future__ import annotations
@@ -150,6 +151,26 @@ def test_nto_state_dtype(benchmark, tensors, budget, state_dtype):
          elements=sum(leaves[i][1].numel() for i in active), active=active)
 
 
+BF16_FORMATS = {"fp32 params": {}, "bf16 plain": {"master_weights": False},
+                "bf16 masters": {}, "bf16 stochastic": {"stochastic_rounding": True}}
+
+
+@pytest.mark.parametrize("fmt", list(BF16_FORMATS))
+def test_nto_bf16(benchmark, tensors, fmt):
+    """Issue 19's step cost: the same 25% of elements with fp32 params, and with bf16
+    params updated in place (plain), through fp32 master weights (the default) or with
+    stochastic rounding; without the non-finite check (the update alone)."""
+    params, grads = tensors
+    dtype = torch.float32 if fmt == "fp32 params" else torch.bfloat16
+    leaves = [(n, p.detach().to(dtype).requires_grad_()) for n, p in params]
+    opt = NTO(leaves, **HYPER, budget="25%", policy="block", switch_every=10**9,
+              nonfinite="propagate", **BF16_FORMATS[fmt])
+    active = opt.active_set
+    _run(benchmark, opt, leaves, [g.to(dtype) for g in grads], group="bf16",
+         name=f"nto-block-25% {fmt}", budget=0.25,
+         elements=sum(leaves[i][1].numel() for i in active), active=active)
+
+
 def table(bench_json: dict) -> str:
     """Markdown: each step's median time and its fraction of the fused AdamW step."""
     rows = {b["extra_info"]["name"]: b for b in bench_json["benchmarks"]}
@@ -169,6 +190,12 @@ def table(bench_json: dict) -> str:
         if all(pair):
             ratio = pair[1]["stats"]["median"] / pair[0]["stats"]["median"]
             lines.append(f"\nint8 / fp32 state at {budget}: {ratio:.3f} (target <= 1.3)")
+    plain = rows.get("nto-block-25% bf16 plain")
+    for fmt in ("bf16 masters", "bf16 stochastic", "fp32 params"):
+        row = rows.get(f"nto-block-25% {fmt}")
+        if plain and row:
+            ratio = row["stats"]["median"] / plain["stats"]["median"]
+            lines.append(f"\n{fmt} / bf16 plain at 25%: {ratio:.3f}")
     return "\n".join(lines)
 
 
