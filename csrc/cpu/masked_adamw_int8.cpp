@@ -4,7 +4,6 @@
 // work items (chunks start on block boundaries), each running the per-capability block
 // loop of vec_kernels_impl.h: dequantize, update, requantize, one pass per block.
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -25,14 +24,6 @@ FType ftype(c10::ScalarType t) {
   return t == at::kFloat ? FType::F32 : t == at::kBFloat16 ? FType::BF16 : FType::F16;
 }
 
-double scalar_step(const at::Tensor& step) {
-  double out = 0.0;
-  AT_DISPATCH_ALL_TYPES_AND2(at::kHalf, at::kBFloat16, step.scalar_type(), "nto_step", [&] {
-    out = static_cast<double>(*step.const_data_ptr<scalar_t>());
-  });
-  return out;
-}
-
 void masked_adamw_int8_cpu(at::TensorList params, at::TensorList grads,
                            at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                            at::TensorList exp_avg_scales, at::TensorList exp_avg_sq_scales,
@@ -45,9 +36,7 @@ void masked_adamw_int8_cpu(at::TensorList params, at::TensorList grads,
   std::vector<AdamWScalars> scal(n, base);
   std::vector<int64_t> sizes(n);
   for (size_t i = 0; i < n; ++i) {  // step values, in the reference's order
-    const double step = scalar_step(steps[i]);
-    TORCH_CHECK_VALUE(step >= 1.0, kOp, ": steps[", i, "] holds a step count of ", fmt_g(step),
-                      "; step counts start at 1 (the count after incrementing)");
+    const double step = checked_host_step(kOp, i, steps[i]);
     adamw_step_scalars(lr, beta1, beta2, step, &scal[i].neg_step_size, &scal[i].bc2_sqrt);
     scal[i].inv_bc2_sqrt = adamw_inv_bc2_sqrt(beta2, step);
     sizes[i] = params[i].numel();
