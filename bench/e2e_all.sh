@@ -34,3 +34,7 @@ e2e --task lm --seeds 0 --configs nto-block-25 nto-block-10 nto-sample-10 nto-sp
 e2e --task lm --seeds 0 1 2 --tag lr2e-4 --lr full=2e-4 nto=2e-4 --configs nto-block-25 \
     nto-block-10 nto-sample-25 nto-sample-10 nto-sparse-25 nto-sparse-10 badam lisa
 e2e --task lm --seeds 0 --tag lr2e-4 --lr full=2e-4 nto=2e-4 --configs adamw
+# issue 21: order="importance" against the fixed order (block) and uniform draws (sample), 60
+# steps with switch_every 2, so that cycles after the first (the weighted ones) fit in the run
+e2e --task lm --steps 60 --switch-every 2 --seeds 0 1 2 --tag imp --lr full=2e-4 nto=2e-4 \
+    --configs nto-block-10 nto-block-10-importance nto-sample-10 nto-sample-10-importance adamw
