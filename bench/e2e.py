@@ -56,6 +56,7 @@ TASKS = {"sentiment": ("minilm", "tweets", "classify"), "lm": ("smollm2", "bbc",
 # usual adapter rate (x5-10 of full fine-tuning). Not tuned per configuration.
 LR = {"classify": {"full": 1e-4, "nto": 3e-4, "lora": 5e-4},
       "lm": {"full": 5e-5, "nto": 5e-5, "lora": 5e-4}}
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # --dtype: the weights' dtype
 
 
 @dataclass
@@ -93,6 +94,10 @@ CONFIGS: dict[str, tuple[str, str]] = {
     "nto-block-10-importance": ("nto", "NTO block, budget 10%, order importance (ascending, "
                                 "each group repeated by its gradient norm), state dropped"),
     "nto-sample-10-importance": ("nto", "NTO sample, budget 10%, order importance"),
+    "nto-block-10-plain": ("nto", "NTO block, budget 10%, descending, state dropped; bf16/fp16 "
+                           "params updated in place, no fp32 masters (with --dtype bf16)"),
+    "nto-block-10-sr": ("nto", "NTO block, budget 10%, descending, state dropped; bf16/fp16 "
+                        "params rounded stochastically, no masters (with --dtype bf16)"),
     "nto-sparse-25": ("nto", "NTO sparse, budget 25%"),
     "nto-sparse-10": ("nto", "NTO sparse, budget 10%"),
     "nto-sparse-7.5": ("nto", "NTO sparse, budget 7.5%: 16 B per chosen element, so the "
@@ -172,9 +177,14 @@ def build_optimizer(spec: RunSpec, task: str, model):
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=demo.WEIGHT_DECAY,
                                  foreach=True), model, info
     if name.startswith("nto-"):
-        # nto-POLICY-PCT[-drop|-offload][-head][-importance]
+        # nto-POLICY-PCT[-drop|-offload][-head][-importance][-plain|-sr]
         _, policy, pct, *how = name.split("-")
         extra: dict[str, Any] = {"order": "descending"} if policy == "block" else {}
+        for flag, kwargs in (("plain", {"master_weights": False}),  # issue 19's rows
+                             ("sr", {"master_weights": False, "stochastic_rounding": True})):
+            if flag in how:
+                how.remove(flag)
+                extra.update(kwargs)
         if "importance" in how:  # more periods where the gradient is large (issue 21)
             how.remove("importance")
             extra["order"] = "importance"
@@ -263,12 +273,17 @@ def run_one(spec: RunSpec) -> dict:
     batches, test, majority = _prepared_batches(r, tokenizer, spec)
     torch.manual_seed(spec.seed)  # the new head: same for every configuration of a seed
     model = data.load_model(source, task, num_labels)
+    dtype = spec.extra.get("dtype", "fp32")
+    if dtype != "fp32":  # the weights as a GPU user loads them (torch_dtype=torch.bfloat16)
+        model.to(getattr(torch, DTYPES[dtype]))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         opt, model, info = build_optimizer(spec, task, model)
     rss_loaded = demo.current_rss()
     torch.manual_seed(spec.seed)  # same dropout masks
     out = _train(spec, model, opt, batches)
+    model.float()  # held-out loss judged in fp32 for every dtype: the weights decide, not the
+    # precision of the evaluation (bf16 weights are exact in fp32)
     out.update(demo._evaluate(spec.config, model, test, task, torch.device("cpu")))
     out.update(info)
     out.update({"config": spec.config, "seed": spec.seed, "task": spec.task,
@@ -524,6 +539,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="LoRA rank is chosen so its trainable count matches this budget")
     p.add_argument("--threads", type=int, default=max(1, min(os.cpu_count() or 1, 8)))
     p.add_argument("--nice", type=int, default=10, help="niceness of each child (0: off)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32",
+                   help="dtype the model's weights are trained in (evaluation in fp32)")
     p.add_argument("--out", default="docs/results")
     p.add_argument("--tag", default="", help="suffix of the output file names")
     p.add_argument("--lr", nargs="+", default=[], metavar="FAMILY=LR",
@@ -577,6 +594,9 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--lr {item!r}; allowed: FAMILY=LR with FAMILY in "
                              f"{', '.join(LR[TASKS[args.task][2]])}")
         lr_override[family] = float(value)
+    extra: dict[str, Any] = {"lr": lr_override} if lr_override else {}
+    if args.dtype != "fp32":
+        extra["dtype"] = args.dtype
     env = environment()
     command = "python bench/e2e.py " + " ".join(sys.argv[1:])
     for seed in args.seeds:
@@ -589,7 +609,7 @@ def main(argv: list[str] | None = None) -> int:
                            eval_size=args.eval_size or defaults["eval_size"],
                            switch_every=args.switch_every or max(1, steps // 8),
                            lisa_layers=args.lisa_layers, lora_match=args.lora_match,
-                           threads=args.threads, extra={"lr": lr_override} if lr_override else {})
+                           threads=args.threads, extra=extra)
             t0 = time.perf_counter()
             res = run_in_child(spec, args.nice)
             res["spec"] = asdict(spec)

@@ -180,6 +180,10 @@ class TrainerNTO(NTO):
     itself) lets accelerate's FSDP2 prepare swap the params for their DTensors.
     """
 
+    # Trainer clips model.parameters()' grads between backward and step: a tensor training a
+    # range of rows keeps its dense grad until step, so the clip sees it (policies/dense.py)
+    fold_rows_at_step = True
+
     def __init__(self, params: Iterable[Any], *, param_names: Mapping[int, str],
                  nto_model: nn.Module | None = None, checkpoint_inputs: bool = True,
                  fsdp_checkpoints: bool = False, **kwargs: Any) -> None:

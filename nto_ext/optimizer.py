@@ -81,14 +81,13 @@ class NTO(torch.optim.Optimizer):
             "random" (None); both: "importance", more steps where the gradient is large),
             blocks trained in every period (e.g. ("embed", "head")), units drawn per period
             (LISA), share of the chosen elements regrown every `switch_every` steps.
-        state_on_switch: "drop" (state freed when a param stops training) or "offload"
-            (kept in host memory, restored bit-exactly).
+        state_on_switch: "drop" (freed when a param stops training) or "offload" (to the host).
         nonfinite: "skip" (a step with NaN/Inf in an active grad changes nothing and is
             counted in `skipped_steps`), "raise" (FloatingPointError naming the param) or
             "propagate" (as torch).
         max_grad_norm: clip the active gradients to this total L2 norm (None: no clipping).
-            A policy with compact gradients frees the dense ones in backward, so
-            `clip_grad_norm_` and Trainer's own clipping see none: pass it here.
+            Compact gradients (sparse; rows of a tensor larger than the budget) free the
+            dense ones in backward, unseen by `clip_grad_norm_`: pass it here.
         memory: with budget="auto" only: the memory to fit ("20GiB", or an int of bytes).
         master_weights, stochastic_rounding, state_dtype: bf16/fp16 params' fp32 masters (None:
             default) or stochastic rounding; the moments' "fp32" or "int8" (nto_ext/formats).
@@ -196,6 +195,7 @@ class NTO(torch.optim.Optimizer):
         return self._anchor
 
     extra_reports: dict[str, Callable[[], Any]] = {}  # name -> measure, set per instance
+    fold_rows_at_step = False  # True: split tensors' dense grads wait for step (dense.py)
     # the GradGuard's settings and counters, as attributes of the optimizer
     skipped_steps = _guarded("skipped_steps", "Steps skipped for NaN/Inf gradients.")
     last_grad_norm = _guarded("last_grad_norm", "L2 norm of the last step's active grads.")

@@ -38,9 +38,11 @@ def register_hook(p: torch.Tensor, hook: Callable[[torch.Tensor], None]) -> Any:
         p.requires_grad_(False)
 
 
-# Set on a param while NTO has switched its requires_grad off. deepcopy / pickle of the
-# model carry it, so an NTO built over a copy of a model in training still sees the flag
-# the user set (True) instead of NTO's temporary False.
+# Set on a param while NTO has switched its requires_grad off. Pickling the model
+# (torch.save / torch.load) carries it, so an NTO built over a reloaded model in training
+# still sees the flag the user set (True) instead of NTO's temporary False. copy.deepcopy
+# does not: torch's Parameter.__deepcopy__ copies data and requires_grad only (the README
+# says to call remove_hooks() first).
 _FROZEN_BY_NTO = "_nto_switched_off"
 
 

@@ -197,17 +197,70 @@ def test_tiny_llama_at_one_percent_trains_everything():
     assert 0 < rep["trainable_elements"] <= rep["budget_elements"]
 
 
-def test_multi_process_runs_refuse_ranges_of_rows_with_a_clear_error(monkeypatch):
-    import nto_ext.policies.dense as dense
-
-    monkeypatch.setattr(dense, "_multi_process", lambda: True)  # as under DDP
+def test_fsdp2_sharded_params_refuse_ranges_of_rows_with_a_clear_error():
     model = wide_llama()
     opt = build(model, budget="10%", switch_every=1)
+    model.model.embed_tokens.weight.device_mesh = None  # as a DTensor (FSDP2) has
     x = tokens(0)
     with pytest.raises(ValueError, match=r"'model.embed_tokens.weight' is larger than the "
-                       r"budget and trains a range of rows .* multi-process runs"):
+                       r"budget and trains a range of rows .* FSDP2-sharded .* use DDP"):
         model(input_ids=x, labels=x).loss.backward()
     opt.remove_hooks()
+
+
+class FoldAtStep(NTO):
+    fold_rows_at_step = True  # as TrainerNTO (nto_ext.hf) sets it
+
+
+@pytest.mark.parametrize("how", ["trainer", "ddp"])
+def test_rows_reduced_at_step_train_bit_identically(how, monkeypatch):
+    """Under DDP (the dense gradient is averaged after NTO's hook) and Trainer (clipped
+    after it) the rows are taken at step(): the same bits as taking them in the hook."""
+    kw = dict(lr=1e-2, budget="10%", switch_every=2)
+    ref_model, model = wide_llama(), wide_llama()
+    ref = build(ref_model, **kw)
+    run(ref_model, ref, range(5), accumulate=2)
+    if how == "ddp":
+        import nto_ext.policies.dense as dense
+
+        monkeypatch.setattr(dense, "_multi_process", lambda: True)  # one rank of DDP
+        opt = build(model, **kw)
+    else:
+        opt = FoldAtStep(model.named_parameters(), **kw)
+    emb = model.model.embed_tokens.weight
+    x = tokens(0)
+    model(input_ids=x, labels=x).loss.backward()
+    assert emb.grad is not None and emb.grad.shape == emb.shape  # dense until step()
+    opt.zero_grad()
+    run(model, opt, range(5), accumulate=2)
+    for (name, a), b in zip(ref_model.named_parameters(), model.parameters()):
+        assert torch.equal(a, b), name
+    assert emb.grad is None
+
+
+def test_trainer_clip_sees_the_rows_kept_until_step():
+    """torch's clip_grad_norm_ over model.parameters() (what Trainer calls) sees the
+    gradient of a tensor training a range of rows; taken in the hook it would miss it."""
+    def norm_after_backward(cls):
+        model = wide_llama()
+        opt = cls(model.named_parameters(), lr=1e-2, budget="10%", switch_every=2)
+        opt.train()
+        x = tokens(0)
+        model(input_ids=x, labels=x).loss.backward()
+        emb = model.model.embed_tokens.weight
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+        rows = next(r for i, r in opt.policy.active_rows(0).items()
+                    if opt.table.params[i] is emb)
+        return norm, emb.grad, rows, opt
+
+    norm, grad, (a, b), opt = norm_after_backward(FoldAtStep)
+    assert grad is not None and grad[a:b].abs().sum() > 0
+    before = {p: p.detach().clone() for p in opt.table.params}
+    opt.step()
+    assert float(norm) > 1e-3 and any(not torch.equal(p, v) for p, v in before.items())
+    # the control: taken in the hook, the clip's norm misses the embedding's rows
+    norm_hook, grad_hook, _, _ = norm_after_backward(NTO)
+    assert grad_hook is None and float(norm_hook) < float(norm)
 
 
 @pytest.mark.parametrize("on_switch", ["drop", "offload"])

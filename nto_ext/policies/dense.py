@@ -4,7 +4,8 @@ fused kernel call per (param group, device, dtype).
 
 A param larger than the budget trains a range of its rows at a time (`Unit.rows`): its
 gradient is reduced in the post-accumulate-grad hook to the active rows (a compact buffer,
-the dense gradient freed at once; the dense one is reported as `transient_bytes`), its
+the dense gradient freed at once; the dense one is reported as `transient_bytes`; under
+DDP and Trainer at step() instead, after the averaging and clipping that follow the hook), its
 state holds those rows' moments and `"rows": [start, stop]`, and the kernel updates the
 row view `p[start:stop]` (contiguous for a contiguous param; a strided one goes through
 the format's contiguous copy). When the range changes, its state is dropped, or under
@@ -67,21 +68,29 @@ class DenseUpdater(Updater):
     # ---------------------------------------------------------------- gradients
     def on_grad(self, i: int, p: torch.Tensor) -> None:
         rows = self._rows().get(i)
-        if rows is not None:
+        if rows is None:
+            return
+        self._refuse_sharded(i, p)
+        # Reduced at step() instead when something acts on the dense gradient after this
+        # hook: DDP averages it over the ranks, Trainer clips it (torch's clip_grad_norm_
+        # over model.parameters() would miss rows already moved to the compact buffer).
+        if not (self.host.fold_rows_at_step or _multi_process()):
             self._fold(i, p, rows)
+
+    def _refuse_sharded(self, i: int, p: torch.Tensor) -> None:
+        if hasattr(p.grad, "device_mesh") or hasattr(p, "device_mesh"):
+            raise ValueError(
+                f"{self.host.table.label(i)} is larger than the budget and trains a range of "
+                "rows at a time, which NTO does not do on FSDP2-sharded (DTensor) params "
+                "yet; raise the budget so that every tensor fits whole (`nto plan` names "
+                "the split tensors), or use DDP, where split tensors train")
 
     def _fold(self, i: int, p: torch.Tensor, rows: Rows) -> None:
         """Add the active rows of p.grad to the compact buffer and free p.grad."""
         g = p.grad
         if g is None:
             return
-        if hasattr(g, "device_mesh") or hasattr(p, "device_mesh") or _multi_process():
-            # DDP averages the gradients after this hook: the rows would be this rank's
-            raise ValueError(
-                f"{self.host.table.label(i)} is larger than the budget and trains a range of "
-                "rows at a time, which NTO does not do in multi-process runs (DDP, FSDP2) "
-                "yet; raise the budget so that every tensor fits whole (`nto plan` names "
-                "the split tensors)")
+        self._refuse_sharded(i, p)
         with torch.no_grad():
             part = g[rows[0]:rows[1]]
             have = self.compact.get(i)
@@ -160,8 +169,9 @@ class DenseUpdater(Updater):
 
     def _rows_entry(self, i: int, p: torch.Tensor, rows: Rows,
                     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(row view, compact grad) of a param training `rows`; a grad set by hand after
-        the hook is reduced first."""
+        """(row view, compact grad) of a param training `rows`; a dense grad still on the
+        param (set by hand after the hook, or left for step(): see on_grad) is reduced
+        first."""
         label = self.host.table.label(i)
         if p.grad is not None:
             check_grad(label, p, p.grad)
