@@ -98,6 +98,13 @@ CONFIGS: dict[str, tuple[str, str]] = {
                            "params updated in place, no fp32 masters (with --dtype bf16)"),
     "nto-block-10-sr": ("nto", "NTO block, budget 10%, descending, state dropped; bf16/fp16 "
                         "params rounded stochastically, no masters (with --dtype bf16)"),
+    "nto-block-10-int8": ("nto", "NTO block, descending, state dropped, 8-bit moments "
+                          "(state_dtype='int8') within the bytes of nto-block-10 (12 B per "
+                          "element at 10%): about 20% of the elements train at once"),
+    "nto-sample-10-int8": ("nto", "NTO sample, 8-bit moments within the bytes of "
+                           "nto-sample-10"),
+    "nto-block-100-int8": ("nto", "NTO block at 100% with 8-bit moments: AdamW with "
+                           "blockwise 8-bit moments, NTO's kernel"),
     "nto-sparse-25": ("nto", "NTO sparse, budget 25%"),
     "nto-sparse-10": ("nto", "NTO sparse, budget 10%"),
     "nto-sparse-7.5": ("nto", "NTO sparse, budget 7.5%: 16 B per chosen element, so the "
@@ -177,7 +184,7 @@ def build_optimizer(spec: RunSpec, task: str, model):
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=demo.WEIGHT_DECAY,
                                  foreach=True), model, info
     if name.startswith("nto-"):
-        # nto-POLICY-PCT[-drop|-offload][-head][-importance][-plain|-sr]
+        # nto-POLICY-PCT[-drop|-offload][-head][-importance][-plain|-sr][-int8]
         _, policy, pct, *how = name.split("-")
         extra: dict[str, Any] = {"order": "descending"} if policy == "block" else {}
         for flag, kwargs in (("plain", {"master_weights": False}),  # issue 19's rows
@@ -192,10 +199,16 @@ def build_optimizer(spec: RunSpec, task: str, model):
             how.remove("head")
             extra["always"] = tuple(b for b in ("head", "other") if b in _units(model))
             info["always"] = extra["always"]
+        budget = f"{pct}%"
+        if "int8" in how:  # issue 20: the bytes of fp32 state at pct% hold ~2x the elements
+            how.remove("int8")
+            extra["state_dtype"] = "int8"
+            if float(pct) < 100:
+                budget = f"{round(float(pct) / 100 * total * 12)}B"
         if how:
             extra["state_on_switch"] = how[0]
-        info["budget"] = f"{pct}%"
-        return NTO(model.named_parameters(), budget=f"{pct}%", policy=policy, **extra,
+        info["budget"] = budget
+        return NTO(model.named_parameters(), budget=budget, policy=policy, **extra,
                    **common), model, info
     sizes = _units(model)
     layers = _layer_sizes(sizes)
