@@ -21,8 +21,8 @@ from .optimizer import NTO
 
 log = logging.getLogger(__name__)
 
-__all__ = ["check_ddp", "ddp_bucket_bytes", "load_optimizer_state", "nto_of",
-           "save_optimizer_state", "track_ddp"]
+__all__ = ["check_ddp", "dcp_optimizer_state", "ddp_bucket_bytes", "load_optimizer_state",
+           "nto_of", "save_optimizer_state", "track_ddp"]
 
 
 def nto_of(optimizer: Any) -> NTO:
@@ -140,6 +140,25 @@ def _shard_like(v: Any, p: torch.Tensor) -> Any:
                               shape=p.shape, stride=p.stride())
 
 
+def dcp_optimizer_state(model: nn.Module, optimizer: Any) -> dict[str, Any]:
+    """NTO's state as a dict torch.distributed.checkpoint can save: params keyed by their
+    name in `model`, the moments of FSDP2 params as DTensors sharded like them. What
+    `save_optimizer_state` writes; frameworks that save one DCP checkpoint of model and
+    optimizer (nto_ext.lightning) put it under their own key and load it back with
+    `load_optimizer_state(..., key=...)`."""
+    opt = nto_of(optimizer)
+    params, fqns = _param_fqns(model, opt)
+    sd = opt.state_dict()
+    extra = [k for k in sd["state"] if not isinstance(k, int)]
+    if extra:  # keys a user or hook put in opt.state: DCP keys the state by param name
+        log.warning("nto_ext: the distributed checkpoint leaves out non-param keys of "
+                    "opt.state: %s", extra[:4])
+    state = {fqns[i]: {k: _shard_like(v, params[i]) for k, v in st.items()}
+             for i, st in sd["state"].items() if isinstance(i, int)}
+    groups = [{**g, "params": [fqns[j] for j in g["params"]]} for g in sd["param_groups"]]
+    return {"state": state, "param_groups": groups, "nto": sd["nto"]}
+
+
 def save_optimizer_state(model: nn.Module, optimizer: Any, path: str) -> None:
     """Save NTO's state to the directory `path` with torch.distributed.checkpoint.
 
@@ -148,22 +167,11 @@ def save_optimizer_state(model: nn.Module, optimizer: Any, path: str) -> None:
     """
     import torch.distributed.checkpoint as dcp
 
-    opt = nto_of(optimizer)
-    params, fqns = _param_fqns(model, opt)
-    sd = opt.state_dict()
-    extra = [k for k in sd["state"] if not isinstance(k, int)]
-    if extra:  # keys a user or hook put in opt.state: DCP keys the state by param name
-        log.warning("nto_ext: save_optimizer_state leaves out non-param keys of opt.state: %s",
-                    extra[:4])
-    state = {fqns[i]: {k: _shard_like(v, params[i]) for k, v in st.items()}
-             for i, st in sd["state"].items() if isinstance(i, int)}
-    groups = [{**g, "params": [fqns[j] for j in g["params"]]} for g in sd["param_groups"]]
-    dcp.save({_OPT_KEY: {"state": state, "param_groups": groups, "nto": sd["nto"]}},
-             checkpoint_id=path)
+    dcp.save({_OPT_KEY: dcp_optimizer_state(model, optimizer)}, checkpoint_id=path)
 
 
-def _state_template(model: nn.Module, metadata: Any, params: list[torch.Tensor],
-                    fqns: list[str]) -> dict[str, dict[str, Any]]:
+def _state_template(metadata: Any, params: list[torch.Tensor], fqns: list[str],
+                    key: str) -> dict[str, dict[str, Any]]:
     """{fqn: {key: empty tensor}} for every state tensor the checkpoint holds (and a
     placeholder for every other value, e.g. the `rows` of a range of rows); nested entries
     (`parked.<start>.<key>`) as nested dicts. Moments of DTensor params are DTensors
@@ -171,7 +179,7 @@ def _state_template(model: nn.Module, metadata: Any, params: list[torch.Tensor],
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
     by_fqn = dict(zip(fqns, params))
-    prefix = f"{_OPT_KEY}.state."
+    prefix = f"{key}.state."
     out: dict[str, dict[str, Any]] = {}
     for key, md in metadata.state_dict_metadata.items():
         if not key.startswith(prefix):
@@ -217,9 +225,11 @@ def _int_keys(v: Any) -> Any:
             for k, x in v.items()}
 
 
-def load_optimizer_state(model: nn.Module, optimizer: Any, path: str) -> None:
+def load_optimizer_state(model: nn.Module, optimizer: Any, path: str,
+                         key: str = _OPT_KEY) -> None:
     """Load what `save_optimizer_state` wrote into `optimizer`, an NTO built with the same
-    arguments over the same model (sharded the same way or not: DCP reshards)."""
+    arguments over the same model (sharded the same way or not: DCP reshards). `key`: the
+    checkpoint's top-level key of the optimizer (a framework's own, e.g. "optimizer_0")."""
     import torch.distributed.checkpoint as dcp
 
     opt = nto_of(optimizer)
@@ -227,16 +237,16 @@ def load_optimizer_state(model: nn.Module, optimizer: Any, path: str) -> None:
     # 1) NTO's entry and the groups (small, replicated): the template's structure comes
     #    from this optimizer, whose configuration must match anyway.
     mine = opt.state_dict()
-    head = {_OPT_KEY: {"nto": mine["nto"], "param_groups": [
+    head = {key: {"nto": mine["nto"], "param_groups": [
         {**g, "params": [fqns[j] for j in g["params"]]} for g in mine["param_groups"]]}}
     dcp.load(head, checkpoint_id=path)
     # 2) the state tensors the checkpoint has (its active set, not this optimizer's)
     reader = dcp.FileSystemReader(path)
-    state = _state_template(model, reader.read_metadata(), params, fqns)
+    state = _state_template(reader.read_metadata(), params, fqns, key)
     if state:
-        dcp.load({_OPT_KEY: {"state": state}}, checkpoint_id=path)
+        dcp.load({key: {"state": state}}, checkpoint_id=path)
     index = {f: i for i, f in enumerate(fqns)}
-    loaded = head[_OPT_KEY]
+    loaded = head[key]
     sd = {
         "state": {index[f]: {k: _int_keys(v) for k, v in st.items()}
                   for f, st in state.items()},

@@ -511,6 +511,7 @@ class NTO(torch.optim.Optimizer):
         """torch's layout ({"state": {index: {...}}, "param_groups": [...]}) plus "nto":
         the schedule position, counters, active set, config and layout (shapes, dtypes,
         names); see `nto_ext.persist`. Loadable with torch.load(weights_only=True)."""
+        persist.refuse_torch_dsd("state_dict")
         self._sync_params()
         for hook in self._optimizer_state_dict_pre_hooks.values():
             hook(self)
@@ -530,6 +531,7 @@ class NTO(torch.optim.Optimizer):
         another optimizer, policy, configuration or parameter layout, and corrupted or
         crafted values (non-finite moments unless nonfinite="propagate", negative
         exp_avg_sq, aliasing tensors, extra per-param entries, bad counts)."""
+        persist.refuse_torch_dsd("load_state_dict")
         sd = dict(state_dict) if isinstance(state_dict, dict) else state_dict
         self._sync_params()
         for hook in self._optimizer_load_state_dict_pre_hooks.values():

@@ -8,6 +8,7 @@ loadable with torch.load(weights_only=True)."""
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +55,29 @@ def layout_of(opt) -> dict[str, Any]:
     return {"shapes": [list(i.shape) for i in infos],
             "dtypes": [str(i.dtype).removeprefix("torch.") for i in infos],
             "names": names if all(isinstance(n, str) for n in names) else None}
+
+
+_TORCH_DSD = "torch/distributed/checkpoint/state_dict.py"
+
+
+def refuse_torch_dsd(method: str) -> None:
+    """Raise when torch's get/set_optimizer_state_dict called NTO's `method`: it assumes a
+    state for every param (it even takes a zero-grad step to make one) and keeps only
+    torch's keys, so NTO's moving active set would be saved without its schedule and
+    refused or mis-loaded on resume. Lightning's ModelParallelStrategy, accelerate's
+    save_state and Trainer's FSDP2 checkpoints go that way."""
+    frame = sys._getframe(2)
+    for _ in range(8):
+        if frame is None:
+            return
+        if frame.f_code.co_filename.replace("\\", "/").endswith(_TORCH_DSD):
+            raise TypeError(
+                f"NTO.{method}() was called by torch's get/set_optimizer_state_dict, which "
+                "cannot hold NTO's state (it exists for the active set only, with a schedule "
+                "torch's layout drops); use nto_ext.distributed.save_optimizer_state / "
+                "load_optimizer_state, nto_ext.lightning.NTOModelParallelStrategy "
+                "(Lightning FSDP2) or nto_ext.hf.NTOTrainer (Trainer FSDP2)")
+        frame = frame.f_back
 
 
 def pack(opt) -> dict[str, Any]:

@@ -66,7 +66,7 @@ def _local_state_bytes(opt) -> dict:
 # ----------------------------------------------------------------------------- Trainer
 
 
-def _trainer(out: str, trainer_cls=None):
+def _trainer(out: str, trainer_cls=None, state_dict_type: str = "SHARDED_STATE_DICT"):
     from transformers import TrainingArguments
 
     from nto_ext.hf import NTOTrainer
@@ -76,24 +76,26 @@ def _trainer(out: str, trainer_cls=None):
         output_dir=out, per_device_train_batch_size=2, max_steps=W.STEPS, logging_steps=1,
         learning_rate=W.LR, report_to="none", use_cpu=True, save_strategy="steps",
         save_steps=SPLIT, disable_tqdm=True, seed=0, ddp_backend="gloo", fsdp=True,
-        fsdp_config={"version": 2, "state_dict_type": "SHARDED_STATE_DICT",
+        fsdp_config={"version": 2, "state_dict_type": state_dict_type,
                      "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]})
     cls = trainer_cls or NTOTrainer
     return cls(model=W.tiny_llama(), args=args, train_dataset=W.SeqDataset(),
                nto_kwargs=KW)
 
 
-def trainer_fsdp2(rank: int, out: str) -> dict:
+def trainer_fsdp2(rank: int, out: str, state_dict_type: str = "SHARDED_STATE_DICT",
+                  control: bool = True) -> dict:
     """Trainer's FSDP2 mode: 6 steps saving at step 3; a fresh NTOTrainer resumed from
-    checkpoint-3; and a control resumed without NTO's state (must differ)."""
+    checkpoint-3; and a control resumed without NTO's state (must differ). The model's
+    checkpoint as `state_dict_type` says (NTO's state is DCP-sharded either way)."""
     from nto_ext.hf import NTOTrainer
 
     class NoOptimizerResume(NTOTrainer):
         def _load_optimizer_and_scheduler(self, checkpoint):
             return None
 
-    root = os.path.join(out, "trainer")
-    tr = _trainer(root)
+    root = os.path.join(out, "trainer", state_dict_type)
+    tr = _trainer(root, state_dict_type=state_dict_type)
     tr.train()
     res = {"params": _full_params(tr.model), "log_history": tr.state.log_history,
            "wrapped": type(tr.model_wrapped).__name__,
@@ -101,11 +103,13 @@ def trainer_fsdp2(rank: int, out: str) -> dict:
            "checkpoint": sorted(os.listdir(os.path.join(root, f"checkpoint-{SPLIT}"))),
            "report": _local_state_bytes(tr.optimizer)}
     ckpt = os.path.join(root, f"checkpoint-{SPLIT}")
-    tr2 = _trainer(os.path.join(out, "trainer_resumed"))
+    tr2 = _trainer(os.path.join(root, "resumed"), state_dict_type=state_dict_type)
     tr2.train(resume_from_checkpoint=ckpt)
     res["resumed"] = _full_params(tr2.model)
     res["resumed_history"] = tr2.state.log_history
-    tr3 = _trainer(os.path.join(out, "trainer_control"), NoOptimizerResume)
+    if not control:
+        return res
+    tr3 = _trainer(os.path.join(root, "control"), NoOptimizerResume, state_dict_type)
     tr3.train(resume_from_checkpoint=ckpt)
     res["control"] = _full_params(tr3.model)
     return res
@@ -170,7 +174,9 @@ def accelerate_fsdp2(rank: int, world: int, out: str) -> dict:
 
 def scenario_fsdp2(rank: int, world: int, out: str) -> dict:
     fsdp_on_cpu()
-    return {"trainer": trainer_fsdp2(rank, out), "accelerate": accelerate_fsdp2(rank, world, out)}
+    return {"trainer": trainer_fsdp2(rank, out),
+            "trainer_full": trainer_fsdp2(rank, out, "FULL_STATE_DICT", control=False),
+            "accelerate": accelerate_fsdp2(rank, world, out)}
 
 
 # ----------------------------------------------------------------------------- HSDP

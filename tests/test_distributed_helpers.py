@@ -97,6 +97,27 @@ def test_load_into_other_model_refused(tmp_path):
         load_optimizer_state(_model(), opt, str(tmp_path / "optim"))
 
 
+def test_torch_get_set_optimizer_state_dict_refused():
+    """torch's DCP helpers (Lightning's ModelParallelStrategy, accelerate's save_state) would
+    keep the active set's moments without NTO's schedule: refused, naming what to use; NTO's
+    own calls and a direct state_dict() still work."""
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    model = _model()
+    opt = NTO(model.named_parameters(), **KW)
+    _steps(model, opt, range(1))
+    sd = opt.state_dict()
+    with pytest.raises(TypeError, match="get/set_optimizer_state_dict.*save_optimizer_state"
+                                        ".*NTOModelParallelStrategy.*NTOTrainer"):
+        get_optimizer_state_dict(model, opt)
+    with pytest.raises(TypeError, match="NTO.load_state_dict"):
+        set_optimizer_state_dict(model, opt, {"state": {}, "param_groups": sd["param_groups"]})
+    opt.load_state_dict(sd)
+
+
 def test_nto_of_unwraps():
     opt = NTO(_model().named_parameters(), **KW)
     wrapper = type("AcceleratedOptimizer", (), {"optimizer": opt})()

@@ -1,4 +1,5 @@
-"""PyTorch Lightning (DDP strategy, 2 ranks on gloo) and TRL's SFTTrainer with NTO (issue 22).
+"""PyTorch Lightning (DDP and FSDP2 strategies, 2 ranks on gloo) and TRL's SFTTrainer with
+NTO (issue 22).
 
 Both packages are optional: these tests skip when they are not installed. To run them:
 `pip install --no-deps pytorch-lightning lightning-utilities torchmetrics` (Lightning) and
@@ -25,23 +26,50 @@ def _equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
 
 
-@pytest.mark.distributed
-def test_lightning_ddp_checkpoint_resume(tmp_path):
+def _lightning(tmp_path, mode: str) -> tuple[dict, dict]:
     pytest.importorskip("pytorch_lightning")
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           "2", str(HERE / "lightning_worker.py"), str(tmp_path)]
+           "2", str(HERE / "lightning_worker.py"), str(tmp_path), mode]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, f"torchrun exited {proc.returncode}\n{proc.stderr[-6000:]}"
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
-    assert r0["wrapped"] == "DistributedDataParallel"
     assert r0["step"] == 2 * LW.EPOCH_STEPS and r0["ckpts"][0].startswith("epoch=0")
     assert _equal(r0["params"], r1["params"])
     for r in (r0, r1):
-        # Lightning's checkpoint (NTO's state_dict) after epoch 1, resumed: bit-identical
+        # Lightning's checkpoint after epoch 1, resumed: bit-identical
         assert _equal(r["resumed"], r["params"]) and r["resumed_step"] == r["step"]
+    return r0, r1
+
+
+@pytest.mark.distributed
+def test_lightning_ddp_checkpoint_resume(tmp_path):
+    r0, r1 = _lightning(tmp_path, "ddp")
+    assert r0["wrapped"] == "DistributedDataParallel"
+    for r in (r0, r1):
         assert r["report"]["peak_total_bytes"] <= r["report"]["budget_bytes"]
+
+
+@pytest.mark.distributed
+def test_lightning_fsdp2_checkpoint_resume(tmp_path):
+    """NTOModelParallelStrategy: the model sharded in configure_model, NTO over the shards,
+    NTO's state in Lightning's distributed checkpoint (its moments and NTO's own entry),
+    resumed bit-identically; each rank holds its share of the budget."""
+    r0, r1 = _lightning(tmp_path, "fsdp2")
+    keys = r0["saved_keys"]
+    assert any(k.startswith("optimizer_0.state.") and k.endswith(".exp_avg") for k in keys)
+    assert any(k.startswith("optimizer_0.nto.") for k in keys)
+    for r in (r0, r1):
+        assert 0 < r["report"]["peak_total_bytes"] <= r["report"]["budget_bytes"] / 2
+
+
+def test_lightning_fsdp2_refuses_single_file_checkpoints():
+    pytest.importorskip("pytorch_lightning")
+    from nto_ext.lightning import NTOModelParallelStrategy
+
+    with pytest.raises(ValueError, match="save_distributed_checkpoint=False.*allowed"):
+        NTOModelParallelStrategy(save_distributed_checkpoint=False)
 
 
 @pytest.mark.slow

@@ -85,6 +85,19 @@ def test_trainer_fsdp2_trains_and_resumes_bit_identical(fsdp2):
         _within_share(t["report"], 2)
 
 
+def test_trainer_fsdp2_full_state_dict_resumes_bit_identical(fsdp2):
+    """fsdp_config state_dict_type FULL_STATE_DICT: the model's checkpoint is one gathered
+    file, NTO's state still DCP shards (optimizer_nto/); resumed = uninterrupted."""
+    t0, t1 = (r["trainer_full"] for r in fsdp2)
+    assert "optimizer_nto" in t0["checkpoint"]
+    assert not any(n.startswith("pytorch_model_fsdp_0") for n in t0["checkpoint"])
+    assert _equal(t0["params"], t1["params"])
+    assert _equal(t0["params"], fsdp2[0]["trainer"]["params"])  # the model's format only
+    for t in (t0, t1):
+        assert _equal(t["resumed"], t["params"])
+        _within_share(t["report"], 2)
+
+
 def test_accelerate_fsdp2_loop(fsdp2, reference):
     a0, a1 = (r["accelerate"] for r in fsdp2)
     assert a0["param_type"] == "DTensor"
