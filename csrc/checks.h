@@ -252,9 +252,11 @@ inline void check_adamw_entry(size_t i, const at::Tensor& p, const at::Tensor& g
   const char* op = "masked_adamw_";
   check_tensor(op, "params", i, p, {at::kFloat, at::kBFloat16, at::kHalf}, kFloats, dev);
   check_tensor(op, "grads", i, g, {at::kFloat, at::kBFloat16, at::kHalf}, kFloats, dev);
-  TORCH_CHECK_TYPE(g.scalar_type() == p.scalar_type() || g.scalar_type() == at::kFloat, op,
-                   ": grads[", i, "] has dtype ", dtype_name(g.scalar_type()), " but params[", i,
-                   "] has ", dtype_name(p.scalar_type()), "; allowed: ",
+  // an fp32 param (a bf16 model's fp32 master) takes the model's low-precision gradient
+  TORCH_CHECK_TYPE(g.scalar_type() == p.scalar_type() || g.scalar_type() == at::kFloat ||
+                       p.scalar_type() == at::kFloat,
+                   op, ": grads[", i, "] has dtype ", dtype_name(g.scalar_type()), " but params[",
+                   i, "] has ", dtype_name(p.scalar_type()), "; allowed: ",
                    dtype_name(p.scalar_type()), " or torch.float32");
   check_tensor(op, "exp_avgs", i, m, {at::kFloat}, "torch.float32", dev);
   check_tensor(op, "exp_avg_sqs", i, v, {at::kFloat}, "torch.float32", dev);

@@ -174,7 +174,8 @@ def _check_adamw_entry(i: int, p, g, m, v, idx, step, dev: torch.device) -> None
     op = "masked_adamw_"
     _check_tensor(op, "params", i, p, _FLOAT_DTYPES, _FLOATS, dev)
     _check_tensor(op, "grads", i, g, _FLOAT_DTYPES, _FLOATS, dev)
-    if g.dtype not in (p.dtype, torch.float32):
+    # an fp32 param (a bf16 model's fp32 master) takes the model's low-precision gradient
+    if g.dtype not in (p.dtype, torch.float32) and p.dtype != torch.float32:
         raise TypeError(f"{op}: grads[{i}] has dtype {g.dtype} but params[{i}] has {p.dtype}; "
                         f"allowed: {p.dtype} or torch.float32")
     _check_tensor(op, "exp_avgs", i, m, (torch.float32,), "torch.float32", dev)

@@ -285,7 +285,8 @@ def masked_adamw_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
     (len(indices[i])) or dense (param numel, read at the positions). steps: an int for all,
     or one count per param: an int or a 1-element tensor (on the cpu or the params' device).
     The step is the count after incrementing (first update: 1).
-    Params/grads fp32/bf16/fp16 (grad dtype = param dtype or fp32), state fp32, math fp32.
+    Params/grads fp32/bf16/fp16 (grad dtype = param dtype or fp32; an fp32 param, e.g. a
+    bf16 model's master weight, also takes a bf16/fp16 grad), state fp32, math fp32.
     Elements not indexed stay bit-identical. See `_reference.masked_adamw_`."""
     params, grads, exp_avgs, exp_avg_sqs = list(params), list(grads), list(exp_avgs), \
         list(exp_avg_sqs)

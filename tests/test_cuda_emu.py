@@ -403,7 +403,8 @@ def _run(op, case):
 @pytest.mark.parametrize("kind", ["dense", "compact", "dense_grad"])
 def test_masked_adamw(emu, pdtype, kind):
     gen = torch.Generator().manual_seed(1)
-    for gdtype in {pdtype, torch.float32}:
+    # an fp32 param (a master weight) also takes the model's bf16/fp16 grad
+    for gdtype in FLOATS if pdtype == torch.float32 else (pdtype, torch.float32):
         for idx_dtype, step, offset in ((torch.int32, torch.tensor([7.0], dtype=torch.float64), 0),
                                         (torch.int64, torch.tensor([13], dtype=torch.int32), 1)):
             case = _adamw_case(SIZES, pdtype, gdtype, kind, idx_dtype, step, gen, offset)

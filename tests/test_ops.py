@@ -80,7 +80,8 @@ def adamw_case(draw):
         idx = torch.nonzero(keep).view(-1).to(draw(st.sampled_from([torch.int32, torch.int64])))
         length = idx.numel()
     grad_dense = indexed and draw(st.booleans())
-    gdtype = draw(st.sampled_from([dtype, torch.float32]))
+    # fp32 params (a bf16 model's masters) also take bf16/fp16 grads
+    gdtype = draw(st.sampled_from(DTYPES if dtype == torch.float32 else [dtype, torch.float32]))
     g = torch.randn(n if (grad_dense or not indexed) else length, generator=gen).to(gdtype)
     m = torch.randn(length, generator=gen) * 0.1
     v = torch.rand(length, generator=gen) * 0.01
@@ -124,6 +125,34 @@ def test_masked_adamw_kernel_matches_reference(case):
     # m and v bit for bit; p within one rounding (torch's sqrt is MKL's, not correctly rounded)
     assert torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
     torch.testing.assert_close(a[0].float(), b[0].float(), **_tol(p.dtype))
+
+
+@needs_kernels
+@pytest.mark.parametrize("gdtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("indexed", [False, True])
+def test_masked_adamw_fp32_param_low_precision_grad_is_the_widened_grad(gdtype, indexed):
+    """An fp32 master updated from the model's bf16/fp16 grad read in place: bit for bit the
+    update from that grad widened to fp32 (what formats/master.py relied on a copy for)."""
+    gen = torch.Generator().manual_seed(5)
+    n = 1000  # full vector blocks and a tail
+    p, m = torch.randn(n, generator=gen), torch.randn(n, generator=gen) * 0.1
+    v = torch.rand(n, generator=gen) * 0.01
+    g = torch.randn(n, generator=gen).to(gdtype)
+    idx = torch.arange(0, n, 3) if indexed else None
+    runs = []
+    for grad in (g, g.float()):
+        t = [p.clone(), m.clone(), v.clone()]
+        if indexed:
+            t[1], t[2] = t[1][: idx.numel()].clone(), t[2][: idx.numel()].clone()
+        _kernel("masked_adamw_")([t[0]], [grad], [t[1]], [t[2]], [idx], _steps(1, 7),
+                                 *HYPER.values())
+        runs.append(t)
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    with pytest.raises(TypeError, match=r"grads\[0\] has dtype torch.float16 but params\[0\] "
+                                        r"has torch.bfloat16; allowed: torch.bfloat16 or "
+                                        r"torch.float32"):
+        _kernel("masked_adamw_")([p.bfloat16()], [g.half()], [m], [v], [None], _steps(1, 7),
+                                 *HYPER.values())
 
 
 @needs_kernels
@@ -504,8 +533,9 @@ BAD_ADAMW = [
     (dict(grads=[torch.zeros(10)]), ValueError, "got 2 params but 1 grads"),
     (dict(params=[torch.zeros(10), torch.zeros(10, dtype=torch.float64)]), TypeError,
      r"params\[1\] has dtype torch.float64"),
-    (dict(grads=[torch.zeros(10), torch.zeros(10).half()]), TypeError,
-     r"grads\[1\] has dtype torch.float16 but params\[1\] has torch.float32"),
+    (dict(params=[torch.zeros(10), torch.zeros(10).bfloat16()],
+          grads=[torch.zeros(10), torch.zeros(10).half()]), TypeError,
+     r"grads\[1\] has dtype torch.float16 but params\[1\] has torch.bfloat16"),
     (dict(exp_avgs=[torch.zeros(10), torch.zeros(3).bfloat16()]), TypeError,
      r"exp_avgs\[1\] has dtype torch.bfloat16; allowed: torch.float32"),
     (dict(params=[torch.zeros(10), torch.zeros(20)[::2]]), ValueError,

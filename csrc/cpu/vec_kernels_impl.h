@@ -235,8 +235,12 @@ template <typename P>
 void adamw_chunk_p(const AdamWChunk& c, const AdamWScalars& s, IndexFault* f) {
   if (c.g_type == FType::F32)
     adamw_chunk_pg<P, float>(c, s, f);
-  else
+  else if constexpr (!std::is_same_v<P, float>)
     adamw_chunk_pg<P, P>(c, s, f);  // checks allow only the param's dtype or fp32
+  else if (c.g_type == FType::BF16)  // an fp32 master with the model's bf16/fp16 grad
+    adamw_chunk_pg<float, c10::BFloat16>(c, s, f);
+  else
+    adamw_chunk_pg<float, c10::Half>(c, s, f);
 }
 
 void adamw_chunk(const AdamWChunk& c, const AdamWScalars& s, IndexFault* f) {

@@ -314,9 +314,10 @@ void launch_indexed(const std::vector<Entry>& es, at::TensorList params, at::Ten
       });
 }
 
-// Picks the kernel instantiation for a group of entries sharing (param dtype, grad dtype).
+// Picks the kernel instantiation for a group of entries sharing (param dtype, grad dtype):
+// the grad is the param's dtype or fp32, or bf16/fp16 for an fp32 param (a master weight).
 template <bool kIndexed>
-void launch_group(c10::ScalarType pt, bool g_fp32, const std::vector<Entry>& es,
+void launch_group(c10::ScalarType pt, c10::ScalarType gt, const std::vector<Entry>& es,
                   at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                   at::TensorList exp_avg_sqs, const std::vector<std::optional<at::Tensor>>& idx,
                   const AdamWScalars& s, const Hyper& h, cudaStream_t stream) {
@@ -326,8 +327,15 @@ void launch_group(c10::ScalarType pt, bool g_fp32, const std::vector<Entry>& es,
     launch_indexed<P, G>(es, params, grads, exp_avgs, exp_avg_sqs, idx, s, h, stream);    \
   else                                                                                    \
     launch_dense<P, G>(es, params, grads, exp_avgs, exp_avg_sqs, s, h, stream);
+  const bool g_fp32 = gt == at::kFloat;
   if (pt == at::kFloat) {
-    NTO_LAUNCH(float, float)
+    if (g_fp32) {
+      NTO_LAUNCH(float, float)
+    } else if (gt == at::kBFloat16) {
+      NTO_LAUNCH(float, c10::BFloat16)
+    } else {
+      NTO_LAUNCH(float, c10::Half)
+    }
   } else if (pt == at::kBFloat16) {
     if (g_fp32) {
       NTO_LAUNCH(c10::BFloat16, float)
@@ -385,8 +393,8 @@ void masked_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
     if (steps[i].device().is_cpu()) host_steps[i] = checked_host_step(kOp, i, steps[i]);
   }
 
-  // Sort the entries into kernel groups: kind x param dtype x (grad fp32 while param is not).
-  std::vector<Entry> groups[2][3][2];
+  // Sort the entries into kernel groups: kind x param dtype x grad dtype.
+  std::vector<Entry> groups[2][3][3];
   std::vector<at::Tensor> keep;  // converted device steps live until the launches are queued
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& st = steps[i];
@@ -408,9 +416,8 @@ void masked_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
       e.idx_mode = idx[i]->scalar_type() == at::kLong ? 2 : 1;
       e.g_dense = grads[i].numel() != idx[i]->numel();
     }
-    const int pt = dtype_code(params[i].scalar_type());
-    const bool g32 = grads[i].scalar_type() == at::kFloat && pt != 0;
-    groups[indexed][pt][g32].push_back(e);
+    groups[indexed][dtype_code(params[i].scalar_type())][dtype_code(grads[i].scalar_type())]
+        .push_back(e);
   }
 
   const AdamWScalars s = adamw_scalars(lr, beta1, beta2, eps, weight_decay);
@@ -418,10 +425,10 @@ void masked_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
   const cudaStream_t stream = current_stream();
   const c10::ScalarType types[3] = {at::kFloat, at::kBFloat16, at::kHalf};
   for (int pt = 0; pt < 3; ++pt)
-    for (int g32 = 0; g32 < 2; ++g32) {
-      launch_group<false>(types[pt], g32, groups[0][pt][g32], params, grads, exp_avgs,
+    for (int gt = 0; gt < 3; ++gt) {
+      launch_group<false>(types[pt], types[gt], groups[0][pt][gt], params, grads, exp_avgs,
                           exp_avg_sqs, idx, s, h, stream);
-      launch_group<true>(types[pt], g32, groups[1][pt][g32], params, grads, exp_avgs,
+      launch_group<true>(types[pt], types[gt], groups[1][pt][gt], params, grads, exp_avgs,
                          exp_avg_sqs, idx, s, h, stream);
     }
 }

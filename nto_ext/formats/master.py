@@ -14,9 +14,10 @@ rounded to nearest, they vanish. Two formats keep them:
   its distance to each (unbiased), the coin drawn from a counter-based stream keyed on
   (seed, step, param, element): deterministic, independent of threads, bit-exact on resume.
 
-Both run the existing fp32 kernel (`ops.masked_adamw_`) on fp32 values and an fp32 copy of
-the gradient, a batch of at most the largest tensor's elements at a time (the transient);
-a fused kernel that reads the bf16 gradient directly is left for later.
+Both run the fp32 kernel (`ops.masked_adamw_`) on fp32 values (the master, or an fp32 copy
+of the param) reading the model's bf16/fp16 gradient directly (no fp32 copy of it), a batch
+of at most the largest tensor's elements at a time; the param is then written back rounded.
+A kernel that also fuses that write-back (and the stochastic rounding) is left for later.
 """
 
 from __future__ import annotations
@@ -58,9 +59,9 @@ class _Fp32Compute(Fp32Moments):
                  "eps": float(group["eps"]), "weight_decay": float(group["weight_decay"])}
         for batch in _batches(list(zip(items, states))):
             values = [self._source(st, t) for (_, t, _, _), st in batch]
-            grads = [_fp32_copy(g) for (_, _, g, _), _ in batch]  # transient
-            if group.get("maximize", False):  # AdamW's maximize: descend on -grad
-                torch._foreach_neg_(grads)
+            grads = [g.contiguous() for (_, _, g, _), _ in batch]  # the kernel's flat order
+            if group.get("maximize", False):  # AdamW's maximize: descend on -grad (a copy)
+                grads = torch._foreach_neg(grads)
             steps = [st["step"] for _, st in batch]
             self._kernel(call, [i for (i, _, _, _), _ in batch], values, grads,
                          [st for _, st in batch], [s + 1 for s in steps], **hyper)
@@ -125,8 +126,9 @@ class MasterWeights(_Fp32Compute):
         return st["master"]
 
     def transient_bytes(self, numel: int) -> int:
-        # the fp32 gradients of one batch + the rounding's temporaries at a period's end
-        return 4 * numel + _SR_TEMP * min(numel, _SR_CHUNK)
+        # at most a 16-bit copy of one batch's gradients (maximize, or a non-contiguous
+        # grad) + the rounding's temporaries at a period's end
+        return 2 * numel + _SR_TEMP * min(numel, _SR_CHUNK)
 
     def _write(self, t: torch.Tensor, value: torch.Tensor, seed: int, step: int,
                index: int, last: bool) -> None:
@@ -141,8 +143,8 @@ class StochasticRounding(_Fp32Compute):
     name = "stochastic"
 
     def transient_bytes(self, numel: int) -> int:
-        # fp32 gradients + fp32 param copies of one batch; the rounding's chunk temporaries
-        return 8 * numel + _SR_TEMP * min(numel, _SR_CHUNK)
+        # fp32 param copies (+ at most 16-bit grad copies) of one batch; rounding temporaries
+        return 6 * numel + _SR_TEMP * min(numel, _SR_CHUNK)
 
     def _source(self, st: dict[str, Any], t: torch.Tensor) -> torch.Tensor:
         return _fp32_copy(t)
