@@ -283,6 +283,9 @@ class NTO(torch.optim.Optimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One AdamW update of the active params, then advance the schedule. A step refused
         with an error changes nothing: fix the cause and step again."""
+        # torch's get/set_optimizer_state_dict take a zero-grad step on an empty state
+        # before they call state_dict(): refuse there, before the schedule moves
+        persist.refuse_torch_dsd("step")
         self._check_usable()
         loss = None
         if closure is not None:

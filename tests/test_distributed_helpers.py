@@ -118,6 +118,20 @@ def test_torch_get_set_optimizer_state_dict_refused():
     opt.load_state_dict(sd)
 
 
+def test_torch_dsd_fake_step_refused_before_the_schedule_moves():
+    """On an NTO with no state yet, torch's helpers first take a zero-grad step (lr=0):
+    refused at that step, so the schedule and the state stay untouched."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    model = _model()
+    opt = NTO(model.named_parameters(), **KW)
+    with pytest.raises(TypeError, match=r"NTO.step\(\) was called by torch's get/set_optim"):
+        get_optimizer_state_dict(model, opt)
+    assert opt.step_count == 0 and not opt.state
+    _steps(model, opt, range(1))  # still usable
+    assert opt.step_count == 1
+
+
 def test_nto_of_unwraps():
     opt = NTO(_model().named_parameters(), **KW)
     wrapper = type("AcceleratedOptimizer", (), {"optimizer": opt})()
