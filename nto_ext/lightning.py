@@ -41,14 +41,14 @@ class NTOModelParallelStrategy(ModelParallelStrategy):
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        if not kwargs.get("save_distributed_checkpoint", True):
+        super().__init__(*args, **kwargs)
+        if not self._save_distributed_checkpoint:  # by keyword or by position
             raise ValueError(
                 "NTOModelParallelStrategy(save_distributed_checkpoint=False): NTO's state is "
                 "saved only as a distributed checkpoint (a folder, one shard per rank); "
                 "allowed: save_distributed_checkpoint=True (the default). To get one file, "
                 "convert the folder after training (torch.distributed.checkpoint."
                 "format_utils.dcp_to_torch_save)")
-        super().__init__(*args, **kwargs)
 
     def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
         if _nto(optimizer) is None:

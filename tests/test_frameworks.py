@@ -70,6 +70,9 @@ def test_lightning_fsdp2_refuses_single_file_checkpoints():
 
     with pytest.raises(ValueError, match="save_distributed_checkpoint=False.*allowed"):
         NTOModelParallelStrategy(save_distributed_checkpoint=False)
+    with pytest.raises(ValueError, match="save_distributed_checkpoint=False"):
+        NTOModelParallelStrategy("auto", "auto", False)  # the same, by position
+    assert NTOModelParallelStrategy()._save_distributed_checkpoint
 
 
 @pytest.mark.slow
