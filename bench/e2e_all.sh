@@ -38,3 +38,12 @@ e2e --task lm --seeds 0 --tag lr2e-4 --lr full=2e-4 nto=2e-4 --configs adamw
 # steps with switch_every 2, so that cycles after the first (the weighted ones) fit in the run
 e2e --task lm --steps 60 --switch-every 2 --seeds 0 1 2 --tag imp --lr full=2e-4 nto=2e-4 \
     --configs nto-block-10 nto-block-10-importance nto-sample-10 nto-sample-10-importance adamw
+# 2026-12-04: row ranges (every weight trains, issue 21) and 8-bit moments (issue 20).
+# int8 configs hold the bytes of fp32-state NTO at 10% (about 2x the elements) or run at 100%.
+e2e "${A[@]}" --seeds 0 1 2 --tag rows --configs nto-block-10 nto-block-10-int8 nto-sample-10 \
+    nto-sample-10-int8 nto-block-10-importance nto-sample-10-importance
+e2e "${A[@]}" --seeds 0 1 2 --tag int8-lr1e-4 --lr nto=1e-4 --configs nto-block-100-int8
+e2e --task lm --seeds 0 1 2 --tag lr5e-4 --lr full=5e-4 nto=5e-4 --configs nto-block-10 \
+    nto-sample-10 nto-block-10-int8 nto-sample-10-int8
+e2e --task lm --seeds 0 --tag lr1e-3 --lr full=1e-3 nto=1e-3 --configs nto-block-10 nto-sample-10
+e2e --task lm --seeds 0 1 2 --tag int8 --configs nto-block-100-int8
