@@ -276,19 +276,40 @@ inline Vec sqrt_estimate(const Vec& c) {
 inline Vec select(const Vec& mask, const Vec& if_set, const Vec& if_clear) {
   return Vec::blendv(if_clear, if_set, mask);
 }
+// max(y, lo) with NaN -> lo: one instruction on x86 (maxps returns its second operand
+// when either is NaN).
+inline Vec max_or(const Vec& y, const Vec& lo) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_max_ps(y, lo);
+#elif defined(CPU_CAPABILITY_AVX2)
+  return _mm256_max_ps(y, lo);
+#else
+  return select(y == y, at::vec::maximum(y, lo), lo);
+#endif
+}
+// min of NaN-free lanes in one instruction (at::vec::minimum adds NaN propagation).
+inline Vec min_finite(const Vec& a, const Vec& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_min_ps(a, b);
+#elif defined(CPU_CAPABILITY_AVX2)
+  return _mm256_min_ps(a, b);
+#else
+  return at::vec::minimum(a, b);
+#endif
+}
 // The levels of x (adamw_math.h q8_level_of, per lane): y = |x| * inv; the estimate
-// k = rint(sqrt(y clamped to [1, (top - 1/2)^2])) clamped to [1, top - 1] is within one
-// level, and the level is k - 1 plus [y >= (k - 1/2)^2] plus [y >= (k + 1/2)^2] (exact
-// fp32 thresholds). NaN -> 0. `plain_min` / `plain_max` keep NaN out of the estimate.
+// k = rint(sqrt(y clamped to [1, (top - 1/2)^2])) at most top - 1 is within one level
+// (the clamp keeps it finite: NaN, 0 and subnormal y estimate 1, inf top - 1), and the
+// level is k - 1 plus [y >= (k - 1/2)^2] plus [y >= (k + 1/2)^2] (exact fp32
+// thresholds). A NaN y compares false: level k - 1 = 0.
 inline Vec q8_levels(const Vec& x, float inv, float top) {
   const Vec y = x.abs() * Vec(inv);
   const Vec one(1.0f), half(0.5f);
-  const Vec c = at::vec::clamp(y, one, Vec((top - 0.5f) * (top - 0.5f)));
-  const Vec nan_free = select(y == y, c, one);
-  const Vec k = at::vec::clamp(sqrt_estimate(nan_free).round(), one, Vec(top - 1.0f));
-  const Vec lo = (k - half) * (k - half), hi = (k + half) * (k + half);
-  const Vec u = (k - one) + ((y >= lo) & one) + ((y >= hi) & one);
-  return select(y == y, u, Vec(0.0f));
+  const Vec c = min_finite(max_or(y, one), Vec((top - 0.5f) * (top - 0.5f)));
+  const Vec k = min_finite(sqrt_estimate(c).round(), Vec(top - 1.0f));
+  const Vec lo = (k - half) * (k - half);
+  const Vec hi = lo + (k + k);  // (k + 1/2)^2, exact
+  return (k - one) + ((y >= lo) & one) + ((y >= hi) & one);
 }
 // One block of cnt <= kQ8Block elements: dequantize the 8-bit moments (scalar loops over
 // exact integer products, vectorized by the compiler), AdamW on float vectors, then the
