@@ -146,9 +146,29 @@ def test_nto_state_dtype(benchmark, tensors, budget, state_dtype):
     opt = NTO(leaves, **HYPER, budget=budget, policy="block", switch_every=10**9,
               nonfinite="propagate", state_dtype=state_dtype)
     active = opt.active_set
+    elements = sum(leaves[i][1].numel() for i in active)
     _run(benchmark, opt, leaves, grads, group="state", name=f"nto-block-{budget} {state_dtype}",
-         budget=float(budget.rstrip("%")) / 100,
-         elements=sum(leaves[i][1].numel() for i in active), active=active)
+         budget=float(budget.rstrip("%")) / 100, elements=elements, active=active)
+    benchmark.extra_info["bytes"] = elements * STEP_BYTES[state_dtype]
+
+
+# Bytes the update moves per fp32 element: param read and written, grad read, and the
+# moments read and written (fp32: 2 x 4 B; int8: 2 x 1 B and two fp32 scales per 256).
+STEP_BYTES = {"fp32": 4 + 4 + 4 + 2 * 8, "int8": 4 + 4 + 4 + 2 * (2 + 8 / 256)}
+COPY_ELEMENTS = 64 * 2**20  # 256 MiB of fp32: far past the caches
+
+
+def test_copy_bandwidth(benchmark):
+    """The machine's memory bandwidth as this process sees it (same threads, same load):
+    Tensor.copy_ of 256 MiB (read + write). The state rows report their GB/s as a fraction
+    of it."""
+    src = torch.rand(COPY_ELEMENTS)
+    dst = torch.empty_like(src)
+    benchmark.group = "state"
+    benchmark.extra_info.update(name="copy 256 MiB", budget=1.0, elements=COPY_ELEMENTS,
+                                total=COPY_ELEMENTS, threads=torch.get_num_threads(),
+                                bytes=2 * 4 * COPY_ELEMENTS)
+    benchmark.pedantic(dst.copy_, args=(src,), rounds=ROUNDS, iterations=1, warmup_rounds=1)
 
 
 BF16_FORMATS = {"fp32 params": {}, "bf16 plain": {"master_weights": False},
@@ -174,13 +194,16 @@ def test_nto_bf16(benchmark, tensors, fmt):
 def table(bench_json: dict) -> str:
     """Markdown: each step's median time and its fraction of the fused AdamW step."""
     rows = {b["extra_info"]["name"]: b for b in bench_json["benchmarks"]}
-    fused = rows["adamw-fused"]["stats"]["median"]
+    fused = rows.get("adamw-fused", {}).get("stats", {}).get("median", float("nan"))
     lines = ["| optimizer step | active elements | median, ms | x fused AdamW "
              "| target (b + 0.05) | met |", "|---|---|---|---|---|---|"]
     for name, b in rows.items():
         med, info = b["stats"]["median"], b["extra_info"]
+        if name.startswith("copy"):
+            continue
         x = med / fused
-        target = info["budget"] + 0.05 if name.startswith("nto") else None
+        # no fused AdamW row (a -k selection): no fraction to check
+        target = info["budget"] + 0.05 if name.startswith("nto") and x == x else None
         met = "-" if target is None else ("yes" if x <= target else "no")
         lines.append(f"| {name} | {info['elements'] / 1e6:.2f}M of {info['total'] / 1e6:.1f}M "
                      f"| {1e3 * med:.1f} | {x:.3f} | {'-' if target is None else f'{target:.2f}'}"
@@ -190,6 +213,14 @@ def table(bench_json: dict) -> str:
         if all(pair):
             ratio = pair[1]["stats"]["median"] / pair[0]["stats"]["median"]
             lines.append(f"\nint8 / fp32 state at {budget}: {ratio:.3f} (target <= 1.3)")
+    copy = rows.get("copy 256 MiB")
+    if copy:
+        peak = copy["extra_info"]["bytes"] / copy["stats"]["median"] / 1e9
+        lines.append(f"\nmemory bandwidth (copy_ of 256 MiB): {peak:.1f} GB/s")
+        for name, b in rows.items():
+            if "bytes" in b["extra_info"] and not name.startswith("copy"):
+                gbs = b["extra_info"]["bytes"] / b["stats"]["median"] / 1e9
+                lines.append(f"\n{name}: {gbs:.1f} GB/s = {gbs / peak:.2f} of the copy's")
     plain = rows.get("nto-block-25% bf16 plain")
     for fmt in ("bf16 masters", "bf16 stochastic", "fp32 params"):
         row = rows.get(f"nto-block-25% {fmt}")

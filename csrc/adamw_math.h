@@ -144,13 +144,30 @@ static NTO_HOST_DEVICE T adamw_update_q8(T& p, T g, T& m, T& v, const AdamWScala
 // The 8-bit moments' map (nto_ext/_reference.py quantize_q8 / dequantize_q8, the spec):
 // blocks of kQ8Block elements; exp_avg m = q|q| * sm, q in [-127, 127], sm = max|m| / 127^2;
 // the root w of exp_avg_sq: w = q^2 * sw, q in [0, 255], sw = max w / 255^2; levels
-// q = RNE(sqrt(|x| * (1 / scale))) (0 for scale 0; NaN -> 0), a positive w at least 1.
+// q = the number of k in 1..top with (k - 1/2)^2 <= y, y = |x| * fp32(1 / scale) (0 for
+// scale 0; NaN -> 0), a positive w at least 1: sqrt(y) rounded half up, decided by exact
+// comparisons (the thresholds (k -+ 1/2)^2 are exact in fp32), so an estimate of sqrt(y)
+// within one level, corrected by two comparisons, gives the same bits on every target.
 constexpr int kQ8Block = 256;
 constexpr float kQ8MLevels = 127.0f, kQ8WLevels = 255.0f;
 constexpr float kQ8MSquare = 16129.0f, kQ8WSquare = 65025.0f;  // levels^2, exact
 
 static NTO_HOST_DEVICE float q8_inverse(float scale) {
   return scale > 0.0f ? FloatOps<float>::div(1.0f, scale) : 0.0f;
+}
+
+// The level of y = |x| * inv (see above), at most top, NaN -> 0, from an estimate
+// k = rint(sqrt(y clamped to [1, (top - 1/2)^2])) clamped to [1, top - 1]: the level is
+// k - 1, k or k + 1, decided by y against (k - 1/2)^2 and (k + 1/2)^2 (the clamps keep
+// the estimate finite and within one level for y = 0, inf or subnormal). Scalar form of
+// the CPU's vector q8_levels; CUDA uses it per thread.
+static NTO_HOST_DEVICE float q8_level_of(float y, float top) {
+  const float t_hi = (top - 0.5f) * (top - 0.5f);
+  const float c = y != y ? 1.0f : fminf(fmaxf(y, 1.0f), t_hi);
+  const float k = fminf(fmaxf(rintf(FloatOps<float>::sqrt(c)), 1.0f), top - 1.0f);
+  const float lo = (k - 0.5f) * (k - 0.5f), hi = (k + 0.5f) * (k + 0.5f);
+  const float u = (k - 1.0f) + (y >= lo ? 1.0f : 0.0f) + (y >= hi ? 1.0f : 0.0f);
+  return y != y ? 0.0f : u;
 }
 
 }  // namespace nto

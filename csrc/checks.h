@@ -244,12 +244,10 @@ inline void check_adamw_hyper(double lr, double beta1, double beta2, double eps,
 inline void check_step_meta(const char* op, size_t i, const at::Tensor& step,
                             const at::Device& dev);
 
-// Metadata of entry i (no tensor contents): dtypes, layouts, devices and lengths.
-inline void check_adamw_entry(size_t i, const at::Tensor& p, const at::Tensor& g,
-                              const at::Tensor& m, const at::Tensor& v,
-                              const c10::optional<at::Tensor>& idx, const at::Tensor& step,
-                              const at::Device& dev) {
-  const char* op = "masked_adamw_";
+// params[i] and grads[i] of both AdamW ops: float tensors on `dev`; the grad in the
+// param's dtype or fp32.
+inline void check_param_grad(const char* op, size_t i, const at::Tensor& p, const at::Tensor& g,
+                             const at::Device& dev) {
   check_tensor(op, "params", i, p, {at::kFloat, at::kBFloat16, at::kHalf}, kFloats, dev);
   check_tensor(op, "grads", i, g, {at::kFloat, at::kBFloat16, at::kHalf}, kFloats, dev);
   // an fp32 param (a bf16 model's fp32 master) takes the model's low-precision gradient
@@ -258,6 +256,15 @@ inline void check_adamw_entry(size_t i, const at::Tensor& p, const at::Tensor& g
                    op, ": grads[", i, "] has dtype ", dtype_name(g.scalar_type()), " but params[",
                    i, "] has ", dtype_name(p.scalar_type()), "; allowed: ",
                    dtype_name(p.scalar_type()), " or torch.float32");
+}
+
+// Metadata of entry i (no tensor contents): dtypes, layouts, devices and lengths.
+inline void check_adamw_entry(size_t i, const at::Tensor& p, const at::Tensor& g,
+                              const at::Tensor& m, const at::Tensor& v,
+                              const c10::optional<at::Tensor>& idx, const at::Tensor& step,
+                              const at::Device& dev) {
+  const char* op = "masked_adamw_";
+  check_param_grad(op, i, p, g, dev);
   check_tensor(op, "exp_avgs", i, m, {at::kFloat}, "torch.float32", dev);
   check_tensor(op, "exp_avg_sqs", i, v, {at::kFloat}, "torch.float32", dev);
   const bool indexed = idx.has_value() && idx->defined();
@@ -336,12 +343,7 @@ inline void check_adamw_int8_entry(size_t i, const at::Tensor& p, const at::Tens
                                    const at::Tensor& sm, const at::Tensor& sv,
                                    const at::Tensor& step, const at::Device& dev) {
   const char* op = "masked_adamw_int8_";
-  check_tensor(op, "params", i, p, {at::kFloat, at::kBFloat16, at::kHalf}, kFloats, dev);
-  check_tensor(op, "grads", i, g, {at::kFloat, at::kBFloat16, at::kHalf}, kFloats, dev);
-  TORCH_CHECK_TYPE(g.scalar_type() == p.scalar_type() || g.scalar_type() == at::kFloat, op,
-                   ": grads[", i, "] has dtype ", dtype_name(g.scalar_type()), " but params[", i,
-                   "] has ", dtype_name(p.scalar_type()), "; allowed: ",
-                   dtype_name(p.scalar_type()), " or torch.float32");
+  check_param_grad(op, i, p, g, dev);
   check_tensor(op, "exp_avgs", i, m, {at::kChar}, "torch.int8", dev);
   check_tensor(op, "exp_avg_sqs", i, v, {at::kByte}, "torch.uint8", dev);
   check_tensor(op, "exp_avg_scales", i, sm, {at::kFloat}, "torch.float32", dev);

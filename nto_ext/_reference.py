@@ -169,15 +169,21 @@ def _check_hyper(lr: float, beta1: float, beta2: float, eps: float, weight_decay
             raise ValueError(f"{op}: {name}={v} is not allowed; {name} must be {rule}")
 
 
-def _check_adamw_entry(i: int, p, g, m, v, idx, step, dev: torch.device) -> None:
-    """Metadata of entry i: dtypes, layouts, devices and lengths (no tensor contents)."""
-    op = "masked_adamw_"
+def _check_param_grad(op: str, i: int, p, g, dev: torch.device) -> None:
+    """params[i] and grads[i] of both AdamW ops: float tensors on `dev`; the grad in the
+    param's dtype or fp32."""
     _check_tensor(op, "params", i, p, _FLOAT_DTYPES, _FLOATS, dev)
     _check_tensor(op, "grads", i, g, _FLOAT_DTYPES, _FLOATS, dev)
     # an fp32 param (a bf16 model's fp32 master) takes the model's low-precision gradient
     if g.dtype not in (p.dtype, torch.float32) and p.dtype != torch.float32:
         raise TypeError(f"{op}: grads[{i}] has dtype {g.dtype} but params[{i}] has {p.dtype}; "
                         f"allowed: {p.dtype} or torch.float32")
+
+
+def _check_adamw_entry(i: int, p, g, m, v, idx, step, dev: torch.device) -> None:
+    """Metadata of entry i: dtypes, layouts, devices and lengths (no tensor contents)."""
+    op = "masked_adamw_"
+    _check_param_grad(op, i, p, g, dev)
     _check_tensor(op, "exp_avgs", i, m, (torch.float32,), "torch.float32", dev)
     _check_tensor(op, "exp_avg_sqs", i, v, (torch.float32,), "torch.float32", dev)
     if idx is not None:
@@ -325,11 +331,16 @@ def dequantize_q8(qm: torch.Tensor, sm: torch.Tensor, qw: torch.Tensor,
 
 
 def _levels(x: torch.Tensor, scale: torch.Tensor, top: int) -> torch.Tensor:
-    """round-to-nearest-even(sqrt(|x| / scale)) per block, in [0, top]; NaN -> 0. The
-    division is a multiplication by the fp32 reciprocal of the scale (0 for scale 0)."""
+    """sqrt(|x| / scale) rounded half up, per block, in [0, top]; NaN -> 0: the number of
+    k in 1..top with (k - 1/2)^2 <= y, y = |x| * fp32(1 / scale) (0 for scale 0), decided by
+    exact comparisons (the thresholds are exact in fp32; no sqrt is rounded)."""
     inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
-    u = sqrt_rn(x.abs() * inv.view(-1, 1)).round().clamp(max=top)
-    return torch.where(u == u, u, torch.zeros_like(u))
+    y = x.abs() * inv.view(-1, 1)
+    k = torch.arange(1, top + 1, dtype=torch.float32, device=x.device)
+    thresholds = (k - 0.5) * (k - 0.5)
+    u = torch.searchsorted(thresholds, y.reshape(-1).contiguous(), right=True)
+    u = u.reshape(y.shape).to(torch.float32)
+    return torch.where(y == y, u, torch.zeros_like(u))
 
 
 def quantize_q8(m: torch.Tensor, w: torch.Tensor, numel: int):
@@ -337,7 +348,8 @@ def quantize_q8(m: torch.Tensor, w: torch.Tensor, numel: int):
     w = sqrt(exp_avg_sq), both [nb, Q8_BLOCK]; qm and qw have `numel` elements.
 
     Per block, scales from the abs-max (NaN propagates): sm = max|m| / 127^2 and
-    sw = max w / 255^2; levels q = RNE(sqrt(|x| / scale)), signed for m. The square-root
+    sw = max w / 255^2; levels q = sqrt(|x| / scale) rounded half up (_levels), signed
+    for m. The square-root
     map spends levels on small values: a value 100x below its block's largest keeps ~8%
     precision instead of rounding to zero as a linear map makes it. A positive w never
     rounds to level 0: no update is divided by eps alone."""
@@ -352,11 +364,7 @@ def quantize_q8(m: torch.Tensor, w: torch.Tensor, numel: int):
 
 def _check_int8_entry(i: int, p, g, m, v, sm, sv, step, dev: torch.device) -> None:
     op = _Q8_OP
-    _check_tensor(op, "params", i, p, _FLOAT_DTYPES, _FLOATS, dev)
-    _check_tensor(op, "grads", i, g, _FLOAT_DTYPES, _FLOATS, dev)
-    if g.dtype not in (p.dtype, torch.float32):
-        raise TypeError(f"{op}: grads[{i}] has dtype {g.dtype} but params[{i}] has {p.dtype}; "
-                        f"allowed: {p.dtype} or torch.float32")
+    _check_param_grad(op, i, p, g, dev)
     _check_tensor(op, "exp_avgs", i, m, (torch.int8,), "torch.int8", dev)
     _check_tensor(op, "exp_avg_sqs", i, v, (torch.uint8,), "torch.uint8", dev)
     _check_tensor(op, "exp_avg_scales", i, sm, (torch.float32,), "torch.float32", dev)

@@ -171,6 +171,26 @@ def test_quantization_error_is_bounded_per_element():
     assert all(torch.equal(again[k], st[k]) for k in st)
 
 
+def test_levels_round_half_up_by_exact_thresholds():
+    """A level is sqrt(|x| / scale) rounded half up, decided exactly: at y = (k - 1/2)^2
+    the level is k, one fp32 step below it k - 1; elsewhere floor(sqrt(y) + 1/2) in float64,
+    at most top; NaN -> 0, inf -> top."""
+    top = 255
+    k = torch.arange(1, top + 1, dtype=torch.float32)
+    ties = (k - 0.5) ** 2
+    below = torch.nextafter(ties, torch.zeros(()))
+    rand = torch.rand(top * 4, generator=torch.Generator().manual_seed(0)) * 70000
+    special = torch.tensor([0.0, 1e-45, 0.2499, float("inf"), float("nan")])
+    y = torch.cat([ties, below, rand, special])
+    pad = (-y.numel()) % 256
+    x = torch.cat([y, torch.zeros(pad)]).view(-1, 256)
+    got = _reference._levels(x, torch.ones(x.shape[0]), top).reshape(-1)[:y.numel()]
+    want = torch.floor(y.double().sqrt() + 0.5).clamp(max=top).float()
+    want = torch.where(y.isnan(), torch.zeros_like(want), want)
+    assert torch.equal(got[:top], k) and torch.equal(got[top:2 * top], k - 1)
+    assert torch.equal(got, want)
+
+
 def test_small_values_keep_precision_a_linear_map_would_lose():
     """In a block whose largest |m| is 1, an m of 1e-3 keeps ~15% precision (a linear
     8-bit map rounds it to 0)."""

@@ -265,11 +265,56 @@ inline float lane_max_nan(const Vec& a) {
   return out;
 }
 
-// sqrt(|x| * inv) rounded to nearest even, at most `top`, per lane (NaN stays NaN).
-inline Vec q8_level(const Vec& x, float inv, float top) {
-  return at::vec::minimum((x.abs() * Vec(inv)).sqrt().round(), Vec(top));
+// An estimate of sqrt(c) for c in [1, 2^16] within 0.1 (rsqrt: relative error
+// <= 1.5 * 2^-12, one cheap instruction instead of the divider's sqrt); q8_levels
+// corrects it exactly, so the estimate's bits never reach a result.
+inline Vec sqrt_estimate(const Vec& c) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return c * Vec(_mm512_rsqrt14_ps(c));
+#elif defined(CPU_CAPABILITY_AVX2)
+  return c * Vec(_mm256_rsqrt_ps(c));
+#else
+  return c.sqrt();
+#endif
 }
-
+inline Vec select(const Vec& mask, const Vec& if_set, const Vec& if_clear) {
+  return Vec::blendv(if_clear, if_set, mask);
+}
+// max(y, lo) with NaN -> lo: one instruction on x86 (maxps returns its second operand
+// when either is NaN).
+inline Vec max_or(const Vec& y, const Vec& lo) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_max_ps(y, lo);
+#elif defined(CPU_CAPABILITY_AVX2)
+  return _mm256_max_ps(y, lo);
+#else
+  return select(y == y, at::vec::maximum(y, lo), lo);
+#endif
+}
+// min of NaN-free lanes in one instruction (at::vec::minimum adds NaN propagation).
+inline Vec min_finite(const Vec& a, const Vec& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_min_ps(a, b);
+#elif defined(CPU_CAPABILITY_AVX2)
+  return _mm256_min_ps(a, b);
+#else
+  return at::vec::minimum(a, b);
+#endif
+}
+// The levels of x (adamw_math.h q8_level_of, per lane): y = |x| * inv; the estimate
+// k = rint(sqrt(y clamped to [1, (top - 1/2)^2])) at most top - 1 is within one level
+// (the clamp keeps it finite: NaN, 0 and subnormal y estimate 1, inf top - 1), and the
+// level is k - 1 plus [y >= (k - 1/2)^2] plus [y >= (k + 1/2)^2] (exact fp32
+// thresholds). A NaN y compares false: level k - 1 = 0.
+inline Vec q8_levels(const Vec& x, float inv, float top) {
+  const Vec y = x.abs() * Vec(inv);
+  const Vec one(1.0f), half(0.5f);
+  const Vec c = min_finite(max_or(y, one), Vec((top - 0.5f) * (top - 0.5f)));
+  const Vec k = min_finite(sqrt_estimate(c).round(), Vec(top - 1.0f));
+  const Vec lo = (k - half) * (k - half);
+  const Vec hi = lo + (k + k);  // (k + 1/2)^2, exact
+  return (k - one) + ((y >= lo) & one) + ((y >= hi) & one);
+}
 // One block of cnt <= kQ8Block elements: dequantize the 8-bit moments (scalar loops over
 // exact integer products, vectorized by the compiler), AdamW on float vectors, then the
 // block's new scales and levels (_reference.quantize_q8). p and g point at kQ8Block
@@ -311,20 +356,19 @@ inline void adamw_q8_block(P* p, const G* g, int8_t* qm, uint8_t* qw, float* sm,
   *sw = new_sw;
   const float inv_m = q8_inverse(new_sm), inv_w = q8_inverse(new_sw);
   alignas(64) float um[kQ8Block], uw[kQ8Block];
+  const Vec zero(0.0f), one(1.0f);
   for (int64_t j = 0; j < kQ8Block; j += kV) {
-    q8_level(Vec::loadu(mb + j), inv_m, kQ8MLevels).store(um + j);
-    q8_level(Vec::loadu(wb + j), inv_w, kQ8WLevels).store(uw + j);
+    const Vec m = Vec::loadu(mb + j), w = Vec::loadu(wb + j);
+    const Vec u = q8_levels(m, inv_m, kQ8MLevels);
+    select(m < zero, zero - u, u).store(um + j);  // signed levels
+    const Vec r = q8_levels(w, inv_w, kQ8WLevels);
+    select((r == zero) & (w > zero), one, r).store(uw + j);  // a positive root: >= 1
   }
-  for (int64_t t = 0; t < cnt; ++t) {
-    const float u = um[t] == um[t] ? um[t] : 0.0f;  // NaN -> 0
-    const int level = static_cast<int>(u);
-    qm[t] = static_cast<int8_t>(mb[t] < 0.0f ? -level : level);
-    float r = uw[t] == uw[t] ? uw[t] : 0.0f;
-    if (r == 0.0f && wb[t] > 0.0f) r = 1.0f;  // a positive root never rounds to zero
-    qw[t] = static_cast<uint8_t>(static_cast<int>(r));
+  for (int64_t t = 0; t < cnt; ++t) {  // whole numbers in range: exact conversions
+    qm[t] = static_cast<int8_t>(static_cast<int>(um[t]));
+    qw[t] = static_cast<uint8_t>(static_cast<int>(uw[t]));
   }
 }
-
 template <typename P, typename G>
 void adamw_q8_chunk_t(const AdamWQ8Chunk& c, const AdamWScalars& s) {
   P* p = static_cast<P*>(c.p);

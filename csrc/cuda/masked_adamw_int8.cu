@@ -43,11 +43,9 @@ __device__ __forceinline__ float block_max(float x, float* shared) {
   return out;
 }
 
-// RNE(sqrt(|x| * inv)) in [0, top], NaN -> 0 (_reference._levels).
+// sqrt(|x| * inv) rounded half up, in [0, top], NaN -> 0 (_reference._levels).
 __device__ __forceinline__ float level(float x, float inv, float top) {
-  using O = FloatOps<float>;
-  float u = rintf(O::sqrt(O::mul(fabsf(x), inv)));
-  return u != u ? 0.0f : fminf(u, top);
+  return q8_level_of(FloatOps<float>::mul(fabsf(x), inv), top);
 }
 
 template <typename P, typename G>

@@ -8,15 +8,17 @@ per block of 256 elements) and `step` (a 0-dim float32 host tensor, as AdamW kee
 The map (`_reference.quantize_q8`, the spec; the kernels do the same bit for bit):
 - scales from the block's abs-max (dynamic, as bitsandbytes / torchao): a block of small
   gradients keeps its own range;
-- exp_avg: q = RNE(sqrt(|m| / s)) in [-127, 127], m = q|q| s with s = max|m| / 127^2.
+- exp_avg: q = sqrt(|m| / s) rounded half up, in [-127, 127], m = q|q| s with
+  s = max|m| / 127^2.
   A square-root map, not linear: it spends levels on the small values (a value 100x
   below its block's largest keeps ~8% precision; a linear map rounds it to zero);
 - exp_avg_sq: the same map of its root w = sqrt(v) (what the update divides by), in
   [0, 255]: v spans the square of the gradients' range, w half of it in log terms, and
   the map halves it again, so roots down to 1/65025 of the block's largest stay non-zero;
   and a positive w never rounds to zero (no update is divided by eps alone).
-Rounding is round-to-nearest-even on correctly rounded fp32 values: deterministic,
-independent of threads and vector width, bit-exact on resume.
+Levels are decided by exact comparisons, no rounded sqrt: q is the number of k in 1..top
+with (k - 1/2)^2 <= |x| * fp32(1 / s) (the thresholds are exact in fp32; round half up at
+exact ties): deterministic, independent of threads and vector width, bit-exact on resume.
 
 One fused kernel call (`ops.masked_adamw_int8_`) dequantizes, updates and requantizes a
 batch of params of one group, device and dtype. bf16/fp16 params are updated in fp32 and
