@@ -525,13 +525,17 @@ def masked_adamw_lowp_(params: Sequence[torch.Tensor], grads: Sequence[torch.Ten
                        masters: Sequence[torch.Tensor], steps: Sequence[torch.Tensor],
                        stochastic: Sequence[bool], keys: Sequence[int], lr: float,
                        beta1: float, beta2: float, eps: float, weight_decay: float,
-                       maximize: bool) -> None:
+                       maximize: bool, sqrt=torch.sqrt) -> None:
     """In-place AdamW on whole bf16/fp16 params with their own-dtype grads (formats/master.py).
     The fp32 value updated is masters[i] (kept) or, with no masters, the param widened; the
-    grad is widened (negated when `maximize`); the math is masked_adamw_'s, with the root
-    correctly rounded (`sqrt_rn`, as the kernels: this spec is bit for bit). The param gets
+    grad is widened (negated when `maximize`); the math is masked_adamw_'s. The param gets
     the value rounded to nearest even, or, where stochastic[i], `stochastic_round` with the
-    stream keys[i] (element j uses position j of the flattened param)."""
+    stream keys[i] (element j uses position j of the flattened param).
+
+    `sqrt`: torch's (the op's default: the reference backend trains as torch.optim.AdamW,
+    bit for bit, like masked_adamw_'s reference), or `sqrt_rn`, the kernels' correctly
+    rounded root: with it this is the kernels' bit-for-bit spec (torch's CPU sqrt is not
+    always correctly rounded)."""
     check_masked_adamw_lowp(params, grads, exp_avgs, exp_avg_sqs, masters, steps, stochastic,
                             keys, lr, beta1, beta2, eps, weight_decay, maximize)
     with torch.no_grad():
@@ -542,11 +546,17 @@ def masked_adamw_lowp_(params: Sequence[torch.Tensor], grads: Sequence[torch.Ten
             if maximize:
                 g32 = -g32
             _adamw_scalar_step(value, g32, m.view(-1), v.view(-1), float(step.item()),
-                               lr, beta1, beta2, eps, weight_decay, sqrt=sqrt_rn)
+                               lr, beta1, beta2, eps, weight_decay, sqrt=sqrt)
             if stochastic[i]:
                 p.view(-1).copy_(stochastic_round(value, p.dtype, int(keys[i])))
             else:
                 p.view(-1).copy_(value)  # round to nearest even
+
+
+def masked_adamw_lowp_spec(*args) -> None:
+    """masked_adamw_lowp_ with the kernels' correctly rounded root: what they equal bit for
+    bit (tests/test_master_kernel.py)."""
+    masked_adamw_lowp_(*args, sqrt=sqrt_rn)
 
 
 # ------------------------------------------------------------------------ select_topk
