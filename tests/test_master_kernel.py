@@ -5,6 +5,11 @@ rounding), thread independence, and bad input."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +17,7 @@ import torch
 from nto_ext import _reference, ops
 from nto_ext.formats.master import stochastic_round, stream_key
 
+ROOT = Path(__file__).resolve().parents[1]
 HAS_KERNELS = ops.backend() != "reference"
 needs_kernels = pytest.mark.skipif(not HAS_KERNELS, reason="compiled extension not loaded")
 HYPER = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8)
@@ -112,6 +118,42 @@ def test_op_equals_the_unfused_path_it_replaces(dtype, stochastic, maximize):
             assert torch.equal(fused["m"], m) and torch.equal(fused["v"], v)
             if master:
                 assert torch.equal(fused["master"], value)
+
+
+VARIANT = r"""
+import hashlib, torch
+from test_master_kernel import KERNEL, SIZES, _entry, _run
+from nto_ext.formats.master import stream_key
+h = hashlib.sha256()
+for dtype in (torch.bfloat16, torch.float16):
+    for master in (True, False):
+        entries = [_entry(n, dtype, 3 * i, master) for i, n in enumerate(SIZES)]
+        sr = [not master or i % 2 == 1 for i in range(len(SIZES))]
+        keys = [stream_key(1, 2, i) for i in range(len(SIZES))]
+        for e in _run(KERNEL, entries, [1, 2], sr, keys, 0.1, master):
+            for t in e.values():
+                if t is not None:
+                    h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+print(h.hexdigest())
+"""
+
+
+@needs_kernels
+def test_every_cpu_variant_gives_the_same_bits():
+    """The portable, AVX2 and AVX-512 builds of the block loop (those this CPU runs) give
+    the same bits, whatever the vector width (the spec test above runs the best one)."""
+    best = torch.backends.cpu.get_cpu_capability().lower()
+    caps = ("default", "avx2", "avx512")
+    caps = caps[:caps.index(best) + 1] if best in caps else ("default",)
+    digests = set()
+    for cap in caps:
+        env = dict(os.environ, ATEN_CPU_CAPABILITY=cap,
+                   PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}")
+        r = subprocess.run([sys.executable, "-c", VARIANT], capture_output=True, text=True,
+                           env=env, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        digests.add(r.stdout.strip())
+    assert len(digests) == 1, caps
 
 
 @needs_kernels
