@@ -52,7 +52,9 @@ static NTO_HOST_DEVICE T stochastic_round(float x, float u) {
   const float nf = static_cast<float>(n);
   if (!sr_finite(nf)) return r;
   const float p = O::div(fabsf(O::sub(x, rf)), fabsf(O::sub(nf, rf)));
-  return u < p ? n : r;
+  // a select on bits, not a branch: u < p is a coin flip, which a branch would mispredict
+  const uint16_t take = static_cast<uint16_t>(-static_cast<int>(u < p));
+  return T(static_cast<uint16_t>(r.x ^ ((r.x ^ n.x) & take)), T::from_bits());
 }
 
 }  // namespace nto

@@ -455,8 +455,8 @@ def test_masked_adamw_int8(emu):
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
 @pytest.mark.parametrize("masters", (True, False))
 def test_masked_adamw_lowp(emu, dtype, masters):
-    """bf16/fp16 params with fp32 masters or stochastic rounding: the CUDA kernel (grid-
-    stride, one element per thread) gives the CPU kernel's bits, the random draws included
+    """bf16/fp16 params with fp32 masters or stochastic rounding: the CUDA kernel (one
+    element per thread) gives the CPU kernel's bits, the random draws included
     (keyed on the element's position, not on the thread)."""
     gen = torch.Generator().manual_seed(5)
     sizes = (1, 3, 4097, 65537)

@@ -1,6 +1,6 @@
 // masked_adamw_lowp_ on CUDA: AdamW over whole bf16/fp16 params whose grads have their dtype
 // (nto_ext/formats/master.py; spec: nto_ext/_reference.py masked_adamw_lowp_). One element
-// per thread (grid-stride): widen the grad, update the fp32 master (or the widened param),
+// per thread: widen the grad, update the fp32 master (or the widened param),
 // write the param back rounded to nearest even or stochastically (csrc/stochastic_round.h:
 // the stream is keyed on the element's position, so the draws match the CPU's). The math is
 // adamw_math.h's, every op correctly rounded (__f*_rn). One launch per tensor; the step
@@ -13,7 +13,6 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -35,19 +34,17 @@ __global__ void __launch_bounds__(kThreads)
                       float* __restrict__ v, float* __restrict__ master, int64_t n,
                       AdamWScalars s, bool stochastic, bool maximize, uint32_t k1,
                       uint32_t k2) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < n;
-       j += stride) {
-    float x = master != nullptr ? master[j] : static_cast<float>(p[j]);
-    const float gj = maximize ? -static_cast<float>(g[j]) : static_cast<float>(g[j]);
-    float mj = m[j], vj = v[j];
-    adamw_update<float>(x, gj, mj, vj, s, s.neg_step_size, s.bc2_sqrt);
-    m[j] = mj;
-    v[j] = vj;
-    if (master != nullptr) master[j] = x;
-    p[j] = stochastic ? stochastic_round<T>(x, sr_uniform(k1, k2, static_cast<uint64_t>(j)))
-                      : T(x);
-  }
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (j >= n) return;
+  float x = master != nullptr ? master[j] : static_cast<float>(p[j]);
+  const float gj = maximize ? -static_cast<float>(g[j]) : static_cast<float>(g[j]);
+  float mj = m[j], vj = v[j];
+  adamw_update<float>(x, gj, mj, vj, s, s.neg_step_size, s.bc2_sqrt);
+  m[j] = mj;
+  v[j] = vj;
+  if (master != nullptr) master[j] = x;
+  p[j] = stochastic ? stochastic_round<T>(x, sr_uniform(k1, k2, static_cast<uint64_t>(j)))
+                    : T(x);
 }
 
 template <typename T>
@@ -55,7 +52,7 @@ void launch(const at::Tensor& p, const at::Tensor& g, const at::Tensor& m, const
             float* master, const AdamWScalars& s, bool stochastic, bool maximize, uint64_t key,
             cudaStream_t stream) {
   const int64_t n = p.numel();
-  const int64_t blocks = std::min<int64_t>((n + kThreads - 1) / kThreads, 65535 * 8);
+  const int64_t blocks = (n + kThreads - 1) / kThreads;  // < 2^31 for any n < 2^39
   adamw_lowp_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
       static_cast<T*>(p.data_ptr()), static_cast<const T*>(g.const_data_ptr()),
       m.data_ptr<float>(), v.data_ptr<float>(), master, n, s, stochastic, maximize,
