@@ -59,7 +59,7 @@ def _digest(v: object) -> str:
 
 
 def run(policy: str, kind: str, dtype: torch.dtype, on_switch: str, steps: int,
-        plain: bool = False) -> str:
+        plain: bool = False, stochastic: bool = False) -> str:
     model = tiny_llama(0, dtype)
     named = list(model.named_parameters())
     groups = [{"params": [x for x in named if x[1].dim() >= 2]},
@@ -70,6 +70,8 @@ def run(policy: str, kind: str, dtype: torch.dtype, on_switch: str, steps: int,
         kw["regrow_fraction"] = 0.2
     if plain and policy != "sparse" and dtype != torch.float32:
         kw["master_weights"] = False  # bf16 updated in place, as before issue 19
+    if stochastic and policy != "sparse" and dtype != torch.float32:
+        kw["stochastic_rounding"] = True  # and master_weights False (implied)
     opt = NTO(groups, lr=1e-3, budget=BUDGETS[kind], policy=policy,
               max_grad_norm=1.0 if kind == "percent" else None, **kw)
     trace = []
@@ -97,6 +99,8 @@ def main() -> None:
     ap.add_argument("--plain-bf16", action="store_true",
                     help="bf16 params without fp32 master weights (the default before issue "
                          "19): compares with hashes taken before it")
+    ap.add_argument("--stochastic-rounding", action="store_true",
+                    help="bf16 params with stochastic rounding instead of fp32 masters")
     args = ap.parse_args()
     logging.disable(logging.WARNING)
     warnings.simplefilter("ignore")
@@ -105,7 +109,8 @@ def main() -> None:
         for kind in BUDGETS:
             for dtype in (torch.float32, torch.bfloat16):
                 for on_switch in (("drop",) if policy == "sparse" else ("drop", "offload")):
-                    out = run(policy, kind, dtype, on_switch, args.steps, args.plain_bf16)
+                    out = run(policy, kind, dtype, on_switch, args.steps, args.plain_bf16,
+                              args.stochastic_rounding)
                     print(f"{policy:6} {kind:8} {str(dtype)[6:]:8} {on_switch:7} {out}",
                           flush=True)
 

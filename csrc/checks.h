@@ -245,14 +245,14 @@ inline void check_step_meta(const char* op, size_t i, const at::Tensor& step,
                             const at::Device& dev);
 
 // params[i] and grads[i] of both AdamW ops: float tensors on `dev`; the grad in the
-// param's dtype or fp32.
+// param's dtype or fp32, or (masked_adamw_ only: `fp32_takes_low`) any float dtype for an
+// fp32 param -- a bf16 model's fp32 master updated from the model's gradient.
 inline void check_param_grad(const char* op, size_t i, const at::Tensor& p, const at::Tensor& g,
-                             const at::Device& dev) {
+                             const at::Device& dev, bool fp32_takes_low = false) {
   check_tensor(op, "params", i, p, {at::kFloat, at::kBFloat16, at::kHalf}, kFloats, dev);
   check_tensor(op, "grads", i, g, {at::kFloat, at::kBFloat16, at::kHalf}, kFloats, dev);
-  // an fp32 param (a bf16 model's fp32 master) takes the model's low-precision gradient
   TORCH_CHECK_TYPE(g.scalar_type() == p.scalar_type() || g.scalar_type() == at::kFloat ||
-                       p.scalar_type() == at::kFloat,
+                       (fp32_takes_low && p.scalar_type() == at::kFloat),
                    op, ": grads[", i, "] has dtype ", dtype_name(g.scalar_type()), " but params[",
                    i, "] has ", dtype_name(p.scalar_type()), "; allowed: ",
                    dtype_name(p.scalar_type()), " or torch.float32");
@@ -264,7 +264,7 @@ inline void check_adamw_entry(size_t i, const at::Tensor& p, const at::Tensor& g
                               const c10::optional<at::Tensor>& idx, const at::Tensor& step,
                               const at::Device& dev) {
   const char* op = "masked_adamw_";
-  check_param_grad(op, i, p, g, dev);
+  check_param_grad(op, i, p, g, dev, /*fp32_takes_low=*/true);
   check_tensor(op, "exp_avgs", i, m, {at::kFloat}, "torch.float32", dev);
   check_tensor(op, "exp_avg_sqs", i, v, {at::kFloat}, "torch.float32", dev);
   const bool indexed = idx.has_value() && idx->defined();
@@ -388,6 +388,68 @@ inline void check_adamw_int8_meta(at::TensorList params, at::TensorList grads,
     add_region(rs, exp_avg_sqs[i], "exp_avg_sqs", i, Access::kWrite);
     add_region(rs, exp_avg_scales[i], "exp_avg_scales", i, Access::kWrite);
     add_region(rs, exp_avg_sq_scales[i], "exp_avg_sq_scales", i, Access::kWrite);
+    if (!dev.is_cpu() && steps[i].device() == dev)
+      add_region(rs, steps[i], "steps", i, Access::kRead);
+  }
+  check_no_overlap(op, rs);
+}
+
+// -------------------------------------------------------------- masked_adamw_lowp_
+// _reference.check_masked_adamw_lowp, in its order and words; then the overlap check.
+
+inline void check_adamw_lowp_entry(size_t i, const at::Tensor& p, const at::Tensor& g,
+                                   const at::Tensor& m, const at::Tensor& v,
+                                   const at::Tensor* master, const at::Tensor& step,
+                                   const at::Device& dev) {
+  const char* op = "masked_adamw_lowp_";
+  const char* lowp = "torch.bfloat16, torch.float16";
+  check_tensor(op, "params", i, p, {at::kBFloat16, at::kHalf}, lowp, dev);
+  check_tensor(op, "grads", i, g, {at::kBFloat16, at::kHalf}, lowp, dev);
+  TORCH_CHECK_TYPE(g.scalar_type() == p.scalar_type(), op, ": grads[", i, "] has dtype ",
+                   dtype_name(g.scalar_type()), " but params[", i, "] has ",
+                   dtype_name(p.scalar_type()), "; allowed: ", dtype_name(p.scalar_type()));
+  check_tensor(op, "exp_avgs", i, m, {at::kFloat}, "torch.float32", dev);
+  check_tensor(op, "exp_avg_sqs", i, v, {at::kFloat}, "torch.float32", dev);
+  if (master != nullptr) check_tensor(op, "masters", i, *master, {at::kFloat}, "torch.float32", dev);
+  const int64_t n = p.numel();
+  const std::pair<const char*, const at::Tensor*> sizes[] = {
+      {"grads", &g}, {"exp_avgs", &m}, {"exp_avg_sqs", &v}, {"masters", master}};
+  for (const auto& [name, t] : sizes)
+    TORCH_CHECK_VALUE(t == nullptr || t->numel() == n, op, ": ", name, "[", i, "] has ",
+                      t->numel(), " elements; allowed: ", n, " (params[", i, "] has ", n, ")");
+  check_step_meta(op, i, step, dev);
+}
+
+inline void check_adamw_lowp_meta(at::TensorList params, at::TensorList grads,
+                                  at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                                  at::TensorList masters, at::TensorList steps,
+                                  size_t n_stochastic, size_t n_keys, double lr, double beta1,
+                                  double beta2, double eps, double wd) {
+  const char* op = "masked_adamw_lowp_";
+  check_adamw_hyper(lr, beta1, beta2, eps, wd, op);
+  const size_t n = params.size();
+  check_same_length(op, "params", n, "grads", grads.size());
+  check_same_length(op, "params", n, "exp_avgs", exp_avgs.size());
+  check_same_length(op, "params", n, "exp_avg_sqs", exp_avg_sqs.size());
+  check_same_length(op, "params", n, "steps", steps.size());
+  check_same_length(op, "params", n, "stochastic", n_stochastic);
+  check_same_length(op, "params", n, "keys", n_keys);
+  TORCH_CHECK_VALUE(masters.empty() || masters.size() == n, op, ": got ", n, " params but ",
+                    masters.size(), " masters; allowed: one master per param, or none "
+                    "(stochastic rounding of the param)");
+  if (n == 0) return;
+  const at::Device dev = params[0].device();
+  for (size_t i = 0; i < n; ++i)
+    check_adamw_lowp_entry(i, params[i], grads[i], exp_avgs[i], exp_avg_sqs[i],
+                           masters.empty() ? nullptr : &masters[i], steps[i], dev);
+  std::vector<Region> rs;
+  rs.reserve(6 * n);
+  for (size_t i = 0; i < n; ++i) {
+    add_region(rs, params[i], "params", i, Access::kWrite);
+    add_region(rs, grads[i], "grads", i, Access::kRead);
+    add_region(rs, exp_avgs[i], "exp_avgs", i, Access::kWrite);
+    add_region(rs, exp_avg_sqs[i], "exp_avg_sqs", i, Access::kWrite);
+    if (!masters.empty()) add_region(rs, masters[i], "masters", i, Access::kWrite);
     if (!dev.is_cpu() && steps[i].device() == dev)
       add_region(rs, steps[i], "steps", i, Access::kRead);
   }

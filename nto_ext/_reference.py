@@ -169,13 +169,15 @@ def _check_hyper(lr: float, beta1: float, beta2: float, eps: float, weight_decay
             raise ValueError(f"{op}: {name}={v} is not allowed; {name} must be {rule}")
 
 
-def _check_param_grad(op: str, i: int, p, g, dev: torch.device) -> None:
+def _check_param_grad(op: str, i: int, p, g, dev: torch.device,
+                      fp32_takes_low: bool = False) -> None:
     """params[i] and grads[i] of both AdamW ops: float tensors on `dev`; the grad in the
-    param's dtype or fp32."""
+    param's dtype or fp32, or (masked_adamw_ only: `fp32_takes_low`) any float dtype for
+    an fp32 param -- a bf16 model's fp32 master updated from the model's gradient."""
     _check_tensor(op, "params", i, p, _FLOAT_DTYPES, _FLOATS, dev)
     _check_tensor(op, "grads", i, g, _FLOAT_DTYPES, _FLOATS, dev)
-    # an fp32 param (a bf16 model's fp32 master) takes the model's low-precision gradient
-    if g.dtype not in (p.dtype, torch.float32) and p.dtype != torch.float32:
+    if g.dtype not in (p.dtype, torch.float32) and not (fp32_takes_low
+                                                        and p.dtype == torch.float32):
         raise TypeError(f"{op}: grads[{i}] has dtype {g.dtype} but params[{i}] has {p.dtype}; "
                         f"allowed: {p.dtype} or torch.float32")
 
@@ -183,7 +185,7 @@ def _check_param_grad(op: str, i: int, p, g, dev: torch.device) -> None:
 def _check_adamw_entry(i: int, p, g, m, v, idx, step, dev: torch.device) -> None:
     """Metadata of entry i: dtypes, layouts, devices and lengths (no tensor contents)."""
     op = "masked_adamw_"
-    _check_param_grad(op, i, p, g, dev)
+    _check_param_grad(op, i, p, g, dev, fp32_takes_low=True)
     _check_tensor(op, "exp_avgs", i, m, (torch.float32,), "torch.float32", dev)
     _check_tensor(op, "exp_avg_sqs", i, v, (torch.float32,), "torch.float32", dev)
     if idx is not None:
@@ -243,15 +245,17 @@ def check_masked_adamw(params, grads, exp_avgs, exp_avg_sqs, indices, steps,
         _check_steps_values(i, steps[i])
 
 
-def _adamw_scalar_step(p, g, m, v, step: float, lr, beta1, beta2, eps, weight_decay) -> None:
-    """torch.optim.AdamW's _single_tensor_adam, same formula order (fp32 tensors)."""
+def _adamw_scalar_step(p, g, m, v, step: float, lr, beta1, beta2, eps, weight_decay,
+                       sqrt=torch.sqrt) -> None:
+    """torch.optim.AdamW's _single_tensor_adam, same formula order (fp32 tensors); `sqrt`
+    may be `sqrt_rn`, the kernels' correctly rounded root, for bit-for-bit specs."""
     p.mul_(1 - lr * weight_decay)
     m.lerp_(g, 1 - beta1)
     v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
     bias_correction1 = 1 - beta1**step  # Python floats: double precision
     bias_correction2 = 1 - beta2**step
     step_size = lr / bias_correction1
-    denom = (v.sqrt() / math.sqrt(bias_correction2)).add_(eps)
+    denom = (sqrt(v) / math.sqrt(bias_correction2)).add_(eps)
     p.addcdiv_(m, denom, value=-step_size)
 
 
@@ -431,6 +435,139 @@ def masked_adamw_int8_(params: Sequence[torch.Tensor], grads: Sequence[torch.Ten
             new = quantize_q8(m, w, n)
             for dst, src in zip((qm, sm, qw, sw), new):
                 dst.view(-1).copy_(src)
+
+
+# ---------------------------------------------------------------- masked_adamw_lowp_
+
+_LOWP_OP = "masked_adamw_lowp_"
+_LOWP_DTYPES = (torch.bfloat16, torch.float16)
+_MASK32 = 0xFFFFFFFF
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 (Chris Wellons' integer hash) on int64 tensors holding uint32 values;
+    int64 products wrap, and the mask keeps their low 32 bits."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def sr_uniform(key: int, start: int, n: int, device: torch.device) -> torch.Tensor:
+    """n fp32 numbers in [0, 1) for elements start..start+n-1 of the stream `key` (a 64-bit
+    integer, signed or not: its low and high 32 bits are the hash keys): 24 random bits
+    each, a pure function of (key, position)."""
+    k1, k2 = key & _MASK32, (key >> 32) & _MASK32
+    pos = torch.arange(start, start + n, dtype=torch.int64, device=device)
+    h = _hash32(_hash32((pos & _MASK32) ^ k1) ^ (pos >> 32) ^ k2)
+    return (h >> 8).to(torch.float32) * 2.0**-24
+
+
+SR_CHUNK = 1 << 20  # elements rounded at once: bounds the int64 temporaries
+
+
+def stochastic_round(x: torch.Tensor, dtype: torch.dtype, key: int) -> torch.Tensor:
+    """fp32 `x` rounded to `dtype` (bf16/fp16): to the neighbour on the far side of the
+    nearest value r with probability |x - r| / |n - r| (fp32 arithmetic), taken when the
+    stream's u < p, so E[result] = x. Both neighbours are one unit apart in the 16-bit
+    pattern; NaN, Inf and values rounding to Inf stay as rounding to nearest makes them.
+    Returns a flat tensor."""
+    flat = x.reshape(-1)
+    out = torch.empty(flat.shape, dtype=dtype, device=x.device)
+    for start in range(0, flat.numel(), SR_CHUNK):
+        xs = flat[start:start + SR_CHUNK]
+        r = xs.to(dtype)
+        bits = r.view(torch.int16).to(torch.int32)
+        away = xs.abs() > r.float().abs()  # the far neighbour is further from zero
+        mag = (bits & 0x7FFF) + torch.where(away, 1, -1)
+        n = (bits & 0x8000) | mag.clamp(0, 0x7FFF)
+        n = (n - ((n >> 15) << 16)).to(torch.int16).view(dtype)  # as a signed 16-bit pattern
+        p = (xs - r.float()).abs() / (n.float() - r.float()).abs()
+        u = sr_uniform(key, start, xs.numel(), x.device)
+        take = (u < p) & torch.isfinite(r) & torch.isfinite(n) & (xs != r.float())
+        out[start:start + SR_CHUNK] = torch.where(take, n, r)
+    return out
+
+
+def _check_lowp_entry(i: int, p, g, m, v, master, step, dev: torch.device) -> None:
+    op = _LOWP_OP
+    _check_tensor(op, "params", i, p, _LOWP_DTYPES, "torch.bfloat16, torch.float16", dev)
+    _check_tensor(op, "grads", i, g, _LOWP_DTYPES, "torch.bfloat16, torch.float16", dev)
+    if g.dtype != p.dtype:
+        raise TypeError(f"{op}: grads[{i}] has dtype {g.dtype} but params[{i}] has {p.dtype}; "
+                        f"allowed: {p.dtype}")
+    _check_tensor(op, "exp_avgs", i, m, (torch.float32,), "torch.float32", dev)
+    _check_tensor(op, "exp_avg_sqs", i, v, (torch.float32,), "torch.float32", dev)
+    if master is not None:
+        _check_tensor(op, "masters", i, master, (torch.float32,), "torch.float32", dev)
+    n = p.numel()
+    for name, t in (("grads", g), ("exp_avgs", m), ("exp_avg_sqs", v), ("masters", master)):
+        if t is not None and t.numel() != n:
+            raise ValueError(f"{op}: {name}[{i}] has {t.numel()} elements; allowed: {n} "
+                             f"(params[{i}] has {n})")
+    _check_step_meta(op, i, step, dev)
+
+
+def check_masked_adamw_lowp(params, grads, exp_avgs, exp_avg_sqs, masters, steps, stochastic,
+                            keys, lr, beta1, beta2, eps, weight_decay, maximize) -> None:
+    """Every argument check of masked_adamw_lowp_, in the kernels' order (the overlap check
+    is the kernels' own, as for the other ops)."""
+    op = _LOWP_OP
+    _check_hyper(lr, beta1, beta2, eps, weight_decay, op)
+    n = len(params)
+    _check_same_length(op, "params", n, grads=grads, exp_avgs=exp_avgs,
+                       exp_avg_sqs=exp_avg_sqs, steps=steps, stochastic=stochastic, keys=keys)
+    if len(masters) not in (0, n):
+        raise ValueError(f"{op}: got {n} params but {len(masters)} masters; allowed: one "
+                         "master per param, or none (stochastic rounding of the param)")
+    if not params:
+        return
+    dev = params[0].device if isinstance(params[0], torch.Tensor) else None
+    for i in range(n):
+        _check_lowp_entry(i, params[i], grads[i], exp_avgs[i], exp_avg_sqs[i],
+                          masters[i] if masters else None, steps[i], dev)
+    for i in range(n):
+        _check_steps_values(i, steps[i], op)
+
+
+def masked_adamw_lowp_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                       exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor],
+                       masters: Sequence[torch.Tensor], steps: Sequence[torch.Tensor],
+                       stochastic: Sequence[bool], keys: Sequence[int], lr: float,
+                       beta1: float, beta2: float, eps: float, weight_decay: float,
+                       maximize: bool, sqrt=torch.sqrt) -> None:
+    """In-place AdamW on whole bf16/fp16 params with their own-dtype grads (formats/master.py).
+    The fp32 value updated is masters[i] (kept) or, with no masters, the param widened; the
+    grad is widened (negated when `maximize`); the math is masked_adamw_'s. The param gets
+    the value rounded to nearest even, or, where stochastic[i], `stochastic_round` with the
+    stream keys[i] (element j uses position j of the flattened param).
+
+    `sqrt`: torch's (the op's default: the reference backend trains as torch.optim.AdamW,
+    bit for bit, like masked_adamw_'s reference), or `sqrt_rn`, the kernels' correctly
+    rounded root: with it this is the kernels' bit-for-bit spec (torch's CPU sqrt is not
+    always correctly rounded)."""
+    check_masked_adamw_lowp(params, grads, exp_avgs, exp_avg_sqs, masters, steps, stochastic,
+                            keys, lr, beta1, beta2, eps, weight_decay, maximize)
+    with torch.no_grad():
+        for i, (p, g, m, v, step) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs,
+                                                   steps)):
+            value = masters[i].view(-1) if masters else p.reshape(-1).float()
+            g32 = g.reshape(-1).float()
+            if maximize:
+                g32 = -g32
+            _adamw_scalar_step(value, g32, m.view(-1), v.view(-1), float(step.item()),
+                               lr, beta1, beta2, eps, weight_decay, sqrt=sqrt)
+            if stochastic[i]:
+                p.view(-1).copy_(stochastic_round(value, p.dtype, int(keys[i])))
+            else:
+                p.view(-1).copy_(value)  # round to nearest even
+
+
+def masked_adamw_lowp_spec(*args) -> None:
+    """masked_adamw_lowp_ with the kernels' correctly rounded root: what they equal bit for
+    bit (tests/test_master_kernel.py)."""
+    masked_adamw_lowp_(*args, sqrt=sqrt_rn)
 
 
 # ------------------------------------------------------------------------ select_topk

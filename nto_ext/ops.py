@@ -45,6 +45,10 @@ SCHEMAS = {
                           "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] exp_avg_scales, "
                           "Tensor(e!)[] exp_avg_sq_scales, Tensor[] steps, float lr, "
                           "float beta1, float beta2, float eps, float weight_decay) -> ()",
+    "masked_adamw_lowp_": "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+                          "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] masters, Tensor[] steps, "
+                          "bool[] stochastic, int[] keys, float lr, float beta1, float beta2, "
+                          "float eps, float weight_decay, bool maximize) -> ()",
     "select_topk": "(Tensor[] tensors, int k) -> Tensor[]",
     "remap_state": "(Tensor[] old_indices, Tensor[] new_indices, Tensor[] states) -> Tensor[]",
     "gather_accumulate_": "(Tensor[] dense, Tensor[] indices, Tensor(a!)[] compact) -> ()",
@@ -83,6 +87,11 @@ def _(*args):
 @torch.library.register_fake("nto::masked_adamw_int8_", lib=_LIB)
 def _(*args):
     _reference.check_masked_adamw_int8(*args)
+
+
+@torch.library.register_fake("nto::masked_adamw_lowp_", lib=_LIB)
+def _(*args):
+    _reference.check_masked_adamw_lowp(*args)
 
 
 @torch.library.register_fake("nto::select_topk", lib=_LIB)
@@ -313,6 +322,33 @@ def masked_adamw_int8_(params: Sequence[torch.Tensor], grads: Sequence[torch.Ten
                               float(weight_decay))
 
 
+def _signed64(key: int) -> int:
+    """A 64-bit stream key as the schema's int (int64): the same bits, read signed."""
+    key = int(key) & 0xFFFFFFFFFFFFFFFF
+    return key - (1 << 64) if key >= 1 << 63 else key
+
+
+def masked_adamw_lowp_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                       exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor],
+                       masters: Sequence[torch.Tensor], steps: StepsArg, *,
+                       stochastic: Sequence[bool], keys: Sequence[int], lr: float,
+                       beta1: float, beta2: float, eps: float, weight_decay: float,
+                       maximize: bool = False) -> None:
+    """masked_adamw_ (dense) for bf16/fp16 params with grads of their dtype, the math on an
+    fp32 value: masters[i] (fp32, updated; formats/master.py) or, with `masters` empty, the
+    param widened. The param gets the value rounded to nearest even, or stochastically where
+    stochastic[i], from the counter-based stream keys[i] (a 64-bit key; element j of the
+    flattened param draws position j). `maximize` negates the grads as read. One pass over
+    memory; nothing temporary. See `_reference.masked_adamw_lowp_`."""
+    params = list(params)
+    _op("masked_adamw_lowp_")(params, list(grads), list(exp_avgs), list(exp_avg_sqs),
+                              list(masters),
+                              _step_tensors(steps, len(params), "masked_adamw_lowp_"),
+                              [bool(s) for s in stochastic], [_signed64(k) for k in keys],
+                              float(lr), float(beta1), float(beta2), float(eps),
+                              float(weight_decay), bool(maximize))
+
+
 def select_topk(tensors: Sequence[torch.Tensor], k: int) -> list[torch.Tensor]:
     """Exact global top-k by |x| over the concatenated tensors: per tensor, ascending int32
     positions (int64 past 2**31-1 elements) in the flattened tensor. Ties at the threshold
@@ -336,6 +372,7 @@ def gather_accumulate_(dense: Sequence[torch.Tensor], indices: Sequence[torch.Te
     _op("gather_accumulate_")(list(dense), list(indices), list(compact))
 
 
-__all__ = ["backend", "param_stats", "masked_adamw_", "masked_adamw_int8_", "select_topk",
+__all__ = ["backend", "param_stats", "masked_adamw_", "masked_adamw_int8_",
+           "masked_adamw_lowp_", "select_topk",
            "remap_state", "gather_accumulate_", "BuildMismatchError", "forced_backend",
            "has_cuda_kernels", "SCHEMAS"]

@@ -292,6 +292,7 @@ CUDA_FUNCTIONS = {
     "param_stats": "stats::param_stats_cuda",
     "masked_adamw_": "adamw::masked_adamw_cuda",
     "masked_adamw_int8_": "adamw_int8::masked_adamw_int8_cuda",
+    "masked_adamw_lowp_": "adamw_lowp::masked_adamw_lowp_cuda",
     "select_topk": "topk::select_topk_cuda",
     "remap_state": "remap::remap_state_cuda",
     "gather_accumulate_": "gather::gather_accumulate_cuda",
@@ -450,6 +451,37 @@ def test_masked_adamw_int8(emu):
             runs.append([t for col in c[:6] for t in col])
         for g, w in zip(*runs):
             torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
+@pytest.mark.parametrize("masters", (True, False))
+def test_masked_adamw_lowp(emu, dtype, masters):
+    """bf16/fp16 params with fp32 masters or stochastic rounding: the CUDA kernel (one
+    element per thread) gives the CPU kernel's bits, the random draws included
+    (keyed on the element's position, not on the thread)."""
+    gen = torch.Generator().manual_seed(5)
+    sizes = (1, 3, 4097, 65537)
+    cols = [[] for _ in range(5)]
+    for n in sizes:
+        p32 = torch.randn(n, generator=gen)
+        for c, v in zip(cols, (p32.to(dtype), (torch.randn(n, generator=gen) * 1e-2).to(dtype),
+                               torch.randn(n, generator=gen) * 1e-3,
+                               torch.rand(n, generator=gen) * 1e-5, p32 + 1e-4)):
+            c.append(v)
+    if not masters:
+        cols[4] = []
+    steps = [torch.tensor([3.0], dtype=torch.float64)] * len(sizes)
+    sr = [not masters or i % 2 == 0 for i in range(len(sizes))]  # masters: a period's end
+    keys = [ops._signed64(0x9E3779B97F4A7C15 * (i + 1)) for i in range(len(sizes))]
+    runs = []
+    for op in (emu.masked_adamw_lowp_, _cpu("masked_adamw_lowp_")):
+        for maximize in (False, True):
+            c = [[t.clone() for t in col] for col in cols]
+            op(*c, steps, sr, keys, *HYPER, maximize)
+            runs.append([t for col in c for t in col])
+    for g, w in zip(runs[0] + runs[1], runs[2] + runs[3]):
+        assert torch.equal(g.view(torch.int16) if g.element_size() == 2 else g,
+                           w.view(torch.int16) if w.element_size() == 2 else w)
 
 
 @pytest.mark.parametrize("dtype", FLOATS)

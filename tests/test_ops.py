@@ -148,6 +148,14 @@ def test_masked_adamw_fp32_param_low_precision_grad_is_the_widened_grad(gdtype, 
                                  *HYPER.values())
         runs.append(t)
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+    # the 8-bit op reads its grads only in the param's dtype or fp32
+    q = [torch.zeros(n, dtype=torch.int8), torch.zeros(n, dtype=torch.uint8),
+         torch.ones(4), torch.ones(4)]
+    for op in (_kernel("masked_adamw_int8_"), _reference.masked_adamw_int8_):
+        with pytest.raises(TypeError, match=r"masked_adamw_int8_: grads\[0\] has dtype "
+                                            r"torch.bfloat16 but params\[0\] has torch.float32"):
+            op([p.clone()], [g.bfloat16()], [q[0]], [q[1]], [q[2]], [q[3]], _steps(1, 7),
+               *HYPER.values())
     with pytest.raises(TypeError, match=r"grads\[0\] has dtype torch.float16 but params\[0\] "
                                         r"has torch.bfloat16; allowed: torch.bfloat16 or "
                                         r"torch.float32"):

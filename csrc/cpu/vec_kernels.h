@@ -44,6 +44,23 @@ struct AdamWQ8Chunk {
   FType g_type;
 };
 
+// One work item of masked_adamw_lowp_ (dense, bf16/fp16 params and grads of that dtype):
+// elements [begin, begin + n) of one tensor; p, g, m, v (and master) at element 0 of the
+// tensor, so `begin + j` is the element's position in the random stream.
+struct AdamWLowpChunk {
+  void* p;
+  const void* g;
+  float* m;
+  float* v;
+  float* master;  // null: the value is the widened param (stochastic-rounding format)
+  int64_t begin;
+  int64_t n;
+  FType p_type;  // BF16 or F16 (grads the same)
+  bool stochastic;
+  bool maximize;
+  uint32_t k1, k2;  // the stream key's low and high 32 bits
+};
+
 // Per-chunk partial statistics of param_stats.
 struct StatsPartial {
   double sumsq;
@@ -54,6 +71,7 @@ struct StatsPartial {
 // fault: where an indexed chunk met a position out of range (see index_fault.h).
 using AdamWChunkFn = void (*)(const AdamWChunk&, const AdamWScalars&, IndexFault*);
 using AdamWQ8ChunkFn = void (*)(const AdamWQ8Chunk&, const AdamWScalars&);
+using AdamWLowpChunkFn = void (*)(const AdamWLowpChunk&, const AdamWScalars&);
 using StatsChunkFn = void (*)(const void* x, FType t, int64_t n, StatsPartial* out);
 // select_topk's ranking key of each element: fp32 bits of |x| plus one, NaN -> 0.
 using TopkKeysFn = void (*)(const void* x, FType t, int64_t n, uint32_t* keys);
@@ -65,6 +83,7 @@ struct CpuKernels {
   StatsChunkFn sums;   // sumsq and absmax only (the same bits as `stats`); hist untouched
   TopkKeysFn topk_keys;
   AdamWQ8ChunkFn adamw_q8;  // masked_adamw_int8_
+  AdamWLowpChunkFn adamw_lowp;  // masked_adamw_lowp_
 };
 
 namespace cpu_default { const CpuKernels& kernels(); }

@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "../stochastic_round.h"
 #include "vec_kernels.h"
 
 namespace nto {
@@ -987,11 +988,99 @@ void topk_keys(const void* x, FType t, int64_t n, uint32_t* keys) {
   }
 }
 
+// ------------------------------------------------------------- masked_adamw_lowp_
+// One block of kW elements: the fp32 value (master, or the widened param) and the widened
+// grad (negated for maximize: a sign flip, as the reference's -g) through adamw_update, the
+// master stored, the param rounded to nearest even, or stochastically per element (the
+// hash is integer work on each position; the update above stays in vector lanes).
+template <typename P>
+inline void lowp_block(P* p, const P* g, float* m, float* v, float* master, int64_t pos,
+                       const AdamWLowpChunk& c, const AdamWScalars& s) {
+  Vec x0, x1, g0, g1;
+  if (master != nullptr) {
+    x0 = Vec::loadu(master);
+    x1 = Vec::loadu(master + kV);
+  } else {
+    load2(p, x0, x1);
+  }
+  load2(g, g0, g1);
+  if (c.maximize) {
+    g0 = g0.neg();
+    g1 = g1.neg();
+  }
+  Vec m0 = Vec::loadu(m), m1 = Vec::loadu(m + kV);
+  Vec v0 = Vec::loadu(v), v1 = Vec::loadu(v + kV);
+  const Vec nss(s.neg_step_size), bc2(s.bc2_sqrt);
+  adamw_update(x0, g0, m0, v0, s, nss, bc2);
+  adamw_update(x1, g1, m1, v1, s, nss, bc2);
+  m0.store(m);
+  m1.store(m + kV);
+  v0.store(v);
+  v1.store(v + kV);
+  if (master != nullptr) {
+    x0.store(master);
+    x1.store(master + kV);
+  }
+  if (!c.stochastic) {
+    store2(p, x0, x1);
+    return;
+  }
+  alignas(64) float xs[kW];
+  x0.store(xs);
+  x1.store(xs + kV);
+  for (int64_t t = 0; t < kW; ++t)
+    p[t] = stochastic_round<P>(xs[t], sr_uniform(c.k1, c.k2, static_cast<uint64_t>(pos + t)));
+}
+
+// Whole blocks in place; the last partial one on zero-padded buffers (the padding's
+// results are dropped), so every element goes through the same vector code.
+template <typename P>
+void lowp_chunk_t(const AdamWLowpChunk& c, const AdamWScalars& s) {
+  P* p = static_cast<P*>(c.p);
+  const P* g = static_cast<const P*>(c.g);
+  float* w = c.master;
+  const int64_t end = c.begin + c.n;
+  int64_t j = c.begin;
+  for (; j + kW <= end; j += kW)
+    lowp_block(p + j, g + j, c.m + j, c.v + j, w ? w + j : nullptr, j, c, s);
+  const int64_t cnt = end - j;
+  if (cnt == 0) return;
+  alignas(64) P pb[kW];
+  alignas(64) P gb[kW];
+  alignas(64) float mb[kW], vb[kW], wb[kW];
+  std::memset(pb, 0, sizeof(pb));
+  std::memset(gb, 0, sizeof(gb));
+  std::memset(mb, 0, sizeof(mb));
+  std::memset(vb, 0, sizeof(vb));
+  std::memset(wb, 0, sizeof(wb));
+  for (int64_t t = 0; t < cnt; ++t) {
+    pb[t] = p[j + t];
+    gb[t] = g[j + t];
+    mb[t] = c.m[j + t];
+    vb[t] = c.v[j + t];
+    if (w) wb[t] = w[j + t];
+  }
+  lowp_block(pb, gb, mb, vb, w ? wb : nullptr, j, c, s);
+  for (int64_t t = 0; t < cnt; ++t) {
+    p[j + t] = pb[t];
+    c.m[j + t] = mb[t];
+    c.v[j + t] = vb[t];
+    if (w) w[j + t] = wb[t];
+  }
+}
+
+void lowp_chunk(const AdamWLowpChunk& c, const AdamWScalars& s) {
+  if (c.p_type == FType::BF16)
+    lowp_chunk_t<c10::BFloat16>(c, s);
+  else
+    lowp_chunk_t<c10::Half>(c, s);
+}
+
 }  // namespace
 
 const CpuKernels& kernels() {
   static const CpuKernels k{NTO_CAP_NAME, &adamw_chunk, &stats_chunk, &sums_chunk,
-                            &topk_keys, &adamw_q8_chunk};
+                            &topk_keys, &adamw_q8_chunk, &lowp_chunk};
   return k;
 }
 
