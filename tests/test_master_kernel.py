@@ -120,6 +120,34 @@ def test_op_equals_the_unfused_path_it_replaces(dtype, stochastic, maximize):
                 assert torch.equal(fused["master"], value)
 
 
+@needs_kernels
+@pytest.mark.parametrize("dtype", LOWP)
+def test_stochastic_rounding_edge_values_equal_the_spec(dtype):
+    """Masters at a period's end with lr 0: the param is the master rounded stochastically,
+    so arbitrary fp32 values reach the rounding: NaN, +-Inf, values that round to Inf,
+    the largest finite, exact ties, subnormals, +-0 and ordinary numbers, against the
+    spec bit for bit (bf16 has its own branch-free rounding on bit patterns)."""
+    finfo = torch.finfo(dtype)
+    edge = torch.tensor([float("nan"), float("inf"), -float("inf"), 3.4e38, -3.4e38,
+                         float(finfo.max), -float(finfo.max), 0.0, -0.0, 1e-40, -1e-40,
+                         1.0 + 2.0**-8, 1.0 + 2.0**-9, -(1.0 + 2.0**-9), 2.0**-133,
+                         float(finfo.tiny), 65504.0, 65520.0, -65520.0])
+    x = torch.cat([edge, torch.randn(1000) * 10.0 ** torch.randint(-30, 30, (1000,))])
+    x = torch.cat([x, x.nextafter(torch.tensor(float("inf")))])
+    n = x.numel()
+    results = []
+    for fn in (KERNEL, _reference.masked_adamw_lowp_spec):
+        p, master = x.to(dtype), x.clone()
+        fn([p], [torch.zeros(n, dtype=dtype)], [torch.zeros(n)], [torch.zeros(n)], [master],
+           ops._step_tensors(1, 1), [True], [ops._signed64(stream_key(2, 3, 0))],
+           *dict(HYPER, lr=0.0).values(), 0.0, False)
+        results.append(p)
+    got, want = results
+    nan = want.isnan()
+    assert torch.equal(got.isnan(), nan)  # a NaN's payload is not specified (c10: 0x7FC0)
+    assert torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16))
+
+
 VARIANT = r"""
 import hashlib, torch
 from test_master_kernel import KERNEL, SIZES, _entry, _run
