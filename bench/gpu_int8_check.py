@@ -1,10 +1,13 @@
 """CUDA masked_adamw_int8_ against the reference (on the CPU) bit for bit, on a GPU build
 (NTO_EXT_BUILD=cuda pip install --no-build-isolation --no-deps -e .), then
    python bench/gpu_int8_check.py
-Sizes: partial blocks, whole blocks, several work items; fp32 and bf16 params; two steps."""
+Sizes: partial blocks, whole blocks, several work items; fp32 and bf16 params; two steps.
+Then the step's time against the fp32-state step on the same 268M fp32 elements (issue 20's
+<= 1.3x), with the bytes each must move and a copy's bandwidth in the same run."""
 
 from __future__ import annotations
 
+import json
 import sys
 
 import torch
@@ -31,7 +34,48 @@ def run(fn, dev, p, g, st, steps):
     return [t.cpu() for t in (p, *st)]
 
 
+def _ms(fn, reps: int = 10) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def speed() -> dict:
+    n, k = 1 << 26, 4
+    p = [torch.randn(n, device="cuda") for _ in range(k)]
+    g = [torch.randn(n, device="cuda") * 1e-3 for _ in range(k)]
+    m = [torch.zeros(n, device="cuda") for _ in range(k)]
+    v = [torch.zeros(n, device="cuda") for _ in range(k)]
+    nb = _reference.q8_blocks(n)
+    qm = [torch.zeros(n, dtype=torch.int8, device="cuda") for _ in range(k)]
+    qw = [torch.zeros(n, dtype=torch.uint8, device="cuda") for _ in range(k)]
+    sm = [torch.zeros(nb, device="cuda") for _ in range(k)]
+    sw = [torch.zeros(nb, device="cuda") for _ in range(k)]
+    hyper = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01)
+    out = {"elements": n * k,
+           "fp32_ms": _ms(lambda: ops.masked_adamw_(p, g, m, v, [None] * k, 1, **hyper)),
+           "int8_ms": _ms(lambda: ops.masked_adamw_int8_(p, g, qm, qw, sm, sw, 1, **hyper))}
+    src = torch.empty(n * k, device="cuda")
+    dst = torch.empty_like(src)
+    out["copy_ms"] = _ms(lambda: dst.copy_(src))
+    el = n * k  # bytes: param r+w 8, grad 4, + moments r+w 16 (fp32) / 4 + scales (int8)
+    out["fp32_GBps"] = el * 28 / out["fp32_ms"] / 1e6
+    out["int8_GBps"] = el * (12 + 4 * 1.0157) / out["int8_ms"] / 1e6
+    out["copy_GBps"] = el * 8 / out["copy_ms"] / 1e6
+    out["int8_over_fp32"] = out["int8_ms"] / out["fp32_ms"]
+    return out
+
+
 def main() -> int:
+    # Load the kernels first: torch.ops.nto.* without them runs the reference, on CUDA
+    # tensors too (torch's CUDA ops round differently: a first run here blamed the kernel).
+    assert ops.backend() == "cuda-ext", f"backend {ops.backend()}: build with CUDA first"
     bad = 0
     for n in (1, 7, 255, 256, 257, 4129, 65836, 1 << 20):
         for dtype in (torch.float32, torch.bfloat16):
@@ -48,6 +92,7 @@ def main() -> int:
                 bad += bool(diff)
                 print(f"n={n} {dtype} CUDA vs {name}: "
                       f"{'bit-exact' if not diff else 'DIFFERENT in ' + ', '.join(diff)}")
+    print(json.dumps(speed()), flush=True)
     return 1 if bad else 0
 
 

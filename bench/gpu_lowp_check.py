@@ -5,6 +5,7 @@ period's stochastic end) and stochastic rounding, weight decay and maximize; the
 update's bandwidth against a copy's on 256M elements.
 
     OUT=/tmp/out TORCH_CUDA_ARCH_LIST=9.0 python bench/gpu_lowp_check.py
+    python bench/gpu_lowp_check.py --installed   # after a CUDA build of the package
 Exit status 0: every comparison bitwise.
 """
 
@@ -16,7 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-os.environ["NTO_EXT_BACKEND"] = "reference"  # the schemas only: the .cu below adds CUDA
+INSTALLED = "--installed" in sys.argv  # the installed extension's kernel, no JIT build
+if not INSTALLED:
+    os.environ["NTO_EXT_BACKEND"] = "reference"  # the schemas only: the .cu below adds CUDA
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
@@ -100,9 +103,12 @@ def main() -> int:
     print("torch", torch.__version__, torch.version.cuda, torch.cuda.get_device_name(),
           flush=True)
     t0 = time.time()
-    load(name="lowp_cuda", sources=["csrc/cuda/masked_adamw_lowp.cu"],
-         extra_cuda_cflags=cuda_args(torch.__version__, shell=True), is_python_module=False,
-         build_directory=os.environ.get("OUT", "."), verbose=False)
+    if INSTALLED:
+        assert ops.backend() == "cuda-ext", ops.backend()
+    else:
+        load(name="lowp_cuda", sources=["csrc/cuda/masked_adamw_lowp.cu"],
+             extra_cuda_cflags=cuda_args(torch.__version__, shell=True),
+             is_python_module=False, build_directory=os.environ.get("OUT", "."), verbose=False)
     print(f"built in {time.time() - t0:.0f} s", flush=True)
     op = torch.ops.nto.masked_adamw_lowp_.default
     ok = True

@@ -83,8 +83,8 @@ def _free_bytes() -> int:
 
 def test_backend_is_cuda_ext():
     assert ops.backend() == "cuda-ext"
-    for name in ("param_stats", "masked_adamw_", "select_topk", "remap_state",
-                 "gather_accumulate_"):
+    for name in ("param_stats", "masked_adamw_", "masked_adamw_int8_", "masked_adamw_lowp_",
+                 "select_topk", "remap_state", "gather_accumulate_"):
         _cuda_op(name)
 
 
@@ -445,7 +445,118 @@ def test_every_op_once_small():
         want = [torch.zeros(i.numel()) for i in idx]
         _reference.gather_accumulate_(ts, idx, want)
         assert all(torch.equal(a.cpu(), b) for a, b in zip(compact, want))
+        if pdtype != torch.float32:
+            cols, sr, keys = _lowp_case(sizes, pdtype, "master_last", gen)
+            got = _run_lowp(_cuda_op("masked_adamw_lowp_"), DEV, cols, sr, keys, 0.1, False)
+            want = _run_lowp(_cpu_or_reference("masked_adamw_lowp_"), "cpu", cols, sr, keys,
+                             0.1, False)
+            assert all(torch.equal(a, b) for a, b in zip(got, want))
+        p = ts[-1]
+        g = torch.randn(p.numel(), generator=gen).to(pdtype)
+        st = _q8_state(p.numel(), gen)
+        got = _run_int8(_cuda_op("masked_adamw_int8_"), DEV, p, g, st, (1, 2))
+        want = _run_int8(_cpu_or_reference("masked_adamw_int8_"), "cpu", p, g, st, (1, 2))
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
     torch.cuda.synchronize()
+
+
+# ------------------------------------------------- masked_adamw_int8_ / masked_adamw_lowp_
+
+Q8_SIZES = (1, 7, 255, 256, 257, 4129, 65536 + 300)
+
+
+def _q8_state(n: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """A random 8-bit state (tests/test_int8.py's): any levels, scales spanning decades."""
+    nb = _reference.q8_blocks(n)
+    sm = torch.rand(nb, generator=gen) * 10.0 ** torch.randint(-8, 0, (nb,), generator=gen)
+    sw = torch.rand(nb, generator=gen) * 10.0 ** torch.randint(-8, 0, (nb,), generator=gen)
+    sm[0] = 0.0
+    return [torch.randint(-127, 128, (n,), generator=gen, dtype=torch.int8),
+            torch.randint(0, 256, (n,), generator=gen, dtype=torch.uint8), sm, sw]
+
+
+def _run_int8(op, device, p, g, st, steps):
+    p, g, st = p.clone().to(device), g.to(device), [t.clone().to(device) for t in st]
+    for s in steps:
+        op([p], [g], [st[0]], [st[1]], [st[2]], [st[3]], ops._step_tensors(s, 1),
+           1e-2, 0.9, 0.999, 1e-8, 0.1)
+    return [t.cpu() for t in (p, *st)]
+
+
+def _first_difference(got: list[torch.Tensor], want: list[torch.Tensor], names) -> str:
+    """'' if every tensor is bitwise equal, else where the first one differs and the values
+    (hex), to tell a rounding difference from a logic one."""
+    for name, a, b in zip(names, got, want):
+        ai, bi = a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8)
+        if torch.equal(ai, bi):
+            continue
+        diff = torch.nonzero(a.view(-1).view(torch.uint8).view(a.numel(), -1)
+                             .ne(b.view(-1).view(torch.uint8).view(b.numel(), -1)).any(1))
+        i = int(diff[0])
+        return (f"{name} differs at {diff.numel()} of {a.numel()} elements, first [{i}]: "
+                f"cuda {a.view(-1)[i].item()!r} vs cpu {b.view(-1)[i].item()!r}")
+    return ""
+
+
+@pytest.mark.parametrize("pdtype,gdtype", [(torch.float32, torch.float32),
+                                           (torch.bfloat16, torch.bfloat16),
+                                           (torch.bfloat16, torch.float32),
+                                           (torch.float16, torch.float16)])
+@pytest.mark.parametrize("steps", [(1,), (1, 5)])
+def test_masked_adamw_int8_agrees_with_cpu(pdtype, gdtype, steps):
+    """CUDA == the CPU kernel bit for bit (same csrc/adamw_math.h), one and two steps."""
+    for n in Q8_SIZES:
+        gen = torch.Generator().manual_seed(n)
+        p = torch.randn(n, generator=gen).to(pdtype)
+        g = (torch.randn(n, generator=gen) * 1e-3).to(gdtype)
+        st = _q8_state(n, gen)
+        got = _run_int8(_cuda_op("masked_adamw_int8_"), DEV, p, g, st, steps)
+        want = _run_int8(_cpu_or_reference("masked_adamw_int8_"), "cpu", p, g, st, steps)
+        where = _first_difference(got, want, ("param", "exp_avg", "exp_avg_sq",
+                                              "exp_avg_scale", "exp_avg_sq_scale"))
+        assert not where, f"n={n}: {where}"
+
+
+def _lowp_case(n_list, dtype, mode, gen):
+    cols: list[list[torch.Tensor]] = [[], [], [], [], []]
+    for n in n_list:
+        p32 = torch.randn(n, generator=gen)
+        for c, v in zip(cols, (p32.to(dtype), (torch.randn(n, generator=gen) * 1e-2).to(dtype),
+                               torch.randn(n, generator=gen) * 1e-3,
+                               torch.rand(n, generator=gen) * 1e-5, p32 + p32 * 1e-4)):
+            c.append(v)
+    if mode == "stochastic":
+        cols[4] = []
+    sr = [mode == "stochastic" or (mode == "master_last" and i % 2 == 0)
+          for i in range(len(n_list))]
+    keys = [ops._signed64(0x9E3779B97F4A7C15 * (i + 7)) for i in range(len(n_list))]
+    return cols, sr, keys
+
+
+def _run_lowp(op, device, cols, sr, keys, wd, maximize):
+    cols = [[t.clone().to(device) for t in c] for c in cols]
+    for s in (1, 2, 3):
+        op(*cols, ops._step_tensors(s, len(cols[0])), sr, keys, 1e-3, 0.9, 0.999, 1e-8, wd,
+           maximize)
+    return [t.cpu() for c in cols for t in c]
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
+@pytest.mark.parametrize("mode", ["master", "master_last", "stochastic"])
+@pytest.mark.parametrize("wd,maximize", [(0.0, False), (0.1, True)])
+def test_masked_adamw_lowp_agrees_with_cpu_and_spec(dtype, mode, wd, maximize):
+    """CUDA == the CPU kernel == the bit-for-bit spec (masters, a period's stochastic end,
+    stochastic rounding: the same (key, step, element) stream on both), three steps."""
+    cols, sr, keys = _lowp_case([1, 7, 1000, 65837, (1 << 20) + 5], dtype, mode,
+                                torch.Generator().manual_seed(1))
+    got = _run_lowp(_cuda_op("masked_adamw_lowp_"), DEV, cols, sr, keys, wd, maximize)
+    names = [f"{k}[{i}]" for k in ("param", "grad", "exp_avg", "exp_avg_sq", "master")
+             for i in range(len(cols[0]) if cols[4] or k != "master" else 0)]
+    want = _run_lowp(_cpu_or_reference("masked_adamw_lowp_"), "cpu", cols, sr, keys, wd,
+                     maximize)
+    assert not (where := _first_difference(got, want, names)), where
+    spec = _run_lowp(_reference.masked_adamw_lowp_spec, "cpu", cols, sr, keys, wd, maximize)
+    assert not (where := _first_difference(got, spec, names)), where
 
 
 # --------------------------------------------------------------------- select_topk
@@ -639,7 +750,7 @@ BAD_ADAMW = {
     "lr": dict(lr=lambda v, d: -1.0),
     "beta2": dict(beta2=lambda v, d: 1.0),
     "param dtype": dict(params=lambda v, d: [v[0].double()]),
-    "grad dtype": dict(grads=lambda v, d: [v[0].half()]),
+    "grad dtype": dict(grads=lambda v, d: [v[0].double()]),  # fp32 takes bf16/fp16 grads
     "lengths": dict(grads=lambda v, d: v * 2),
     "state length": dict(exp_avgs=lambda v, d: [torch.zeros(5, device=d)]),
     "grad length": dict(grads=lambda v, d: [torch.zeros(7, device=d)]),
@@ -697,8 +808,8 @@ def test_index_cache_sees_in_place_changes_and_new_tensors():
     for _ in range(5):  # a freed index tensor's successor is checked, even at the same address
         a = _adamw_args(DEV)
         op(*a.values())
-        del a["indices"]
-        a["indices"] = [torch.tensor([1, 3, 5, 11], dtype=torch.int32, device=DEV)]
+        a["indices"].clear()  # freed first; the list keeps its place among the arguments
+        a["indices"].append(torch.tensor([1, 3, 5, 11], dtype=torch.int32, device=DEV))
         with pytest.raises(IndexError):
             op(*a.values())
 
