@@ -45,7 +45,8 @@ class _Fp32Compute(Fp32Moments):
     def _masters(self, states: list[dict[str, Any]], params: list) -> list[torch.Tensor]:
         raise NotImplementedError
 
-    def _stochastic(self, index: int, last: bool) -> bool:
+    def _stochastic(self, last: bool) -> bool:
+        """Whether a param rounds stochastically this step (`last`: its period's last)."""
         raise NotImplementedError
 
     def update(self, group: dict[str, Any], items: list, states: list[dict[str, Any]],
@@ -58,11 +59,12 @@ class _Fp32Compute(Fp32Moments):
         masters = self._masters(states, [t for _, t, _, _ in items])
         steps = [st["step"] for st in states]
         beta1, beta2 = group["betas"]
+        stochastic = [self._stochastic(i in leaving) for i in indices]
         call(ops.masked_adamw_lowp_, indices, params, grads,
              [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states], masters,
-             [s + 1 for s in steps],
-             stochastic=[self._stochastic(i, i in leaving) for i in indices],
-             keys=[stream_key(seed, step, i) for i in indices], lr=float(group["lr"]),
+             [s + 1 for s in steps], stochastic=stochastic,
+             keys=[stream_key(seed, step, i) if sr else 0  # a key only where it is read
+                   for i, sr in zip(indices, stochastic)], lr=float(group["lr"]),
              beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
              weight_decay=float(group["weight_decay"]),
              maximize=bool(group.get("maximize", False)))
@@ -111,7 +113,7 @@ class MasterWeights(_Fp32Compute):
                 st["master"] = _fp32_copy(t)
         return [st["master"] for st in states]
 
-    def _stochastic(self, index: int, last: bool) -> bool:
+    def _stochastic(self, last: bool) -> bool:
         # the master goes after the last step of a period: round stochastically then, so the
         # progress below half an ulp it gathered this period is kept on average, not lost;
         # else to nearest even, as every torch cast
@@ -124,7 +126,7 @@ class StochasticRounding(_Fp32Compute):
     def _masters(self, states: list[dict[str, Any]], params: list) -> list[torch.Tensor]:
         return []  # the kernel updates an fp32 value of each param, in registers
 
-    def _stochastic(self, index: int, last: bool) -> bool:
+    def _stochastic(self, last: bool) -> bool:
         return True
 
 
