@@ -125,7 +125,7 @@ log "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS"
 # The system compiler, not $CC/$CXX: on the lent H200 image CXX=/opt/gcc/bin/g++ links
 # libstdc++ statically into the module, whose uninitialised copy of the locale then crashes
 # the process (SIGSEGV) at the first error message that formats a number (seen 2026-12-04).
-# NTO_GPU_CHECK_CXX=... picks another one; the build is checked for it below.
+# NTO_GPU_CHECK_CXX=... picks another one (nto_ext refuses to load a module built so).
 export CXX=${NTO_GPU_CHECK_CXX:-$(command -v g++ || echo "${CXX:-g++}")}
 export CC=${NTO_GPU_CHECK_CC:-$(command -v gcc || echo "${CC:-gcc}")}
 log "CC=$CC CXX=$CXX ($("$CXX" --version | head -1))"
@@ -144,13 +144,6 @@ if ! timeout 300 "$PY" -c \
     "import nto_ext.ops as o; b = o.backend(); print('backend:', b); assert b == 'cuda-ext'"; then
   BUILD="built, but the backend is not cuda-ext"
   fail "the installed extension does not run the CUDA kernels"
-fi
-SO=$("$PY" -c "import nto_ext._C as m; print(m.__file__)")
-if ldd "$SO" | grep -q "libc10.so" && ! ldd "$SO" | grep -q "libstdc++"; then
-  BUILD="built, but libstdc++ is linked statically into $SO"
-  fail "$CXX linked libstdc++ statically: the module's own locale is never initialised and \
-the first error message that formats a number crashes the process; set \
-NTO_GPU_CHECK_CXX to the g++ torch was built with"
 fi
 BUILD=passed
 log "build ok"

@@ -120,13 +120,21 @@ class BuildMismatchError(ImportError):
     """The compiled module was built against another torch than the one running."""
 
 
-def _built_against(path: Path) -> str | None:
-    data = path.read_bytes()
+def _built_against(data: bytes) -> str | None:
+    """The torch version a module's bytes were built against (None: no marker)."""
     at = data.find(MARKER.encode())
     if at < 0:
         return None
     end = data.index(b"\0", at)
     return data[at + len(MARKER):end].decode()
+
+
+def _links_libstdcxx_statically(data: bytes) -> bool:
+    """Whether a module's bytes hold libstdc++'s own locale code but no libstdc++.so among
+    what it loads: a g++ that links libstdc++ statically (seen: an image's /opt/gcc). That
+    copy's locale is never set up inside torch's process, and the first error message that
+    formats a number crashes it (SIGSEGV)."""
+    return b"libstdc++.so" not in data and b"_ZNSt6locale7classicEv" in data
 
 
 def _rebuild_hint() -> str:
@@ -139,11 +147,18 @@ def _load_compiled():
     spec = importlib.util.find_spec("nto_ext._C")
     if spec is None or spec.origin is None:
         return None
-    built = _built_against(Path(spec.origin))
+    data = Path(spec.origin).read_bytes()
+    built = _built_against(data)
     if built != torch.__version__:
         raise BuildMismatchError(
             f"nto_ext._C at {spec.origin} was built against torch {built}, but torch "
             f"{torch.__version__} is running; {_rebuild_hint()}")
+    if _links_libstdcxx_statically(data):
+        raise BuildMismatchError(
+            f"nto_ext._C at {spec.origin} has libstdc++ linked into it (its compiler links it "
+            "statically), and that copy crashes the process at the first error message; "
+            "rebuild with the g++ torch was built with (e.g. CC=gcc CXX=g++ pip install "
+            f"--no-build-isolation -e . from {_PKG.parent}), or set NTO_EXT_BACKEND=reference")
     from . import _C  # loading registers the CPU/CUDA kernels of torch.ops.nto.*
 
     return _C

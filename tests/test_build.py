@@ -1,5 +1,6 @@
 """The foundation: the compiled backend is the one running, fallbacks work and say why."""
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -54,11 +55,32 @@ def test_bad_backend_env_is_named():
 def test_stale_build_is_detected(tmp_path, monkeypatch):
     fake = tmp_path / "_C.so"
     fake.write_bytes(b"\x7fELF...nto-ext-built-against-torch:1.0.0\0...")
-    assert ops._built_against(fake) == "1.0.0"
+    assert ops._built_against(fake.read_bytes()) == "1.0.0"
     monkeypatch.setattr(ops.importlib.util, "find_spec",
                         lambda name: type("S", (), {"origin": str(fake)})())
     with pytest.raises(ops.BuildMismatchError, match="built against torch 1.0.0.*rebuild"):
         ops._load_compiled()
+
+
+def test_statically_linked_libstdcxx_is_refused_before_loading(tmp_path, monkeypatch):
+    """A module that carries its own libstdc++ (seen on a GPU image's /opt/gcc) crashed the
+    process at its first error message: refused by name before it is loaded."""
+    fake = tmp_path / "_C.so"
+    marker = f"nto-ext-built-against-torch:{torch.__version__}\0".encode()
+    fake.write_bytes(b"\x7fELF..." + marker + b"_ZNSt6locale7classicEv\0libc10.so\0")
+    monkeypatch.setattr(ops.importlib.util, "find_spec",
+                        lambda name: type("S", (), {"origin": str(fake)})())
+    with pytest.raises(ops.BuildMismatchError, match="libstdc\\+\\+ linked into it.*CXX=g\\+\\+"):
+        ops._load_compiled()
+    assert not ops._links_libstdcxx_statically(
+        b"_ZNSt6locale7classicEv\0libstdc++.so.6\0")  # imported from the shared library
+
+
+def test_the_built_module_links_libstdcxx_dynamically():
+    spec = importlib.util.find_spec("nto_ext._C")
+    if spec is None or spec.origin is None:
+        pytest.skip("nto_ext._C is not built")
+    assert not ops._links_libstdcxx_statically(Path(spec.origin).read_bytes())
 
 
 def test_missing_extension_without_jit_warns_once_and_falls_back(tmp_path):
