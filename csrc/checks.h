@@ -227,6 +227,24 @@ inline double checked_host_step(const char* op, size_t i, const at::Tensor& step
   return s;
 }
 
+// The AdamW scalars of every tensor from its step count (checked: >= 1), all read before
+// any write, in the reference's order. A count on the device is read with item() (a sync:
+// the 8-bit and bf16 ops take their counts from the host, where NTO keeps them).
+inline std::vector<AdamWScalars> per_tensor_scalars(const char* op, at::TensorList steps,
+                                                    double lr, double beta1, double beta2,
+                                                    double eps, double weight_decay) {
+  std::vector<AdamWScalars> scal(steps.size(),
+                                 adamw_scalars(lr, beta1, beta2, eps, weight_decay));
+  for (size_t i = 0; i < steps.size(); ++i) {
+    const at::Tensor& t = steps[i];
+    const double step = t.is_cpu() ? checked_host_step(op, i, t)
+                                   : checked_host_step(op, i, t.to(at::kCPU));
+    adamw_step_scalars(lr, beta1, beta2, step, &scal[i].neg_step_size, &scal[i].bc2_sqrt);
+    scal[i].inv_bc2_sqrt = adamw_inv_bc2_sqrt(beta2, step);
+  }
+  return scal;
+}
+
 // ------------------------------------------------------------------- masked_adamw_
 
 inline void check_adamw_hyper(double lr, double beta1, double beta2, double eps, double wd,

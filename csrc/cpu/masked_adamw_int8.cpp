@@ -32,15 +32,9 @@ void masked_adamw_int8_cpu(at::TensorList params, at::TensorList grads,
   check_adamw_int8_meta(params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales,
                         exp_avg_sq_scales, steps, lr, beta1, beta2, eps, weight_decay);
   const size_t n = params.size();
-  const AdamWScalars base = adamw_scalars(lr, beta1, beta2, eps, weight_decay);
-  std::vector<AdamWScalars> scal(n, base);
+  const auto scal = per_tensor_scalars(kOp, steps, lr, beta1, beta2, eps, weight_decay);
   std::vector<int64_t> sizes(n);
-  for (size_t i = 0; i < n; ++i) {  // step values, in the reference's order
-    const double step = checked_host_step(kOp, i, steps[i]);
-    adamw_step_scalars(lr, beta1, beta2, step, &scal[i].neg_step_size, &scal[i].bc2_sqrt);
-    scal[i].inv_bc2_sqrt = adamw_inv_bc2_sqrt(beta2, step);
-    sizes[i] = params[i].numel();
-  }
+  for (size_t i = 0; i < n; ++i) sizes[i] = params[i].numel();
   const auto items = make_work_items(sizes);
   const auto& k = cpu_kernels();
   at::parallel_for(0, (int64_t)items.size(), 1, [&](int64_t lo, int64_t hi) {

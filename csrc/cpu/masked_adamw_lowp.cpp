@@ -30,14 +30,11 @@ void masked_adamw_lowp_cpu(at::TensorList params, at::TensorList grads, at::Tens
   check_adamw_lowp_meta(params, grads, exp_avgs, exp_avg_sqs, masters, steps, stochastic.size(),
                         keys.size(), lr, beta1, beta2, eps, weight_decay);
   const size_t n = params.size();
-  const AdamWScalars base = adamw_scalars(lr, beta1, beta2, eps, weight_decay);
-  std::vector<AdamWScalars> scal(n, base);
+  const auto scal = per_tensor_scalars(kOp, steps, lr, beta1, beta2, eps, weight_decay);
   std::vector<int64_t> sizes(n);
   std::vector<char> sr(n);  // c10::List<bool> is read once here, not in the loop
-  for (size_t i = 0; i < n; ++i) {  // step values, in the reference's order
+  for (size_t i = 0; i < n; ++i) {
     sr[i] = stochastic.get(i);
-    const double step = checked_host_step(kOp, i, steps[i]);
-    adamw_step_scalars(lr, beta1, beta2, step, &scal[i].neg_step_size, &scal[i].bc2_sqrt);
     sizes[i] = params[i].numel();
   }
   const auto items = make_work_items(sizes);

@@ -108,14 +108,7 @@ void masked_adamw_int8_cuda(at::TensorList params, at::TensorList grads,
   if (n == 0) return;
   check_on_cuda(kOp, "params", params[0]);
   c10::cuda::CUDAGuard guard(params[0].device());
-  std::vector<AdamWScalars> scal(n, adamw_scalars(lr, beta1, beta2, eps, weight_decay));
-  for (size_t i = 0; i < n; ++i) {  // all step values before any launch (a device one syncs)
-    const double step = steps[i].item<double>();
-    TORCH_CHECK_VALUE(step >= 1.0, kOp, ": steps[", i, "] holds a step count of ", fmt_g(step),
-                      "; step counts start at 1 (the count after incrementing)");
-    adamw_step_scalars(lr, beta1, beta2, step, &scal[i].neg_step_size, &scal[i].bc2_sqrt);
-    scal[i].inv_bc2_sqrt = adamw_inv_bc2_sqrt(beta2, step);
-  }
+  const auto scal = per_tensor_scalars(kOp, steps, lr, beta1, beta2, eps, weight_decay);
   const cudaStream_t stream = current_stream();
   for (size_t i = 0; i < n; ++i) {
     if (params[i].numel() == 0) continue;
