@@ -34,16 +34,11 @@ def run(fn, dev, p, g, st, steps):
     return [t.cpu() for t in (p, *st)]
 
 
-def _ms(fn, reps: int = 10) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
+def _ms(fn) -> float:
+    """GPU ms per call: bench_cuda's timing (back-to-back calls between CUDA events)."""
+    from bench_cuda import timed  # noqa: PLC0415 - this folder, on sys.path as the script's
+
+    return timed(fn, iters=10, rounds=3).ms
 
 
 def speed() -> dict:

@@ -63,16 +63,11 @@ def _case(op, dtype: torch.dtype, mode: str, wd: float, maximize: bool) -> bool:
                for a, b in zip(ca, cb))
 
 
-def _ms(fn, reps: int = 10) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
+def _ms(fn) -> float:
+    """GPU ms per call: bench_cuda's timing (back-to-back calls between CUDA events)."""
+    from bench_cuda import timed  # noqa: PLC0415 - this folder, on sys.path as the script's
+
+    return timed(fn, iters=10, rounds=3).ms
 
 
 def _speed(op) -> dict:
