@@ -68,9 +68,9 @@ def run(policy: str, kind: str, dtype: torch.dtype, on_switch: str, steps: int,
     kw = {"switch_every": 3, "state_on_switch": on_switch, "seed": 7}
     if policy == "sparse":
         kw["regrow_fraction"] = 0.2
-    if plain and policy != "sparse" and dtype != torch.float32:
+    if plain and dtype != torch.float32:
         kw["master_weights"] = False  # bf16 updated in place, as before issue 19
-    if stochastic and policy != "sparse" and dtype != torch.float32:
+    if stochastic and dtype != torch.float32:
         kw["stochastic_rounding"] = True  # and master_weights False (implied)
     opt = NTO(groups, lr=1e-3, budget=BUDGETS[kind], policy=policy,
               max_grad_norm=1.0 if kind == "percent" else None, **kw)

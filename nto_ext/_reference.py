@@ -458,8 +458,13 @@ def sr_uniform(key: int, start: int, n: int, device: torch.device) -> torch.Tens
     """n fp32 numbers in [0, 1) for elements start..start+n-1 of the stream `key` (a 64-bit
     integer, signed or not: its low and high 32 bits are the hash keys): 24 random bits
     each, a pure function of (key, position)."""
+    return sr_uniform_at(key, torch.arange(start, start + n, dtype=torch.int64, device=device))
+
+
+def sr_uniform_at(key: int, positions: torch.Tensor) -> torch.Tensor:
+    """sr_uniform at the given element positions (int64) of the stream `key`."""
     k1, k2 = key & _MASK32, (key >> 32) & _MASK32
-    pos = torch.arange(start, start + n, dtype=torch.int64, device=device)
+    pos = positions.to(torch.int64)
     h = _hash32(_hash32((pos & _MASK32) ^ k1) ^ (pos >> 32) ^ k2)
     return (h >> 8).to(torch.float32) * 2.0**-24
 
@@ -467,12 +472,14 @@ def sr_uniform(key: int, start: int, n: int, device: torch.device) -> torch.Tens
 SR_CHUNK = 1 << 20  # elements rounded at once: bounds the int64 temporaries
 
 
-def stochastic_round(x: torch.Tensor, dtype: torch.dtype, key: int) -> torch.Tensor:
+def stochastic_round(x: torch.Tensor, dtype: torch.dtype, key: int,
+                     positions: torch.Tensor | None = None) -> torch.Tensor:
     """fp32 `x` rounded to `dtype` (bf16/fp16): to the neighbour on the far side of the
     nearest value r with probability |x - r| / |n - r| (fp32 arithmetic), taken when the
     stream's u < p, so E[result] = x. Both neighbours are one unit apart in the 16-bit
     pattern; NaN, Inf and values rounding to Inf stay as rounding to nearest makes them.
-    Returns a flat tensor."""
+    Element j draws at position j of the stream, or at positions[j] (compact values of a
+    param, e.g. the sparse policy's chosen elements). Returns a flat tensor."""
     flat = x.reshape(-1)
     out = torch.empty(flat.shape, dtype=dtype, device=x.device)
     for start in range(0, flat.numel(), SR_CHUNK):
@@ -484,7 +491,8 @@ def stochastic_round(x: torch.Tensor, dtype: torch.dtype, key: int) -> torch.Ten
         n = (bits & 0x8000) | mag.clamp(0, 0x7FFF)
         n = (n - ((n >> 15) << 16)).to(torch.int16).view(dtype)  # as a signed 16-bit pattern
         p = (xs - r.float()).abs() / (n.float() - r.float()).abs()
-        u = sr_uniform(key, start, xs.numel(), x.device)
+        u = (sr_uniform(key, start, xs.numel(), x.device) if positions is None
+             else sr_uniform_at(key, positions[start:start + SR_CHUNK]))
         take = (u < p) & torch.isfinite(r) & torch.isfinite(n) & (xs != r.float())
         out[start:start + SR_CHUNK] = torch.where(take, n, r)
     return out

@@ -142,7 +142,9 @@ def test_memory_model_table():
     assert _policy("sample", master_weights=False).bytes_per_element(torch.float16) == 10
     assert sample.bytes_per_element(torch.float16) == 14
     assert sparse.bytes_per_element(torch.float32) == 16
-    assert sparse.bytes_per_element(torch.bfloat16) == 16
+    assert sparse.bytes_per_element(torch.bfloat16) == 20  # + the chosen elements' masters
+    assert _policy("sparse", master_weights=False).bytes_per_element(torch.bfloat16) == 16
+    assert _policy("sparse", stochastic_rounding=True).bytes_per_element(torch.float16) == 16
     assert bytes_per_element("adamw8bit", torch.bfloat16) == 4
     assert block.state_bytes(10, torch.float32) == 120 + STEP_BYTES
     assert sparse.state_bytes(10, torch.float32) == 160  # steps per cohort

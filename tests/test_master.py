@@ -132,8 +132,9 @@ def test_fp32_params_of_a_mixed_model_keep_fp32_moments():
     ({"master_weights": True, "stochastic_rounding": True}, ValueError, "allowed: one"),
     ({"master_weights": "yes"}, TypeError, "master_weights='yes'; allowed"),
     ({"stochastic_rounding": 1}, TypeError, "stochastic_rounding=1; allowed"),
-    ({"master_weights": True, "policy": "sparse"}, ValueError, "policy='sparse' yet"),
-    ({"stochastic_rounding": True, "policy": "sparse"}, ValueError, "policy='sparse' yet"),
+    ({"master_weights": True, "stochastic_rounding": True, "policy": "sparse"}, ValueError,
+     "allowed: one"),
+    ({"state_dtype": "int8", "policy": "sparse"}, ValueError, "policy='sparse' yet"),
 ])
 def test_bad_combinations_are_refused_before_anything_changes(kw, err, msg):
     """On bf16 params (fp32 ones: tests/test_optimizer.py BAD_INPUTS)."""
@@ -244,3 +245,111 @@ def test_strided_params_train_as_contiguous_ones(fmt):
             opt.zero_grad()
     assert torch.equal(strided.detach(), dense.detach())
     assert not torch.equal(dense.detach(), start)
+
+
+# --------------------------------------------------------------- policy="sparse" (compact)
+
+
+def _sparse_pair(**kw):
+    """bf16 params and fp32 copies of them, each under NTO(policy="sparse", **kw)."""
+    low, high = _params(BF16), _params(torch.float32)
+    for a, b in zip(low, high):
+        b.data.copy_(a.data.float())
+    kw = dict(lr=3e-3, budget=300, policy="sparse", switch_every=2, weight_decay=0.1, **kw)
+    return low, high, NTO(low, **kw), NTO(high, **kw)
+
+
+def _chosen(opt, params):
+    return {i: opt.state[p]["indices"].long() for i, p in enumerate(params)
+            if p in opt.state and "indices" in opt.state[p]}
+
+
+def test_sparse_masters_train_as_fp32_would():
+    """Each chosen element keeps an fp32 master: with the same (bf16) gradients, the masters
+    equal the fp32 run's weights bit for bit, the bf16 params hold them rounded to nearest,
+    and elements never chosen are untouched (regrow_fraction 0: nothing is dropped)."""
+    low, high, opt_low, opt_high = _sparse_pair(regrow_fraction=0.0)
+    start = [p.detach().clone() for p in low]
+    for step in range(8):
+        _step(opt_low, low, step)
+        _step(opt_high, high, step, cast=torch.float32)
+        got, want = _chosen(opt_low, low), _chosen(opt_high, high)
+        assert got.keys() == want.keys() and all(torch.equal(got[i], want[i]) for i in got)
+        for i, idx in got.items():
+            master = opt_low.state[low[i]]["master"]
+            assert torch.equal(master, high[i].detach().reshape(-1)[idx]), (step, i)
+            flat = low[i].detach().reshape(-1)
+            assert torch.equal(flat[idx], master.to(BF16)), (step, i)
+            rest = torch.ones(flat.numel(), dtype=torch.bool)
+            rest[idx] = False
+            assert torch.equal(flat[rest], start[i].reshape(-1)[rest]), (step, i)
+    assert sum(v.numel() for v in got.values()) == 300
+    rep = opt_low.memory_report()
+    assert rep["state_bytes"] == 300 * 12  # moments and master (indices are index bytes)
+    assert rep["budget_bytes"] == 300 * 20  # + the compact fp32 gradient and the index
+
+
+def test_sparse_dropped_elements_keep_their_master_rounded_stochastically():
+    """A dropped element's master goes; the param keeps it rounded stochastically with the
+    param's stream of the step the schedule reached (so its progress below half an ulp is
+    kept on average), not the nearest value the param held."""
+    low, high, opt_low, opt_high = _sparse_pair(regrow_fraction=0.25)
+    dropped = 0
+    for step in range(9):
+        before = _chosen(opt_low, low)
+        _step(opt_low, low, step)
+        _step(opt_high, high, step, cast=torch.float32)
+        after = _chosen(opt_low, low)
+        for i, idx in before.items():
+            gone = idx[~torch.isin(idx, after.get(i, idx[:0]))]
+            if step >= 3 or not gone.numel():  # up to the first regrowth masters == fp32
+                continue
+            want = stochastic_round(high[i].detach().reshape(-1)[gone], BF16, 0, step + 1, i,
+                                    gone)
+            assert torch.equal(low[i].detach().reshape(-1)[gone], want), (step, i)
+            dropped += gone.numel()
+    assert dropped > 10
+
+
+@pytest.mark.parametrize("fmt", [{}, {"stochastic_rounding": True}])
+def test_sparse_bf16_resume_is_bit_exact(fmt, tmp_path):
+    """state_dict saved mid-run (weights_only), loaded into fresh params and optimizer:
+    the rest of the run is bit-identical, masters and stochastic streams included."""
+    kw = dict(lr=3e-3, budget=300, policy="sparse", switch_every=2, **fmt)
+    params = _params(BF16)
+    opt = NTO(params, **kw)
+    for step in range(5):
+        _step(opt, params, step)
+    torch.save({"opt": opt.state_dict(), "params": [p.detach() for p in params]},
+               tmp_path / "ck.pt")
+    ck = torch.load(tmp_path / "ck.pt", weights_only=True)
+    again = [torch.nn.Parameter(t.clone()) for t in ck["params"]]
+    opt2 = NTO(again, **kw)
+    opt2.load_state_dict(ck["opt"])
+    for step in range(5, 10):
+        _step(opt, params, step)
+        _step(opt2, again, step)
+    assert all(torch.equal(a.detach(), b.detach()) for a, b in zip(params, again))
+    for a, b in zip(params, again):
+        sa, sb = opt.state.get(a, {}), opt2.state.get(b, {})
+        assert sa.keys() == sb.keys()
+        assert all(torch.equal(sa[k], sb[k]) if isinstance(sa[k], torch.Tensor)
+                   else sa[k] == sb[k] for k in sa)
+    assert ("master" in opt.state[params[0]]) == (not fmt)
+
+
+def test_sparse_stochastic_rounding_keeps_updates_below_half_an_ulp():
+    """stochastic_rounding=True: no masters (16 B per element), and updates far below half
+    a bf16 ulp still move the params on average (rounded to nearest they vanish)."""
+    moved = {}
+    for name, fmt in (("sr", {"stochastic_rounding": True}), ("plain", {"master_weights": False})):
+        params = [torch.nn.Parameter(torch.ones(4096, dtype=BF16))]
+        opt = NTO(params, lr=1e-4, budget="100%", policy="sparse", **fmt)
+        for _ in range(20):
+            params[0].grad = torch.ones(4096, dtype=BF16)
+            opt.step()
+            opt.zero_grad()
+        moved[name] = 1.0 - params[0].detach().float().mean().item()
+        assert "master" not in opt.state[params[0]]
+    assert moved["plain"] == 0.0  # 1e-4 steps from 1.0: a bf16 ulp there is 2**-7
+    assert moved["sr"] == pytest.approx(20 * 1e-4, rel=0.2)

@@ -144,8 +144,8 @@ BAD_INPUTS = [
     ({"master_weights": True, "stochastic_rounding": True}, ValueError,
      r"master_weights=True with stochastic_rounding=True; allowed: one of them"),
     ({"master_weights": "yes"}, TypeError, r"master_weights='yes'; allowed: None"),
-    ({"master_weights": True, "policy": "sparse"}, ValueError,
-     r"master_weights=True does not apply to policy='sparse' yet"),
+    ({"master_weights": True, "policy": "sparse"}, ValueError,  # fp32 params, sparse too
+     r"master_weights=True but no trainable param is bf16 or fp16"),
 ]
 
 

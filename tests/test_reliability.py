@@ -223,8 +223,6 @@ def test_budget_invariant_with_ranges_of_rows(policy, kind, dtype, run):
 
 def _budget_run(policy: str, kind: str, dtype: str, run: dict) -> None:
     torch_dtype, fmt = DTYPES[dtype], FORMAT_ARGS.get(dtype, {})
-    if policy == "sparse" and fmt.get("stochastic_rounding"):
-        pytest.skip("policy='sparse' refuses stochastic_rounding (tested apart)")
     n_tensors = len(run["layout"].names_and_sizes())
     dtypes = torch_dtype if torch_dtype is not None else [
         (torch.float32, torch.bfloat16)[k % 2] for k in range(n_tensors)]

@@ -373,16 +373,27 @@ def test_a_first_step_without_gradients_scores_again_at_the_next():
     assert opt.updater.count() == 453 and not opt.policy.is_scoring(2)
 
 
-def test_bf16_params_and_param_groups():
+@pytest.mark.parametrize("masters", [None, False])
+def test_bf16_params_and_param_groups(masters):
+    """bf16 params: by default each chosen element keeps an fp32 master (4 B more per
+    element, in the budget); master_weights=False updates the bf16 values in place."""
     model = tiny_llama(dtype=torch.bfloat16)
-    opt = NTO(three_groups(model), lr=1e-2, budget="10%", policy="sparse", switch_every=2)
+    opt = NTO(three_groups(model), lr=1e-2, budget="10%", policy="sparse", switch_every=2,
+              master_weights=masters)
     before = [p.detach().clone() for p in model.parameters()]
     for step in range(5):
         train_step(model, opt, step)
         rep = opt.memory_report()
-        assert rep["peak_total_bytes"] <= rep["budget_bytes"] == 4534 * 16
-    for st in opt.state.values():
+        assert rep["peak_total_bytes"] <= rep["budget_bytes"] == 4534 * (16 if masters is
+                                                                           False else 20)
+    for p, st in opt.state.items():
         assert st["exp_avg"].dtype == torch.float32 and st["indices"].dtype == torch.int32
+        if masters is None:  # the param holds its masters rounded to nearest
+            assert st["master"].dtype == torch.float32
+            got = p.detach().reshape(-1)[st["indices"].long()]
+            assert torch.equal(got, st["master"].to(torch.bfloat16))
+        else:
+            assert "master" not in st
     changed = sum(int((a != b).sum()) for a, b in zip(before, model.parameters()))
     assert 0 < changed <= 4534 + 2 * 453  # K, and the elements of two regrowths
 

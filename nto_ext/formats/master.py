@@ -145,10 +145,11 @@ def uniform(seed: int, step: int, index: int, start: int, n: int,
 
 
 def stochastic_round(x: torch.Tensor, dtype: torch.dtype, seed: int, step: int,
-                     index: int) -> torch.Tensor:
+                     index: int, positions: torch.Tensor | None = None) -> torch.Tensor:
     """fp32 `x` rounded to `dtype` (bf16/fp16) stochastically with param `index`'s stream at
-    `step` (`_reference.stochastic_round`, what the kernel does). Returns a flat tensor."""
-    return _reference.stochastic_round(x, dtype, stream_key(seed, step, index))
+    `step` (`_reference.stochastic_round`, what the kernel does), element j at position j
+    or positions[j] of the flattened param. Returns a flat tensor."""
+    return _reference.stochastic_round(x, dtype, stream_key(seed, step, index), positions)
 
 
 MASTER = MasterWeights()

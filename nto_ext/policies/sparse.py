@@ -76,13 +76,16 @@ from ..args import check_grad_layout
 from ..blocks import ParamInfo
 from ..budget import Budget
 from ..checkpoint import MAX_STEP, Storages, adamw_entry, check_values
+from ..formats import MASTER, STOCHASTIC
 from ..formats.fp32 import MOMENTS
+from ..formats.master import stochastic_round
 from .base import Config, Host, Policy, Updater, measure
 
 log = logging.getLogger(__name__)
 
 ROWS = MOMENTS  # one fp32 value per chosen element
-STATE_KEYS = ("indices", *ROWS, "step", "sizes")  # a param's compact state, nothing else
+MASTER_ROW = "master"  # bf16/fp16 params with master weights: the chosen elements' fp32 values
+STATE_KEYS = ("indices", *ROWS, MASTER_ROW, "step", "sizes")  # a param's compact state
 _FILL_CHUNK = 1 << 20  # positions masked per indexing call (bounds its int64 temporary)
 _SMALL = 1 << 16  # tensors this small take every free element without a selection
 _INF_BITS = 0x7F800000  # fp32 +inf; INF_BITS - bits(s) reverses the order of scores s >= 0
@@ -98,13 +101,38 @@ def _index_dtype(numel: int) -> torch.dtype:
     return torch.int64 if numel > 2**31 - 1 else torch.int32
 
 
-def _new_state(positions: torch.Tensor) -> dict[str, Any]:
-    """State of a param whose chosen elements are `positions` (one cohort, not updated)."""
+def _new_state(positions: torch.Tensor, master_of: torch.Tensor | None) -> dict[str, Any]:
+    """State of a param whose chosen elements are `positions` (one cohort, not updated);
+    with `master_of` (the param, when it keeps masters) their fp32 masters."""
     n, dev = positions.numel(), positions.device
-    return {"indices": positions,
-            "exp_avg": torch.zeros(n, dtype=torch.float32, device=dev),
-            "exp_avg_sq": torch.zeros(n, dtype=torch.float32, device=dev),
-            "step": [0], "sizes": [n]}
+    st = {"indices": positions,
+          "exp_avg": torch.zeros(n, dtype=torch.float32, device=dev),
+          "exp_avg_sq": torch.zeros(n, dtype=torch.float32, device=dev),
+          "step": [0], "sizes": [n]}
+    if master_of is not None:
+        st[MASTER_ROW] = _gather(master_of, positions)
+    return st
+
+
+def _rows(st: dict[str, Any]) -> tuple[str, ...]:
+    """The per-element rows of a compact state: the moments, and the master if kept."""
+    return (*ROWS, MASTER_ROW) if MASTER_ROW in st else ROWS
+
+
+def _gather(p: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """fp32 copies of p's elements at `positions`, a chunk at a time."""
+    flat = p.detach().reshape(-1)
+    out = torch.empty(positions.numel(), dtype=torch.float32, device=p.device)
+    for a in range(0, positions.numel(), _FILL_CHUNK):
+        out[a:a + _FILL_CHUNK] = flat[positions[a:a + _FILL_CHUNK]]
+    return out
+
+
+def _scatter(p: torch.Tensor, positions: torch.Tensor, values: torch.Tensor) -> None:
+    """p's elements at `positions` = values (already of p's dtype), a chunk at a time."""
+    flat = p.detach().view(-1)
+    for a in range(0, positions.numel(), _FILL_CHUNK):
+        flat[positions[a:a + _FILL_CHUNK]] = values[a:a + _FILL_CHUNK]
 
 
 def _cohorts(st: dict[str, Any]) -> list[tuple[int, int, int]]:
@@ -228,18 +256,11 @@ class SparseConfig(Config):
             raise ValueError(f"regrow_fraction={r!r}; allowed: None (0.1) or a number in [0, "
                              f"{MAX_REGROW_FRACTION}] (share of the chosen elements replaced "
                              "at each regrowth; 0 keeps the first choice)")
-        for key in ("master_weights", "stochastic_rounding"):
-            if getattr(self, key):
-                raise ValueError(f"{key}=True does not apply to policy='sparse' yet (its "
-                                 "compact state has no master or stochastic-rounding "
-                                 f"variant); allowed here: {key}=False, or policy='block' / "
-                                 "'sample'")
         if self.state_dtype != "fp32":
             raise ValueError(f"state_dtype={self.state_dtype!r} does not apply to "
                              "policy='sparse' yet (its compact state is regrown and remapped "
                              "in fp32); allowed here: state_dtype='fp32', or policy='block' / "
                              "'sample'")
-        object.__setattr__(self, "master_weights", False)  # None: none, as before
 
 
 class SparseUpdater(Updater):
@@ -324,7 +345,8 @@ class SparseUpdater(Updater):
     def _dense_state(self, p: torch.Tensor) -> dict[str, Any]:
         """K = every element: the whole param is chosen, state made at its first use."""
         n = p.numel()
-        st = _new_state(torch.arange(n, dtype=_index_dtype(n), device=p.device))
+        st = _new_state(torch.arange(n, dtype=_index_dtype(n), device=p.device),
+                        self._master_of(p))
         self.host.state[p] = st
         return st
 
@@ -448,24 +470,59 @@ class SparseUpdater(Updater):
         return self.host.guard.found_nonfinite(self.host.table.label(self.bad),
                                                self.host.step_count)
 
+    def _master_of(self, p: torch.Tensor) -> torch.Tensor | None:
+        """p, when its chosen elements keep fp32 masters (bf16/fp16 under the default)."""
+        return p if self.policy.state_format(p.dtype) is MASTER else None
+
+    def _round_into(self, i: int, p: torch.Tensor, positions: torch.Tensor,
+                    values: torch.Tensor) -> None:
+        """p's elements at `positions` = fp32 `values` rounded stochastically, with param
+        i's stream of this step at those positions (formats/master.py's, as block's)."""
+        if positions.numel():
+            _scatter(p, positions, stochastic_round(values, p.dtype, self.policy.seed,
+                                                    self.host.step_count, i, positions))
+
     def _adamw(self, entries: list) -> None:
+        """One masked_adamw_ call per group over every cohort: fp32 params updated at
+        their chosen positions; bf16/fp16 ones through fp32 values of those elements (the
+        masters, or copies rounded back stochastically), written back rounded."""
         host = self.host
         batches: dict[tuple, list] = defaultdict(list)
-        for gi, _, p, g in entries:
-            batches[(gi, p.device, p.dtype)].append((p, g, host.state[p]))
-        for (gi, _, _), items in batches.items():
+        for gi, i, p, g in entries:
+            batches[(gi, p.device, p.dtype)].append((i, p, g, host.state[p]))
+        for (gi, _, dtype), items in batches.items():
             group = host.param_groups[gi]
+            fmt = self.policy.state_format(dtype)
+            values = [self._fp32_values(p, st, fmt) for _, p, _, st in items]
             args: tuple[list, ...] = ([], [], [], [], [], [])  # one entry per cohort
-            for p, g, st in items:
+            for (_, p, g, st), x in zip(items, values):
                 st["step"] = [t + 1 for t in st["step"]]
                 for a, b, t in _cohorts(st):
-                    for lst, v in zip(args, (p, g[a:b], st["exp_avg"][a:b],
-                                             st["exp_avg_sq"][a:b], st["indices"][a:b], t)):
+                    at = None if x is not None else st["indices"][a:b]  # compact: dense
+                    for lst, v in zip(args, (p if x is None else x[a:b], g[a:b],
+                                             st["exp_avg"][a:b], st["exp_avg_sq"][a:b], at,
+                                             t)):
                         lst.append(v)
             beta1, beta2 = group["betas"]
             ops.masked_adamw_(*args, lr=float(group["lr"]), beta1=float(beta1),
                               beta2=float(beta2), eps=float(group["eps"]),
                               weight_decay=float(group["weight_decay"]))
+            for (i, p, _, st), x in zip(items, values):
+                if fmt is MASTER:  # rounded to nearest, as torch casts (and block's masters)
+                    _scatter(p, st["indices"], x.to(dtype))
+                elif fmt is STOCHASTIC:
+                    self._round_into(i, p, st["indices"], x)
+
+    def _fp32_values(self, p: torch.Tensor, st: dict[str, Any], fmt) -> torch.Tensor | None:
+        """What AdamW updates in fp32 for a bf16/fp16 param: its masters, or (stochastic
+        rounding) a transient fp32 copy of its chosen elements; None: the param itself."""
+        if fmt is MASTER:
+            return st[MASTER_ROW]
+        if fmt is STOCHASTIC:
+            x = _gather(p, st["indices"])
+            self.temp_bytes = max(self.temp_bytes, _nbytes(x))
+            return x
+        return None
 
     # ------------------------------------------------------------------ regrowth
     def _grow(self) -> None:
@@ -489,11 +546,12 @@ class SparseUpdater(Updater):
         p = self.host.table.params[i]
         st = self._state(p)
         if st is None:
-            self.host.state[p] = _new_state(pos.to(_index_dtype(p.numel())))
+            self.host.state[p] = _new_state(pos.to(_index_dtype(p.numel())), self._master_of(p))
             return
         n = pos.numel()
-        for key in ROWS:  # one row's new copy alive with the old at a time
-            st[key] = torch.cat([st[key], st[key].new_zeros(n)])
+        for key in _rows(st):  # one row's new copy alive with the old at a time
+            new = _gather(p, pos) if key == MASTER_ROW else st[key].new_zeros(n)
+            st[key] = torch.cat([st[key], new])
             self.temp_bytes = max(self.temp_bytes, _nbytes(st[key]))
         st["indices"] = torch.cat([st["indices"], pos.to(st["indices"].dtype)])
         st["step"] = [*st["step"], 0]
@@ -574,6 +632,9 @@ class SparseUpdater(Updater):
         p = self.host.table.params[i]
         st = self.host.state[p]
         idx = st["indices"]
+        if MASTER_ROW in st:  # a dropped element's master goes: the param keeps its value
+            gone = ~keep  # rounded stochastically (its progress below half an ulp is kept
+            self._round_into(i, p, idx[gone], st[MASTER_ROW][gone])  # on average)
         live, olds, news = [], [], []
         for c, (a, b, _) in enumerate(_cohorts(st)):
             new = idx[a:b][keep[a:b]]
@@ -584,7 +645,7 @@ class SparseUpdater(Updater):
         if not live:
             self.host.state.pop(p)
             return
-        for key in ROWS:  # one row's new copy alive with the old at a time
+        for key in _rows(st):  # one row's new copy alive with the old at a time
             row = st[key]
             parts = ops.remap_state(olds, news, [row[a:b] for _, a, b in live])
             st[key] = torch.cat(parts) if len(parts) > 1 else parts[0]
@@ -614,7 +675,18 @@ class SparseUpdater(Updater):
             raise ValueError(f"{where}: indices is a {idx.dtype} tensor of shape "
                              f"{tuple(idx.shape)}; expected a non-empty 1-D int32/int64 tensor")
         n = idx.numel()
-        for key in ROWS:
+        rows = ROWS
+        if self.policy.state_format(p.dtype) is MASTER:
+            if not isinstance(st.get(MASTER_ROW), torch.Tensor):
+                raise ValueError(f"{where}: no {MASTER_ROW!r} entry; allowed: a state saved "
+                                 "with fp32 master weights (build NTO with the master_weights "
+                                 "of the run that saved it); nothing was loaded")
+            rows = (*ROWS, MASTER_ROW)
+        elif MASTER_ROW in st:
+            raise ValueError(f"{where}: a {MASTER_ROW!r} entry, but this run keeps no master "
+                             f"weights for {p.dtype} params; allowed: build NTO with the "
+                             "master_weights of the run that saved it; nothing was loaded")
+        for key in rows:
             v = st[key]
             if v.dtype != torch.float32 or v.shape != (n,) or not v.is_contiguous() \
                     or v.device.type == "meta":
@@ -640,7 +712,7 @@ class SparseUpdater(Updater):
                              "sorted within each cohort")
         out = {k: seen.claim(f"{where}: {k}", v) if isinstance(v, torch.Tensor) else v
                for k, v in st.items()}
-        for key in ROWS:
+        for key in rows:
             check_values(where, key, out[key], propagate)
         return out
 
@@ -648,7 +720,12 @@ class SparseUpdater(Updater):
                      p: torch.Tensor) -> dict[str, Any] | None:
         """Every element chosen (K >= all elements) keeps AdamW's moments; otherwise
         nothing is chosen at step 0 and they are dropped."""
-        return adamw_entry(where, st, p, compact=True) if self.policy.dense else None
+        if not self.policy.dense:
+            return None
+        out = adamw_entry(where, st, p, compact=True)
+        if self._master_of(p) is not None:  # AdamW's weights are the param itself
+            out[MASTER_ROW] = _gather(p, out["indices"])
+        return out
 
     def trained(self) -> frozenset[int]:
         return self.policy.selected
@@ -692,7 +769,8 @@ class SparsePolicy(Policy):
     compact_grads = True
 
     def bytes_per_element(self, dtype: torch.dtype) -> int:
-        return 4 + 8 + 4  # compact fp32 grad, two fp32 moments, int32 index
+        # compact fp32 grad, two fp32 moments, int32 index (+ an fp32 master for bf16/fp16)
+        return 4 + 8 + 4 + (4 if self.state_format(dtype) is MASTER else 0)
 
     def __init__(self, infos: Sequence[ParamInfo], budget: Budget,
                  config: SparseConfig) -> None:
@@ -710,14 +788,16 @@ class SparsePolicy(Policy):
     def _budget_elements(self) -> int:
         if self.budget.kind == "elements":
             return self.budget.amount
-        bpe = self.bytes_per_element(torch.float32)  # the same for every dtype
+        # the costliest element bounds K: any trainable param's elements may be chosen
+        bpe = max((self.bytes_per_element(i.dtype) for i in self.infos if i.trainable),
+                  default=self.bytes_per_element(torch.float32))
         k = self.budget.amount // bpe
         if k < 1:
             raise ValueError(
                 f"budget={self.budget.given} ({self.budget.describe()}) is below one element "
                 f"under policy='sparse' ({bpe} B per chosen element: fp32 gradient, two fp32 "
-                "moments and an int32 index); nothing would train. "
-                f"Raise the budget to at least {bpe}B.")
+                "moments and an int32 index, plus an fp32 master for bf16/fp16 params); "
+                f"nothing would train. Raise the budget to at least {bpe}B.")
         return k
 
     # ---------------------------------------------------------------- the schedule
