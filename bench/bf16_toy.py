@@ -91,7 +91,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-5)
     ap.add_argument("--budgets", nargs="+", default=["100%", "34%"],
                     help="34%%: 2 of the 6 layers at a time; 50%%: 3")
-    ap.add_argument("--switch-every", type=int, default=10)
+    ap.add_argument("--switch-every", type=int, default=50,
+                    help="steps between switches of the trained layers (default: NTO's, 50)")
     args = ap.parse_args()
     logging.disable(logging.WARNING)
     warnings.simplefilter("ignore")
