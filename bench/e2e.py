@@ -94,11 +94,6 @@ CONFIGS: dict[str, tuple[str, str]] = {
     "nto-block-10-importance": ("nto", "NTO block, budget 10%, order importance (ascending, "
                                 "each group repeated by its gradient norm), state dropped"),
     "nto-sample-10-importance": ("nto", "NTO sample, budget 10%, order importance"),
-    "nto-block-10-p1": ("nto", "NTO block, budget 10%, descending, state dropped, a switch "
-                        "every step (switch_every=1, whatever --switch-every says)"),
-    "nto-sample-10-p1": ("nto", "NTO sample, budget 10%, a switch every step"),
-    "nto-block-10-p5": ("nto", "NTO block, budget 10%, descending, switch_every=5"),
-    "nto-sample-10-p5": ("nto", "NTO sample, budget 10%, switch_every=5"),
     "nto-block-10-plain": ("nto", "NTO block, budget 10%, descending, state dropped; bf16/fp16 "
                            "params updated in place, no fp32 masters (with --dtype bf16)"),
     "nto-block-10-sr": ("nto", "NTO block, budget 10%, descending, state dropped; bf16/fp16 "
@@ -189,11 +184,8 @@ def build_optimizer(spec: RunSpec, task: str, model):
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=demo.WEIGHT_DECAY,
                                  foreach=True), model, info
     if name.startswith("nto-"):
-        # nto-POLICY-PCT[-drop|-offload][-head][-importance][-plain|-sr][-int8][-pN]
+        # nto-POLICY-PCT[-drop|-offload][-head][-importance][-plain|-sr][-int8]
         _, policy, pct, *how = name.split("-")
-        if how and how[-1][0] == "p" and how[-1][1:].isdigit():  # its own period length
-            common["switch_every"] = int(how.pop()[1:])
-            info["switch_every"] = common["switch_every"]
         extra: dict[str, Any] = {"order": "descending"} if policy == "block" else {}
         for flag, kwargs in (("plain", {"master_weights": False}),  # issue 19's rows
                              ("sr", {"master_weights": False, "stochastic_rounding": True})):
