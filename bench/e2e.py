@@ -91,6 +91,8 @@ CONFIGS: dict[str, tuple[str, str]] = {
     "nto-sample-25": ("nto", "NTO sample, budget 25%"),
     "nto-sample-10": ("nto", "NTO sample, budget 10%"),
     "nto-sample-10-head": ("nto", "NTO sample, budget 10%, always=(head, other)"),
+    "nto-block-10-head": ("nto", "NTO block, budget 10%, descending, state dropped, "
+                                 "always=(head, other): the new classifier trains every step"),
     "nto-block-10-importance": ("nto", "NTO block, budget 10%, order importance (ascending, "
                                 "each group repeated by its gradient norm), state dropped"),
     "nto-sample-10-importance": ("nto", "NTO sample, budget 10%, order importance"),

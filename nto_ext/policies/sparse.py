@@ -12,7 +12,12 @@ State of a param that holds chosen elements (in `NTO.state[param]`, torch's key 
   step        list of C ints: updates each cohort has had. A cohort starts at 0, so its
               bias corrections are AdamW's from its own first update.
   sizes       list of C ints: elements per cohort, in the order of `indices`.
-16 B of tensors per chosen element with the compact gradient (budget.py); the cohort
+  master      fp32 [L], bf16/fp16 params under the default format only: the chosen
+              elements' fp32 values (AdamW updates them; the param holds them rounded to
+              nearest; a dropped element's param gets its master rounded stochastically).
+              stochastic_rounding=True keeps none: the updated fp32 values are rounded
+              stochastically into the param.
+16 B of tensors per chosen element with the compact gradient (20 with a master); the cohort
 tables are a few host ints per regrowth (a step count per element would cost 4 B each).
 A param without a chosen element has no state and, between scoring steps, no gradient
 (requires_grad=False).
