@@ -47,3 +47,14 @@ e2e --task lm --seeds 0 1 2 --tag lr5e-4 --lr full=5e-4 nto=5e-4 --configs nto-b
     nto-sample-10 nto-block-10-int8 nto-sample-10-int8
 e2e --task lm --seeds 0 --tag lr1e-3 --lr full=1e-3 nto=1e-3 --configs nto-block-10 nto-sample-10
 e2e --task lm --seeds 0 1 2 --tag int8 --configs nto-block-100-int8
+# 2026-12-04 afternoon (issue 21): the new head in every period; a switch every step on the
+# LM; one-seed probes of the period, the order and the learning rate.
+e2e "${A[@]}" --seeds 0 1 2 --tag head --configs nto-block-10-head nto-sample-10-head
+e2e "${A[@]}" --seeds 0 --switch-every 5 --tag sw5 --configs nto-block-10 nto-sample-10
+e2e --task lm --seeds 0 1 2 --switch-every 1 --tag sw1 --lr nto=5e-4 --configs nto-block-10 \
+    nto-sample-10
+e2e --task lm --seeds 0 --switch-every 1 --tag sw1imp --lr nto=5e-4 \
+    --configs nto-sample-10-importance nto-block-10-importance
+e2e --task lm --seeds 0 --switch-every 1 --tag sw1-lr3e-4 --lr nto=3e-4 --configs nto-block-10
+e2e --task lm --seeds 0 --switch-every 10 --tag sw10 --lr nto=5e-4 --configs nto-block-10
+e2e --task lm --seeds 0 --switch-every 30 --tag sw30 --lr nto=5e-4 --configs nto-block-10
