@@ -514,7 +514,9 @@ class SparseUpdater(Updater):
                               weight_decay=float(group["weight_decay"]))
             for (i, p, _, st), x in zip(items, values):
                 if fmt is MASTER:  # rounded to nearest, as torch casts (and block's masters)
-                    _scatter(p, st["indices"], x.to(dtype))
+                    rounded = x.to(dtype)
+                    self.temp_bytes = max(self.temp_bytes, _nbytes(rounded))
+                    _scatter(p, st["indices"], rounded)
                 elif fmt is STOCHASTIC:
                     self._round_into(i, p, st["indices"], x)
 
