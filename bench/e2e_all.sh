@@ -58,3 +58,5 @@ e2e --task lm --seeds 0 --switch-every 1 --tag sw1imp --lr nto=5e-4 \
 e2e --task lm --seeds 0 --switch-every 1 --tag sw1-lr3e-4 --lr nto=3e-4 --configs nto-block-10
 e2e --task lm --seeds 0 --switch-every 10 --tag sw10 --lr nto=5e-4 --configs nto-block-10
 e2e --task lm --seeds 0 --switch-every 30 --tag sw30 --lr nto=5e-4 --configs nto-block-10
+e2e "${A[@]}" --seeds 0 1 2 --tag head-lr5e-4 --lr nto=5e-4 --configs nto-block-10-head
+e2e "${A[@]}" --seeds 0 1 2 --tag head-lr2e-4 --lr nto=2e-4 --configs nto-block-10-head
