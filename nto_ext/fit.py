@@ -2,7 +2,8 @@
 
 Predicted peak = weights (resident) + the policy's training state at the budget (the same
 memory model the policies pack with, budget.py: grads + moments + per-tensor step scalars;
-sparse: compact state + the transient dense gradient of the largest tensor) + activations
+sparse: compact state + the larger transient: the largest tensor's dense gradient, or a
+regrowth's copy of one param's rows) + activations
 (only when the user gives a measured figure: an estimate is never presented as fact) + a
 safety margin of `MARGIN_FRACTION` of the stated memory.
 
@@ -162,8 +163,7 @@ def state_peak(pol: Policy) -> tuple[int, int]:
     """
     infos = pol.infos
     if isinstance(pol, SparsePolicy):
-        return (pol.state_bytes(pol.k, infos[0].dtype),
-                max(i.numel * i.dtype.itemsize for i in infos))
+        return pol.state_bytes(pol.k, pol.costliest_dtype()), pol.transient_bound()
     assert isinstance(pol, ScheduledPolicy)
 
     fixed = pol.unit_bytes(pol.always_units)
@@ -203,11 +203,8 @@ def find_fit(infos: list[ParamInfo], policy: str, make: Callable[[Budget], Polic
     if small is None or need(small) > memory:
         raise _nothing_fits(small, lo, infos, memory, f"{arg}={memory_text!r}", weights,
                             activation_bytes, activation_label, policy, make)
-    if policy == "sparse":  # 16 B per element: closed form, no search needed
-        bpe = small.bytes_per_element(infos[0].dtype)
-        best = min(total, (memory - base - state_peak(small)[1]) // bpe)
-    else:
-        best = _bisect(lo, total, lambda e: (p := built(e)) is not None and need(p) <= memory)
+    # a search for every policy: sparse's transient grows with K (a regrowth's row copy)
+    best = _bisect(lo, total, lambda e: (p := built(e)) is not None and need(p) <= memory)
     pol = built(best)
     assert pol is not None
     state, transient = state_peak(pol)

@@ -143,10 +143,11 @@ class Plan:
         return ["", f"selection: {g.elements:,} of {self.total_elements:,} elements "
                     f"({self.density or 0:.2%}), the top by gradient score in any tensor; "
                     f"{regrow}",
-                "", "training state (compact grad + moments + index):",
+                "", "training state (compact grad + moments + index; + master for "
+                    "bf16/fp16):",
                 f"  NTO (sparse)        {format_bytes(self.nto_bytes):>12}  ({ratio:.3f}x AdamW)",
                 f"  + transient         {format_bytes(self.transient_bytes):>12}  (one dense "
-                "gradient during backward, the largest tensor's)",
+                "gradient during backward, or a regrowth's copy of one row)",
                 f"  = device peak       {format_bytes(both):>12}  (leave room for the transient "
                 "in a byte budget)",
                 f"  AdamW (torch)       {format_bytes(self.adamw_bytes):>12}",
@@ -285,21 +286,21 @@ def _build_plan(pol: ScheduledPolicy, infos: list[ParamInfo], want: torch.dtype 
 
 def _build_sparse_plan(pol: SparsePolicy, infos: list[ParamInfo],
                        want: torch.dtype | None) -> Plan:
-    """K elements anywhere: device state 16 B per chosen element (budget.py) plus, during
-    backward, one dense gradient at a time (the largest tensor's, in its dtype)."""
+    """K elements anywhere: device state 16 B per chosen element (20 with a bf16/fp16
+    element's fp32 master; K is priced at the costliest, as the policy sizes it) plus,
+    during backward, one dense gradient at a time (the largest tensor's, in its dtype)."""
     blocks = [PlanBlock(b.name, b.kind, len(b.params), _elems(infos, b.params),
-                        pol.state_bytes(_elems(infos, b.params), torch.float32))
+                        pol.state_bytes(_elems(infos, b.params), infos[b.params[0]].dtype))
               for b in discover_blocks(infos)]
     k = pol.k
-    nto = pol.state_bytes(k, torch.float32)
+    nto = pol.state_bytes(k, pol.costliest_dtype())
     total = _elems(infos, range(len(infos)))
     return Plan(
         **_plan_fields(pol, infos, want), cycle_steps=pol.switch_every, blocks=blocks,
         groups=[PlanGroup(f"top {k:,} elements by gradient score", [], k, nto)], always=[],
         trainable_elements=total, nto_bytes=nto,
         density=k / total if total else None,
-        transient_bytes=max(i.numel * i.dtype.itemsize for i in infos),
-        regrow_fraction=pol.regrow_fraction)
+        transient_bytes=pol.transient_bound(), regrow_fraction=pol.regrow_fraction)
 
 
 def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:

@@ -779,6 +779,18 @@ class SparsePolicy(Policy):
         # compact fp32 grad, two fp32 moments, int32 index (+ an fp32 master for bf16/fp16)
         return 4 + 8 + 4 + (4 if self.state_format(dtype) is MASTER else 0)
 
+    def costliest_dtype(self) -> torch.dtype:
+        """The trainable dtype whose chosen elements cost the most (K is sized by it)."""
+        return max((i.dtype for i in self.infos if i.trainable), key=self.bytes_per_element,
+                   default=torch.float32)
+
+    def transient_bound(self) -> int:
+        """Most bytes alive beside the state: one dense gradient during backward (the
+        largest tensor's), or a drop's remap of one fp32 row of a param (its old and new
+        copies: 8 B per chosen element of that param)."""
+        sizes = [(i.numel, i.dtype.itemsize) for i in self.infos if i.trainable] or [(0, 4)]
+        return max(max(n * b for n, b in sizes), 8 * min(self.k, max(n for n, _ in sizes)))
+
     def __init__(self, infos: Sequence[ParamInfo], budget: Budget,
                  config: SparseConfig) -> None:
         super().__init__(infos, budget, config)
@@ -795,9 +807,7 @@ class SparsePolicy(Policy):
     def _budget_elements(self) -> int:
         if self.budget.kind == "elements":
             return self.budget.amount
-        # the costliest element bounds K: any trainable param's elements may be chosen
-        bpe = max((self.bytes_per_element(i.dtype) for i in self.infos if i.trainable),
-                  default=self.bytes_per_element(torch.float32))
+        bpe = self.bytes_per_element(self.costliest_dtype())  # any element may be chosen
         k = self.budget.amount // bpe
         if k < 1:
             raise ValueError(
