@@ -151,15 +151,18 @@ def test_per_group_format_is_refused():
         NTO([{"params": _params(BF16), "master_weights": False}])
 
 
+@pytest.mark.parametrize("policy", ["block", "sparse"])
 @pytest.mark.parametrize("saved,loaded", [({}, {"master_weights": False}),
                                           ({"master_weights": False}, {}),
                                           ({"stochastic_rounding": True}, {})])
-def test_checkpoint_needs_the_same_format(saved, loaded):
+def test_checkpoint_needs_the_same_format(saved, loaded, policy):
+    """A checkpoint of one bf16 format is refused by another, naming the argument (sparse
+    too: its checkpoints from before masters were its default have no master rows)."""
     params = _params(BF16)
-    opt = NTO(params, lr=1e-3, budget="100%", **saved)
+    opt = NTO(params, lr=1e-3, budget="100%", policy=policy, **saved)
     _step(opt, params, 0)
     sd = opt.state_dict()
-    other = NTO(_params(BF16), lr=1e-3, budget="100%", **loaded)
+    other = NTO(_params(BF16), lr=1e-3, budget="100%", policy=policy, **loaded)
     before = other.state_dict()
     with pytest.raises(ValueError, match="(master_weights|stochastic_rounding): saved"):
         other.load_state_dict(sd)
