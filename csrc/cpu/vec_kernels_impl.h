@@ -292,7 +292,8 @@ inline Vec max_or(const Vec& y, const Vec& lo) {
   return select(y == y, at::vec::maximum(y, lo), lo);
 #endif
 }
-// min of NaN-free lanes in one instruction (at::vec::minimum adds NaN propagation).
+// min / max of NaN-free lanes in one instruction (at::vec::minimum / maximum add NaN
+// propagation).
 inline Vec min_finite(const Vec& a, const Vec& b) {
 #if defined(CPU_CAPABILITY_AVX512)
   return _mm512_min_ps(a, b);
@@ -300,6 +301,15 @@ inline Vec min_finite(const Vec& a, const Vec& b) {
   return _mm256_min_ps(a, b);
 #else
   return at::vec::minimum(a, b);
+#endif
+}
+inline Vec max_finite(const Vec& a, const Vec& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_max_ps(a, b);
+#elif defined(CPU_CAPABILITY_AVX2)
+  return _mm256_max_ps(a, b);
+#else
+  return at::vec::maximum(a, b);
 #endif
 }
 // The levels of x (adamw_math.h q8_level_of, per lane): y = |x| * inv; the estimate
@@ -313,43 +323,58 @@ inline Vec q8_levels(const Vec& x, float inv, float top) {
   const Vec c = min_finite(max_or(y, one), Vec((top - 0.5f) * (top - 0.5f)));
   const Vec k = min_finite(sqrt_estimate(c).round(), Vec(top - 1.0f));
   const Vec lo = (k - half) * (k - half);
-  const Vec hi = lo + (k + k);  // (k + 1/2)^2, exact
+  const Vec hi = at::vec::fmadd(k, Vec(2.0f), lo);  // (k + 1/2)^2: exact, one rounding
   return (k - one) + ((y >= lo) & one) + ((y >= hi) & one);
 }
-// One block of cnt <= kQ8Block elements: dequantize the 8-bit moments (scalar loops over
-// exact integer products, vectorized by the compiler), AdamW on float vectors, then the
-// block's new scales and levels (_reference.quantize_q8). p and g point at kQ8Block
-// elements (a partial block: the caller's zero-padded buffers).
+// The kW moments stored at qm / qw, dequantized (_reference.dequantize_q8): m = q|q| * sm
+// and v = w^2 with w = r^2 * sw; the products of small whole numbers are exact.
+inline void q8_widen(const int8_t* qm, const uint8_t* qw, Vec* q, Vec* r) {
+#if defined(CPU_CAPABILITY_AVX512)
+  for (int h = 0; h < 2; ++h) {
+    q[h] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+        reinterpret_cast<const __m128i*>(qm + h * kV))));
+    r[h] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(
+        reinterpret_cast<const __m128i*>(qw + h * kV))));
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  for (int h = 0; h < 2; ++h) {
+    q[h] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
+        reinterpret_cast<const __m128i*>(qm + h * kV))));
+    r[h] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
+        reinterpret_cast<const __m128i*>(qw + h * kV))));
+  }
+#else
+  alignas(64) float a[kW], b[kW];
+  for (int64_t t = 0; t < kW; ++t) a[t] = qm[t], b[t] = qw[t];
+  for (int h = 0; h < 2; ++h) q[h] = Vec::loadu(a + h * kV), r[h] = Vec::loadu(b + h * kV);
+#endif
+}
+// One block of kQ8Block elements (a partial block: the caller's zero-padded copies, whose
+// padding dequantizes and updates to zeros): pass 1 dequantizes, updates p and keeps the
+// new m and root w = sqrt(v) in L1 buffers with their abs-max; pass 2 takes the block's
+// new scales and stores the levels (_reference.quantize_q8).
 template <typename P, typename G>
 inline void adamw_q8_block(P* p, const G* g, int8_t* qm, uint8_t* qw, float* sm, float* sw,
-                           int64_t cnt, const AdamWScalars& s) {
+                           const AdamWScalars& s) {
   alignas(64) float mb[kQ8Block], wb[kQ8Block];
-  const float s_m = *sm, s_w = *sw;
-  for (int64_t t = 0; t < cnt; ++t) {
-    const float q = static_cast<float>(qm[t]);
-    mb[t] = (q * std::fabs(q)) * s_m;
-    const float r = static_cast<float>(qw[t]);
-    const float w = (r * r) * s_w;
-    wb[t] = w * w;
-  }
-  for (int64_t t = cnt; t < kQ8Block; ++t) mb[t] = 0.0f, wb[t] = 0.0f;
-  const Vec nss(s.neg_step_size), inv_bc2(s.inv_bc2_sqrt);
+  const Vec s_m(*sm), s_w(*sw), nss(s.neg_step_size), inv_bc2(s.inv_bc2_sqrt);
   Vec amax_m(0.0f), amax_w(0.0f);
   for (int64_t j = 0; j < kQ8Block; j += kW) {
-    Vec p0, p1, g0, g1;
-    load2(p + j, p0, p1);
-    load2(g + j, g0, g1);
-    Vec m0 = Vec::loadu(mb + j), m1 = Vec::loadu(mb + j + kV);
-    Vec v0 = Vec::loadu(wb + j), v1 = Vec::loadu(wb + j + kV);
-    const Vec w0 = adamw_update_q8(p0, g0, m0, v0, s, nss, inv_bc2);
-    const Vec w1 = adamw_update_q8(p1, g1, m1, v1, s, nss, inv_bc2);
-    store2(p + j, p0, p1);
-    m0.store(mb + j);
-    m1.store(mb + j + kV);
-    w0.store(wb + j);
-    w1.store(wb + j + kV);
-    amax_m = at::vec::maximum(amax_m, at::vec::maximum(m0.abs(), m1.abs()));
-    amax_w = at::vec::maximum(amax_w, at::vec::maximum(w0, w1));
+    Vec pv[2], gv[2], q[2], r[2];
+    load2(p + j, pv[0], pv[1]);
+    load2(g + j, gv[0], gv[1]);
+    q8_widen(qm + j, qw + j, q, r);
+    for (int h = 0; h < 2; ++h) {
+      Vec m = (q[h] * q[h].abs()) * s_m;
+      const Vec w = (r[h] * r[h]) * s_w;
+      Vec v = w * w;
+      const Vec root = adamw_update_q8(pv[h], gv[h], m, v, s, nss, inv_bc2);
+      m.store(mb + j + h * kV);
+      root.store(wb + j + h * kV);
+      amax_m = at::vec::maximum(amax_m, m.abs());
+      amax_w = at::vec::maximum(amax_w, root);
+    }
+    store2(p + j, pv[0], pv[1]);
   }
   const float new_sm = lane_max_nan(amax_m) / kQ8MSquare;
   const float new_sw = lane_max_nan(amax_w) / kQ8WSquare;
@@ -357,15 +382,14 @@ inline void adamw_q8_block(P* p, const G* g, int8_t* qm, uint8_t* qw, float* sm,
   *sw = new_sw;
   const float inv_m = q8_inverse(new_sm), inv_w = q8_inverse(new_sw);
   alignas(64) float um[kQ8Block], uw[kQ8Block];
-  const Vec zero(0.0f), one(1.0f);
+  const Vec sign(-0.0f), zero(0.0f), one(1.0f);
   for (int64_t j = 0; j < kQ8Block; j += kV) {
     const Vec m = Vec::loadu(mb + j), w = Vec::loadu(wb + j);
-    const Vec u = q8_levels(m, inv_m, kQ8MLevels);
-    select(m < zero, zero - u, u).store(um + j);  // signed levels
-    const Vec r = q8_levels(w, inv_w, kQ8WLevels);
-    select((r == zero) & (w > zero), one, r).store(uw + j);  // a positive root: >= 1
+    (q8_levels(m, inv_m, kQ8MLevels) | (m & sign)).store(um + j);  // signed (-0: 0)
+    // a positive root's level is at least 1
+    max_finite(q8_levels(w, inv_w, kQ8WLevels), (w > zero) & one).store(uw + j);
   }
-  for (int64_t t = 0; t < cnt; ++t) {  // whole numbers in range: exact conversions
+  for (int64_t t = 0; t < kQ8Block; ++t) {  // whole numbers in range: exact conversions
     qm[t] = static_cast<int8_t>(static_cast<int>(um[t]));
     qw[t] = static_cast<uint8_t>(static_cast<int>(uw[t]));
   }
@@ -378,17 +402,20 @@ void adamw_q8_chunk_t(const AdamWQ8Chunk& c, const AdamWScalars& s) {
     const int64_t cnt = std::min<int64_t>(kQ8Block, c.n - j);
     if (cnt == kQ8Block) {
       prefetch_ahead(p + j, kQ8Block), prefetch_ahead(g + j, kQ8Block);
-      adamw_q8_block(p + j, g + j, c.qm + j, c.qw + j, c.sm + b, c.sw + b, cnt, s);
+      adamw_q8_block(p + j, g + j, c.qm + j, c.qw + j, c.sm + b, c.sw + b, s);
       continue;
     }
     alignas(64) P pb[kQ8Block];  // the last partial block, zero padded
     alignas(64) G gb[kQ8Block];
-    std::memset(pb, 0, sizeof(pb));
-    std::memset(gb, 0, sizeof(gb));
-    std::memcpy(pb, p + j, cnt * sizeof(P));
-    std::memcpy(gb, g + j, cnt * sizeof(G));
-    adamw_q8_block(pb, gb, c.qm + j, c.qw + j, c.sm + b, c.sw + b, cnt, s);
+    alignas(64) int8_t mb[kQ8Block];
+    alignas(64) uint8_t wb[kQ8Block];
+    std::memset(pb, 0, sizeof(pb)), std::memset(gb, 0, sizeof(gb));
+    std::memset(mb, 0, sizeof(mb)), std::memset(wb, 0, sizeof(wb));
+    std::memcpy(pb, p + j, cnt * sizeof(P)), std::memcpy(gb, g + j, cnt * sizeof(G));
+    std::memcpy(mb, c.qm + j, cnt), std::memcpy(wb, c.qw + j, cnt);
+    adamw_q8_block(pb, gb, mb, wb, c.sm + b, c.sw + b, s);
     std::memcpy(p + j, pb, cnt * sizeof(P));
+    std::memcpy(c.qm + j, mb, cnt), std::memcpy(c.qw + j, wb, cnt);
   }
 }
 
