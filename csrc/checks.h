@@ -283,8 +283,13 @@ inline void check_adamw_entry(size_t i, const at::Tensor& p, const at::Tensor& g
                               const at::Device& dev) {
   const char* op = "masked_adamw_";
   check_param_grad(op, i, p, g, dev, /*fp32_takes_low=*/true);
-  check_tensor(op, "exp_avgs", i, m, {at::kFloat}, "torch.float32", dev);
-  check_tensor(op, "exp_avg_sqs", i, v, {at::kFloat}, "torch.float32", dev);
+  check_tensor(op, "exp_avgs", i, m, {at::kFloat, at::kBFloat16},
+               "torch.float32 or torch.bfloat16", dev);
+  check_tensor(op, "exp_avg_sqs", i, v, {at::kFloat, at::kBFloat16},
+               "torch.float32 or torch.bfloat16", dev);
+  TORCH_CHECK_TYPE(m.scalar_type() == v.scalar_type(), op, ": exp_avgs[", i, "] has dtype ",
+                   dtype_name(m.scalar_type()), " but exp_avg_sqs[", i, "] has ",
+                   dtype_name(v.scalar_type()), "; allowed: both moments of one dtype");
   const bool indexed = idx.has_value() && idx->defined();
   if (indexed) check_index_meta(op, "indices", i, *idx, dev);
   const int64_t length = indexed ? idx->numel() : p.numel();

@@ -186,8 +186,12 @@ def _check_adamw_entry(i: int, p, g, m, v, idx, step, dev: torch.device) -> None
     """Metadata of entry i: dtypes, layouts, devices and lengths (no tensor contents)."""
     op = "masked_adamw_"
     _check_param_grad(op, i, p, g, dev, fp32_takes_low=True)
-    _check_tensor(op, "exp_avgs", i, m, (torch.float32,), "torch.float32", dev)
-    _check_tensor(op, "exp_avg_sqs", i, v, (torch.float32,), "torch.float32", dev)
+    moments = (torch.float32, torch.bfloat16)
+    _check_tensor(op, "exp_avgs", i, m, moments, "torch.float32 or torch.bfloat16", dev)
+    _check_tensor(op, "exp_avg_sqs", i, v, moments, "torch.float32 or torch.bfloat16", dev)
+    if m.dtype != v.dtype:
+        raise TypeError(f"{op}: exp_avgs[{i}] has dtype {m.dtype} but exp_avg_sqs[{i}] has "
+                        f"{v.dtype}; allowed: both moments of one dtype")
     if idx is not None:
         _check_index_meta(op, "indices", i, idx, dev)
     length = p.numel() if idx is None else idx.numel()
@@ -267,7 +271,8 @@ def masked_adamw_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
     """In-place AdamW (torch.optim.AdamW math, decoupled decay) on whole tensors
     (indices[i] None) or at sorted unique positions of the flattened param (compact state
     of len(indices[i]) elements; grad compact or dense). Math in fp32; bf16/fp16 params are
-    widened, updated and rounded back once. Elements not indexed are not written.
+    widened, updated and rounded back once; so are bf16 moments (state_dtype="bf16"),
+    after the update has used their fp32 values. Elements not indexed are not written.
 
     steps[i]: one count for the whole tensor, a 1-element tensor of any real dtype (the count
     after incrementing; bias corrections in double)."""
@@ -285,9 +290,12 @@ def masked_adamw_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
                 p32 = flat[pos].float()
                 g32 = g.reshape(-1)[pos] if g.numel() != idx.numel() else g.reshape(-1)
                 g32 = g32.float()
-            m32, v32 = m.view(-1), v.view(-1)
+            m32, v32 = m.view(-1).float(), v.view(-1).float()  # fp32 moments: themselves
             _adamw_scalar_step(p32, g32, m32, v32, float(step.item()),
                                lr, beta1, beta2, eps, weight_decay)
+            if m.dtype != torch.float32:  # bf16 moments: rounded to nearest once, after
+                m.view(-1).copy_(m32)
+                v.view(-1).copy_(v32)
             if idx is None:
                 if p32.data_ptr() != flat.data_ptr():
                     flat.copy_(p32)  # round back once

@@ -21,6 +21,7 @@ time during backward (the transient, reported apart).
 
 state_dtype="int8" (formats/int8.py): 2 B of moments per element plus two fp32 scales per
 block of 256 (and per tensor at most one partial block: counted per tensor, exactly).
+state_dtype="bf16" (formats/bf16.py): 4 B of moments per element.
 
 The master row is the default for bf16/fp16 params under block and sample (the active set
 only; `stochastic_rounding=True` or `master_weights=False`: 10): the policy asks its state

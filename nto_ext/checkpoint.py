@@ -91,17 +91,18 @@ def check_keys(where: str, st: dict[str, Any], allowed: Sequence[str]) -> None:
                          "was loaded")
 
 
-def check_moment(where: str, key: str, v: object, shape: torch.Size) -> None:
-    """What the kernels take (fp32, contiguous, with data, the param's shape): refused
+def check_moment(where: str, key: str, v: object, shape: torch.Size,
+                 dtype: torch.dtype = torch.float32) -> None:
+    """What the kernels take (`dtype`, contiguous, with data, the param's shape): refused
     here, not at the next step() after the load has replaced everything (issue 10)."""
     if not isinstance(v, torch.Tensor) or v.shape != shape:
         got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
         raise ValueError(f"{where}: {key} is {got}, expected shape {tuple(shape)}")
     local = local_tensor(v)
-    if local.dtype != torch.float32 or local.device.type == "meta" or not local.is_contiguous():
+    if local.dtype != dtype or local.device.type == "meta" or not local.is_contiguous():
         raise ValueError(f"{where}: {key} is a {local.dtype} tensor on {local.device}"
                          f"{'' if local.is_contiguous() else ' (not contiguous)'}; expected "
-                         "contiguous torch.float32 moments with data (as NTO.state_dict() "
+                         f"contiguous {dtype} moments with data (as NTO.state_dict() "
                          "saves them)")
 
 

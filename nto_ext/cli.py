@@ -229,8 +229,9 @@ def _add_plan(sub) -> None:
     fmt.add_argument("--stochastic-rounding", action="store_true",
                      help="bf16/fp16 params rounded stochastically instead of fp32 masters")
     p.add_argument("--state-dtype", default="fp32", choices=STATE_DTYPES,
-                   help="how the two AdamW moments are stored: fp32 (8 B per element) or int8 "
-                        "(blockwise 8-bit, 2.03 B; bf16 models also need --no-master-weights)")
+                   help="how the two AdamW moments are stored: fp32 (8 B per element), int8 "
+                        "(blockwise 8-bit, 2.03 B) or bf16 (4 B); with int8/bf16, bf16 models "
+                        "also need --no-master-weights")
     p.add_argument("--num-labels", type=int, default=None,
                    help="classification head size for encoder models (default: the config's)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")

@@ -305,12 +305,13 @@ def masked_adamw_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
     """In-place AdamW (torch.optim.AdamW's math, decoupled decay) over whole lists.
 
     indices[i] None: dense (state numel == param numel); else sorted unique int32/int64
-    positions in the flattened param, state of len(indices[i]) fp32 elements, grad compact
+    positions in the flattened param, state of len(indices[i]) elements, grad compact
     (len(indices[i])) or dense (param numel, read at the positions). steps: an int for all,
     or one count per param: an int or a 1-element tensor (on the cpu or the params' device).
     The step is the count after incrementing (first update: 1).
     Params/grads fp32/bf16/fp16 (grad dtype = param dtype or fp32; an fp32 param, e.g. a
-    bf16 model's master weight, also takes a bf16/fp16 grad), state fp32, math fp32.
+    bf16 model's master weight, also takes a bf16/fp16 grad), state fp32 or bf16 (both
+    moments of one dtype; bf16 ones are rounded to nearest once updated), math fp32.
     Elements not indexed stay bit-identical. See `_reference.masked_adamw_`."""
     params, grads, exp_avgs, exp_avg_sqs = list(params), list(grads), list(exp_avgs), \
         list(exp_avg_sqs)

@@ -90,7 +90,8 @@ class NTO(torch.optim.Optimizer):
             dense ones in backward, unseen by `clip_grad_norm_`: pass it here.
         memory: with budget="auto" only: the memory to fit ("20GiB", or an int of bytes).
         master_weights, stochastic_rounding, state_dtype: bf16/fp16 params' fp32 masters (None:
-            default) or stochastic rounding; the moments' "fp32" or "int8" (nto_ext/formats).
+            default) or stochastic rounding; the moments' "fp32", "int8" or "bf16"
+            (nto_ext/formats).
         maximize: as torch.optim.AdamW (per group too). `foreach`, `fused` (None/True/False)
             and `amsgrad`, `capturable`, `differentiable` (False only) are accepted so code
             written for AdamW runs unchanged; NTO always runs its own fused kernel.

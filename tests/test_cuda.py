@@ -517,6 +517,41 @@ def test_masked_adamw_int8_agrees_with_cpu(pdtype, gdtype, steps):
         assert not where, f"n={n}: {where}"
 
 
+@pytest.mark.parametrize("shifted", ["p", "g", "exp_avg", "exp_avg_sq"])
+def test_masked_adamw_int8_unaligned_tensors_take_the_scalar_path(shifted):
+    """A tensor at an odd offset (a view into a bigger one) cannot take the 16-/8-byte vector
+    loads: the kernel's host check sends it to the scalar variant, with the same bits (the
+    emulator runs on x86, where a misaligned vector load works: only a GPU shows this)."""
+    n = 4129
+    gen = torch.Generator().manual_seed(1)
+    p, g = torch.randn(n, generator=gen), torch.randn(n, generator=gen) * 1e-3
+    st = _q8_state(n, gen)
+    want = _run_int8(_cpu_or_reference("masked_adamw_int8_"), "cpu", p, g, st, (1, 2))
+    dev = {"p": p, "g": g, "exp_avg": st[0], "exp_avg_sq": st[1]}
+    dev = {k: v.to(DEV) for k, v in dev.items()}
+    big = torch.zeros(n + 1, dtype=dev[shifted].dtype, device=DEV)
+    big[1:].copy_(dev[shifted])
+    dev[shifted] = big[1:]
+    sc = [t.clone().to(DEV) for t in st[2:]]
+    for s in (1, 2):
+        _cuda_op("masked_adamw_int8_")([dev["p"]], [dev["g"]], [dev["exp_avg"]],
+                                       [dev["exp_avg_sq"]], [sc[0]], [sc[1]],
+                                       ops._step_tensors(s, 1), 1e-2, 0.9, 0.999, 1e-8, 0.1)
+    got = [t.cpu() for t in (dev["p"], dev["exp_avg"], dev["exp_avg_sq"], *sc)]
+    where = _first_difference(got, want, ("param", "exp_avg", "exp_avg_sq", "exp_avg_scale",
+                                          "exp_avg_sq_scale"))
+    assert not where, where
+
+
+def test_masked_adamw_bf16_moments_are_refused_on_cuda_for_now():
+    """state_dtype="bf16" has a CPU kernel only: CUDA says so instead of running."""
+    p, g = torch.zeros(300, device=DEV), torch.zeros(300, device=DEV)
+    m, v = (torch.zeros(300, dtype=torch.bfloat16, device=DEV) for _ in range(2))
+    with pytest.raises(NotImplementedError, match=r"bf16 moments .* no CUDA kernel yet"):
+        _cuda_op("masked_adamw_")([p], [g], [m], [v], [None], ops._step_tensors(1, 1), 1e-3,
+                                  0.9, 0.999, 1e-8, 0.0)
+
+
 def _lowp_case(n_list, dtype, mode, gen):
     cols: list[list[torch.Tensor]] = [[], [], [], [], []]
     for n in n_list:

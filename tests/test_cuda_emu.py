@@ -231,6 +231,11 @@ T __shfl_up_sync(unsigned, T v, int d) {
   const int lane = ::emu::S->cur & 31;
   return ::emu::shfl(v, lane - d, lane - d >= 0);
 }
+template <class T>
+T __shfl_xor_sync(unsigned, T v, int d) {
+  const int lane = ::emu::S->cur & 31;
+  return ::emu::shfl(v, lane ^ d, (lane ^ d) < 32);
+}
 inline unsigned __match_any_sync(unsigned, unsigned v) {
   auto& s = *::emu::S;
   s.slot[s.cur] = v;
@@ -425,32 +430,47 @@ def test_masked_adamw_many_tensors(emu):
 
 
 def test_masked_adamw_int8(emu):
-    """8-bit moments: the CUDA kernel (one thread block per quantization block) gives the
-    CPU kernel's bits, NaN/Inf gradients included (NaN payloads aside)."""
+    """8-bit moments: the CUDA kernel (a warp per quantization block, 8 blocks per CUDA
+    block) gives the CPU kernel's bits, NaN/Inf gradients included (NaN payloads aside):
+    every dtype pair, whole and partial blocks (a last CUDA block with idle warps), and views
+    at an odd offset (p, g, qm or qw unaligned: the scalar-load variant), and a partial
+    block's padding dequantized with an inf scale, as the spec's zero padding is."""
     gen = torch.Generator().manual_seed(4)
+    sizes = (1, 255, 256, 257, 2 * 256 * 8, 9 * 256 + 100, 4097)
+
+    def view(t, off):  # t's values in a view starting `off` elements into a bigger tensor
+        return torch.cat([t.new_zeros(off), t])[off:] if off else t
+
     for pdtype, gdtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                           (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32),
                            (torch.float16, torch.float16)):
-        sizes = (1, 255, 256, 257, 4097)
-        cols = [[] for _ in range(7)]
-        for n in sizes:
-            nb = _reference.q8_blocks(n)
-            g = torch.randn(n, generator=gen) * torch.logspace(-4, 0, n)
-            if n == 4097:
-                g[5], g[700] = float("nan"), float("inf")
-            for c, v in zip(cols, (torch.randn(n, generator=gen).to(pdtype), g.to(gdtype),
-                                   torch.randint(-127, 128, (n,), generator=gen).to(torch.int8),
-                                   torch.randint(0, 256, (n,), generator=gen).to(torch.uint8),
-                                   torch.rand(nb, generator=gen) * 1e-4,
-                                   torch.rand(nb, generator=gen) * 1e-6,
-                                   torch.tensor([3.0], dtype=torch.float64))):
-                c.append(v)
-        runs = []
-        for op in (emu.masked_adamw_int8_, _cpu("masked_adamw_int8_")):
-            c = [[t.clone() for t in col] for col in cols]
-            op(*c, *HYPER)
-            runs.append([t for col in c[:6] for t in col])
-        for g, w in zip(*runs):
-            torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=True)
+        for odd in (None, 0, 1, 2, 3):  # which of p, g, qm, qw starts at offset 1
+            cols = [[] for _ in range(7)]
+            for n in sizes:
+                nb = _reference.q8_blocks(n)
+                g = torch.randn(n, generator=gen) * torch.logspace(-4, 0, n)
+                if n == 4097:
+                    g[5], g[700] = float("nan"), float("inf")
+                vals = [torch.randn(n, generator=gen).to(pdtype), g.to(gdtype),
+                        torch.randint(-127, 128, (n,), generator=gen).to(torch.int8),
+                        torch.randint(0, 256, (n,), generator=gen).to(torch.uint8)]
+                scales = [torch.rand(nb, generator=gen) * 1e-4,
+                          torch.rand(nb, generator=gen) * 1e-6]
+                if n == 257:  # an inf scale (after an inf grad): the padding's v is NaN too
+                    vals[3][256], scales[1][1] = 1, float("inf")
+                vals = [view(t, int(k == odd)) for k, t in enumerate(vals)]
+                for c, v in zip(cols, (*vals, *scales, torch.tensor([3.0], dtype=torch.float64))):
+                    c.append(v)
+            runs = []
+            for op in (emu.masked_adamw_int8_, _cpu("masked_adamw_int8_")):
+                c = [[t.clone() if t.storage_offset() == 0 else view(t.clone(), 1)
+                      for t in col] for col in cols]
+                op(*c, *HYPER)
+                runs.append([t for col in c[:6] for t in col])
+            where = f"{pdtype} {gdtype} odd={odd}"
+            for g, w in zip(*runs):
+                torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=True,
+                                           msg=lambda m, where=where: f"{where}: {m}")
 
 
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))

@@ -384,7 +384,7 @@ def test_torch_adamw_state_imports_quantized():
 
 
 @pytest.mark.parametrize("kw,err,msg", [
-    ({"state_dtype": "bf16"}, ValueError, r"state_dtype='bf16'; allowed: 'fp32', 'int8'"),
+    ({"state_dtype": "fp16"}, ValueError, r"state_dtype='fp16'; allowed: 'fp32', 'int8', 'bf16'"),
     ({"state_dtype": 8}, ValueError, r"state_dtype=8; allowed"),
     ({"state_dtype": "int8", "policy": "sparse"}, ValueError, "does not apply to policy='sparse'"),
     ({"state_dtype": "int8", "stochastic_rounding": True}, ValueError, "allowed: one of them"),

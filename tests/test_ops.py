@@ -544,8 +544,11 @@ BAD_ADAMW = [
     (dict(params=[torch.zeros(10), torch.zeros(10).bfloat16()],
           grads=[torch.zeros(10), torch.zeros(10).half()]), TypeError,
      r"grads\[1\] has dtype torch.float16 but params\[1\] has torch.bfloat16"),
+    (dict(exp_avgs=[torch.zeros(10), torch.zeros(3).half()]), TypeError,
+     r"exp_avgs\[1\] has dtype torch.float16; allowed: torch.float32 or torch.bfloat16"),
     (dict(exp_avgs=[torch.zeros(10), torch.zeros(3).bfloat16()]), TypeError,
-     r"exp_avgs\[1\] has dtype torch.bfloat16; allowed: torch.float32"),
+     r"exp_avgs\[1\] has dtype torch.bfloat16 but exp_avg_sqs\[1\] has torch.float32; "
+     "allowed: both moments of one dtype"),
     (dict(params=[torch.zeros(10), torch.zeros(20)[::2]]), ValueError,
      r"params\[1\] is not contiguous"),
     (dict(exp_avg_sqs=[torch.zeros(10), torch.zeros(4)]), ValueError,

@@ -71,8 +71,9 @@ void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
     AdamWChunk& c = proto[i];
     c.p = params[i].data_ptr();
     c.g = grads[i].const_data_ptr();
-    c.m = exp_avgs[i].data_ptr<float>();
-    c.v = exp_avg_sqs[i].data_ptr<float>();
+    c.m = exp_avgs[i].data_ptr();
+    c.v = exp_avg_sqs[i].data_ptr();
+    c.s_type = ftype(exp_avgs[i].scalar_type());
     c.idx = indexed ? o->const_data_ptr() : nullptr;
     c.idx64 = indexed && o->scalar_type() == at::kLong;
     c.p_numel = params[i].numel();
@@ -94,8 +95,9 @@ void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
       const int64_t b = it.begin;
       c.n = it.end - it.begin;
       const int64_t gsize = grads[it.tensor].element_size();
-      c.m += b;
-      c.v += b;
+      const int64_t ssize = exp_avgs[it.tensor].element_size();
+      c.m = static_cast<char*>(c.m) + b * ssize;
+      c.v = static_cast<char*>(c.v) + b * ssize;
       if (c.idx) {
         c.idx = static_cast<const char*>(c.idx) + b * (c.idx64 ? 8 : 4);
         if (!c.g_dense) c.g = static_cast<const char*>(c.g) + b * gsize;

@@ -15,17 +15,18 @@ enum class FType : int8_t { F32 = 0, BF16 = 1, F16 = 2 };
 
 // One work item of masked_adamw_. Dense (idx null): p, g, m, v point at the chunk's first
 // element. Indexed: p (and g when g_dense) point at the whole flattened tensor; idx, m, v
-// (and compact g) at the chunk's first position.
+// (and compact g) at the chunk's first position. m and v: fp32, or bf16 (state_dtype="bf16").
 struct AdamWChunk {
   void* p;
   const void* g;
-  float* m;
-  float* v;
+  void* m;
+  void* v;
   const void* idx;  // null: dense
   int64_t n;        // elements (dense) or positions (indexed) in this chunk
   int64_t p_numel;  // indexed: positions must be < this (the param's, and a dense g's, numel)
   FType p_type;
   FType g_type;
+  FType s_type;     // the moments': F32 or BF16
   bool idx64;
   bool g_dense;     // indexed only: g is the dense grad, read at idx
 };

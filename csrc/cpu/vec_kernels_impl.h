@@ -87,37 +87,38 @@ inline void store2(T* dst, const Vec& a, const Vec& b) {
 }
 
 // One block of kW contiguous elements (p/g possibly gathered into buffers by the caller).
-template <typename P, typename G>
-inline void adamw_block(P* p, const G* g, float* m, float* v, const AdamWScalars& s) {
-  Vec p0, p1, g0, g1;
+// Moments of type S (fp32, or bf16: widened, and rounded to nearest even once stored).
+template <typename P, typename G, typename S>
+inline void adamw_block(P* p, const G* g, S* m, S* v, const AdamWScalars& s) {
+  Vec p0, p1, g0, g1, m0, m1, v0, v1;
   load2(p, p0, p1);
   load2(g, g0, g1);
-  Vec m0 = Vec::loadu(m), m1 = Vec::loadu(m + kV);
-  Vec v0 = Vec::loadu(v), v1 = Vec::loadu(v + kV);
+  load2(m, m0, m1);
+  load2(v, v0, v1);
   const Vec nss(s.neg_step_size), bc2(s.bc2_sqrt);
   adamw_update(p0, g0, m0, v0, s, nss, bc2);
   adamw_update(p1, g1, m1, v1, s, nss, bc2);
   store2(p, p0, p1);
-  m0.store(m);
-  m1.store(m + kV);
-  v0.store(v);
-  v1.store(v + kV);
+  store2(m, m0, m1);
+  store2(v, v0, v1);
 }
 
 // A block of cnt indexed positions of which some were out of range when read (pos: as
 // read; another thread changed the indices after the op's checks). Cold: only a racing
 // writer gets here. The in-range positions go through the same vector code as always; the
 // others are not read or written (p, g, m and v alike) and the first is noted in `fault`.
-template <typename P, typename G>
+template <typename P, typename G, typename S>
 __attribute__((noinline, cold)) void adamw_block_masked(const AdamWChunk& c,
                                                         const AdamWScalars& s, int64_t j,
                                                         int64_t cnt, const int64_t* pos,
                                                         IndexFault* fault) {
   P* p = static_cast<P*>(c.p);
   const G* g = static_cast<const G*>(c.g);
+  S* const m = static_cast<S*>(c.m);
+  S* const v = static_cast<S*>(c.v);
   alignas(64) P pb[kW];
   alignas(64) G gb[kW];
-  alignas(64) float mb[kW], vb[kW];
+  alignas(64) S mb[kW], vb[kW];
   std::memset(pb, 0, sizeof(pb));
   std::memset(gb, 0, sizeof(gb));
   std::memset(mb, 0, sizeof(mb));
@@ -129,15 +130,15 @@ __attribute__((noinline, cold)) void adamw_block_masked(const AdamWChunk& c,
     }
     pb[t] = p[pos[t]];
     gb[t] = c.g_dense ? g[pos[t]] : g[j + t];
-    mb[t] = c.m[j + t];
-    vb[t] = c.v[j + t];
+    mb[t] = m[j + t];
+    vb[t] = v[j + t];
   }
   adamw_block(pb, gb, mb, vb, s);
   for (int64_t t = 0; t < cnt; ++t) {
     if (!in_range(pos[t], c.p_numel)) continue;
     p[pos[t]] = pb[t];
-    c.m[j + t] = mb[t];
-    c.v[j + t] = vb[t];
+    m[j + t] = mb[t];
+    v[j + t] = vb[t];
   }
 }
 
@@ -149,23 +150,25 @@ __attribute__((noinline, cold)) void adamw_block_masked(const AdamWChunk& c,
 // the param's size: the op checked the indices before, but with the GIL released another
 // thread may change them since; every later use reads `pos`, so no position is used that
 // was not checked at its use (a changed one is skipped and reported, never dereferenced).
-template <typename P, typename G, typename I>
+template <typename P, typename G, typename I, typename S>
 void adamw_chunk_t(const AdamWChunk& c, const AdamWScalars& s, IndexFault* fault) {
   P* p = static_cast<P*>(c.p);
   const G* g = static_cast<const G*>(c.g);
   const I* idx = static_cast<const I*>(c.idx);
+  S* const m = static_cast<S*>(c.m);
+  S* const v = static_cast<S*>(c.v);
   const bool indexed = idx != nullptr;
   alignas(64) P pb[kW];
   alignas(64) G gb[kW];
-  alignas(64) float mb[kW], vb[kW];
+  alignas(64) S mb[kW], vb[kW];
   alignas(64) int64_t pos[kW];
   for (int64_t j = 0; j < c.n; j += kW) {
     const int64_t cnt = std::min<int64_t>(kW, c.n - j);
     const bool full = cnt == kW;
     if (!indexed && full) {
       prefetch_ahead(p + j, kW), prefetch_ahead(g + j, kW);
-      prefetch_ahead(c.m + j, kW), prefetch_ahead(c.v + j, kW);
-      adamw_block(p + j, g + j, c.m + j, c.v + j, s);
+      prefetch_ahead(m + j, kW), prefetch_ahead(v + j, kW);
+      adamw_block(p + j, g + j, m + j, v + j, s);
       continue;
     }
     if (indexed) {
@@ -178,7 +181,7 @@ void adamw_chunk_t(const AdamWChunk& c, const AdamWScalars& s, IndexFault* fault
         __builtin_prefetch(p + static_cast<int64_t>(idx[t]), 1);
         if (c.g_dense) __builtin_prefetch(g + static_cast<int64_t>(idx[t]));
       }
-      prefetch_ahead(c.m + j, kW), prefetch_ahead(c.v + j, kW);
+      prefetch_ahead(m + j, kW), prefetch_ahead(v + j, kW);
       if (!c.g_dense) prefetch_ahead(g + j, kW);
       bool bad = false;
       for (int64_t t = 0; t < cnt; ++t) {
@@ -186,13 +189,13 @@ void adamw_chunk_t(const AdamWChunk& c, const AdamWScalars& s, IndexFault* fault
         bad |= !in_range(pos[t], c.p_numel);
       }
       if (bad) {
-        adamw_block_masked<P, G>(c, s, j, cnt, pos, fault);
+        adamw_block_masked<P, G, S>(c, s, j, cnt, pos, fault);
         continue;
       }
       // A run of kW consecutive positions (first and last in range and kW - 1 apart: the
       // param block, and a dense grad's, is contiguous and in range; no gather needed).
       if (full && pos[kW - 1] - pos[0] == kW - 1) {
-        adamw_block(p + pos[0], c.g_dense ? g + pos[0] : g + j, c.m + j, c.v + j, s);
+        adamw_block(p + pos[0], c.g_dense ? g + pos[0] : g + j, m + j, v + j, s);
         continue;
       }
     }
@@ -208,28 +211,36 @@ void adamw_chunk_t(const AdamWChunk& c, const AdamWScalars& s, IndexFault* fault
       for (int64_t t = 0; t < cnt; ++t) gb[t] = (indexed && c.g_dense) ? g[pos[t]] : g[j + t];
       gp = gb;
     }
-    float* mp = c.m + j;
-    float* vp = c.v + j;
+    S* mp = m + j;
+    S* vp = v + j;
     if (!full) {
-      std::memcpy(mb, mp, cnt * sizeof(float));
-      std::memcpy(vb, vp, cnt * sizeof(float));
+      std::memcpy(mb, mp, cnt * sizeof(S));
+      std::memcpy(vb, vp, cnt * sizeof(S));
       mp = mb, vp = vb;
     }
     adamw_block(pb, gp, mp, vp, s);
     for (int64_t t = 0; t < cnt; ++t) p[indexed ? pos[t] : j + t] = pb[t];
     if (!full) {
-      std::memcpy(c.m + j, mb, cnt * sizeof(float));
-      std::memcpy(c.v + j, vb, cnt * sizeof(float));
+      std::memcpy(m + j, mb, cnt * sizeof(S));
+      std::memcpy(v + j, vb, cnt * sizeof(S));
     }
   }
 }
 
+template <typename P, typename G, typename S>
+void adamw_chunk_pgs(const AdamWChunk& c, const AdamWScalars& s, IndexFault* f) {
+  if (c.idx == nullptr || !c.idx64)
+    adamw_chunk_t<P, G, int32_t, S>(c, s, f);
+  else
+    adamw_chunk_t<P, G, int64_t, S>(c, s, f);
+}
+
 template <typename P, typename G>
 void adamw_chunk_pg(const AdamWChunk& c, const AdamWScalars& s, IndexFault* f) {
-  if (c.idx == nullptr || !c.idx64)
-    adamw_chunk_t<P, G, int32_t>(c, s, f);
-  else
-    adamw_chunk_t<P, G, int64_t>(c, s, f);
+  if (c.s_type == FType::F32)
+    adamw_chunk_pgs<P, G, float>(c, s, f);
+  else  // the checks allow fp32 and bf16 moments
+    adamw_chunk_pgs<P, G, c10::BFloat16>(c, s, f);
 }
 
 template <typename P>

@@ -370,6 +370,10 @@ void masked_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
                    weight_decay);
   const size_t n = params.size();
   if (n == 0) return;
+  for (size_t i = 0; i < n; ++i)  // the CPU kernel has them; the CUDA one not yet
+    TORCH_CHECK_NOT_IMPLEMENTED(exp_avgs[i].scalar_type() == at::kFloat, kOp, ": exp_avgs[", i,
+                                "] is torch.bfloat16: bf16 moments (state_dtype='bf16') have "
+                                "no CUDA kernel yet; allowed on CUDA: torch.float32 moments");
   std::vector<std::optional<at::Tensor>> idx(n);
   for (size_t i = 0; i < n; ++i) {
     std::optional<at::Tensor> o = indices.get(i);

@@ -1,18 +1,28 @@
 // masked_adamw_int8_ on CUDA: AdamW over whole tensors with 8-bit moments (nto_ext/formats/
-// int8.py; spec: nto_ext/_reference.py masked_adamw_int8_, map: csrc/adamw_math.h). One
-// thread block per quantization block of kQ8Block elements, one element per thread:
-// dequantize, update (adamw_update_q8, the CPU kernels' math), block-wide abs-max of the
-// new moments (NaN propagates, as torch.amax), new scales, requantize. One launch per
-// tensor; the step counts are read on the host (NTO keeps them there).
+// int8.py; spec: nto_ext/_reference.py masked_adamw_int8_, map: csrc/adamw_math.h).
+//
+// One warp per quantization block of kQ8Block = 256 elements, 8 consecutive elements per lane
+// (lane l: [8l, 8l + 8)), kWarps blocks per CUDA block: the kernel moves 16 bytes per fp32
+// element and does little math, so it is memory bound, and a warp per block needs no shared
+// memory and no __syncthreads (the block-wide abs-max of the new moments is a shuffle
+// butterfly). Each lane loads its 8 p and g values as 16-byte vectors and its 8 levels of
+// each moment as one 64-bit word, dequantizes, updates (adamw_update_q8, the CPU kernels'
+// math, op for op), takes the block's max |m| and max root (NaN propagates, as torch.amax),
+// computes the new scales and requantizes. Vector accesses need aligned tensors (checked on
+// the host; otherwise a scalar-load variant) and a whole block (a tensor's last, partial
+// block takes the scalar path, its missing elements padded with zeros as the spec pads).
+// One launch per tensor; the step counts are read on the host (NTO keeps them there).
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 #include "../adamw_math.h"
@@ -25,22 +35,20 @@ namespace adamw_int8 {  // named: all files can share one TU (bench/cuda_syntax_
 namespace {
 
 constexpr const char* kOp = "masked_adamw_int8_";
-constexpr int kWarps = kQ8Block / 32;
-static_assert(kQ8Block % 32 == 0, "whole warps per block");
+constexpr int kThreads = 256;                 // per CUDA block
+constexpr int kWarps = kThreads / 32;         // quantization blocks per CUDA block
+constexpr int kPer = kQ8Block / 32;           // elements per lane
+static_assert(kPer == 8, "a lane's levels of one moment are one 64-bit word");
 
-__device__ __forceinline__ float max_nan(float a, float b) {  // lanes >= 0 or NaN
+__device__ __forceinline__ float max_nan(float a, float b) {  // values >= 0 or NaN
   return a != a ? a : (b != b ? b : fmaxf(a, b));
 }
 
-// The largest of the block's values (NaN if any is NaN); every thread gets it (each warp's
-// lane 0 holds its warp's after the shuffles).
-__device__ __forceinline__ float block_max(float x, float* shared) {
-  for (int o = 16; o > 0; o >>= 1) x = max_nan(x, __shfl_down_sync(0xffffffffu, x, o));
-  if (threadIdx.x % 32 == 0) shared[threadIdx.x / 32] = x;
-  __syncthreads();
-  float out = shared[0];
-  for (int w = 1; w < kWarps; ++w) out = max_nan(out, shared[w]);
-  return out;
+// The largest of the warp's values (NaN if any is NaN), in every lane.
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x = max_nan(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
 }
 
 // sqrt(|x| * inv) rounded half up, in [0, top], NaN -> 0 (_reference._levels).
@@ -48,41 +56,118 @@ __device__ __forceinline__ float level(float x, float inv, float top) {
   return q8_level_of(FloatOps<float>::mul(fabsf(x), inv), top);
 }
 
-template <typename P, typename G>
-__global__ void __launch_bounds__(kQ8Block)
+// x[0..kPer) as floats, in 16-byte vectors (x 16-byte aligned).
+template <typename T>
+__device__ __forceinline__ void load_vec(const T* x, float (&f)[kPer]) {
+  constexpr int V = 16 / sizeof(T);
+#pragma unroll
+  for (int k = 0; k < kPer / V; ++k) {
+    const Vec<T, V> w = reinterpret_cast<const Vec<T, V>*>(x)[k];
+#pragma unroll
+    for (int e = 0; e < V; ++e) f[k * V + e] = to_float(w.v[e]);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void store_vec(T* x, const float (&f)[kPer]) {
+  constexpr int V = 16 / sizeof(T);
+#pragma unroll
+  for (int k = 0; k < kPer / V; ++k) {
+    Vec<T, V> w;
+#pragma unroll
+    for (int e = 0; e < V; ++e) w.v[e] = from_float<T>(f[k * V + e]);
+    reinterpret_cast<Vec<T, V>*>(x)[k] = w;
+  }
+}
+
+// kVec: p, g 16-byte and qm, qw 8-byte aligned (host-checked), so whole blocks use vectors.
+template <typename P, typename G, bool kVec>
+__global__ void __launch_bounds__(kThreads)
     adamw_q8_kernel(P* __restrict__ p, const G* __restrict__ g, int8_t* __restrict__ qm,
                     uint8_t* __restrict__ qw, float* __restrict__ sm, float* __restrict__ sw,
-                    int64_t n, AdamWScalars s) {
+                    int64_t n, int64_t nblocks, AdamWScalars s) {
   using O = FloatOps<float>;
-  __shared__ float red_m[kWarps], red_w[kWarps];
-  const int64_t b = blockIdx.x;
-  const int64_t i = b * kQ8Block + threadIdx.x;
-  const bool in = i < n;
-  float pf = 0.0f, gf = 0.0f, m = 0.0f, v = 0.0f;  // the padding of a partial block: zeros
-  if (in) {
-    pf = static_cast<float>(p[i]);
-    gf = static_cast<float>(g[i]);
-    const float q = static_cast<float>(qm[i]);
-    m = O::mul(O::mul(q, fabsf(q)), sm[b]);
-    const float r = static_cast<float>(qw[i]);
-    const float w = O::mul(O::mul(r, r), sw[b]);
-    v = O::mul(w, w);
+  const int lane = threadIdx.x % 32;
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  if (b >= nblocks) return;  // the whole warp (the grid's last CUDA block)
+  const int64_t i0 = b * kQ8Block + lane * kPer;  // this lane's first element
+  const bool full = kVec && (b + 1) * kQ8Block <= n;  // warp-uniform: no divergence
+
+  float pf[kPer], gf[kPer], m[kPer], root[kPer];
+  uint64_t qa = 0, ra = 0;  // the levels, byte e = element i0 + e
+  if (full) {
+    load_vec(p + i0, pf);
+    load_vec(g + i0, gf);
+    qa = *reinterpret_cast<const uint64_t*>(qm + i0);
+    ra = *reinterpret_cast<const uint64_t*>(qw + i0);
+  } else {  // unaligned, or the last partial block: past n, zeros (not read or written)
+#pragma unroll
+    for (int e = 0; e < kPer; ++e) {
+      const bool in = i0 + e < n;
+      pf[e] = in ? to_float(p[i0 + e]) : 0.0f;
+      gf[e] = in ? to_float(g[i0 + e]) : 0.0f;
+      qa |= in ? static_cast<uint64_t>(static_cast<uint8_t>(qm[i0 + e])) << (8 * e) : 0;
+      ra |= in ? static_cast<uint64_t>(qw[i0 + e]) << (8 * e) : 0;
+    }
   }
-  const float root = adamw_update_q8(pf, gf, m, v, s, s.neg_step_size, s.inv_bc2_sqrt);
-  if (in) p[i] = static_cast<P>(pf);
-  const float new_sm = O::div(block_max(fabsf(m), red_m), kQ8MSquare);
-  const float new_sw = O::div(block_max(root, red_w), kQ8WSquare);
-  if (in) {
-    const float um = level(m, q8_inverse(new_sm), kQ8MLevels);
-    qm[i] = static_cast<int8_t>(m < 0.0f ? -static_cast<int>(um) : static_cast<int>(um));
-    float uw = level(root, q8_inverse(new_sw), kQ8WLevels);
-    if (uw == 0.0f && root > 0.0f) uw = 1.0f;  // a positive root never rounds to zero
-    qw[i] = static_cast<uint8_t>(static_cast<int>(uw));
+  // Every lane reads the old scales before the shuffles that lane 0's new ones depend on.
+  const float smb = sm[b], swb = sw[b];
+  float mx_m = 0.0f, mx_w = 0.0f;
+#pragma unroll
+  for (int e = 0; e < kPer; ++e) {
+    // The padding's levels are 0, dequantized with the block's scales as the spec's zero
+    // padded blocks are (so an inf scale makes its m, v NaN there, as on the CPU).
+    const float q = static_cast<float>(static_cast<int8_t>(qa >> (8 * e)));
+    float me = O::mul(O::mul(q, fabsf(q)), smb);
+    const float r = static_cast<float>(static_cast<uint8_t>(ra >> (8 * e)));
+    const float w = O::mul(O::mul(r, r), swb);
+    float ve = O::mul(w, w);
+    root[e] = adamw_update_q8(pf[e], gf[e], me, ve, s, s.neg_step_size, s.inv_bc2_sqrt);
+    m[e] = me;
+    mx_m = e == 0 ? fabsf(me) : max_nan(mx_m, fabsf(me));
+    mx_w = e == 0 ? root[e] : max_nan(mx_w, root[e]);
   }
-  if (threadIdx.x == 0) {  // every thread read the old scales before block_max's barrier
+  if (full) {
+    store_vec(p + i0, pf);
+  } else {
+#pragma unroll
+    for (int e = 0; e < kPer; ++e)
+      if (i0 + e < n) p[i0 + e] = from_float<P>(pf[e]);
+  }
+
+  const float new_sm = O::div(warp_max(mx_m), kQ8MSquare);
+  const float new_sw = O::div(warp_max(mx_w), kQ8WSquare);
+  const float inv_m = q8_inverse(new_sm), inv_w = q8_inverse(new_sw);
+  uint64_t qo = 0, ro = 0;
+#pragma unroll
+  for (int e = 0; e < kPer; ++e) {
+    const float um = level(m[e], inv_m, kQ8MLevels);
+    const int sq = m[e] < 0.0f ? -static_cast<int>(um) : static_cast<int>(um);
+    qo |= static_cast<uint64_t>(static_cast<uint8_t>(static_cast<int8_t>(sq))) << (8 * e);
+    float uw = level(root[e], inv_w, kQ8WLevels);
+    if (uw == 0.0f && root[e] > 0.0f) uw = 1.0f;  // a positive root never rounds to zero
+    ro |= static_cast<uint64_t>(static_cast<uint8_t>(static_cast<int>(uw))) << (8 * e);
+  }
+  if (full) {
+    *reinterpret_cast<uint64_t*>(qm + i0) = qo;
+    *reinterpret_cast<uint64_t*>(qw + i0) = ro;
+  } else {
+#pragma unroll
+    for (int e = 0; e < kPer; ++e) {
+      if (i0 + e < n) {
+        qm[i0 + e] = static_cast<int8_t>(qo >> (8 * e));
+        qw[i0 + e] = static_cast<uint8_t>(ro >> (8 * e));
+      }
+    }
+  }
+  if (lane == 0) {
     sm[b] = new_sm;
     sw[b] = new_sw;
   }
+}
+
+bool aligned_to(const at::Tensor& t, uintptr_t bytes) {
+  return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % bytes == 0;
 }
 
 template <typename P, typename G>
@@ -90,10 +175,17 @@ void launch(const at::Tensor& p, const at::Tensor& g, const at::Tensor& qm, cons
             const at::Tensor& sm, const at::Tensor& sw, const AdamWScalars& s,
             cudaStream_t stream) {
   const int64_t blocks = sm.numel();
-  adamw_q8_kernel<P, G><<<static_cast<unsigned>(blocks), kQ8Block, 0, stream>>>(
+  const int64_t grid = (blocks + kWarps - 1) / kWarps;
+  TORCH_CHECK(grid <= std::numeric_limits<int32_t>::max(), kOp, ": a tensor of ", p.numel(),
+              " elements needs more CUDA blocks than a launch allows");
+  // A storage offset can misalign a view: then the scalar-load variant.
+  const bool vec = aligned_to(p, 16) && aligned_to(g, 16) && aligned_to(qm, 8) &&
+                   aligned_to(qw, 8);
+  const auto kernel = vec ? adamw_q8_kernel<P, G, true> : adamw_q8_kernel<P, G, false>;
+  kernel<<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(
       static_cast<P*>(p.data_ptr()), static_cast<const G*>(g.const_data_ptr()),
       qm.data_ptr<int8_t>(), qw.data_ptr<uint8_t>(), sm.data_ptr<float>(), sw.data_ptr<float>(),
-      p.numel(), s);
+      p.numel(), blocks, s);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

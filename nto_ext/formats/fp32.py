@@ -30,6 +30,7 @@ MOMENTS = ("exp_avg", "exp_avg_sq")
 class Fp32Moments:
     name = "fp32"
     keys = ("step", *MOMENTS)
+    moment_dtype = torch.float32
     element_bytes: float = 8  # two fp32 moments per element
     step_bytes = 4  # one fp32 `step` scalar per tensor
     tensor_bytes = 0  # per tensor beyond element_bytes per element and the step (worst case)
@@ -41,18 +42,19 @@ class Fp32Moments:
     def new_state(self, p: torch.Tensor) -> dict[str, Any]:
         local = local_tensor(p)
         return {"step": torch.tensor(0.0, dtype=torch.float32),
-                "exp_avg": torch.zeros(local.shape, dtype=torch.float32, device=local.device),
-                "exp_avg_sq": torch.zeros(local.shape, dtype=torch.float32,
-                                          device=local.device)}
+                **{k: torch.zeros(local.shape, dtype=self.moment_dtype, device=local.device)
+                   for k in MOMENTS}}
 
     def check_entry(self, where: str, st: dict[str, Any], p: torch.Tensor) -> None:
         """Before an update: the moments fit the param (a state edited by hand)."""
         local = local_tensor(p)
         for key in MOMENTS:
             v = local_tensor(st[key])
-            if v.shape != local.shape or v.device != local.device:
-                raise ValueError(f"the {key} of {where} has shape {tuple(v.shape)} on "
-                                 f"{v.device}; the param has {tuple(local.shape)} on "
+            if v.shape != local.shape or v.device != local.device \
+                    or v.dtype != self.moment_dtype:
+                raise ValueError(f"the {key} of {where} is a {v.dtype} tensor of shape "
+                                 f"{tuple(v.shape)} on {v.device}; expected {self.moment_dtype} "
+                                 f"of the param's shape {tuple(local.shape)} on "
                                  f"{local.device}; nothing was changed")
 
     def check_loaded(self, where: str, st: dict[str, Any], p: torch.Tensor, seen: Storages,
@@ -61,7 +63,7 @@ class Fp32Moments:
         `propagate`), exp_avg_sq >= 0, `step` a float32 tensor, no aliasing."""
         check_keys(where, st, self.keys)
         for key in MOMENTS:
-            check_moment(where, key, st.get(key), local_tensor(p).shape)
+            check_moment(where, key, st.get(key), local_tensor(p).shape, self.moment_dtype)
         out = {k: (loaded_step(where, v) if k == "step" else v) for k, v in st.items()}
         out = {k: seen.claim(f"{where}: {k}", v) if isinstance(v, torch.Tensor) else v
                for k, v in out.items()}

@@ -63,12 +63,12 @@ class Config:
         if not isinstance(d, str) or d not in STATE_DTYPES:
             raise ValueError(f"state_dtype={d!r}; allowed: {', '.join(map(repr, STATE_DTYPES))}"
                              " (how AdamW's two moments are stored: 'int8' keeps them in 8 "
-                             "bits, 2.03 B per element instead of 8)")
+                             "bits, 2.03 B per element instead of 8; 'bf16' in 4 B)")
         if d != "fp32" and (m or sr):
             other = "master_weights" if m else "stochastic_rounding"
             raise ValueError(f"state_dtype={d!r} with {other}=True; allowed: one of them "
-                             "(the 8-bit format updates bf16/fp16 params in place, rounded "
-                             "to nearest; masters and stochastic rounding run with fp32 "
+                             "(the int8 and bf16 formats update bf16/fp16 params in place, "
+                             "rounded to nearest; masters and stochastic rounding run with fp32 "
                              "moments only, for now)")
 
 
@@ -205,7 +205,10 @@ class Policy:
         out: dict[str, Any] = {key: True for key, fmt in (("master_weights", "master"),
                                                           ("stochastic_rounding", "stochastic"))
                                if fmt in used}
-        return {**out, "state_dtype": "int8"} if "int8" in used else out
+        for name in ("int8", "bf16"):
+            if name in used:
+                out["state_dtype"] = name
+        return out
 
     def bytes_per_element(self, dtype: torch.dtype) -> float:
         """Device bytes of training state per trained element (gradient + state + index);
