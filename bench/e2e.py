@@ -105,6 +105,8 @@ CONFIGS: dict[str, tuple[str, str]] = {
                           "element at 10%): about 20% of the elements train at once"),
     "nto-sample-10-int8": ("nto", "NTO sample, 8-bit moments within the bytes of "
                            "nto-sample-10"),
+    "nto-block-10-head-int8": ("nto", "nto-block-10-head with 8-bit moments within its "
+                               "bytes (about 2x the elements at once)"),
     "nto-block-100-int8": ("nto", "NTO block at 100% with 8-bit moments: AdamW with "
                            "blockwise 8-bit moments, NTO's kernel"),
     "nto-sparse-25": ("nto", "NTO sparse, budget 25%"),

@@ -291,10 +291,12 @@ def test_masked_adamw_device_steps_below_one_leave_memory_untouched():
     assert not m2.any() and torch.equal(p, before)
 
 
-def test_masked_adamw_hot_path_has_no_host_sync():
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+def test_masked_adamw_hot_path_has_no_host_sync(state_dtype):
     p = torch.randn(70_000, device=DEV)
     idx = torch.arange(0, 70_000, 7, dtype=torch.int32, device=DEV)
-    g, m, v = (torch.zeros(idx.numel(), device=DEV) for _ in range(3))
+    g = torch.zeros(idx.numel(), device=DEV)
+    m, v = (torch.zeros(idx.numel(), dtype=state_dtype, device=DEV) for _ in range(2))
     step = torch.ones(1, device=DEV)
     args = ([p], [g], [m], [v], [idx])
     _cuda_op("masked_adamw_")(*args, [step], *HYPER.values())  # first sight: checks indices
@@ -309,12 +311,13 @@ def test_masked_adamw_hot_path_has_no_host_sync():
         torch.cuda.set_sync_debug_mode("default")
 
 
-def test_masked_adamw_under_cuda_graph_replay():
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+def test_masked_adamw_under_cuda_graph_replay(state_dtype):
     gen = torch.Generator().manual_seed(8)
     p = torch.randn(10_000, generator=gen).to(DEV)
     idx = torch.arange(0, 10_000, 3, dtype=torch.int64, device=DEV)
     g = torch.randn(idx.numel(), generator=gen).to(DEV)
-    m, v = torch.zeros_like(g), torch.zeros_like(g)
+    m, v = (torch.zeros_like(g, dtype=state_dtype) for _ in range(2))
     step = torch.ones(1, device=DEV)
     eager = [t.clone() for t in (p, m, v)]
     op = _cuda_op("masked_adamw_")
@@ -543,13 +546,44 @@ def test_masked_adamw_int8_unaligned_tensors_take_the_scalar_path(shifted):
     assert not where, where
 
 
-def test_masked_adamw_bf16_moments_are_refused_on_cuda_for_now():
-    """state_dtype="bf16" has a CPU kernel only: CUDA says so instead of running."""
-    p, g = torch.zeros(300, device=DEV), torch.zeros(300, device=DEV)
-    m, v = (torch.zeros(300, dtype=torch.bfloat16, device=DEV) for _ in range(2))
-    with pytest.raises(NotImplementedError, match=r"bf16 moments .* no CUDA kernel yet"):
-        _cuda_op("masked_adamw_")([p], [g], [m], [v], [None], ops._step_tensors(1, 1), 1e-3,
-                                  0.9, 0.999, 1e-8, 0.0)
+def _at_odd_offset(t: torch.Tensor) -> torch.Tensor:
+    """A copy of t viewed one element into a bigger tensor: no vector load is aligned."""
+    big = torch.zeros(t.numel() + 1, dtype=t.dtype, device=t.device)
+    big[1:].copy_(t)
+    return big[1:]
+
+
+@pytest.mark.parametrize("pdtype", FLOATS)
+@pytest.mark.parametrize("kind", ["dense", "compact", "dense_grad"])
+def test_masked_adamw_bf16_moments_agree_with_cpu(pdtype, kind):
+    """state_dtype="bf16": the moments are widened, updated in fp32 and rounded to nearest
+    even once. CUDA == the CPU kernel bit for bit, dense and indexed (int32 / int64
+    positions), host and device steps, with the largest tensor's moments at an odd element
+    offset (the scalar path) and tails of every length mod 4."""
+    gdtypes = FLOATS if pdtype == torch.float32 else (pdtype, torch.float32)
+    for gdtype, idx_dtype in zip(gdtypes, (torch.int32, torch.int64, torch.int32)):
+        gen = torch.Generator().manual_seed(11)
+        case = list(_adamw_case((0, 1, 33, 4097, 65538, 65540), pdtype, gdtype, kind,
+                                idx_dtype, gen))
+        case[2] = [m.to(torch.bfloat16) for m in case[2]]
+        case[3] = [v.to(torch.bfloat16) for v in case[3]]
+
+        def run(op, device, step_kind, case=case):
+            p, g, m, v, idx, steps = (_to([t.clone() if isinstance(t, torch.Tensor) else t
+                                           for t in lst], device) for lst in case)
+            m[-1], v[-1] = _at_odd_offset(m[-1]), _at_odd_offset(v[-1])
+            op(p, g, m, v, idx, _step_list(steps, step_kind, device), *HYPER.values())
+            return [t.cpu() for t in p + m + v]
+
+        want = run(_cpu_or_reference("masked_adamw_"), "cpu", "cpu")
+        n = len(case[0])
+        names = ([f"param[{i}]" for i in range(n)] + [f"exp_avg[{i}]" for i in range(n)]
+                 + [f"exp_avg_sq[{i}]" for i in range(n)])
+        for step_kind in ("int", "cuda"):
+            got = run(_cuda_op("masked_adamw_"), DEV, step_kind)
+            assert all(t.dtype == w.dtype for t, w in zip(got, want))
+            where = _first_difference(got, want, names)
+            assert not where, f"{gdtype} {idx_dtype} {step_kind}: {where}"
 
 
 def _lowp_case(n_list, dtype, mode, gen):

@@ -386,16 +386,19 @@ def test_param_stats(emu, dtype):
     torch.testing.assert_close(got[2], want[2], rtol=0, atol=0, equal_nan=True)
 
 
-def _adamw_case(sizes, pdtype, gdtype, kind, idx_dtype, step, gen, offset):
+def _adamw_case(sizes, pdtype, gdtype, kind, idx_dtype, step, gen, offset,
+                sdtype=torch.float32, soffset=0):
+    """soffset: the moments start that many elements into their storage (alignment)."""
     cols = [[] for _ in range(6)]
     for n in sizes:
         p = torch.randn(n + offset, generator=gen).to(pdtype)[offset:]
         pos = None if kind == "dense" else _positions(n, 0.3, idx_dtype, gen)
         length = n if pos is None else pos.numel()
         g = torch.randn(n if kind in ("dense", "dense_grad") else length, generator=gen)
-        for c, v in zip(cols, (p, g.to(gdtype), torch.randn(length, generator=gen) * 0.1,
-                               torch.rand(length, generator=gen) * 0.01, pos, step.clone())):
-            c.append(v)
+        m = (torch.randn(length + soffset, generator=gen) * 0.1).to(sdtype)[soffset:]
+        v = (torch.rand(length + soffset, generator=gen) * 0.01).to(sdtype)[soffset:]
+        for c, x in zip(cols, (p, g.to(gdtype), m, v, pos, step.clone())):
+            c.append(x)
     return cols
 
 
@@ -417,6 +420,41 @@ def test_masked_adamw(emu, pdtype, kind):
             got, want = _run(emu.masked_adamw_, case), _run(_cpu("masked_adamw_"), case)
             for g, w in zip(got, want):
                 assert torch.equal(g, w), (kind, gdtype, idx_dtype, step, offset)
+
+
+@pytest.mark.parametrize("pdtype", FLOATS)
+@pytest.mark.parametrize("kind", ["dense", "compact", "dense_grad"])
+def test_masked_adamw_bf16_moments(emu, pdtype, kind):
+    """bf16 moments: widened, updated in fp32, rounded once; bit for bit the CPU kernel's,
+    through the vector and scalar paths (odd param / moment offsets) and the tails."""
+    gen = torch.Generator().manual_seed(3)
+    sizes = (0, 1, 33, 4097, 65537 + 3)
+    for gdtype in FLOATS if pdtype == torch.float32 else (pdtype, torch.float32):
+        for idx_dtype, step, offset, soffset in (
+                (torch.int32, torch.tensor([7.0], dtype=torch.float64), 0, 0),
+                (torch.int64, torch.tensor([13], dtype=torch.int32), 1, 0),
+                (torch.int64, torch.tensor([2], dtype=torch.int64), 0, 1),
+                (torch.int32, torch.tensor([5.0]), 0, 2)):
+            case = _adamw_case(sizes, pdtype, gdtype, kind, idx_dtype, step, gen, offset,
+                               torch.bfloat16, soffset)
+            got, want = _run(emu.masked_adamw_, case), _run(_cpu("masked_adamw_"), case)
+            for g, w in zip(got, want):
+                assert g.dtype == w.dtype and torch.equal(g, w), (gdtype, idx_dtype, soffset)
+
+
+def test_masked_adamw_mixed_moment_dtypes_in_one_call(emu):
+    """fp32 and bf16 moments in one call (separate launch groups), many small tensors."""
+    gen = torch.Generator().manual_seed(4)
+    sizes = [int(n) for n in torch.randint(0, 300, (60,), generator=gen)]
+    for kind in ("dense", "compact"):
+        step = torch.tensor([7.0], dtype=torch.float64)
+        a = _adamw_case(sizes[:30], torch.bfloat16, torch.float32, kind, torch.int32, step,
+                        gen, 0, torch.bfloat16)
+        b = _adamw_case(sizes[30:], torch.bfloat16, torch.float32, kind, torch.int32, step,
+                        gen, 0)
+        case = [x + y for x, y in zip(a, b)]
+        got, want = _run(emu.masked_adamw_, case), _run(_cpu("masked_adamw_"), case)
+        assert all(g.dtype == w.dtype and torch.equal(g, w) for g, w in zip(got, want))
 
 
 def test_masked_adamw_many_tensors(emu):

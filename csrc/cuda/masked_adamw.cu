@@ -1,7 +1,9 @@
 // masked_adamw_ on CUDA: torch.optim.AdamW's update (csrc/adamw_math.h, shared with the CPU
 // kernels) over whole tensor lists, in one multi-tensor launch per (param dtype, grad dtype)
 // group and kind: dense (aligned vector loads, kDenseIlp vectors in flight per thread)
-// or indexed (sorted unique positions; compact fp32 state; grad compact or dense).
+// or indexed (sorted unique positions; compact state; grad compact or dense). The moments
+// are fp32 or bf16 (S): bf16 ones are widened, updated in fp32 and rounded to nearest even
+// once, as the CPU kernel.
 //
 // Steps (one count per tensor): an int becomes a CPU scalar in ops.py and its bias
 // corrections are computed here on the host, in double. A 1-element CUDA step tensor is read
@@ -18,6 +20,7 @@
 
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "../adamw_math.h"
@@ -87,8 +90,8 @@ struct AdamWMeta {
   static constexpr int kBlocks = B;
   void* p[T];
   const void* g[T];
-  float* m[T];
-  float* v[T];
+  void* m[T];  // S*: the kernel's state type
+  void* v[T];
   const void* step[T];
   int64_t n[T];  // updated elements (state length)
   float nss[T];
@@ -123,7 +126,7 @@ __device__ __forceinline__ bool block_work(const Meta& meta, const Hyper& h, Blo
 
 struct DenseMeta : AdamWMeta<32, 320> {};
 
-template <typename P, typename G>
+template <typename P, typename G, typename S>
 __global__ void __launch_bounds__(kThreads, kDenseBlocksPerSm)
     dense_kernel(DenseMeta meta, AdamWScalars s, Hyper h) {
   BlockWork w;
@@ -133,28 +136,28 @@ __global__ void __launch_bounds__(kThreads, kDenseBlocksPerSm)
   const int64_t begin = w.begin, len = w.len;
   P* __restrict__ p = static_cast<P*>(meta.p[slot]) + begin;
   const G* __restrict__ g = static_cast<const G*>(meta.g[slot]) + begin;
-  float* __restrict__ m = meta.m[slot] + begin;
-  float* __restrict__ v = meta.v[slot] + begin;
+  S* __restrict__ m = static_cast<S*>(meta.m[slot]) + begin;
+  S* __restrict__ v = static_cast<S*>(meta.v[slot]) + begin;
 
   constexpr int V = 4;
   using PV = Vec<P, V>;
   using GV = Vec<G, V>;
-  using FV = Vec<float, V>;
-  const bool vec = aligned<sizeof(PV)>(p) && aligned<sizeof(GV)>(g) && aligned<16>(m) &&
-                   aligned<16>(v);
+  using SV = Vec<S, V>;
+  const bool vec = aligned<sizeof(PV)>(p) && aligned<sizeof(GV)>(g) &&
+                   aligned<sizeof(SV)>(m) && aligned<sizeof(SV)>(v);
   const int64_t nvec = vec ? len / V : 0;
   for (int64_t q0 = threadIdx.x; q0 < nvec; q0 += static_cast<int64_t>(kThreads) * kDenseIlp) {
     PV pv[kDenseIlp];
     GV gv[kDenseIlp];
-    FV mv[kDenseIlp], vv[kDenseIlp];
+    SV mv[kDenseIlp], vv[kDenseIlp];
 #pragma unroll
     for (int u = 0; u < kDenseIlp; ++u) {  // all loads first: kDenseIlp vectors in flight
       const int64_t q = q0 + static_cast<int64_t>(u) * kThreads;
       if (q < nvec) {
         pv[u] = reinterpret_cast<const PV*>(p)[q];
         gv[u] = reinterpret_cast<const GV*>(g)[q];
-        mv[u] = reinterpret_cast<const FV*>(m)[q];
-        vv[u] = reinterpret_cast<const FV*>(v)[q];
+        mv[u] = reinterpret_cast<const SV*>(m)[q];
+        vv[u] = reinterpret_cast<const SV*>(v)[q];
       }
     }
 #pragma unroll
@@ -163,23 +166,26 @@ __global__ void __launch_bounds__(kThreads, kDenseBlocksPerSm)
       if (q < nvec) {
 #pragma unroll
         for (int e = 0; e < V; ++e) {
-          float pf = to_float(pv[u].v[e]);
-          adamw_update(pf, to_float(gv[u].v[e]), mv[u].v[e], vv[u].v[e], s, nss, bc2);
+          float pf = to_float(pv[u].v[e]), mf = to_float(mv[u].v[e]);
+          float vf = to_float(vv[u].v[e]);
+          adamw_update(pf, to_float(gv[u].v[e]), mf, vf, s, nss, bc2);
           pv[u].v[e] = from_float<P>(pf);
+          mv[u].v[e] = from_float<S>(mf);
+          vv[u].v[e] = from_float<S>(vf);
         }
         reinterpret_cast<PV*>(p)[q] = pv[u];
-        reinterpret_cast<FV*>(m)[q] = mv[u];
-        reinterpret_cast<FV*>(v)[q] = vv[u];
+        reinterpret_cast<SV*>(m)[q] = mv[u];
+        reinterpret_cast<SV*>(v)[q] = vv[u];
       }
     }
   }
   for (int64_t e = nvec * V + threadIdx.x; e < len; e += kThreads) {  // tail / unaligned
     float pf = to_float(p[e]);
-    float mf = m[e], vf = v[e];
+    float mf = to_float(m[e]), vf = to_float(v[e]);
     adamw_update(pf, to_float(g[e]), mf, vf, s, nss, bc2);
     p[e] = from_float<P>(pf);
-    m[e] = mf;
-    v[e] = vf;
+    m[e] = from_float<S>(mf);
+    v[e] = from_float<S>(vf);
   }
 }
 
@@ -195,7 +201,7 @@ struct IndexedMeta : AdamWMeta<24, 320> {
 
 // Each position is read once and checked where it is used (index_check.cuh): one out of
 // range is skipped (p, g, m and v untouched there) and recorded, never dereferenced.
-template <typename P, typename G>
+template <typename P, typename G, typename S>
 __global__ void __launch_bounds__(kThreads)
     indexed_kernel(IndexedMeta meta, AdamWScalars s, Hyper h, DeviceIndexFault* fault) {
   BlockWork w;
@@ -209,8 +215,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t* idx64 = static_cast<const int64_t*>(meta.idx[slot]) + (mode == 2 ? begin : 0);
   P* __restrict__ p = static_cast<P*>(meta.p[slot]);
   const G* __restrict__ g = static_cast<const G*>(meta.g[slot]) + (g_dense ? 0 : begin);
-  float* __restrict__ m = meta.m[slot] + begin;
-  float* __restrict__ v = meta.v[slot] + begin;
+  S* __restrict__ m = static_cast<S*>(meta.m[slot]) + begin;
+  S* __restrict__ v = static_cast<S*>(meta.v[slot]) + begin;
   const int64_t limit = meta.limit[slot];
 
   for (int64_t j0 = threadIdx.x; j0 < len; j0 += static_cast<int64_t>(kThreads) * kIlp) {
@@ -227,8 +233,8 @@ __global__ void __launch_bounds__(kThreads)
         if (ok[u]) {
           pf[u] = to_float(p[pos[u]]);
           gf[u] = to_float(g_dense ? g[pos[u]] : g[j]);
-          mf[u] = m[j];
-          vf[u] = v[j];
+          mf[u] = to_float(m[j]);
+          vf[u] = to_float(v[j]);
         } else {
           record_fault(fault, kFaultAdamW, meta.list[slot], begin + j, pos[u], limit);
         }
@@ -240,8 +246,8 @@ __global__ void __launch_bounds__(kThreads)
       if (!ok[u]) continue;
       adamw_update(pf[u], gf[u], mf[u], vf[u], s, nss, bc2);
       p[pos[u]] = from_float<P>(pf[u]);
-      m[j] = mf[u];
-      v[j] = vf[u];
+      m[j] = from_float<S>(mf[u]);
+      v[j] = from_float<S>(vf[u]);
     }
   }
 }
@@ -263,8 +269,8 @@ void fill_common(Meta& meta, int slot, const Entry& e, int64_t n, at::TensorList
                  at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs) {
   meta.p[slot] = params[e.i].data_ptr();
   meta.g[slot] = grads[e.i].const_data_ptr();
-  meta.m[slot] = exp_avgs[e.i].mutable_data_ptr<float>();
-  meta.v[slot] = exp_avg_sqs[e.i].mutable_data_ptr<float>();
+  meta.m[slot] = exp_avgs[e.i].data_ptr();
+  meta.v[slot] = exp_avg_sqs[e.i].data_ptr();
   meta.step[slot] = e.step;
   meta.n[slot] = n;
   meta.nss[slot] = e.nss;
@@ -272,7 +278,7 @@ void fill_common(Meta& meta, int slot, const Entry& e, int64_t n, at::TensorList
   meta.code[slot] = e.code;
 }
 
-template <typename P, typename G>
+template <typename P, typename G, typename S>
 void launch_dense(const std::vector<Entry>& es, at::TensorList params, at::TensorList grads,
                   at::TensorList exp_avgs, at::TensorList exp_avg_sqs, const AdamWScalars& s,
                   const Hyper& h, cudaStream_t stream) {
@@ -284,12 +290,12 @@ void launch_dense(const std::vector<Entry>& es, at::TensorList params, at::Tenso
         fill_common(meta, slot, es[k], lengths[k], params, grads, exp_avgs, exp_avg_sqs);
       },
       [&](const DenseMeta& meta, int blocks) {
-        dense_kernel<P, G><<<blocks, kThreads, 0, stream>>>(meta, s, h);
+        dense_kernel<P, G, S><<<blocks, kThreads, 0, stream>>>(meta, s, h);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
 }
 
-template <typename P, typename G>
+template <typename P, typename G, typename S>
 void launch_indexed(const std::vector<Entry>& es, at::TensorList params, at::TensorList grads,
                     at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                     const std::vector<std::optional<at::Tensor>>& idx, const AdamWScalars& s,
@@ -309,24 +315,25 @@ void launch_indexed(const std::vector<Entry>& es, at::TensorList params, at::Ten
         meta.g_dense[slot] = e.g_dense;
       },
       [&](const IndexedMeta& meta, int blocks) {
-        indexed_kernel<P, G><<<blocks, kThreads, 0, stream>>>(meta, s, h, fault);
+        indexed_kernel<P, G, S><<<blocks, kThreads, 0, stream>>>(meta, s, h, fault);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
 }
 
-// Picks the kernel instantiation for a group of entries sharing (param dtype, grad dtype):
-// the grad is the param's dtype or fp32, or bf16/fp16 for an fp32 param (a master weight).
-template <bool kIndexed>
+// Picks the kernel instantiation for a group of entries sharing (param dtype, grad dtype) and
+// state type S (float or c10::BFloat16): the grad is the param's dtype or fp32, or bf16/fp16
+// for an fp32 param (a master weight).
+template <bool kIndexed, typename S>
 void launch_group(c10::ScalarType pt, c10::ScalarType gt, const std::vector<Entry>& es,
                   at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                   at::TensorList exp_avg_sqs, const std::vector<std::optional<at::Tensor>>& idx,
                   const AdamWScalars& s, const Hyper& h, cudaStream_t stream) {
   if (es.empty()) return;
-#define NTO_LAUNCH(P, G)                                                                  \
-  if constexpr (kIndexed)                                                                 \
-    launch_indexed<P, G>(es, params, grads, exp_avgs, exp_avg_sqs, idx, s, h, stream);    \
-  else                                                                                    \
-    launch_dense<P, G>(es, params, grads, exp_avgs, exp_avg_sqs, s, h, stream);
+#define NTO_LAUNCH(P, G)                                                                   \
+  if constexpr (kIndexed)                                                                  \
+    launch_indexed<P, G, S>(es, params, grads, exp_avgs, exp_avg_sqs, idx, s, h, stream); \
+  else                                                                                     \
+    launch_dense<P, G, S>(es, params, grads, exp_avgs, exp_avg_sqs, s, h, stream);
   const bool g_fp32 = gt == at::kFloat;
   if (pt == at::kFloat) {
     if (g_fp32) {
@@ -370,10 +377,6 @@ void masked_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
                    weight_decay);
   const size_t n = params.size();
   if (n == 0) return;
-  for (size_t i = 0; i < n; ++i)  // the CPU kernel has them; the CUDA one not yet
-    TORCH_CHECK_NOT_IMPLEMENTED(exp_avgs[i].scalar_type() == at::kFloat, kOp, ": exp_avgs[", i,
-                                "] is torch.bfloat16: bf16 moments (state_dtype='bf16') have "
-                                "no CUDA kernel yet; allowed on CUDA: torch.float32 moments");
   std::vector<std::optional<at::Tensor>> idx(n);
   for (size_t i = 0; i < n; ++i) {
     std::optional<at::Tensor> o = indices.get(i);
@@ -397,8 +400,8 @@ void masked_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
     if (steps[i].device().is_cpu()) host_steps[i] = checked_host_step(kOp, i, steps[i]);
   }
 
-  // Sort the entries into kernel groups: kind x param dtype x grad dtype.
-  std::vector<Entry> groups[2][3][3];
+  // Sort the entries into kernel groups: kind x param dtype x grad dtype x state dtype.
+  std::vector<Entry> groups[2][3][3][2];
   std::vector<at::Tensor> keep;  // converted device steps live until the launches are queued
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& st = steps[i];
@@ -420,20 +423,28 @@ void masked_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
       e.idx_mode = idx[i]->scalar_type() == at::kLong ? 2 : 1;
       e.g_dense = grads[i].numel() != idx[i]->numel();
     }
+    const bool bf16_state = exp_avgs[i].scalar_type() == at::kBFloat16;
     groups[indexed][dtype_code(params[i].scalar_type())][dtype_code(grads[i].scalar_type())]
-        .push_back(e);
+          [bf16_state]
+              .push_back(e);
   }
 
   const AdamWScalars s = adamw_scalars(lr, beta1, beta2, eps, weight_decay);
   const Hyper h{lr, beta1, beta2};
   const cudaStream_t stream = current_stream();
   const c10::ScalarType types[3] = {at::kFloat, at::kBFloat16, at::kHalf};
+  const auto launch_groups = [&](auto state, int pt, int gt) {  // dense, then indexed
+    using S = decltype(state);
+    const int k = std::is_same_v<S, float> ? 0 : 1;
+    launch_group<false, S>(types[pt], types[gt], groups[0][pt][gt][k], params, grads,
+                           exp_avgs, exp_avg_sqs, idx, s, h, stream);
+    launch_group<true, S>(types[pt], types[gt], groups[1][pt][gt][k], params, grads, exp_avgs,
+                          exp_avg_sqs, idx, s, h, stream);
+  };
   for (int pt = 0; pt < 3; ++pt)
     for (int gt = 0; gt < 3; ++gt) {
-      launch_group<false>(types[pt], types[gt], groups[0][pt][gt], params, grads, exp_avgs,
-                          exp_avg_sqs, idx, s, h, stream);
-      launch_group<true>(types[pt], types[gt], groups[1][pt][gt], params, grads, exp_avgs,
-                         exp_avg_sqs, idx, s, h, stream);
+      launch_groups(float{}, pt, gt);
+      launch_groups(c10::BFloat16{}, pt, gt);
     }
 }
 
