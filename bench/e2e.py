@@ -107,6 +107,10 @@ CONFIGS: dict[str, tuple[str, str]] = {
                            "nto-sample-10"),
     "nto-block-10-head-int8": ("nto", "nto-block-10-head with 8-bit moments within its "
                                "bytes (about 2x the elements at once)"),
+    "nto-block-10-offload": ("nto", "NTO block, budget 10%, descending, each param's state "
+                             "kept on the host between its periods (state_on_switch='offload')"),
+    "nto-sample-10-offload": ("nto", "NTO sample, budget 10%, state kept on the host between "
+                              "periods"),
     "nto-block-100-int8": ("nto", "NTO block at 100% with 8-bit moments: AdamW with "
                            "blockwise 8-bit moments, NTO's kernel"),
     "nto-sparse-25": ("nto", "NTO sparse, budget 25%"),

@@ -6,9 +6,6 @@ checkpoints and bad input."""
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -17,7 +14,7 @@ import pytest
 import test_reliability as rel
 import torch
 from hypothesis import given
-from test_int8 import _model, _steps
+from test_int8 import _model, _steps, check_resume_in_a_fresh_process, cpu_variant_outputs
 
 from nto_ext import NTO, _reference, ops
 from nto_ext.formats import BF16
@@ -90,18 +87,8 @@ print(h.hexdigest())
 
 @needs_kernels
 def test_every_cpu_variant_gives_the_same_bits():
-    best = torch.backends.cpu.get_cpu_capability().lower()
-    caps = ("default", "avx2", "avx512")
-    caps = caps[:caps.index(best) + 1] if best in caps else ("default",)
-    digests = set()
-    for cap in caps:
-        env = dict(os.environ, ATEN_CPU_CAPABILITY=cap,
-                   PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}")
-        r = subprocess.run([sys.executable, "-c", VARIANT], capture_output=True, text=True,
-                           env=env, timeout=300)
-        assert r.returncode == 0, r.stderr[-2000:]
-        digests.add(r.stdout.strip())
-    assert len(digests) == 1
+    digests = cpu_variant_outputs(VARIANT)
+    assert len(set(digests.values())) == 1, digests
 
 
 @pytest.mark.parametrize("over,err,msg", [
@@ -170,45 +157,9 @@ def test_budget_invariant_with_bf16_state(policy, kind, run):
             del rel.DTYPES[dtype], rel.FORMAT_ARGS[dtype]
 
 
-RESUME = r"""
-import sys, torch
-from test_bf16_state import KW
-from test_int8 import _model, _steps
-from nto_ext import NTO
-named = _model()
-sd = torch.load(sys.argv[1], weights_only=True)
-for (_, p), w in zip(named, sd["params"]):
-    p.data.copy_(w)
-opt = NTO(named, **KW)
-opt.load_state_dict(sd["opt"])
-_steps(opt, named, 7, 15)
-torch.save({"params": [p.detach() for _, p in named], "opt": opt.state_dict()}, sys.argv[2])
-"""
-
-
 def test_resume_in_a_fresh_process_is_bit_exact_and_offload_keeps_bf16(tmp_path):
-    named = _model()
-    opt = NTO(named, **KW)
-    _steps(opt, named, 0, 7)
-    assert opt.offloaded and all(st["exp_avg"].dtype == torch.bfloat16
-                                 for st in opt.offloaded.values())
-    torch.save({"params": [p.detach().clone() for _, p in named], "opt": opt.state_dict()},
-               tmp_path / "a.pt")
-    _steps(opt, named, 7, 15)
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}")
-    r = subprocess.run([sys.executable, "-c", RESUME, str(tmp_path / "a.pt"),
-                        str(tmp_path / "b.pt")], capture_output=True, text=True, env=env,
-                       timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    other = torch.load(tmp_path / "b.pt", weights_only=True)
-    for (_, p), q in zip(named, other["params"]):
-        assert torch.equal(p.detach(), q)
-    mine, theirs = opt.state_dict(), other["opt"]
-    assert mine["nto"] == theirs["nto"]
-    for k, st in mine["state"].items():
-        for key, v in st.items():
-            assert v.dtype == theirs["state"][k][key].dtype
-            assert torch.equal(v, theirs["state"][k][key]), (k, key)
+    opt = check_resume_in_a_fresh_process(tmp_path, KW)
+    assert {st["exp_avg"].dtype for st in opt.offloaded.values()} == {torch.bfloat16}
 
 
 def test_torch_adamw_state_imports_rounded_to_bf16():

@@ -4,6 +4,7 @@ in a fresh process, offload, checkpoints and bad input."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -108,18 +109,25 @@ def test_every_cpu_variant_gives_the_same_bits():
     whatever the vector width; the best of them equals the reference (above; torch's own
     portable ops round lerp / addcmul differently, so the reference is compared under the
     CPU's own capability only)."""
-    best = torch.backends.cpu.get_cpu_capability().lower()  # torch's own ops need the CPU's
-    caps = ("default", "avx2", "avx512")[:("default", "avx2", "avx512").index(best) + 1] \
-        if best in ("default", "avx2", "avx512") else ("default",)
-    digests = set()
+    digests = cpu_variant_outputs(VARIANT)
+    assert len(set(digests.values())) == 1, digests
+
+
+def cpu_variant_outputs(script: str) -> dict[str, str]:
+    """What `script` prints under each CPU capability this machine runs (portable, AVX2,
+    AVX-512: ATEN_CPU_CAPABILITY picks our kernels' variant too), in fresh processes."""
+    best = torch.backends.cpu.get_cpu_capability().lower()
+    caps = ("default", "avx2", "avx512")
+    caps = caps[:caps.index(best) + 1] if best in caps else ("default",)
+    out = {}
     for cap in caps:
         env = dict(os.environ, ATEN_CPU_CAPABILITY=cap,
                    PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}")
-        r = subprocess.run([sys.executable, "-c", VARIANT], capture_output=True, text=True,
+        r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                            env=env, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
-        digests.add(r.stdout.strip())
-    assert len(digests) == 1
+        out[cap] = r.stdout.strip()
+    return out
 
 
 @needs_kernels
@@ -302,25 +310,26 @@ def _steps(opt, named, start, stop):
 
 KW = dict(lr=1e-2, budget="40%", switch_every=2, state_dtype="int8", state_on_switch="offload")
 RESUME = r"""
-import sys, torch
-from test_int8 import KW, _model, _steps
+import json, sys, torch
+from test_int8 import _model, _steps
 from nto_ext import NTO
 named = _model()
 sd = torch.load(sys.argv[1], weights_only=True)
 for (_, p), w in zip(named, sd["params"]):
     p.data.copy_(w)
-opt = NTO(named, **KW)
+opt = NTO(named, **json.loads(sys.argv[3]))
 opt.load_state_dict(sd["opt"])
 _steps(opt, named, 7, 15)
 torch.save({"params": [p.detach() for _, p in named], "opt": opt.state_dict()}, sys.argv[2])
 """
 
 
-def test_resume_in_a_fresh_process_is_bit_exact(tmp_path):
+def check_resume_in_a_fresh_process(tmp_path, kw: dict) -> NTO:
     """7 steps, a checkpoint (weights_only-loadable), 8 more steps in a new process ==
-    15 steps in one run: params and every state tensor (on the device and offloaded)."""
+    15 steps in one run: params and every state tensor, dtypes included. Returns the
+    optimizer of the single run."""
     named = _model()
-    opt = NTO(named, **KW)
+    opt = NTO(named, **kw)
     _steps(opt, named, 0, 7)
     assert opt.offloaded, "the schedule must have offloaded something by step 7"
     torch.save({"params": [p.detach().clone() for _, p in named], "opt": opt.state_dict()},
@@ -328,8 +337,8 @@ def test_resume_in_a_fresh_process_is_bit_exact(tmp_path):
     _steps(opt, named, 7, 15)
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}")
     r = subprocess.run([sys.executable, "-c", RESUME, str(tmp_path / "a.pt"),
-                        str(tmp_path / "b.pt")], capture_output=True, text=True, env=env,
-                       timeout=300)
+                        str(tmp_path / "b.pt"), json.dumps(kw)], capture_output=True,
+                       text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     other = torch.load(tmp_path / "b.pt", weights_only=True)
     for (_, p), q in zip(named, other["params"]):
@@ -341,6 +350,11 @@ def test_resume_in_a_fresh_process_is_bit_exact(tmp_path):
         for key, v in st.items():
             assert v.dtype == theirs["state"][k][key].dtype
             assert torch.equal(v, theirs["state"][k][key]), (k, key)
+    return opt
+
+
+def test_resume_in_a_fresh_process_is_bit_exact(tmp_path):
+    check_resume_in_a_fresh_process(tmp_path, KW)
 
 
 def test_offload_round_trip_keeps_the_8bit_state():

@@ -5,14 +5,12 @@ rounding), thread independence, and bad input."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from test_int8 import cpu_variant_outputs
 
 from nto_ext import _reference, ops
 from nto_ext.formats.master import stochastic_round, stream_key
@@ -170,18 +168,8 @@ print(h.hexdigest())
 def test_every_cpu_variant_gives_the_same_bits():
     """The portable, AVX2 and AVX-512 builds of the block loop (those this CPU runs) give
     the same bits, whatever the vector width (the spec test above runs the best one)."""
-    best = torch.backends.cpu.get_cpu_capability().lower()
-    caps = ("default", "avx2", "avx512")
-    caps = caps[:caps.index(best) + 1] if best in caps else ("default",)
-    digests = set()
-    for cap in caps:
-        env = dict(os.environ, ATEN_CPU_CAPABILITY=cap,
-                   PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}")
-        r = subprocess.run([sys.executable, "-c", VARIANT], capture_output=True, text=True,
-                           env=env, timeout=300)
-        assert r.returncode == 0, r.stderr[-2000:]
-        digests.add(r.stdout.strip())
-    assert len(digests) == 1, caps
+    digests = cpu_variant_outputs(VARIANT)
+    assert len(set(digests.values())) == 1, digests
 
 
 @needs_kernels
