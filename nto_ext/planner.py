@@ -287,7 +287,8 @@ def _build_plan(pol: ScheduledPolicy, infos: list[ParamInfo], want: torch.dtype 
 def _build_sparse_plan(pol: SparsePolicy, infos: list[ParamInfo],
                        want: torch.dtype | None) -> Plan:
     """K elements anywhere: device state 16 B per chosen element (20 with a bf16/fp16
-    element's fp32 master; K is priced at the costliest, as the policy sizes it) plus,
+    element's fp32 master, 12 with bf16 moments; K is priced at the costliest, as the
+    policy sizes it) plus,
     during backward, one dense gradient at a time (the largest tensor's, in its dtype)."""
     blocks = [PlanBlock(b.name, b.kind, len(b.params), _elems(infos, b.params),
                         pol.state_bytes(_elems(infos, b.params), infos[b.params[0]].dtype))

@@ -142,7 +142,7 @@ def test_memory_model_and_report_count_4_bytes_per_element():
 
 
 @pytest.mark.parametrize("kind", rel.KINDS)
-@pytest.mark.parametrize("policy", ["block", "sample"])
+@pytest.mark.parametrize("policy", ["block", "sample", "sparse"])
 @rel.RUN_SETTINGS
 @given(run=rel.budget_runs(widths=(1, 8)))
 def test_budget_invariant_with_bf16_state(policy, kind, run):
@@ -218,7 +218,6 @@ def test_state_edited_by_hand_is_refused_at_step():
 
 
 @pytest.mark.parametrize("kw,msg", [
-    ({"policy": "sparse"}, "does not apply to policy='sparse'"),
     ({"master_weights": True}, "allowed: one of them"),
     ({}, "pass master_weights=False"),  # bf16 params: no masters with bf16 moments
 ])
@@ -236,3 +235,70 @@ def test_plan_knows_the_bf16_cost():
     fp32, bf16 = plan(model, "1200KiB"), plan(model, "1200KiB", state_dtype="bf16")
     assert max(g.elements for g in bf16.groups) > 1.2 * max(g.elements for g in fp32.groups)
     assert BF16.state_bytes(257) == 4 * 257
+
+
+# ------------------------------------------------------------------- sparse
+
+
+def _sparse_run(state_dtype, steps, budget="20%", named=None, opt=None, start=0):
+    named = named or _model()
+    opt = opt or NTO(named, lr=1e-2, budget=budget, policy="sparse", switch_every=3,
+                     state_dtype=state_dtype)
+    _steps(opt, named, start, steps)
+    return named, opt
+
+
+def test_sparse_keeps_bf16_compact_moments_through_regrowth():
+    """The compact moments stay bf16 through drops and regrowths (remap_state carries them
+    bit for bit); 12 B per chosen element; the chosen count is the fp32 run's."""
+    named, opt = _sparse_run("bf16", 10)  # regrowths at steps 3, 6, 9
+    _, ref = _sparse_run("fp32", 10)
+    states = [st for st in opt.state.values() if st]
+    assert states and all(st[k].dtype == torch.bfloat16 for st in states
+                          for k in ("exp_avg", "exp_avg_sq"))
+    assert opt.policy.k == ref.policy.k
+    chosen = sum(st["indices"].numel() for st in states)
+    assert opt.memory_report()["state_bytes"] == 4 * chosen  # two bf16 moments
+    assert opt.policy.bytes_per_element(torch.float32) == 12
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fp32 = NTO(_model(), budget="64KiB", policy="sparse")
+        bf16 = NTO(_model(), budget="64KiB", policy="sparse", state_dtype="bf16")
+    assert bf16.policy.k * 12 <= 65536 < (bf16.policy.k + 1) * 12
+    assert fp32.policy.k * 16 <= 65536 < (fp32.policy.k + 1) * 16
+
+
+def test_sparse_bf16_resume_across_a_regrowth_is_bit_exact():
+    named, opt = _sparse_run("bf16", 5)
+    sd = copy.deepcopy(opt.state_dict())
+    params = [p.detach().clone() for _, p in named]
+    _sparse_run("bf16", 11, named=named, opt=opt, start=5)
+    other = _model()
+    for (_, p), w in zip(other, params):
+        p.data.copy_(w)
+    opt2 = NTO(other, lr=1e-2, budget="20%", policy="sparse", switch_every=3,
+               state_dtype="bf16")
+    opt2.load_state_dict(sd)
+    _sparse_run("bf16", 11, named=other, opt=opt2, start=5)
+    assert all(torch.equal(p, q) for (_, p), (_, q) in zip(named, other))
+    for p, q in zip((p for _, p in named), (q for _, q in other)):
+        a, b = opt.state.get(p), opt2.state.get(q)
+        assert (a is None) == (b is None)
+        if a:
+            assert all(torch.equal(a[k], b[k]) for k in ("indices", "exp_avg", "exp_avg_sq"))
+
+
+def test_sparse_checkpoint_moments_must_match_state_dtype():
+    _, opt = _sparse_run("bf16", 2)
+    sd = copy.deepcopy(opt.state_dict())
+    k = next(k for k, st in sd["state"].items() if st)
+    sd["state"][k]["exp_avg"] = sd["state"][k]["exp_avg"].float()
+    other = NTO(_model(), lr=1e-2, budget="20%", policy="sparse", switch_every=3,
+                state_dtype="bf16")
+    with pytest.raises(ValueError, match="expected a contiguous torch.bfloat16 tensor"):
+        other.load_state_dict(sd)
+
+
+def test_sparse_refuses_int8_moments():
+    with pytest.raises(ValueError, match="state_dtype='int8' does not apply to policy='sparse'"):
+        NTO(_model(), budget="20%", policy="sparse", state_dtype="int8")

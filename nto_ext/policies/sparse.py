@@ -8,7 +8,7 @@ gradient hook (`on_grad`), its update (`update`) and its schedule (`advance`).
 State of a param that holds chosen elements (in `NTO.state[param]`, torch's key names):
   indices     int32 [L] (int64 past 2**31-1 elements): flat positions, in cohorts (the
               elements grown at one regrowth, or at step 0), each cohort sorted and unique
-  exp_avg     fp32 [L];  exp_avg_sq  fp32 [L]
+  exp_avg     fp32 [L];  exp_avg_sq  fp32 [L]  (bf16 with state_dtype="bf16")
   step        list of C ints: updates each cohort has had. A cohort starts at 0, so its
               bias corrections are AdamW's from its own first update.
   sizes       list of C ints: elements per cohort, in the order of `indices`.
@@ -17,7 +17,8 @@ State of a param that holds chosen elements (in `NTO.state[param]`, torch's key 
               nearest; a dropped element's param gets its master rounded stochastically).
               stochastic_rounding=True keeps none: the updated fp32 values are rounded
               stochastically into the param.
-16 B of tensors per chosen element with the compact gradient (20 with a master); the cohort
+16 B of tensors per chosen element with the compact gradient (20 with a master, 12 with
+bf16 moments: they are updated in fp32 and rounded to nearest once, formats/bf16.py); the cohort
 tables are a few host ints per regrowth (a step count per element would cost 4 B each).
 A param without a chosen element has no state and, between scoring steps, no gradient
 (requires_grad=False).
@@ -106,13 +107,15 @@ def _index_dtype(numel: int) -> torch.dtype:
     return torch.int64 if numel > 2**31 - 1 else torch.int32
 
 
-def _new_state(positions: torch.Tensor, master_of: torch.Tensor | None) -> dict[str, Any]:
-    """State of a param whose chosen elements are `positions` (one cohort, not updated);
-    with `master_of` (the param, when it keeps masters) their fp32 masters."""
+def _new_state(positions: torch.Tensor, master_of: torch.Tensor | None,
+               moments: torch.dtype) -> dict[str, Any]:
+    """State of a param whose chosen elements are `positions` (one cohort, not updated),
+    its moments of dtype `moments`; with `master_of` (the param, when it keeps masters)
+    their fp32 masters."""
     n, dev = positions.numel(), positions.device
     st = {"indices": positions,
-          "exp_avg": torch.zeros(n, dtype=torch.float32, device=dev),
-          "exp_avg_sq": torch.zeros(n, dtype=torch.float32, device=dev),
+          "exp_avg": torch.zeros(n, dtype=moments, device=dev),
+          "exp_avg_sq": torch.zeros(n, dtype=moments, device=dev),
           "step": [0], "sizes": [n]}
     if master_of is not None:
         st[MASTER_ROW] = _gather(master_of, positions)
@@ -261,10 +264,11 @@ class SparseConfig(Config):
             raise ValueError(f"regrow_fraction={r!r}; allowed: None (0.1) or a number in [0, "
                              f"{MAX_REGROW_FRACTION}] (share of the chosen elements replaced "
                              "at each regrowth; 0 keeps the first choice)")
-        if self.state_dtype != "fp32":
+        if self.state_dtype == "int8":
             raise ValueError(f"state_dtype={self.state_dtype!r} does not apply to "
                              "policy='sparse' yet (its compact state is regrown and remapped "
-                             "in fp32); allowed here: state_dtype='fp32', or policy='block' / "
+                             "element by element, not in blocks of 256); allowed here: "
+                             "state_dtype='fp32' or 'bf16', or policy='block' / "
                              "'sample'")
 
 
@@ -351,7 +355,7 @@ class SparseUpdater(Updater):
         """K = every element: the whole param is chosen, state made at its first use."""
         n = p.numel()
         st = _new_state(torch.arange(n, dtype=_index_dtype(n), device=p.device),
-                        self._master_of(p))
+                        self._master_of(p), self._moments(p))
         self.host.state[p] = st
         return st
 
@@ -475,6 +479,10 @@ class SparseUpdater(Updater):
         return self.host.guard.found_nonfinite(self.host.table.label(self.bad),
                                                self.host.step_count)
 
+    def _moments(self, p: torch.Tensor) -> torch.dtype:
+        """The dtype of p's compact moments (fp32, or bf16 under state_dtype="bf16")."""
+        return self.policy.state_format(p.dtype).moment_dtype
+
     def _master_of(self, p: torch.Tensor) -> torch.Tensor | None:
         """p, when its chosen elements keep fp32 masters (bf16/fp16 under the default)."""
         return p if self.policy.state_format(p.dtype) is MASTER else None
@@ -553,7 +561,8 @@ class SparseUpdater(Updater):
         p = self.host.table.params[i]
         st = self._state(p)
         if st is None:
-            self.host.state[p] = _new_state(pos.to(_index_dtype(p.numel())), self._master_of(p))
+            self.host.state[p] = _new_state(pos.to(_index_dtype(p.numel())), self._master_of(p),
+                                            self._moments(p))
             return
         n = pos.numel()
         for key in _rows(st):  # one row's new copy alive with the old at a time
@@ -617,14 +626,14 @@ class SparseUpdater(Updater):
         beta1, beta2 = group["betas"]
         eps = float(group["eps"])
         m, v = st["exp_avg"], st["exp_avg_sq"]
-        score = torch.empty_like(m)
+        score = torch.empty(m.shape, dtype=torch.float32, device=m.device)  # bf16 m: widened
         self.temp_bytes = max(self.temp_bytes, _nbytes(score))
         for a, b, t in _cohorts(st):
             seg = score[a:b]
             if t == 0:
                 seg.fill_(float("inf"))
                 continue
-            torch.div(v[a:b], 1 - float(beta2) ** t, out=seg).sqrt_().add_(eps)
+            seg.copy_(v[a:b]).div_(1 - float(beta2) ** t).sqrt_().add_(eps)
             seg.mul_(1 - float(beta1) ** t)
             torch.div(m[a:b], seg, out=seg).abs_()
         score.nan_to_num_(nan=0.0, posinf=float("inf"))
@@ -683,23 +692,25 @@ class SparseUpdater(Updater):
                              f"{tuple(idx.shape)}; expected a non-empty 1-D int32/int64 tensor")
         n = idx.numel()
         rows = ROWS
+        want = {k: self._moments(p) for k in ROWS}
         if self.policy.state_format(p.dtype) is MASTER:
             if not isinstance(st.get(MASTER_ROW), torch.Tensor):
                 raise ValueError(f"{where}: no {MASTER_ROW!r} entry; allowed: a state saved "
                                  "with fp32 master weights (build NTO with the master_weights "
                                  "of the run that saved it); nothing was loaded")
             rows = (*ROWS, MASTER_ROW)
+            want[MASTER_ROW] = torch.float32
         elif MASTER_ROW in st:
             raise ValueError(f"{where}: a {MASTER_ROW!r} entry, but this run keeps no master "
                              f"weights for {p.dtype} params; allowed: build NTO with the "
                              "master_weights of the run that saved it; nothing was loaded")
         for key in rows:
             v = st[key]
-            if v.dtype != torch.float32 or v.shape != (n,) or not v.is_contiguous() \
+            if v.dtype != want[key] or v.shape != (n,) or not v.is_contiguous() \
                     or v.device.type == "meta":
                 raise ValueError(f"{where}: {key} is a {v.dtype} tensor of shape "
                                  f"{tuple(v.shape)} on {v.device}; expected a contiguous "
-                                 f"torch.float32 tensor of {n} elements (one per index)")
+                                 f"{want[key]} tensor of {n} elements (one per index)")
         step, sizes = st.get("step"), st.get("sizes")
         ints = [v for v in (step, sizes) if isinstance(v, (list, tuple))
                 and all(type(x) is int for x in v)]
@@ -730,6 +741,8 @@ class SparseUpdater(Updater):
         if not self.policy.dense:
             return None
         out = adamw_entry(where, st, p, compact=True)
+        for key in ROWS:
+            out[key] = out[key].to(self._moments(p))
         if self._master_of(p) is not None:  # AdamW's weights are the param itself
             out[MASTER_ROW] = _gather(p, out["indices"])
         return out
@@ -776,8 +789,10 @@ class SparsePolicy(Policy):
     compact_grads = True
 
     def bytes_per_element(self, dtype: torch.dtype) -> int:
-        # compact fp32 grad, two fp32 moments, int32 index (+ an fp32 master for bf16/fp16)
-        return 4 + 8 + 4 + (4 if self.state_format(dtype) is MASTER else 0)
+        # compact fp32 grad, two fp32 (bf16) moments, int32 index (+ an fp32 master for
+        # bf16/fp16 params)
+        fmt = self.state_format(dtype)
+        return 4 + 2 * fmt.moment_dtype.itemsize + 4 + (4 if fmt is MASTER else 0)
 
     def costliest_dtype(self) -> torch.dtype:
         """The trainable dtype whose chosen elements cost the most (K is sized by it)."""
