@@ -11,7 +11,8 @@ The budget is an element count, searched by bisection with the real policy packi
 `NTO(params, budget=fit.budget_elements, policy=...)` trains exactly what was priced. The
 packing's peak need not grow monotonically with the budget (a larger budget can merge two
 units into one period), so "largest" means the boundary the bisection reaches: the budget
-fits and one element more does not. Sparse needs no search (16 B per chosen element; 12 with bf16 moments).
+fits and one element more does not. Sparse needs no search (16 B per chosen element;
+12 with bf16 moments).
 """
 
 from __future__ import annotations
