@@ -60,3 +60,14 @@ e2e --task lm --seeds 0 --switch-every 10 --tag sw10 --lr nto=5e-4 --configs nto
 e2e --task lm --seeds 0 --switch-every 30 --tag sw30 --lr nto=5e-4 --configs nto-block-10
 e2e "${A[@]}" --seeds 0 1 2 --tag head-lr5e-4 --lr nto=5e-4 --configs nto-block-10-head
 e2e "${A[@]}" --seeds 0 1 2 --tag head-lr2e-4 --lr nto=2e-4 --configs nto-block-10-head
+# 2026-12-04 evening (issues 20, 21): 8-bit moments in the bytes of fp32 10% with the
+# afternoon's best settings (the head in every period; a switch every step on the LM); the
+# state kept between periods on the LM (1 seed, stopped after sample); AdamW and block+head
+# at 6 seeds.
+e2e "${A[@]}" --seeds 0 1 2 --tag head-int8 --configs nto-block-10-head-int8
+e2e "${A[@]}" --seeds 0 --tag head-int8-lr1e-4 --lr nto=1e-4 --configs nto-block-10-head-int8
+e2e --task lm --seeds 0 1 2 --switch-every 1 --tag sw1-int8 --lr nto=5e-4 \
+    --configs nto-sample-10-int8 nto-block-10-int8
+e2e --task lm --seeds 0 --switch-every 1 --tag sw1-offload --lr nto=5e-4 \
+    --configs nto-sample-10-offload
+e2e "${A[@]}" --seeds 0 1 2 3 4 5 --tag head-lr5e-4 --lr nto=5e-4 --configs nto-block-10-head adamw

@@ -302,3 +302,16 @@ def test_sparse_checkpoint_moments_must_match_state_dtype():
 def test_sparse_refuses_int8_moments():
     with pytest.raises(ValueError, match="state_dtype='int8' does not apply to policy='sparse'"):
         NTO(_model(), budget="20%", policy="sparse", state_dtype="int8")
+
+
+def test_sparse_at_100_percent_imports_torch_adamw_state_rounded_to_bf16():
+    named = _model()
+    adamw = torch.optim.AdamW([p for _, p in named], lr=1e-2)
+    for _, p in named:
+        p.grad = torch.randn(p.shape)
+    adamw.step()
+    opt = NTO(named, lr=1e-2, budget="100%", policy="sparse", state_dtype="bf16")
+    opt.load_state_dict(adamw.state_dict())
+    for _, p in named:
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(opt.state[p][k], adamw.state[p][k].reshape(-1).bfloat16())
