@@ -77,6 +77,9 @@ class Plan:
     transient_bytes: int = 0
     regrow_fraction: float | None = None
     dtype_source: str = ""  # where `dtype` came from: "dtype=", "config torch_dtype", ...
+    # how the trained params' state is kept (nto_ext/formats): "fp32", "int8", "bf16",
+    # "master", "stochastic" (a mixed-dtype model may have two, "/"-joined)
+    state_format: str = "fp32"
     fit: Fit | None = None  # plan(..., fit=MEMORY): why this budget was chosen
 
     @property
@@ -98,6 +101,9 @@ class Plan:
             f"dtype {self.dtype}" + (f" ({self.dtype_source})" if self.dtype_source else ""),
             f"model: {self.total_elements:,} elements in {self.total_tensors} tensors, "
             f"weights {format_bytes(self.weights_bytes)} (resident, outside the budget)",
+            f"state format: {self.state_format}" + (f" ({_FORMAT_WORDS[self.state_format]})"
+                                                   if self.state_format in _FORMAT_WORDS
+                                                   else ""),
             "",
             f"{'block':<36} {'kind':<6} {'tensors':>7} {'elements':>13} {'NTO bytes':>12}",
         ]
@@ -243,11 +249,19 @@ def config_dtype(config: Any) -> tuple[torch.dtype, str]:
     return _DTYPES[text], "the config's torch_dtype"
 
 
+_FORMAT_WORDS = {"fp32": "fp32 moments, 8 B per element", "int8": "8-bit moments in blocks "
+                 "of 256, 2.03 B per element", "bf16": "bf16 moments, 4 B per element",
+                 "master": "fp32 moments and an fp32 master, 12 B per element",
+                 "stochastic": "fp32 moments, stochastic rounding, 8 B per element"}
+
+
 def _plan_fields(pol: ScheduledPolicy | SparsePolicy, infos: list[ParamInfo],
                  want: torch.dtype | None) -> dict[str, Any]:
     """What every policy's Plan says alike: the budget, dtype, sizes and AdamW's state."""
     dtypes = sorted({str(i.dtype).removeprefix("torch.") for i in infos})
+    formats = sorted({pol.state_format(i.dtype).name for i in infos if i.trainable})
     return dict(
+        state_format="/".join(formats) or "fp32",
         policy=pol.name, budget=pol.budget.text, budget_kind=pol.budget.kind,
         budget_amount=pol.budget.amount,
         dtype=str(want).removeprefix("torch.") if want else "/".join(dtypes),

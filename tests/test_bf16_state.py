@@ -235,6 +235,9 @@ def test_plan_knows_the_bf16_cost():
     fp32, bf16 = plan(model, "1200KiB"), plan(model, "1200KiB", state_dtype="bf16")
     assert max(g.elements for g in bf16.groups) > 1.2 * max(g.elements for g in fp32.groups)
     assert BF16.state_bytes(257) == 4 * 257
+    assert "state format: bf16 (bf16 moments, 4 B per element)" in str(bf16)
+    assert "state format: fp32 (fp32 moments" in str(fp32)
+    assert bf16.to_dict()["state_format"] == "bf16"
 
 
 # ------------------------------------------------------------------- sparse
