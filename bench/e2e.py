@@ -297,15 +297,17 @@ def run_one(spec: RunSpec) -> dict:
     dtype = spec.extra.get("dtype", "fp32")
     if dtype != "fp32":  # the weights as a GPU user loads them (torch_dtype=torch.bfloat16)
         model.to(getattr(torch, DTYPES[dtype]))
+    device = torch.device(spec.extra.get("device", "cpu"))
+    model.to(device)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         opt, model, info = build_optimizer(spec, task, model)
     rss_loaded = demo.current_rss()
     torch.manual_seed(spec.seed)  # same dropout masks
-    out = _train(spec, model, opt, batches)
+    out = _train(spec, model, opt, batches, device)
     model.float()  # held-out loss judged in fp32 for every dtype: the weights decide, not the
     # precision of the evaluation (bf16 weights are exact in fp32)
-    out.update(demo._evaluate(spec.config, model, test, task, torch.device("cpu")))
+    out.update(demo._evaluate(spec.config, model, test, task, device))
     out.update(info)
     out.update({"config": spec.config, "seed": spec.seed, "task": spec.task,
                 "majority_baseline": majority, "rss_after_load": rss_loaded,
@@ -325,21 +327,30 @@ def _prepared_batches(r, tokenizer, spec: RunSpec):
     return demo._batches(train, spec.steps, spec.batch_size, spec.seed), test, majority
 
 
-def _train(spec: RunSpec, model, opt, batches) -> dict:
+def _train(spec: RunSpec, model, opt, batches, device) -> dict:
+    import torch
+
     is_nto = type(opt).__name__ == "NTO"
     losses, times, opt_times, peak, trainable = [], [], [], {"total_bytes": -1}, 0
+
+    def now() -> float:  # a GPU's queued work is part of the step it belongs to
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
     model.train()
     for batch in batches:  # drawn (and tokenized) outside the timer
-        t0 = time.perf_counter()
+        batch = {k: v.to(device) for k, v in batch.items()}
+        t0 = now()
         loss = model(**batch).loss
         loss.backward()
-        t1 = time.perf_counter()
+        t1 = now()
         mem_bwd = measure(model, opt)
         trainable = max(trainable, sum(p.numel() for p in model.parameters()
                                        if p.grad is not None))
-        t2 = time.perf_counter()
+        t2 = now()
         opt.step()
-        t3 = time.perf_counter()
+        t3 = now()
         for mem in (mem_bwd, measure(model, opt)):
             if mem["total_bytes"] > peak["total_bytes"]:
                 peak = mem
@@ -521,8 +532,10 @@ def environment() -> dict:
     import torch
     import transformers
 
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     return {"date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
-            "machine": f"{platform.machine()} {_cpu_name()}, {os.cpu_count()} logical CPUs",
+            "machine": f"{platform.machine()} {_cpu_name()}, {os.cpu_count()} logical CPUs"
+                       f"{gpu}",
             "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "loadavg_start": os.getloadavg()}
 
@@ -562,6 +575,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--nice", type=int, default=10, help="niceness of each child (0: off)")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32",
                    help="dtype the model's weights are trained in (evaluation in fp32)")
+    p.add_argument("--device", default="cpu",
+                   help="where the model trains and is evaluated (cpu, cuda)")
     p.add_argument("--out", default="docs/results")
     p.add_argument("--tag", default="", help="suffix of the output file names")
     p.add_argument("--lr", nargs="+", default=[], metavar="FAMILY=LR",
@@ -618,6 +633,8 @@ def main(argv: list[str] | None = None) -> int:
     extra: dict[str, Any] = {"lr": lr_override} if lr_override else {}
     if args.dtype != "fp32":
         extra["dtype"] = args.dtype
+    if args.device != "cpu":
+        extra["device"] = args.device
     env = environment()
     command = "python bench/e2e.py " + " ".join(sys.argv[1:])
     for seed in args.seeds:

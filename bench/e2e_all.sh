@@ -71,3 +71,12 @@ e2e --task lm --seeds 0 1 2 --switch-every 1 --tag sw1-int8 --lr nto=5e-4 \
 e2e --task lm --seeds 0 --switch-every 1 --tag sw1-offload --lr nto=5e-4 \
     --configs nto-sample-10-offload
 e2e "${A[@]}" --seeds 0 1 2 3 4 5 --tag head-lr5e-4 --lr nto=5e-4 --configs nto-block-10-head adamw
+# Issue 19 on a GPU (the lent H200, 2026-12-04 18:02 UTC; bf16 matmuls are ~16x slower than
+# fp32 on this CPU): SmolLM2-135M in bf16 and in fp32, the two lines side by side. The model
+# and the BBC corpus were carried to the device (the GGUF in two parts, staged under
+# PYTHONPATH=/tmp/site; the gguf wheel installed with --no-deps). The bf16 line reached
+# seeds 0 and 1 before the time limit.
+#   e2e --task lm --device cuda --dtype bf16 --seeds 0 1 2 --lr full=5e-5 nto=5e-4 \
+#       --tag gpu-bf16 --configs nto-block-10 nto-block-10-plain adamw
+#   e2e --task lm --device cuda --seeds 0 1 2 --lr full=5e-5 nto=5e-4 --tag gpu-fp32 \
+#       --configs nto-block-10 adamw
