@@ -107,6 +107,8 @@ CONFIGS: dict[str, tuple[str, str]] = {
                            "nto-sample-10"),
     "nto-block-10-head-int8": ("nto", "nto-block-10-head with 8-bit moments within its "
                                "bytes (about 2x the elements at once)"),
+    "nto-sample-10-bf16m": ("nto", "NTO sample, bf16 moments (state_dtype='bf16') within the "
+                            "bytes of nto-sample-10 (about 1.5x the elements at once)"),
     "nto-block-10-offload": ("nto", "NTO block, budget 10%, descending, each param's state "
                              "kept on the host between its periods (state_on_switch='offload')"),
     "nto-sample-10-offload": ("nto", "NTO sample, budget 10%, state kept on the host between "
@@ -192,7 +194,7 @@ def build_optimizer(spec: RunSpec, task: str, model):
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=demo.WEIGHT_DECAY,
                                  foreach=True), model, info
     if name.startswith("nto-"):
-        # nto-POLICY-PCT[-drop|-offload][-head][-importance][-plain|-sr][-int8]
+        # nto-POLICY-PCT[-drop|-offload][-head][-importance][-plain|-sr][-int8|-bf16m]
         _, policy, pct, *how = name.split("-")
         extra: dict[str, Any] = {"order": "descending"} if policy == "block" else {}
         for flag, kwargs in (("plain", {"master_weights": False}),  # issue 19's rows
@@ -208,11 +210,12 @@ def build_optimizer(spec: RunSpec, task: str, model):
             extra["always"] = tuple(b for b in ("head", "other") if b in _units(model))
             info["always"] = extra["always"]
         budget = f"{pct}%"
-        if "int8" in how:  # issue 20: the bytes of fp32 state at pct% hold ~2x the elements
-            how.remove("int8")
-            extra["state_dtype"] = "int8"
-            if float(pct) < 100:
-                budget = f"{round(float(pct) / 100 * total * 12)}B"
+        for moments in ("int8", "bf16m"):  # issue 20: the bytes of fp32 state at pct% hold
+            if moments in how:  # ~2x (int8) / 1.5x (bf16 moments) the elements
+                how.remove(moments)
+                extra["state_dtype"] = moments.removesuffix("m")
+                if float(pct) < 100:
+                    budget = f"{round(float(pct) / 100 * total * 12)}B"
         if how:
             extra["state_on_switch"] = how[0]
         info["budget"] = budget

@@ -80,3 +80,6 @@ e2e "${A[@]}" --seeds 0 1 2 3 4 5 --tag head-lr5e-4 --lr nto=5e-4 --configs nto-
 #       --tag gpu-bf16 --configs nto-block-10 nto-block-10-plain adamw
 #   e2e --task lm --device cuda --seeds 0 1 2 --lr full=5e-5 nto=5e-4 --tag gpu-fp32 \
 #       --configs nto-block-10 adamw
+# bf16 moments (state_dtype="bf16") in the bytes of fp32 10%: ~1.5x the elements (issue 20)
+e2e --task lm --seeds 0 1 2 --switch-every 1 --tag sw1-bf16m --lr nto=5e-4 \
+    --configs nto-sample-10-bf16m
