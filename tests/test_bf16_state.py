@@ -14,7 +14,13 @@ import pytest
 import test_reliability as rel
 import torch
 from hypothesis import given
-from test_int8 import _model, _steps, check_resume_in_a_fresh_process, cpu_variant_outputs
+from test_int8 import (
+    _model,
+    _steps,
+    budget_runs_with_state_dtype,
+    check_resume_in_a_fresh_process,
+    cpu_variant_outputs,
+)
 
 from nto_ext import NTO, _reference, ops
 from nto_ext.formats import BF16
@@ -146,15 +152,7 @@ def test_memory_model_and_report_count_4_bytes_per_element():
 @rel.RUN_SETTINGS
 @given(run=rel.budget_runs(widths=(1, 8)))
 def test_budget_invariant_with_bf16_state(policy, kind, run):
-    torch.set_num_threads(1)
-    for dtype, fmt in (("bf16s", {"state_dtype": "bf16"}),
-                       ("bf16s-mixed", {"state_dtype": "bf16", "master_weights": False})):
-        rel.DTYPES[dtype] = torch.float32 if dtype == "bf16s" else None
-        rel.FORMAT_ARGS[dtype] = fmt
-        try:
-            rel._budget_run(policy, kind, dtype, run)
-        finally:
-            del rel.DTYPES[dtype], rel.FORMAT_ARGS[dtype]
+    budget_runs_with_state_dtype("bf16", policy, kind, run)
 
 
 def test_resume_in_a_fresh_process_is_bit_exact_and_offload_keeps_bf16(tmp_path):
@@ -162,17 +160,24 @@ def test_resume_in_a_fresh_process_is_bit_exact_and_offload_keeps_bf16(tmp_path)
     assert {st["exp_avg"].dtype for st in opt.offloaded.values()} == {torch.bfloat16}
 
 
-def test_torch_adamw_state_imports_rounded_to_bf16():
+def _imports_adamw_rounded_to_bf16(policy: str) -> None:
+    """torch AdamW's state loaded into NTO at 100% with bf16 moments: each moment rounded
+    (flat under sparse, whose state is compact)."""
     named = _model()
     adamw = torch.optim.AdamW([p for _, p in named], lr=1e-2)
     for _, p in named:
         p.grad = torch.randn(p.shape)
     adamw.step()
-    opt = NTO(named, lr=1e-2, budget="100%", state_dtype="bf16")
+    opt = NTO(named, lr=1e-2, budget="100%", policy=policy, state_dtype="bf16")
     opt.load_state_dict(adamw.state_dict())
     for _, p in named:
         for k in ("exp_avg", "exp_avg_sq"):
-            assert torch.equal(opt.state[p][k], adamw.state[p][k].bfloat16())
+            want = adamw.state[p][k].bfloat16()
+            assert torch.equal(opt.state[p][k], want.reshape(opt.state[p][k].shape))
+
+
+def test_torch_adamw_state_imports_rounded_to_bf16():
+    _imports_adamw_rounded_to_bf16("block")
 
 
 @pytest.mark.parametrize("saved,loaded", [("bf16", "fp32"), ("fp32", "bf16"),
@@ -308,13 +313,4 @@ def test_sparse_refuses_int8_moments():
 
 
 def test_sparse_at_100_percent_imports_torch_adamw_state_rounded_to_bf16():
-    named = _model()
-    adamw = torch.optim.AdamW([p for _, p in named], lr=1e-2)
-    for _, p in named:
-        p.grad = torch.randn(p.shape)
-    adamw.step()
-    opt = NTO(named, lr=1e-2, budget="100%", policy="sparse", state_dtype="bf16")
-    opt.load_state_dict(adamw.state_dict())
-    for _, p in named:
-        for k in ("exp_avg", "exp_avg_sq"):
-            assert torch.equal(opt.state[p][k], adamw.state[p][k].reshape(-1).bfloat16())
+    _imports_adamw_rounded_to_bf16("sparse")

@@ -279,15 +279,22 @@ def test_budget_invariant_with_8bit_state(policy, kind, run):
     """test_reliability's invariant (measured storage within the budget at every point)
     with state_dtype="int8", fp32 params and a bf16/fp32 mix (no masters), whole tensors
     and ranges of rows."""
+    budget_runs_with_state_dtype("int8", policy, kind, run)
+
+
+def budget_runs_with_state_dtype(state_dtype: str, policy: str, kind: str, run: dict) -> None:
+    """test_reliability's budget run with `state_dtype` moments: fp32 params, then a
+    bf16/fp32 mix updated in place (no masters)."""
     torch.set_num_threads(1)
-    for dtype, fmt in (("int8", {"state_dtype": "int8"}),
-                       ("int8-mixed", {"state_dtype": "int8", "master_weights": False})):
-        rel.DTYPES[dtype] = torch.float32 if dtype == "int8" else None
-        rel.FORMAT_ARGS[dtype] = fmt
+    for name, dtype, fmt in ((f"{state_dtype}-moments", torch.float32, {}),  # own keys:
+                             (f"{state_dtype}-moments-mixed", None,  # rel's stay as they are
+                              {"master_weights": False})):
+        rel.DTYPES[name] = dtype
+        rel.FORMAT_ARGS[name] = {"state_dtype": state_dtype, **fmt}
         try:
-            rel._budget_run(policy, kind, dtype, run)
+            rel._budget_run(policy, kind, name, run)
         finally:
-            del rel.DTYPES[dtype], rel.FORMAT_ARGS[dtype]
+            del rel.DTYPES[name], rel.FORMAT_ARGS[name]
 
 
 # ------------------------------------------------------------------- resume and offload

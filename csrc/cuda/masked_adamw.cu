@@ -423,10 +423,9 @@ void masked_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
       e.idx_mode = idx[i]->scalar_type() == at::kLong ? 2 : 1;
       e.g_dense = grads[i].numel() != idx[i]->numel();
     }
-    const bool bf16_state = exp_avgs[i].scalar_type() == at::kBFloat16;
-    groups[indexed][dtype_code(params[i].scalar_type())][dtype_code(grads[i].scalar_type())]
-          [bf16_state]
-              .push_back(e);
+    const int state = exp_avgs[i].scalar_type() == at::kBFloat16;  // 0: fp32, 1: bf16
+    const int pt = dtype_code(params[i].scalar_type()), gt = dtype_code(grads[i].scalar_type());
+    groups[indexed][pt][gt][state].push_back(e);
   }
 
   const AdamWScalars s = adamw_scalars(lr, beta1, beta2, eps, weight_decay);
