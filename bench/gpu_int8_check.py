@@ -29,7 +29,7 @@ def run(fn, dev, p, g, st, steps):
     p, st = p.clone().to(dev), [t.clone().to(dev) for t in st]
     g = g.to(dev)
     for s in steps:
-        fn([p], [g], [st[0]], [st[1]], [st[2]], [st[3]], ops._step_tensors(s, 1),
+        fn([p], [g], [st[0]], [st[1]], [st[2]], [st[3]], [None], ops._step_tensors(s, 1),
            1e-2, 0.9, 0.999, 1e-8, 0.1)
     return [t.cpu() for t in (p, *st)]
 

@@ -364,30 +364,35 @@ inline void check_adamw_meta(at::TensorList params, at::TensorList grads, at::Te
 inline void check_adamw_int8_entry(size_t i, const at::Tensor& p, const at::Tensor& g,
                                    const at::Tensor& m, const at::Tensor& v,
                                    const at::Tensor& sm, const at::Tensor& sv,
-                                   const at::Tensor& step, const at::Device& dev) {
+                                   const c10::optional<at::Tensor>& idx, const at::Tensor& step,
+                                   const at::Device& dev) {
   const char* op = "masked_adamw_int8_";
   check_param_grad(op, i, p, g, dev);
   check_tensor(op, "exp_avgs", i, m, {at::kChar}, "torch.int8", dev);
   check_tensor(op, "exp_avg_sqs", i, v, {at::kByte}, "torch.uint8", dev);
   check_tensor(op, "exp_avg_scales", i, sm, {at::kFloat}, "torch.float32", dev);
   check_tensor(op, "exp_avg_sq_scales", i, sv, {at::kFloat}, "torch.float32", dev);
-  const int64_t n = p.numel(), nb = (n + kQ8Block - 1) / kQ8Block;
+  const bool indexed = idx.has_value() && idx->defined();
+  if (indexed) check_index_meta(op, "indices", i, *idx, dev);
+  const int64_t n = indexed ? idx->numel() : p.numel(), nb = (n + kQ8Block - 1) / kQ8Block;
   const std::pair<const char*, std::pair<const at::Tensor*, int64_t>> sizes[] = {
       {"grads", {&g, n}}, {"exp_avgs", {&m, n}}, {"exp_avg_sqs", {&v, n}},
       {"exp_avg_scales", {&sm, nb}}, {"exp_avg_sq_scales", {&sv, nb}}};
   for (const auto& [name, tw] : sizes)
     TORCH_CHECK_VALUE(tw.first->numel() == tw.second, op, ": ", name, "[", i, "] has ",
-                      tw.first->numel(), " elements; allowed: ", tw.second, " (params[", i,
-                      "] has ", n, " elements, ", nb, " blocks of ", kQ8Block, ")");
+                      tw.first->numel(), " elements; allowed: ", tw.second, " (",
+                      indexed ? "indices[" : "params[", i, indexed ? "] holds " : "] has ", n,
+                      " elements, ", nb, " blocks of ", kQ8Block, ")");
   check_step_meta(op, i, step, dev);
 }
 
 inline void check_adamw_int8_meta(at::TensorList params, at::TensorList grads,
                                   at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                                   at::TensorList exp_avg_scales,
-                                  at::TensorList exp_avg_sq_scales, at::TensorList steps,
-                                  double lr, double beta1, double beta2, double eps,
-                                  double wd) {
+                                  at::TensorList exp_avg_sq_scales,
+                                  const c10::List<c10::optional<at::Tensor>>& indices,
+                                  at::TensorList steps, double lr, double beta1, double beta2,
+                                  double eps, double wd) {
   const char* op = "masked_adamw_int8_";
   check_adamw_hyper(lr, beta1, beta2, eps, wd, op);
   const size_t n = params.size();
@@ -396,21 +401,26 @@ inline void check_adamw_int8_meta(at::TensorList params, at::TensorList grads,
   check_same_length(op, "params", n, "exp_avg_sqs", exp_avg_sqs.size());
   check_same_length(op, "params", n, "exp_avg_scales", exp_avg_scales.size());
   check_same_length(op, "params", n, "exp_avg_sq_scales", exp_avg_sq_scales.size());
+  check_same_length(op, "params", n, "indices", indices.size());
   check_same_length(op, "params", n, "steps", steps.size());
   if (n == 0) return;
   const at::Device dev = params[0].device();
   for (size_t i = 0; i < n; ++i)
     check_adamw_int8_entry(i, params[i], grads[i], exp_avgs[i], exp_avg_sqs[i],
-                           exp_avg_scales[i], exp_avg_sq_scales[i], steps[i], dev);
+                           exp_avg_scales[i], exp_avg_sq_scales[i], indices.get(i), steps[i],
+                           dev);
   std::vector<Region> rs;
-  rs.reserve(7 * n);
+  rs.reserve(8 * n);
   for (size_t i = 0; i < n; ++i) {
-    add_region(rs, params[i], "params", i, Access::kWrite);
+    const c10::optional<at::Tensor> idx = indices.get(i);
+    const bool indexed = idx.has_value() && idx->defined();
+    add_region(rs, params[i], "params", i, indexed ? Access::kScatter : Access::kWrite);
     add_region(rs, grads[i], "grads", i, Access::kRead);
     add_region(rs, exp_avgs[i], "exp_avgs", i, Access::kWrite);
     add_region(rs, exp_avg_sqs[i], "exp_avg_sqs", i, Access::kWrite);
     add_region(rs, exp_avg_scales[i], "exp_avg_scales", i, Access::kWrite);
     add_region(rs, exp_avg_sq_scales[i], "exp_avg_sq_scales", i, Access::kWrite);
+    if (indexed) add_region(rs, *idx, "indices", i, Access::kRead);
     if (!dev.is_cpu() && steps[i].device() == dev)
       add_region(rs, steps[i], "steps", i, Access::kRead);
   }

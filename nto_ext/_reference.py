@@ -322,7 +322,7 @@ def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
     return x.double().sqrt().float()
 
 
-def _blocks(x: torch.Tensor, nb: int) -> torch.Tensor:
+def pad_blocks(x: torch.Tensor, nb: int) -> torch.Tensor:
     """Flat fp32 `x` zero padded to nb whole blocks, as [nb, Q8_BLOCK]."""
     out = torch.zeros(nb * Q8_BLOCK, dtype=torch.float32, device=x.device)
     out[:x.numel()] = x.reshape(-1)
@@ -334,12 +334,18 @@ def dequantize_q8(qm: torch.Tensor, sm: torch.Tensor, qw: torch.Tensor,
     """(exp_avg, exp_avg_sq) in fp32, [nb, Q8_BLOCK] (zero padded), from the 8-bit state:
     exp_avg = q|q| * scale, sqrt(exp_avg_sq) = w = q^2 * scale (squares of integers up to
     255 are exact in fp32: one rounding each), exp_avg_sq = w * w."""
-    nb = sm.numel()
-    q = _blocks(qm.reshape(-1).float(), nb)
-    m = (q * q.abs()) * sm.view(nb, 1)
-    q = _blocks(qw.reshape(-1).float(), nb)
-    w = (q * q) * sw.view(nb, 1)
+    m, w = dequantize_q8_roots(qm, sm, qw, sw)
     return m, w * w
+
+
+def dequantize_q8_roots(qm: torch.Tensor, sm: torch.Tensor, qw: torch.Tensor,
+                        sw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(exp_avg, w = sqrt(exp_avg_sq)) as `dequantize_q8` computes them."""
+    nb = sm.numel()
+    q = pad_blocks(qm.reshape(-1).float(), nb)
+    m = (q * q.abs()) * sm.view(nb, 1)
+    q = pad_blocks(qw.reshape(-1).float(), nb)
+    return m, (q * q) * sw.view(nb, 1)
 
 
 def _levels(x: torch.Tensor, scale: torch.Tensor, top: int) -> torch.Tensor:
@@ -374,63 +380,77 @@ def quantize_q8(m: torch.Tensor, w: torch.Tensor, numel: int):
     return qm, sm, u.reshape(-1)[:numel].to(torch.uint8), sw
 
 
-def _check_int8_entry(i: int, p, g, m, v, sm, sv, step, dev: torch.device) -> None:
+def _check_int8_entry(i: int, p, g, m, v, sm, sv, idx, step, dev: torch.device) -> None:
     op = _Q8_OP
     _check_param_grad(op, i, p, g, dev)
     _check_tensor(op, "exp_avgs", i, m, (torch.int8,), "torch.int8", dev)
     _check_tensor(op, "exp_avg_sqs", i, v, (torch.uint8,), "torch.uint8", dev)
     _check_tensor(op, "exp_avg_scales", i, sm, (torch.float32,), "torch.float32", dev)
     _check_tensor(op, "exp_avg_sq_scales", i, sv, (torch.float32,), "torch.float32", dev)
-    n = p.numel()
+    if idx is not None:
+        _check_index_meta(op, "indices", i, idx, dev)
+    n = p.numel() if idx is None else idx.numel()
+    of = f"params[{i}] has" if idx is None else f"indices[{i}] holds"
     for name, t, want in (("grads", g, n), ("exp_avgs", m, n), ("exp_avg_sqs", v, n),
                           ("exp_avg_scales", sm, q8_blocks(n)),
                           ("exp_avg_sq_scales", sv, q8_blocks(n))):
         if t.numel() != want:
             raise ValueError(f"{op}: {name}[{i}] has {t.numel()} elements; allowed: {want} "
-                             f"(params[{i}] has {n} elements, {q8_blocks(n)} blocks of "
-                             f"{Q8_BLOCK})")
+                             f"({of} {n} elements, {q8_blocks(n)} blocks of {Q8_BLOCK})")
     _check_step_meta(op, i, step, dev)
 
 
 def check_masked_adamw_int8(params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales,
-                            exp_avg_sq_scales, steps, lr, beta1, beta2, eps,
+                            exp_avg_sq_scales, indices, steps, lr, beta1, beta2, eps,
                             weight_decay) -> None:
     """Every argument check of masked_adamw_int8_, in the kernels' order."""
     op = _Q8_OP
     _check_hyper(lr, beta1, beta2, eps, weight_decay, op)
     _check_same_length(op, "params", len(params), grads=grads, exp_avgs=exp_avgs,
                        exp_avg_sqs=exp_avg_sqs, exp_avg_scales=exp_avg_scales,
-                       exp_avg_sq_scales=exp_avg_sq_scales, steps=steps)
+                       exp_avg_sq_scales=exp_avg_sq_scales, indices=indices, steps=steps)
     if not params:
         return
     dev = params[0].device if isinstance(params[0], torch.Tensor) else None
     for i in range(len(params)):
         _check_int8_entry(i, params[i], grads[i], exp_avgs[i], exp_avg_sqs[i],
-                          exp_avg_scales[i], exp_avg_sq_scales[i], steps[i], dev)
+                          exp_avg_scales[i], exp_avg_sq_scales[i], indices[i], steps[i], dev)
     for i in range(len(params)):
+        if indices[i] is not None:
+            _check_index_values(op, "indices", i, indices[i], params[i].numel(), f"params[{i}]")
         _check_steps_values(i, steps[i], op)
 
 
 def masked_adamw_int8_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
                        exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor],
                        exp_avg_scales: Sequence[torch.Tensor],
-                       exp_avg_sq_scales: Sequence[torch.Tensor], steps: Sequence[torch.Tensor],
+                       exp_avg_sq_scales: Sequence[torch.Tensor],
+                       indices: Sequence[torch.Tensor | None], steps: Sequence[torch.Tensor],
                        lr: float, beta1: float, beta2: float, eps: float,
                        weight_decay: float) -> None:
-    """In-place AdamW on whole tensors with 8-bit moments (formats/int8.py): per block of
-    Q8_BLOCK elements, dequantize (`dequantize_q8`), update in fp32 as masked_adamw_ does
-    but for sqrt(exp_avg_sq) (correctly rounded) multiplied by the fp32 1/sqrt(1-beta2^t)
-    instead of divided by sqrt(1-beta2^t) (one division less per element in the kernels),
-    requantize (`quantize_q8`). bf16/fp16 params are widened, updated and rounded back."""
+    """In-place AdamW with 8-bit moments (formats/int8.py) on whole tensors (indices[i]
+    None) or at sorted unique positions of the flattened param (indices[i]: the compact
+    state of policy="sparse"; grad, moments and blocks follow the positions' order, the
+    grad compact). Per block of Q8_BLOCK elements (positions), dequantize
+    (`dequantize_q8`), update in fp32 as masked_adamw_ does but for sqrt(exp_avg_sq)
+    (correctly rounded) multiplied by the fp32 1/sqrt(1-beta2^t) instead of divided by
+    sqrt(1-beta2^t) (one division less per element in the kernels), requantize
+    (`quantize_q8`). bf16/fp16 params are widened, updated and rounded back."""
     check_masked_adamw_int8(params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales,
-                            exp_avg_sq_scales, steps, lr, beta1, beta2, eps, weight_decay)
+                            exp_avg_sq_scales, indices, steps, lr, beta1, beta2, eps,
+                            weight_decay)
     with torch.no_grad():
-        for p, g, qm, qw, sm, sw, step in zip(params, grads, exp_avgs, exp_avg_sqs,
-                                              exp_avg_scales, exp_avg_sq_scales, steps):
-            n, nb = p.numel(), sm.numel()
+        for i, (p, g, qm, qw, sm, sw, idx, step) in enumerate(zip(
+                params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales,
+                indices, steps)):
+            flat = p.view(-1)
+            pos = None if idx is None else _positions_at_use(_Q8_OP, i, idx, flat.numel(),
+                                                             f"params[{i}]")
+            n, nb = qm.numel(), sm.numel()
             if n == 0:
                 continue
-            p32, g32 = _blocks(p.reshape(-1).float(), nb), _blocks(g.reshape(-1).float(), nb)
+            x = flat if pos is None else flat[pos]
+            p32, g32 = pad_blocks(x.float(), nb), pad_blocks(g.reshape(-1).float(), nb)
             m, v = dequantize_q8(qm, sm, qw, sw)
             t = float(step.item())
             p32.mul_(1 - lr * weight_decay)
@@ -439,7 +459,10 @@ def masked_adamw_int8_(params: Sequence[torch.Tensor], grads: Sequence[torch.Ten
             w = sqrt_rn(v)
             denom = (w * (1 / math.sqrt(1 - beta2**t))).add_(eps)  # a product, see the doc
             p32.addcdiv_(m, denom, value=-(lr / (1 - beta1**t)))
-            p.view(-1).copy_(p32.view(-1)[:n])
+            if pos is None:
+                flat.copy_(p32.view(-1)[:n])
+            else:
+                flat[pos] = p32.view(-1)[:n].to(p.dtype)
             new = quantize_q8(m, w, n)
             for dst, src in zip((qm, sm, qw, sw), new):
                 dst.view(-1).copy_(src)

@@ -43,7 +43,8 @@ SCHEMAS = {
                      "float beta1, float beta2, float eps, float weight_decay) -> ()",
     "masked_adamw_int8_": "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
                           "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] exp_avg_scales, "
-                          "Tensor(e!)[] exp_avg_sq_scales, Tensor[] steps, float lr, "
+                          "Tensor(e!)[] exp_avg_sq_scales, Tensor?[] indices, Tensor[] steps, "
+                          "float lr, "
                           "float beta1, float beta2, float eps, float weight_decay) -> ()",
     "masked_adamw_lowp_": "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
                           "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] masters, Tensor[] steps, "
@@ -326,13 +327,18 @@ def masked_adamw_int8_(params: Sequence[torch.Tensor], grads: Sequence[torch.Ten
                        exp_avg_scales: Sequence[torch.Tensor],
                        exp_avg_sq_scales: Sequence[torch.Tensor], steps: StepsArg, *,
                        lr: float, beta1: float, beta2: float, eps: float,
-                       weight_decay: float) -> None:
-    """masked_adamw_ (dense) with 8-bit moments: exp_avgs int8 and exp_avg_sqs uint8 (one
-    element per param element), exp_avg_scales / exp_avg_sq_scales fp32 (one per block of
-    256 elements); dequantized, updated and requantized in one pass per block. See
+                       weight_decay: float,
+                       indices: Sequence[torch.Tensor | None] | None = None) -> None:
+    """masked_adamw_ with 8-bit moments: exp_avgs int8 and exp_avg_sqs uint8 (one element
+    per updated element), exp_avg_scales / exp_avg_sq_scales fp32 (one per block of 256 of
+    them); dequantized, updated and requantized in one pass per block. indices (None: all
+    dense): per param None, or sorted unique int32/int64 positions in the flattened param
+    whose compact grad, moments and blocks follow their order (policy="sparse"). See
     `_reference.masked_adamw_int8_` (the spec) and nto_ext/formats/int8.py."""
-    _op("masked_adamw_int8_")(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs),
-                              list(exp_avg_scales), list(exp_avg_sq_scales),
+    params = list(params)
+    indices = [None] * len(params) if indices is None else list(indices)
+    _op("masked_adamw_int8_")(params, list(grads), list(exp_avgs), list(exp_avg_sqs),
+                              list(exp_avg_scales), list(exp_avg_sq_scales), indices,
                               _step_tensors(steps, len(params), "masked_adamw_int8_"),
                               float(lr), float(beta1), float(beta2), float(eps),
                               float(weight_decay))

@@ -307,10 +307,5 @@ def test_sparse_checkpoint_moments_must_match_state_dtype():
         other.load_state_dict(sd)
 
 
-def test_sparse_refuses_int8_moments():
-    with pytest.raises(ValueError, match="state_dtype='int8' does not apply to policy='sparse'"):
-        NTO(_model(), budget="20%", policy="sparse", state_dtype="int8")
-
-
 def test_sparse_at_100_percent_imports_torch_adamw_state_rounded_to_bf16():
     _imports_adamw_rounded_to_bf16("sparse")

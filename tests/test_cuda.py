@@ -478,10 +478,12 @@ def _q8_state(n: int, gen: torch.Generator) -> list[torch.Tensor]:
             torch.randint(0, 256, (n,), generator=gen, dtype=torch.uint8), sm, sw]
 
 
-def _run_int8(op, device, p, g, st, steps):
+def _run_int8(op, device, p, g, st, steps, indices=None):
+    """indices: None (dense) or the positions in p that g and st follow (compact)."""
     p, g, st = p.clone().to(device), g.to(device), [t.clone().to(device) for t in st]
+    idx = None if indices is None else indices.to(device)
     for s in steps:
-        op([p], [g], [st[0]], [st[1]], [st[2]], [st[3]], ops._step_tensors(s, 1),
+        op([p], [g], [st[0]], [st[1]], [st[2]], [st[3]], [idx], ops._step_tensors(s, 1),
            1e-2, 0.9, 0.999, 1e-8, 0.1)
     return [t.cpu() for t in (p, *st)]
 
@@ -520,6 +522,32 @@ def test_masked_adamw_int8_agrees_with_cpu(pdtype, gdtype, steps):
         assert not where, f"n={n}: {where}"
 
 
+@pytest.mark.parametrize("pdtype,gdtype", [(torch.float32, torch.float32),
+                                           (torch.bfloat16, torch.bfloat16),
+                                           (torch.bfloat16, torch.float32),
+                                           (torch.float16, torch.float16)])
+@pytest.mark.parametrize("idx_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("steps", [(1,), (1, 5)])
+def test_masked_adamw_int8_indexed_agrees_with_cpu(pdtype, gdtype, idx_dtype, steps):
+    """Indexed (policy="sparse": sorted unique positions in a bigger param, compact grad and
+    state): CUDA == the CPU kernel bit for bit, and the params at no position untouched."""
+    for n in Q8_SIZES:
+        gen = torch.Generator().manual_seed(n)
+        numel = 2 * n + 37
+        pos = torch.randperm(numel, generator=gen)[:n].sort().values.to(idx_dtype)
+        p = torch.randn(numel, generator=gen).to(pdtype)
+        g = (torch.randn(n, generator=gen) * 1e-3).to(gdtype)
+        st = _q8_state(n, gen)
+        got = _run_int8(_cuda_op("masked_adamw_int8_"), DEV, p, g, st, steps, pos)
+        want = _run_int8(_cpu_or_reference("masked_adamw_int8_"), "cpu", p, g, st, steps, pos)
+        where = _first_difference(got, want, ("param", "exp_avg", "exp_avg_sq",
+                                              "exp_avg_scale", "exp_avg_sq_scale"))
+        assert not where, f"n={n} {idx_dtype}: {where}"
+        rest = torch.ones(numel, dtype=torch.bool)
+        rest[pos.long()] = False
+        assert torch.equal(got[0][rest], p[rest]), f"n={n}: an element at no position changed"
+
+
 @pytest.mark.parametrize("shifted", ["p", "g", "exp_avg", "exp_avg_sq"])
 def test_masked_adamw_int8_unaligned_tensors_take_the_scalar_path(shifted):
     """A tensor at an odd offset (a view into a bigger one) cannot take the 16-/8-byte vector
@@ -538,7 +566,7 @@ def test_masked_adamw_int8_unaligned_tensors_take_the_scalar_path(shifted):
     sc = [t.clone().to(DEV) for t in st[2:]]
     for s in (1, 2):
         _cuda_op("masked_adamw_int8_")([dev["p"]], [dev["g"]], [dev["exp_avg"]],
-                                       [dev["exp_avg_sq"]], [sc[0]], [sc[1]],
+                                       [dev["exp_avg_sq"]], [sc[0]], [sc[1]], [None],
                                        ops._step_tensors(s, 1), 1e-2, 0.9, 0.999, 1e-8, 0.1)
     got = [t.cpu() for t in (dev["p"], dev["exp_avg"], dev["exp_avg_sq"], *sc)]
     where = _first_difference(got, want, ("param", "exp_avg", "exp_avg_sq", "exp_avg_scale",

@@ -54,7 +54,7 @@ def test_dense_adamw_kernel_fits_two_blocks_per_sm_without_spills():
         elif m := re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line):
             assert m.groups() == ("0", "0"), f"{kernel} spills: {line}"
     dense = {k: v for k, v in regs.items() if "dense_kernel" in k}
-    assert len(dense) == 5 and all(v <= 64 for v in dense.values()), dense
+    assert len(dense) >= 5 and all(v <= 64 for v in dense.values()), dense  # + bf16 moments
     assert any("indexed_kernel" in k for k in regs), regs
 
 

@@ -503,12 +503,141 @@ def test_masked_adamw_int8(emu):
             for op in (emu.masked_adamw_int8_, _cpu("masked_adamw_int8_")):
                 c = [[t.clone() if t.storage_offset() == 0 else view(t.clone(), 1)
                       for t in col] for col in cols]
-                op(*c, *HYPER)
+                op(*c[:6], [None] * len(c[0]), c[6], *HYPER)
                 runs.append([t for col in c[:6] for t in col])
             where = f"{pdtype} {gdtype} odd={odd}"
             for g, w in zip(*runs):
                 torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=True,
                                            msg=lambda m, where=where: f"{where}: {m}")
+
+
+def _q8_indexed_case(sizes, pdtype, gdtype, idx_dtype, gen, spare=37):
+    """Columns of masked_adamw_int8_ (steps last) for sorted unique positions of n = each
+    size in params of 2n + spare elements; the grad and state compact."""
+    cols = [[] for _ in range(8)]
+    for n in sizes:
+        numel, nb = 2 * n + spare, _reference.q8_blocks(n)
+        pos = torch.randperm(numel, generator=gen)[:n].sort().values.to(idx_dtype)
+        g = torch.randn(n, generator=gen) * torch.logspace(-4, 0, n)
+        if n > 700:
+            g[5], g[700] = float("nan"), float("inf")
+        vals = (torch.randn(numel, generator=gen).to(pdtype), g.to(gdtype),
+                torch.randint(-127, 128, (n,), generator=gen).to(torch.int8),
+                torch.randint(0, 256, (n,), generator=gen).to(torch.uint8),
+                torch.rand(nb, generator=gen) * 1e-4, torch.rand(nb, generator=gen) * 1e-6,
+                pos, torch.tensor([3.0], dtype=torch.float64))
+        for c, v in zip(cols, vals):
+            c.append(v)
+    return cols
+
+
+def _run_q8(op, cols, steps=(3.0,)):
+    c = [[None if t is None else t.clone() for t in col] for col in cols]
+    for s in steps:
+        op(*c[:7], [torch.tensor([s], dtype=torch.float64)] * len(c[0]), *HYPER)
+    return c
+
+
+@pytest.mark.parametrize("idx_dtype", (torch.int32, torch.int64))
+def test_masked_adamw_int8_indexed(emu, idx_dtype):
+    """Indexed (policy="sparse"): the CUDA kernel gathers p at the positions, the compact
+    grad and state as the dense path: the CPU kernel's bits, partial blocks included, and
+    the params' elements at no position untouched; dense and indexed tensors in one call,
+    and a grad and moments at an odd offset (their scalar-load variant)."""
+    gen = torch.Generator().manual_seed(6)
+    sizes = (1, 255, 256, 257, 2 * 256 * 8, 4097)
+    for pdtype, gdtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                           (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32),
+                           (torch.float16, torch.float16)):
+        cols = _q8_indexed_case(sizes, pdtype, gdtype, idx_dtype, gen)
+        cols[6][2] = None  # a dense tensor among indexed ones
+        cols[0][2] = cols[0][2][:256]
+        cols[1][-1] = torch.cat([cols[1][-1].new_zeros(1), cols[1][-1]])[1:]  # unaligned g
+        cols[2][-2] = torch.cat([cols[2][-2].new_zeros(1), cols[2][-2]])[1:]  # unaligned qm
+        got, want = _run_q8(emu.masked_adamw_int8_, cols, (1.0, 2.0)), _run_q8(
+            _cpu("masked_adamw_int8_"), cols, (1.0, 2.0))
+        where = f"{pdtype} {gdtype} {idx_dtype}"
+        for k, (g, w) in enumerate(zip([t for col in got[:6] for t in col],
+                                       [t for col in want[:6] for t in col])):
+            torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=True,
+                                       msg=lambda m, k=k, where=where: f"{where} [{k}]: {m}")
+        for p0, p1, pos in zip(cols[0], got[0], cols[6]):
+            if pos is not None:
+                rest = torch.ones(p0.numel(), dtype=torch.bool)
+                rest[pos.long()] = False
+                assert torch.equal(p1[rest], p0[rest]), where  # not indexed: untouched
+                assert not torch.equal(p1[~rest], p0[~rest]), where
+
+
+def test_masked_adamw_int8_bad_indices_raise_the_cpu_errors_before_any_write(emu):
+    def args(idx):
+        gen = torch.Generator().manual_seed(8)
+        n = idx.numel()
+        return ([torch.randn(300, generator=gen)], [torch.randn(n, generator=gen)],
+                [torch.randint(-127, 128, (n,), generator=gen).to(torch.int8)],
+                [torch.randint(0, 256, (n,), generator=gen).to(torch.uint8)],
+                [torch.rand(2, generator=gen)], [torch.rand(2, generator=gen)], [idx],
+                [torch.tensor([1.0], dtype=torch.float64)], *HYPER)
+    ok = torch.arange(0, 299, dtype=torch.int32)[:260]
+    bad = []
+    for dtype in (torch.int32, torch.int64):
+        for j, value in ((259, 300), (0, -1), (259, 2**31 - 1), (130, 129), (3, 1)):
+            x = ok.to(dtype).clone()
+            x[j] = value  # out of range, negative, huge, a duplicate, not sorted
+            bad.append(x)
+    for idx in bad:
+        a = args(idx)
+        before = [t.clone() for lst in a[:6] for t in lst]
+        got = _error(lambda a=a: emu.masked_adamw_int8_(*a))
+        want = _error(lambda idx=idx: _cpu("masked_adamw_int8_")(*args(idx)))
+        assert want[0] is not None and got == want, (idx.dtype, got, want)
+        assert all(torch.equal(x, y) for x, y in zip([t for lst in a[:6] for t in lst], before))
+
+
+def test_masked_adamw_int8_index_changed_after_the_check_skips_its_block(emu):
+    """As masked_adamw_'s check at use, per quantization block as on the CPU: a raw write
+    (no version bump: the cached facts go stale) puts a position out of range; the kernel
+    leaves that block (params at its positions, levels, scales) untouched, updates the
+    others, and the next call raises naming the op, tensor and position."""
+    def args(idx):
+        gen = torch.Generator().manual_seed(9)
+        n, nb = idx.numel(), _reference.q8_blocks(idx.numel())
+        return [[torch.randn(600, generator=gen)], [torch.randn(n, generator=gen)],
+                [torch.randint(-127, 128, (n,), generator=gen).to(torch.int8)],
+                [torch.randint(0, 256, (n,), generator=gen).to(torch.uint8)],
+                [torch.rand(2, generator=gen)[:nb]], [torch.rand(2, generator=gen)[:nb]],
+                [idx], [torch.tensor([1.0], dtype=torch.float64)], *HYPER]
+
+    idx = torch.arange(0, 600, 2)  # 300 positions: a whole block and a partial one
+    emu.masked_adamw_int8_(*args(idx))  # checked, facts cached
+    want = args(idx)  # block 0 alone, on the CPU
+    want[6] = [idx[:256].clone()]
+    for k in (1, 2, 3):
+        want[k][0] = want[k][0][:256]
+    for k in (4, 5):
+        want[k][0] = want[k][0][:1]
+    _cpu("masked_adamw_int8_")(*want)
+    idx.numpy()[260] = 600  # out of range for params[0], unseen by the cache
+    a, before = args(idx), args(idx)
+    emu.masked_adamw_int8_(*a)
+    block1 = idx[256:260].tolist() + idx[261:].tolist()
+    assert torch.equal(a[0][0][block1], before[0][0][block1])
+    for k in (2, 3):
+        assert torch.equal(a[k][0][:256], want[k][0]) and torch.equal(a[k][0][256:],
+                                                                      before[k][0][256:])
+    for k in (4, 5):
+        assert a[k][0][0] == want[k][0][0] and a[k][0][1] == before[k][0][1]
+    rest = torch.ones(600, dtype=torch.bool)
+    rest[idx[:256]] = False
+    assert torch.equal(a[0][0][~rest], want[0][0][~rest])
+    assert torch.equal(a[0][0][rest], before[0][0][rest])
+    small = args(torch.tensor([1, 2]))
+    with pytest.raises(IndexError, match=r"^masked_adamw_int8_: indices\[0\]\[260\] = 600 is "
+                       r"out of range for params\[0\] with 600 elements when the kernel read "
+                       r"it.*another thread changed indices\[0\].*quantization block"):
+        emu.masked_adamw_int8_(*small)
+    assert torch.equal(small[0][0], args(torch.tensor([1, 2]))[0][0])  # raised before writes
+    emu.masked_adamw_int8_(*small)  # cleared
 
 
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))

@@ -50,8 +50,8 @@ def _normal(n: int, seed: int) -> torch.Tensor:
 def _run(fn, p, g, state, steps, hyper=HYPER):
     p, state = p.clone(), [t.clone() for t in state]
     for s in steps:
-        fn([p], [g], [state[0]], [state[1]], [state[2]], [state[3]], ops._step_tensors(s, 1),
-           *hyper.values())
+        fn([p], [g], [state[0]], [state[1]], [state[2]], [state[3]], [None],
+           ops._step_tensors(s, 1), *hyper.values())
     return [p, *state]
 
 
@@ -272,7 +272,7 @@ def test_a_byte_budget_trains_about_twice_the_elements(budget):
 
 
 @pytest.mark.parametrize("kind", rel.KINDS)
-@pytest.mark.parametrize("policy", ["block", "sample"])
+@pytest.mark.parametrize("policy", ["block", "sample", "sparse"])
 @rel.RUN_SETTINGS
 @given(run=rel.budget_runs(widths=(1, 8)))
 def test_budget_invariant_with_8bit_state(policy, kind, run):
@@ -407,7 +407,6 @@ def test_torch_adamw_state_imports_quantized():
 @pytest.mark.parametrize("kw,err,msg", [
     ({"state_dtype": "fp16"}, ValueError, r"state_dtype='fp16'; allowed: 'fp32', 'int8', 'bf16'"),
     ({"state_dtype": 8}, ValueError, r"state_dtype=8; allowed"),
-    ({"state_dtype": "int8", "policy": "sparse"}, ValueError, "does not apply to policy='sparse'"),
     ({"state_dtype": "int8", "stochastic_rounding": True}, ValueError, "allowed: one of them"),
     ({"state_dtype": "int8", "master_weights": True}, ValueError, "allowed: one of them"),
     ({"state_dtype": "int8"}, ValueError, "pass master_weights=False"),  # bf16 params
@@ -424,7 +423,8 @@ def _op_args(n=300, **over):
     a = dict(params=[torch.zeros(n)], grads=[torch.zeros(n)],
              exp_avgs=[torch.zeros(n, dtype=torch.int8)],
              exp_avg_sqs=[torch.zeros(n, dtype=torch.uint8)], exp_avg_scales=[torch.zeros(nb)],
-             exp_avg_sq_scales=[torch.zeros(nb)], steps=ops._step_tensors(1, 1), **HYPER)
+             exp_avg_sq_scales=[torch.zeros(nb)], indices=[None], steps=ops._step_tensors(1, 1),
+             **HYPER)
     a.update(over)
     return list(a.values())
 

@@ -154,7 +154,7 @@ def test_masked_adamw_fp32_param_low_precision_grad_is_the_widened_grad(gdtype, 
     for op in (_kernel("masked_adamw_int8_"), _reference.masked_adamw_int8_):
         with pytest.raises(TypeError, match=r"masked_adamw_int8_: grads\[0\] has dtype "
                                             r"torch.bfloat16 but params\[0\] has torch.float32"):
-            op([p.clone()], [g.bfloat16()], [q[0]], [q[1]], [q[2]], [q[3]], _steps(1, 7),
+            op([p.clone()], [g.bfloat16()], [q[0]], [q[1]], [q[2]], [q[3]], [None], _steps(1, 7),
                *HYPER.values())
     with pytest.raises(TypeError, match=r"grads\[0\] has dtype torch.float16 but params\[0\] "
                                         r"has torch.bfloat16; allowed: torch.bfloat16 or "

@@ -94,14 +94,16 @@ inline bool all_indices_ok(const std::vector<IndexList>& lists) {
 // The IndexError for an index that passed the op's check but was out of range when the
 // kernel read it: another thread changed the index tensor during the call (see
 // index_fault.h). `j` is the position in indices[i]; `value` what the kernel read there.
+// `skipped`: what the kernel left undone for it.
 [[noreturn]] inline void raise_changed_index(const char* op, size_t i, int64_t j, int64_t value,
-                                             int64_t limit, const std::string& target) {
+                                             int64_t limit, const std::string& target,
+                                             const char* skipped) {
   TORCH_CHECK_INDEX(false, op, ": indices[", i, "][", j, "] = ", value, " is out of range for ",
                     target, " with ", limit,
                     " elements when the kernel read it, after it had passed the op's index "
                     "check: another thread changed indices[", i,
-                    "] during the call. That position was skipped (the in-range ones were "
-                    "updated); do not write to index tensors while an op uses them");
+                    "] during the call. ", skipped,
+                    "; do not write to index tensors while an op uses them");
   __builtin_unreachable();
 }
 
@@ -110,12 +112,14 @@ inline bool all_indices_ok(const std::vector<IndexList>& lists) {
 // name ("params[3]").
 template <class Limit, class Target>
 void raise_first_fault(const char* op, const std::vector<WorkItem>& items,
-                       const std::vector<IndexFault>& faults, Limit&& limit, Target&& target) {
+                       const std::vector<IndexFault>& faults, Limit&& limit, Target&& target,
+                       const char* skipped = "That position was skipped (the in-range ones "
+                                             "were updated)") {
   for (size_t w = 0; w < items.size(); ++w) {
     if (faults[w].at < 0) continue;
     const int64_t t = items[w].tensor;
     raise_changed_index(op, static_cast<size_t>(t), items[w].begin + faults[w].at,
-                        faults[w].value, limit(t), target(t));
+                        faults[w].value, limit(t), target(t), skipped);
   }
 }
 

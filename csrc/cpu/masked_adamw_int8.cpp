@@ -1,4 +1,5 @@
-// masked_adamw_int8_ on CPU: AdamW over whole tensors whose moments are stored in 8 bits
+// masked_adamw_int8_ on CPU: AdamW over whole tensors, or at sorted unique positions
+// (policy="sparse"), whose moments are stored in 8 bits
 // (nto_ext/formats/int8.py; the spec: nto_ext/_reference.py masked_adamw_int8_). Checks
 // everything first (metadata, step counts); then at::parallel_for over (tensor, chunk)
 // work items (chunks start on block boundaries), each running the per-capability block
@@ -11,6 +12,7 @@
 
 #include "../adamw_math.h"
 #include "../checks.h"
+#include "index_checks.h"
 #include "vec_kernels.h"
 #include "work_items.h"
 
@@ -24,37 +26,82 @@ FType ftype(c10::ScalarType t) {
   return t == at::kFloat ? FType::F32 : t == at::kBFloat16 ? FType::BF16 : FType::F16;
 }
 
+// The index tensor of each entry (undefined: dense).
+std::vector<at::Tensor> index_tensors(const c10::List<std::optional<at::Tensor>>& indices) {
+  std::vector<at::Tensor> idx(indices.size());
+  for (size_t i = 0; i < idx.size(); ++i) {
+    std::optional<at::Tensor> o = indices.get(i);
+    if (o.has_value() && o->defined()) idx[i] = *o;
+  }
+  return idx;
+}
+
+// Index values, then step counts, checked in the reference's order (per entry: indices,
+// then steps); the AdamW scalars of each entry.
+std::vector<AdamWScalars> checked_scalars(at::TensorList params,
+                                          const std::vector<at::Tensor>& idx,
+                                          at::TensorList steps, double lr, double beta1,
+                                          double beta2, double eps, double weight_decay) {
+  std::vector<IndexList> lists;
+  for (size_t i = 0; i < idx.size(); ++i)
+    if (idx[i].defined())
+      lists.push_back({&idx[i], params[i].numel(), "indices", i, "params"});
+  if (!all_indices_ok(lists)) {
+    size_t li = 0;
+    for (size_t i = 0; i < idx.size(); ++i) {  // name the first offence
+      if (idx[i].defined()) explain_first(kOp, lists[li++]);
+      checked_host_step(kOp, i, steps[i]);
+    }
+  }
+  return per_tensor_scalars(kOp, steps, lr, beta1, beta2, eps, weight_decay);
+}
+
 void masked_adamw_int8_cpu(at::TensorList params, at::TensorList grads,
                            at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                            at::TensorList exp_avg_scales, at::TensorList exp_avg_sq_scales,
+                           const c10::List<std::optional<at::Tensor>>& indices,
                            at::TensorList steps, double lr, double beta1, double beta2,
                            double eps, double weight_decay) {
   check_adamw_int8_meta(params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales,
-                        exp_avg_sq_scales, steps, lr, beta1, beta2, eps, weight_decay);
+                        exp_avg_sq_scales, indices, steps, lr, beta1, beta2, eps,
+                        weight_decay);
   const size_t n = params.size();
-  const auto scal = per_tensor_scalars(kOp, steps, lr, beta1, beta2, eps, weight_decay);
+  const std::vector<at::Tensor> idx = index_tensors(indices);
+  const auto scal = checked_scalars(params, idx, steps, lr, beta1, beta2, eps, weight_decay);
   std::vector<int64_t> sizes(n);
-  for (size_t i = 0; i < n; ++i) sizes[i] = params[i].numel();
+  for (size_t i = 0; i < n; ++i) sizes[i] = exp_avgs[i].numel();
   const auto items = make_work_items(sizes);
+  std::vector<IndexFault> faults(items.size());  // indices changed after the checks
   const auto& k = cpu_kernels();
   at::parallel_for(0, (int64_t)items.size(), 1, [&](int64_t lo, int64_t hi) {
     for (int64_t w = lo; w < hi; ++w) {
       const auto& it = items[w];
       const size_t t = it.tensor;
       const int64_t b = it.begin;
+      const at::Tensor& ix = idx[t];
       AdamWQ8Chunk c;
-      c.p = static_cast<char*>(params[t].data_ptr()) + b * params[t].element_size();
+      c.p = static_cast<char*>(params[t].data_ptr()) +
+            (ix.defined() ? 0 : b * params[t].element_size());
       c.g = static_cast<const char*>(grads[t].const_data_ptr()) + b * grads[t].element_size();
       c.qm = exp_avgs[t].data_ptr<int8_t>() + b;
       c.qw = exp_avg_sqs[t].data_ptr<uint8_t>() + b;
       c.sm = exp_avg_scales[t].data_ptr<float>() + b / kQ8Block;
       c.sw = exp_avg_sq_scales[t].data_ptr<float>() + b / kQ8Block;
+      c.idx64 = ix.defined() && ix.scalar_type() == at::kLong;
+      c.idx = ix.defined() ? static_cast<const char*>(ix.const_data_ptr()) + b * (c.idx64 ? 8 : 4)
+                           : nullptr;
       c.n = it.end - b;
+      c.p_numel = params[t].numel();
       c.p_type = ftype(params[t].scalar_type());
       c.g_type = ftype(grads[t].scalar_type());
-      k.adamw_q8(c, scal[t]);
+      k.adamw_q8(c, scal[t], &faults[w]);
     }
   });
+  raise_first_fault(
+      kOp, items, faults, [&](int64_t t) { return params[t].numel(); },
+      [](int64_t t) { return "params[" + std::to_string(t) + "]"; },
+      "Its block of 256 positions was skipped (a block's scales depend on all of them; the "
+      "other blocks were updated)");
 }
 
 }  // namespace

@@ -31,8 +31,10 @@ struct AdamWChunk {
   bool g_dense;     // indexed only: g is the dense grad, read at idx
 };
 
-// One work item of masked_adamw_int8_ (dense): n elements from a block boundary; p and g
-// at its first element, qm/qw (8-bit moments) too, sm/sw (scales) at its first block.
+// One work item of masked_adamw_int8_: n elements (positions) from a block boundary; g,
+// qm/qw (8-bit moments) and idx at its first one, sm/sw (scales) at its first block. Dense
+// (idx null): p at its first element too. Indexed: p at the flattened param's element 0,
+// the positions (< p_numel) in idx, the grad compact.
 struct AdamWQ8Chunk {
   void* p;
   const void* g;
@@ -40,9 +42,12 @@ struct AdamWQ8Chunk {
   uint8_t* qw;
   float* sm;
   float* sw;
+  const void* idx;  // null: dense
   int64_t n;
+  int64_t p_numel;
   FType p_type;
   FType g_type;
+  bool idx64;
 };
 
 // One work item of masked_adamw_lowp_ (dense, bf16/fp16 params and grads of that dtype):
@@ -71,7 +76,7 @@ struct StatsPartial {
 
 // fault: where an indexed chunk met a position out of range (see index_fault.h).
 using AdamWChunkFn = void (*)(const AdamWChunk&, const AdamWScalars&, IndexFault*);
-using AdamWQ8ChunkFn = void (*)(const AdamWQ8Chunk&, const AdamWScalars&);
+using AdamWQ8ChunkFn = void (*)(const AdamWQ8Chunk&, const AdamWScalars&, IndexFault*);
 using AdamWLowpChunkFn = void (*)(const AdamWLowpChunk&, const AdamWScalars&);
 using StatsChunkFn = void (*)(const void* x, FType t, int64_t n, StatsPartial* out);
 // select_topk's ranking key of each element: fp32 bits of |x| plus one, NaN -> 0.

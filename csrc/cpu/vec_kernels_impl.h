@@ -405,44 +405,74 @@ inline void adamw_q8_block(P* p, const G* g, int8_t* qm, uint8_t* qw, float* sm,
     qw[t] = static_cast<uint8_t>(static_cast<int>(uw[t]));
   }
 }
+// Indexed (policy="sparse"): the block's params are gathered from their positions into a
+// zero-padded copy, updated there with the dense block loop and scattered back. A block
+// with a position out of range (changed by another thread after the op's checks) is not
+// touched: `fault` notes it and the op raises after the pass (index_fault.h).
 template <typename P, typename G>
-void adamw_q8_chunk_t(const AdamWQ8Chunk& c, const AdamWScalars& s) {
+bool adamw_q8_indexed_block(const AdamWQ8Chunk& c, int64_t j, int64_t cnt, P* pb,
+                            int64_t* pos, IndexFault* fault) {
+  P* p = static_cast<P*>(c.p);
+  for (int64_t t = 0; t < cnt; ++t) {
+    const int64_t x = c.idx64 ? static_cast<const int64_t*>(c.idx)[j + t]
+                              : static_cast<const int32_t*>(c.idx)[j + t];
+    if (!in_range(x, c.p_numel)) {
+      fault->note(j + t, x);
+      return false;
+    }
+    pos[t] = x, pb[t] = p[x];
+  }
+  return true;
+}
+
+template <typename P, typename G>
+void adamw_q8_chunk_t(const AdamWQ8Chunk& c, const AdamWScalars& s, IndexFault* fault) {
   P* p = static_cast<P*>(c.p);
   const G* g = static_cast<const G*>(c.g);
   for (int64_t j = 0, b = 0; j < c.n; j += kQ8Block, ++b) {
     const int64_t cnt = std::min<int64_t>(kQ8Block, c.n - j);
-    if (cnt == kQ8Block) {
+    if (cnt == kQ8Block && !c.idx) {
       prefetch_ahead(p + j, kQ8Block), prefetch_ahead(g + j, kQ8Block);
       adamw_q8_block(p + j, g + j, c.qm + j, c.qw + j, c.sm + b, c.sw + b, s);
       continue;
     }
-    alignas(64) P pb[kQ8Block];  // the last partial block, zero padded
+    alignas(64) P pb[kQ8Block];  // a gathered or last partial block, zero padded
     alignas(64) G gb[kQ8Block];
     alignas(64) int8_t mb[kQ8Block];
     alignas(64) uint8_t wb[kQ8Block];
+    int64_t pos[kQ8Block];
     std::memset(pb, 0, sizeof(pb)), std::memset(gb, 0, sizeof(gb));
     std::memset(mb, 0, sizeof(mb)), std::memset(wb, 0, sizeof(wb));
-    std::memcpy(pb, p + j, cnt * sizeof(P)), std::memcpy(gb, g + j, cnt * sizeof(G));
+    if (c.idx) {
+      if (!adamw_q8_indexed_block<P, G>(c, j, cnt, pb, pos, fault)) continue;
+    } else {
+      std::memcpy(pb, p + j, cnt * sizeof(P));
+    }
+    std::memcpy(gb, g + j, cnt * sizeof(G));
     std::memcpy(mb, c.qm + j, cnt), std::memcpy(wb, c.qw + j, cnt);
     adamw_q8_block(pb, gb, mb, wb, c.sm + b, c.sw + b, s);
-    std::memcpy(p + j, pb, cnt * sizeof(P));
+    if (c.idx) {
+      for (int64_t t = 0; t < cnt; ++t) p[pos[t]] = pb[t];
+    } else {
+      std::memcpy(p + j, pb, cnt * sizeof(P));
+    }
     std::memcpy(c.qm + j, mb, cnt), std::memcpy(c.qw + j, wb, cnt);
   }
 }
 
 template <typename P>
-void adamw_q8_chunk_p(const AdamWQ8Chunk& c, const AdamWScalars& s) {
+void adamw_q8_chunk_p(const AdamWQ8Chunk& c, const AdamWScalars& s, IndexFault* fault) {
   if (c.g_type == FType::F32)
-    adamw_q8_chunk_t<P, float>(c, s);
+    adamw_q8_chunk_t<P, float>(c, s, fault);
   else
-    adamw_q8_chunk_t<P, P>(c, s);  // checks allow only the param's dtype or fp32
+    adamw_q8_chunk_t<P, P>(c, s, fault);  // checks allow only the param's dtype or fp32
 }
 
-void adamw_q8_chunk(const AdamWQ8Chunk& c, const AdamWScalars& s) {
+void adamw_q8_chunk(const AdamWQ8Chunk& c, const AdamWScalars& s, IndexFault* fault) {
   switch (c.p_type) {
-    case FType::F32: adamw_q8_chunk_p<float>(c, s); break;
-    case FType::BF16: adamw_q8_chunk_p<c10::BFloat16>(c, s); break;
-    case FType::F16: adamw_q8_chunk_p<c10::Half>(c, s); break;
+    case FType::F32: adamw_q8_chunk_p<float>(c, s, fault); break;
+    case FType::BF16: adamw_q8_chunk_p<c10::BFloat16>(c, s, fault); break;
+    case FType::F16: adamw_q8_chunk_p<c10::Half>(c, s, fault); break;
   }
 }
 

@@ -267,16 +267,21 @@ void raise_recorded_fault() {
   std::atomic_thread_fence(std::memory_order_acquire);
   const int64_t op = v->op, list = v->list, pos = v->pos, value = v->value, limit = v->limit;
   v->state = 0ull;  // cleared: a later fault is reported by a later call
-  const bool adamw = op == kFaultAdamW;
-  TORCH_CHECK_INDEX(false, adamw ? "masked_adamw_" : "gather_accumulate_", ": indices[", list,
-                    "][", pos, "] = ", value, " is out of range for ",
-                    adamw ? "params[" : "dense[", list, "] with ", limit,
+  const bool gather = op == kFaultGather, int8 = op == kFaultAdamWInt8;
+  TORCH_CHECK_INDEX(false,
+                    gather ? "gather_accumulate_" : int8 ? "masked_adamw_int8_" : "masked_adamw_",
+                    ": indices[", list, "][", pos, "] = ", value, " is out of range for ",
+                    gather ? "dense[" : "params[", list, "] with ", limit,
                     " elements when the kernel read it, after it had passed the op's index "
-                    "check: another thread changed indices[", list,
-                    "] during that call. That position was skipped (the in-range ones were "
-                    "updated); do not write to index tensors while an op uses them. (On CUDA "
-                    "the kernel runs after its call returns, so this is raised by the next "
-                    "masked_adamw_ or gather_accumulate_ call, which changed nothing.)");
+                    "check: another thread changed indices[", list, "] during that call. ",
+                    // 8-bit moments: a block's scales depend on all its positions
+                    int8 ? "That position's quantization block was skipped (the other blocks "
+                           "were updated)"
+                         : "That position was skipped (the in-range ones were updated)",
+                    "; do not write to index tensors while an op uses them. (On CUDA the "
+                    "kernel runs after its call returns, so this is raised by the next "
+                    "masked_adamw_, masked_adamw_int8_ or gather_accumulate_ call, which "
+                    "changed nothing.)");
   __builtin_unreachable();
 }
 

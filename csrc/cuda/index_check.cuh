@@ -28,8 +28,9 @@
 // first such one is noted in a process-wide record in mapped pinned host memory
 // (DeviceIndexFault below). Raising right after the kernel would need a host sync every
 // call, the very cost the cache avoids; so the record is read, without a sync, at the start
-// of the next masked_adamw_ / gather_accumulate_ call on CUDA, which raises the IndexError
-// (naming the op, tensor and position that faulted) before it changes anything.
+// of the next masked_adamw_ / masked_adamw_int8_ / gather_accumulate_ call on CUDA, which
+// raises the IndexError (naming the op, tensor and position that faulted) before it changes
+// anything.
 #pragma once
 #include <ATen/core/Tensor.h>
 
@@ -42,7 +43,7 @@ namespace cuda {
 
 // --------------------------------------------------------------- indices changed at use
 
-enum FaultOp : int64_t { kFaultAdamW = 1, kFaultGather = 2 };
+enum FaultOp : int64_t { kFaultAdamW = 1, kFaultGather = 2, kFaultAdamWInt8 = 3 };
 
 struct DeviceIndexFault {
   unsigned long long state;  // 0 empty, 1 being written, 2 complete

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from .. import ops
-from .._reference import Q8_BLOCK, dequantize_q8, q8_blocks, quantize_q8, sqrt_rn
+from .._reference import Q8_BLOCK, dequantize_q8_roots, pad_blocks, q8_blocks, quantize_q8, sqrt_rn
 from ..checkpoint import Storages, adamw_entry, check_keys, loaded_step, local_tensor
 from .fp32 import Fp32Moments
 
@@ -123,22 +123,30 @@ class Int8Moments(Fp32Moments):
 
 def quantize(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> dict[str, torch.Tensor]:
     """The 8-bit state of fp32 moments (any shape; flattened)."""
-    n = exp_avg.numel()
+    return quantize_roots(exp_avg.reshape(-1), sqrt_rn(exp_avg_sq.reshape(-1).float()))
+
+
+def quantize_roots(m: torch.Tensor, w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The 8-bit state of flat fp32 exp_avg `m` and w = sqrt(exp_avg_sq)."""
+    n = m.numel()
     nb = q8_blocks(n)
-    m = torch.zeros(nb * Q8_BLOCK, dtype=torch.float32, device=exp_avg.device)
-    w = torch.zeros_like(m)
-    m[:n] = exp_avg.reshape(-1)
-    w[:n] = sqrt_rn(exp_avg_sq.reshape(-1).float())
-    qm, sm, qw, sw = quantize_q8(m.view(nb, Q8_BLOCK), w.view(nb, Q8_BLOCK), n)
+    qm, sm, qw, sw = quantize_q8(pad_blocks(m, nb), pad_blocks(w, nb), n)
     return dict(zip(LAYOUT, (qm, qw, sm, sw)))
 
 
 def dequantize(st: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """(exp_avg, exp_avg_sq), flat fp32, of an 8-bit state."""
+    m, w = dequantize_roots(st)
+    return m, w * w
+
+
+def dequantize_roots(st: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(exp_avg, sqrt(exp_avg_sq)), flat fp32, of an 8-bit state: the values the kernel
+    starts from (requantizing them gives the same levels and scales back)."""
     n = st["exp_avg"].numel()
-    m, v = dequantize_q8(st["exp_avg"], st["exp_avg_scale"], st["exp_avg_sq"],
-                         st["exp_avg_sq_scale"])
-    return m.reshape(-1)[:n], v.reshape(-1)[:n]
+    m, w = dequantize_q8_roots(st["exp_avg"], st["exp_avg_scale"], st["exp_avg_sq"],
+                               st["exp_avg_sq_scale"])
+    return m.reshape(-1)[:n], w.reshape(-1)[:n]
 
 
 INT8 = Int8Moments()

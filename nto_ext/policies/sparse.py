@@ -8,7 +8,10 @@ gradient hook (`on_grad`), its update (`update`) and its schedule (`advance`).
 State of a param that holds chosen elements (in `NTO.state[param]`, torch's key names):
   indices     int32 [L] (int64 past 2**31-1 elements): flat positions, in cohorts (the
               elements grown at one regrowth, or at step 0), each cohort sorted and unique
-  exp_avg     fp32 [L];  exp_avg_sq  fp32 [L]  (bf16 with state_dtype="bf16")
+  exp_avg     fp32 [L];  exp_avg_sq  fp32 [L]  (bf16 with state_dtype="bf16"; with
+              state_dtype="int8": int8 [L] and uint8 [L] levels, formats/int8.py, and
+  exp_avg_scale, exp_avg_sq_scale  fp32 [B]: one per block of 256 of each cohort, the
+              blocks following the cohort's rows: a cohort is updated on its own)
   step        list of C ints: updates each cohort has had. A cohort starts at 0, so its
               bias corrections are AdamW's from its own first update.
   sizes       list of C ints: elements per cohort, in the order of `indices`.
@@ -18,8 +21,11 @@ State of a param that holds chosen elements (in `NTO.state[param]`, torch's key 
               stochastic_rounding=True keeps none: the updated fp32 values are rounded
               stochastically into the param.
 16 B of tensors per chosen element with the compact gradient (20 with a master, 12 with
-bf16 moments: they are updated in fp32 and rounded to nearest once, formats/bf16.py); the cohort
-tables are a few host ints per regrowth (a step count per element would cost 4 B each).
+bf16 moments: they are updated in fp32 and rounded to nearest once, formats/bf16.py; 10 +
+8/256 with 8-bit moments, whose byte budgets keep 8 B per param aside for a first cohort's
+partial block, and grow only what the measured bytes leave room for: the partial blocks of
+later cohorts can hold the chosen count a few elements under K); the cohort tables are a
+few host ints per regrowth (a step count per element would cost 4 B each).
 A param without a chosen element has no state and, between scoring steps, no gradient
 (requires_grad=False).
 
@@ -51,7 +57,9 @@ with each element's bias corrections, go until K - floor(regrow_fraction * K) re
 (found tensor by tensor with the same candidate pool, in the compact gradients' room).
 Elements grown at the last regrowth that have not been updated yet are kept; NaN moments
 go first; ties drop the lowest position. Kept elements' moments are carried bit for bit by
-`remap_state`, cohort by cohort; a cohort left empty is removed.
+`remap_state`, cohort by cohort (8-bit ones: dequantized as the kernel reads them and
+quantized again in the cohort's new blocks, one requantization per drop); a cohort left
+empty is removed.
 
 Regrowth (in the scoring step's `step()`, after the kept elements' update): the top
 candidates join the chosen set as a new cohort with zero moments and step count 0; they
@@ -78,12 +86,14 @@ from typing import Any
 import torch
 
 from .. import ops
+from .._reference import Q8_BLOCK, q8_blocks
 from ..args import check_grad_layout
 from ..blocks import ParamInfo
 from ..budget import Budget
 from ..checkpoint import MAX_STEP, Storages, adamw_entry, check_values
-from ..formats import MASTER, STOCHASTIC
+from ..formats import INT8, MASTER, STOCHASTIC, Fp32Moments
 from ..formats.fp32 import MOMENTS
+from ..formats.int8 import LAYOUT, SCALES, dequantize_roots, quantize, quantize_roots
 from ..formats.master import stochastic_round
 from .base import Config, Host, Policy, Updater, measure
 
@@ -91,10 +101,11 @@ log = logging.getLogger(__name__)
 
 ROWS = MOMENTS  # one fp32 value per chosen element
 MASTER_ROW = "master"  # bf16/fp16 params with master weights: the chosen elements' fp32 values
-STATE_KEYS = ("indices", *ROWS, MASTER_ROW, "step", "sizes")  # a param's compact state
+STATE_KEYS = ("indices", *ROWS, *SCALES, MASTER_ROW, "step", "sizes")  # a param's compact state
 _FILL_CHUNK = 1 << 20  # positions masked per indexing call (bounds its int64 temporary)
 _SMALL = 1 << 16  # tensors this small take every free element without a selection
 _INF_BITS = 0x7F800000  # fp32 +inf; INF_BITS - bits(s) reverses the order of scores s >= 0
+_WINDOW = 64 * Q8_BLOCK  # 8-bit moments dequantized at a time (bounds the fp32 temporaries)
 
 Chunks = dict[int, list[list[torch.Tensor]]]  # param index -> [[positions, values], ...]
 
@@ -108,23 +119,50 @@ def _index_dtype(numel: int) -> torch.dtype:
 
 
 def _new_state(positions: torch.Tensor, master_of: torch.Tensor | None,
-               moments: torch.dtype) -> dict[str, Any]:
+               fmt: Fp32Moments) -> dict[str, Any]:
     """State of a param whose chosen elements are `positions` (one cohort, not updated),
-    its moments of dtype `moments`; with `master_of` (the param, when it keeps masters)
+    its moments in format `fmt`; with `master_of` (the param, when it keeps masters)
     their fp32 masters."""
-    n, dev = positions.numel(), positions.device
-    st = {"indices": positions,
-          "exp_avg": torch.zeros(n, dtype=moments, device=dev),
-          "exp_avg_sq": torch.zeros(n, dtype=moments, device=dev),
+    n = positions.numel()
+    st = {"indices": positions, **_zero_moments(fmt, n, positions.device),
           "step": [0], "sizes": [n]}
     if master_of is not None:
         st[MASTER_ROW] = _gather(master_of, positions)
     return st
 
 
+def _zero_moments(fmt: Fp32Moments, n: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Zero moments of n chosen elements (one cohort): one value per element each, and
+    with 8-bit moments the scales of its q8_blocks(n) blocks."""
+    if fmt is INT8:
+        return {k: torch.zeros(n if per == "element" else q8_blocks(n), dtype=dt, device=device)
+                for k, (dt, per) in LAYOUT.items()}
+    return {k: torch.zeros(n, dtype=fmt.moment_dtype, device=device) for k in MOMENTS}
+
+
 def _rows(st: dict[str, Any]) -> tuple[str, ...]:
-    """The per-element rows of a compact state: the moments, and the master if kept."""
+    """The per-element rows of a compact state that a drop carries bit for bit: the fp32 or
+    bf16 moments and the master if kept (8-bit moments are requantized, `_requantized`)."""
+    if SCALES[0] in st:
+        return ()
     return (*ROWS, MASTER_ROW) if MASTER_ROW in st else ROWS
+
+
+def _scale_bounds(st: dict[str, Any]) -> list[tuple[int, int]]:
+    """(start, end) of each cohort's quantization blocks in an 8-bit state's scales: each
+    cohort's blocks start at its first element (a cohort is updated on its own)."""
+    out, start = [], 0
+    for n in st["sizes"]:
+        out.append((start, start + q8_blocks(n)))
+        start += q8_blocks(n)
+    return out
+
+
+def _cohort_q8(st: dict[str, Any], a: int, b: int, sa: int, sb: int) -> dict[str, torch.Tensor]:
+    """The 8-bit state of one cohort: its rows [a, b) and scales [sa, sb)."""
+    return {"exp_avg": st["exp_avg"][a:b], "exp_avg_sq": st["exp_avg_sq"][a:b],
+            "exp_avg_scale": st["exp_avg_scale"][sa:sb],
+            "exp_avg_sq_scale": st["exp_avg_sq_scale"][sa:sb]}
 
 
 def _gather(p: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -264,12 +302,6 @@ class SparseConfig(Config):
             raise ValueError(f"regrow_fraction={r!r}; allowed: None (0.1) or a number in [0, "
                              f"{MAX_REGROW_FRACTION}] (share of the chosen elements replaced "
                              "at each regrowth; 0 keeps the first choice)")
-        if self.state_dtype == "int8":
-            raise ValueError(f"state_dtype={self.state_dtype!r} does not apply to "
-                             "policy='sparse' yet (its compact state is regrown and remapped "
-                             "element by element, not in blocks of 256); allowed here: "
-                             "state_dtype='fp32' or 'bf16', or policy='block' / "
-                             "'sample'")
 
 
 class SparseUpdater(Updater):
@@ -348,14 +380,29 @@ class SparseUpdater(Updater):
         """Elements to grow at the current step (K minus the chosen count)."""
         step = self.host.step_count
         if self._want[0] != step:
-            self._want = (step, max(0, self.policy.k - self.count()))
+            want = max(0, self.policy.k - self.count())
+            if self.policy.q8_reserve():
+                want = min(want, self._q8_room())
+            self._want = (step, want)
         return self._want[1]
+
+    def _q8_room(self) -> int:
+        """Elements that can grow in the budget's bytes with 8-bit moments: each param that
+        grows adds a cohort whose last block may be partial (8 B of scales beyond
+        bytes_per_element), and cohorts that lost elements may hold partial blocks too, so
+        the room is measured (state, indices and the kept elements' compact gradients)."""
+        _, state, index = measure(self.host, self)
+        room = self.policy.budget_bytes() - state - index - 4 * self.count()
+        bpe = self.policy.bytes_per_element(self.policy.costliest_dtype())
+        params = self.policy.q8_reserve() // 8  # at most one partial block each
+        every = math.floor((room - 8 * params) / bpe)
+        return every if every >= params else max(0, math.floor(room / (bpe + 8)))
 
     def _dense_state(self, p: torch.Tensor) -> dict[str, Any]:
         """K = every element: the whole param is chosen, state made at its first use."""
         n = p.numel()
         st = _new_state(torch.arange(n, dtype=_index_dtype(n), device=p.device),
-                        self._master_of(p), self._moments(p))
+                        self._master_of(p), self._format(p))
         self.host.state[p] = st
         return st
 
@@ -479,9 +526,13 @@ class SparseUpdater(Updater):
         return self.host.guard.found_nonfinite(self.host.table.label(self.bad),
                                                self.host.step_count)
 
+    def _format(self, p: torch.Tensor) -> Fp32Moments:
+        """How p's compact moments are kept (nto_ext.formats)."""
+        return self.policy.state_format(p.dtype)
+
     def _moments(self, p: torch.Tensor) -> torch.dtype:
-        """The dtype of p's compact moments (fp32, or bf16 under state_dtype="bf16")."""
-        return self.policy.state_format(p.dtype).moment_dtype
+        """The dtype of p's fp32 or bf16 compact moments (state_dtype="bf16")."""
+        return self._format(p).moment_dtype
 
     def _master_of(self, p: torch.Tensor) -> torch.Tensor | None:
         """p, when its chosen elements keep fp32 masters (bf16/fp16 under the default)."""
@@ -506,6 +557,9 @@ class SparseUpdater(Updater):
         for (gi, _, dtype), items in batches.items():
             group = host.param_groups[gi]
             fmt = self.policy.state_format(dtype)
+            if fmt is INT8:
+                self._adamw_int8(group, items)
+                continue
             values = [self._fp32_values(p, st, fmt) for _, p, _, st in items]
             args: tuple[list, ...] = ([], [], [], [], [], [])  # one entry per cohort
             for (_, p, g, st), x in zip(items, values):
@@ -527,6 +581,21 @@ class SparseUpdater(Updater):
                     _scatter(p, st["indices"], rounded)
                 elif fmt is STOCHASTIC:
                     self._round_into(i, p, st["indices"], x)
+
+    def _adamw_int8(self, group: dict[str, Any], items: list) -> None:
+        """One masked_adamw_int8_ call over every cohort of the group's params with 8-bit
+        moments (updated in place at their positions; each cohort its own blocks)."""
+        args: tuple[list, ...] = ([], [], [], [], [], [], [], [])  # one entry per cohort
+        for _, p, g, st in items:
+            st["step"] = [t + 1 for t in st["step"]]
+            for (a, b, t), (sa, sb) in zip(_cohorts(st), _scale_bounds(st)):
+                q = _cohort_q8(st, a, b, sa, sb)
+                for lst, v in zip(args, (p, g[a:b], *q.values(), st["indices"][a:b], t)):
+                    lst.append(v)
+        beta1, beta2 = group["betas"]
+        ops.masked_adamw_int8_(*args[:6], args[7], indices=args[6], lr=float(group["lr"]),
+                               beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
+                               weight_decay=float(group["weight_decay"]))
 
     def _fp32_values(self, p: torch.Tensor, st: dict[str, Any], fmt) -> torch.Tensor | None:
         """What AdamW updates in fp32 for a bf16/fp16 param: its masters, or (stochastic
@@ -562,12 +631,14 @@ class SparseUpdater(Updater):
         st = self._state(p)
         if st is None:
             self.host.state[p] = _new_state(pos.to(_index_dtype(p.numel())), self._master_of(p),
-                                            self._moments(p))
+                                            self._format(p))
             return
         n = pos.numel()
-        for key in _rows(st):  # one row's new copy alive with the old at a time
-            new = _gather(p, pos) if key == MASTER_ROW else st[key].new_zeros(n)
-            st[key] = torch.cat([st[key], new])
+        new = _zero_moments(self._format(p), n, pos.device)
+        if MASTER_ROW in st:
+            new[MASTER_ROW] = _gather(p, pos)
+        for key in list(new):  # one row's new copy alive with the old at a time
+            st[key] = torch.cat([st[key], new.pop(key)])
             self.temp_bytes = max(self.temp_bytes, _nbytes(st[key]))
         st["indices"] = torch.cat([st["indices"], pos.to(st["indices"].dtype)])
         st["step"] = [*st["step"], 0]
@@ -625,21 +696,78 @@ class SparseUpdater(Updater):
         first (s = 0, key inf)."""
         beta1, beta2 = group["betas"]
         eps = float(group["eps"])
-        m, v = st["exp_avg"], st["exp_avg_sq"]
-        score = torch.empty(m.shape, dtype=torch.float32, device=m.device)  # bf16 m: widened
+        score = torch.empty(st["exp_avg"].shape, dtype=torch.float32,
+                            device=st["exp_avg"].device)  # bf16 / 8-bit moments: widened
         self.temp_bytes = max(self.temp_bytes, _nbytes(score))
-        for a, b, t in _cohorts(st):
+        for a, b, t, m, v in self._pieces(st):
             seg = score[a:b]
             if t == 0:
                 seg.fill_(float("inf"))
                 continue
-            seg.copy_(v[a:b]).div_(1 - float(beta2) ** t).sqrt_().add_(eps)
+            seg.copy_(v).div_(1 - float(beta2) ** t).sqrt_().add_(eps)
             seg.mul_(1 - float(beta1) ** t)
-            torch.div(m[a:b], seg, out=seg).abs_()
+            torch.div(m, seg, out=seg).abs_()
         score.nan_to_num_(nan=0.0, posinf=float("inf"))
         bits = score.view(torch.int32)
         bits.neg_().add_(_INF_BITS)
         return score
+
+    def _pieces(self, st: dict[str, Any]):
+        """(start, end, step count, exp_avg, exp_avg_sq) over the compact rows: each
+        cohort's slices, or (8-bit moments) its fp32 values dequantized _WINDOW at a time."""
+        if SCALES[0] not in st:
+            for a, b, t in _cohorts(st):
+                yield a, b, t, st["exp_avg"][a:b], st["exp_avg_sq"][a:b]
+            return
+        for (a, b, t), (sa, _) in zip(_cohorts(st), _scale_bounds(st)):
+            for s in range(a, b, _WINDOW):  # windows start on the cohort's block boundaries
+                e, blk = min(b, s + _WINDOW), sa + (s - a) // Q8_BLOCK
+                m, w = dequantize_roots(_cohort_q8(st, s, e, blk, blk + q8_blocks(e - s)))
+                self.temp_bytes = max(self.temp_bytes, 3 * _nbytes(m))
+                yield s, e, t, m, w * w
+
+    def _requantized(self, st: dict[str, Any], keep: torch.Tensor,
+                     live: list[tuple[int, int, int]]) -> None:
+        """8-bit moments of the kept elements of the `live` cohorts (index, start, end)."""
+        bounds = _scale_bounds(st)
+        parts = [self._requantize(_cohort_q8(st, a, b, *bounds[c]), keep[a:b])
+                 for c, a, b in live]
+        for key in LAYOUT:  # one row's new copy alive with the old at a time
+            st[key] = torch.cat([q[key] for q in parts]) if len(parts) > 1 else parts[0][key]
+
+    def _requantize(self, q: dict[str, torch.Tensor], keep: torch.Tensor
+                    ) -> dict[str, torch.Tensor]:
+        """One cohort's 8-bit state `q` reduced to the elements where `keep`: their moments
+        as the kernel dequantizes them, quantized again in new blocks of 256 (the blocks
+        before the first dropped element get their levels and scales back; the others are
+        requantized once, within the map's error, formats/int8.py). _WINDOW elements at a
+        time: the fp32 temporaries stay a few hundred KiB whatever the cohort's size."""
+        kept = int(keep.sum())
+        out = {k: torch.empty(kept if per == "element" else q8_blocks(kept), dtype=dt,
+                              device=keep.device) for k, (dt, per) in LAYOUT.items()}
+        ms: list[torch.Tensor] = []
+        ws: list[torch.Tensor] = []
+        done = 0
+        for s in range(0, keep.numel(), _WINDOW):
+            at = keep[s:s + _WINDOW].nonzero().view(-1) + s
+            blk = at // Q8_BLOCK
+            x = q["exp_avg"][at].float()  # dequantize_q8_roots, element by element
+            ms.append((x * x.abs()) * q["exp_avg_scale"][blk])
+            x = q["exp_avg_sq"][at].float()
+            ws.append((x * x) * q["exp_avg_sq_scale"][blk])
+            last = s + _WINDOW >= keep.numel()
+            if sum(m.numel() for m in ms) < _WINDOW and not last:
+                continue
+            m, w = torch.cat(ms), torch.cat(ws)
+            take = m.numel() if last else m.numel() // Q8_BLOCK * Q8_BLOCK  # whole blocks
+            part = quantize_roots(m[:take], w[:take])
+            for key, (_, per) in LAYOUT.items():
+                at0 = done if per == "element" else done // Q8_BLOCK
+                out[key][at0:at0 + part[key].numel()] = part[key]
+            done += take
+            ms, ws = [m[take:]], [w[take:]]
+            self.temp_bytes = max(self.temp_bytes, 4 * _nbytes(m))
+        return out
 
     def _keep(self, i: int, keep: torch.Tensor) -> None:
         """Param i keeps the chosen elements where `keep` is True: their moments are
@@ -661,6 +789,8 @@ class SparseUpdater(Updater):
         if not live:
             self.host.state.pop(p)
             return
+        if SCALES[0] in st:
+            self._requantized(st, keep, live)
         for key in _rows(st):  # one row's new copy alive with the old at a time
             row = st[key]
             parts = ops.remap_state(olds, news, [row[a:b] for _, a, b in live])
@@ -692,8 +822,9 @@ class SparseUpdater(Updater):
                              f"{tuple(idx.shape)}; expected a non-empty 1-D int32/int64 tensor")
         n = idx.numel()
         rows = ROWS
-        want = {k: self._moments(p) for k in ROWS}
-        if self.policy.state_format(p.dtype) is MASTER:
+        fmt = self._format(p)
+        want = {k: LAYOUT[k][0] if fmt is INT8 else self._moments(p) for k in ROWS}
+        if fmt is MASTER:
             if not isinstance(st.get(MASTER_ROW), torch.Tensor):
                 raise ValueError(f"{where}: no {MASTER_ROW!r} entry; allowed: a state saved "
                                  "with fp32 master weights (build NTO with the master_weights "
@@ -720,6 +851,12 @@ class SparseUpdater(Updater):
                              "expected two equally long lists of ints, one entry per cohort: "
                              f"step counts in [0, {MAX_STEP}], sizes > 0 summing to {n} (the "
                              "indices)")
+        if fmt is INT8:
+            self._check_q8(where, st, propagate)
+        elif SCALES[0] in st or SCALES[1] in st:
+            raise ValueError(f"{where}: 8-bit moment scales, but this run keeps "
+                             f"state_dtype={self.policy.cfg.state_dtype!r}; allowed: build NTO "
+                             "with the state_dtype of the run that saved it; nothing was loaded")
         x = idx.long().cpu()
         ok = int(x.min()) >= 0 and int(x.max()) < p.numel()
         for a, b, _ in _cohorts(st):
@@ -730,9 +867,35 @@ class SparseUpdater(Updater):
                              "sorted within each cohort")
         out = {k: seen.claim(f"{where}: {k}", v) if isinstance(v, torch.Tensor) else v
                for k, v in st.items()}
-        for key in rows:
+        for key in rows if fmt is not INT8 else ():
             check_values(where, key, out[key], propagate)
         return out
+
+    @staticmethod
+    def _check_q8(where: str, st: dict[str, Any], propagate: bool) -> None:
+        """The scales of an 8-bit compact state (its rows and cohorts checked already): one
+        fp32 per block of 256 of each cohort, >= 0 and finite (NaN/Inf only with
+        nonfinite="propagate"); no exp_avg level -128 (the map never makes it)."""
+        blocks = sum(q8_blocks(n) for n in st["sizes"])
+        for key in SCALES:
+            v = st.get(key)
+            if not isinstance(v, torch.Tensor) or v.dtype != torch.float32 \
+                    or tuple(v.shape) != (blocks,) or not v.is_contiguous() \
+                    or v.device != st["indices"].device:
+                got = (f"a {v.dtype} tensor of shape {tuple(v.shape)} on {v.device}"
+                       if isinstance(v, torch.Tensor) else type(v).__name__)
+                raise ValueError(f"{where}: {key} is {got}; expected a contiguous float32 "
+                                 f"tensor of {blocks} elements on {st['indices'].device} (one "
+                                 "per block of 256 of each cohort, as NTO.state_dict() saves "
+                                 "it with state_dtype='int8'); nothing was loaded")
+            bad = (v < 0) | ~torch.isfinite(v) if not propagate else v < 0
+            if bool(bad.any()):
+                raise ValueError(f"{where}: {key} holds negative or non-finite values; "
+                                 "allowed: finite scales >= 0 (NaN/Inf only with "
+                                 "nonfinite='propagate'); nothing was loaded")
+        if bool((st["exp_avg"] == -128).any()):
+            raise ValueError(f"{where}: exp_avg holds -128; allowed: levels in [-127, 127] "
+                             "(a corrupted or crafted checkpoint?); nothing was loaded")
 
     def import_entry(self, where: str, st: dict[str, Any],
                      p: torch.Tensor) -> dict[str, Any] | None:
@@ -741,6 +904,8 @@ class SparseUpdater(Updater):
         if not self.policy.dense:
             return None
         out = adamw_entry(where, st, p, compact=True)
+        if self._format(p) is INT8:
+            return {**out, **quantize(out["exp_avg"], out["exp_avg_sq"])}
         for key in ROWS:
             out[key] = out[key].to(self._moments(p))
         if self._master_of(p) is not None:  # AdamW's weights are the param itself
@@ -788,11 +953,18 @@ class SparsePolicy(Policy):
     needs_contiguous = True
     compact_grads = True
 
-    def bytes_per_element(self, dtype: torch.dtype) -> int:
-        # compact fp32 grad, two fp32 (bf16) moments, int32 index (+ an fp32 master for
-        # bf16/fp16 params)
+    def bytes_per_element(self, dtype: torch.dtype) -> float:
+        # compact fp32 grad, two fp32 (bf16) moments or 2 + 8/256 B of 8-bit ones, int32
+        # index (+ an fp32 master for bf16/fp16 params)
         fmt = self.state_format(dtype)
-        return 4 + 2 * fmt.moment_dtype.itemsize + 4 + (4 if fmt is MASTER else 0)
+        moments = fmt.element_bytes if fmt is INT8 else 2 * fmt.moment_dtype.itemsize
+        return 4 + moments + 4 + (4 if fmt is MASTER else 0)
+
+    def q8_reserve(self) -> int:
+        """Bytes a byte budget keeps aside with 8-bit moments: each param's first cohort may
+        end in a partial block, whose two scales bytes_per_element does not count."""
+        q8 = self.state_format(self.costliest_dtype()) is INT8
+        return 8 * sum(i.trainable for i in self.infos) if q8 else 0
 
     def costliest_dtype(self) -> torch.dtype:
         """The trainable dtype whose chosen elements cost the most (K is sized by it)."""
@@ -823,13 +995,15 @@ class SparsePolicy(Policy):
         if self.budget.kind == "elements":
             return self.budget.amount
         bpe = self.bytes_per_element(self.costliest_dtype())  # any element may be chosen
-        k = self.budget.amount // bpe
+        k = int((self.budget.amount - self.q8_reserve()) // bpe)
         if k < 1:
             raise ValueError(
                 f"budget={self.budget.given} ({self.budget.describe()}) is below one element "
-                f"under policy='sparse' ({bpe} B per chosen element: fp32 gradient, two fp32 "
-                "moments and an int32 index, plus an fp32 master for bf16/fp16 params); "
-                f"nothing would train. Raise the budget to at least {bpe}B.")
+                f"under policy='sparse' ({bpe:g} B per chosen element: fp32 gradient, two "
+                "moments (fp32: 8 B, bf16: 4, 8-bit: 2 + 8/256) and an int32 index, plus an "
+                "fp32 master for bf16/fp16 params; 8-bit moments keep 8 B per param aside "
+                f"for partial blocks); nothing would train. Raise the budget to at least "
+                f"{math.ceil(bpe) + self.q8_reserve()}B.")
         return k
 
     # ---------------------------------------------------------------- the schedule
