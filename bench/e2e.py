@@ -119,6 +119,10 @@ CONFIGS: dict[str, tuple[str, str]] = {
     "nto-sparse-10": ("nto", "NTO sparse, budget 10%"),
     "nto-sparse-7.5": ("nto", "NTO sparse, budget 7.5%: 16 B per chosen element, so the "
                               "training-state bytes of block at 10% (0.10x AdamW's)"),
+    "nto-sparse-10-int8": ("nto", "NTO sparse, 8-bit moments within the bytes of nto-sparse-10 "
+                           "(16 B per chosen element at 10%): about 1.6x the elements"),
+    "nto-sparse-7.5-int8": ("nto", "NTO sparse, 8-bit moments within the bytes of "
+                            "nto-sparse-7.5 (= fp32-state block at 10%)"),
     "badam": ("nto", "BAdam = NTO block, one layer per group (budget = largest layer), "
                      "descending, state dropped on switch; embed frozen (BAdam default)"),
     "lisa": ("nto", "LISA = NTO sample, always=(embed, head, other), sample_layers=N "
@@ -214,8 +218,9 @@ def build_optimizer(spec: RunSpec, task: str, model):
             if moments in how:  # ~2x (int8) / 1.5x (bf16 moments) the elements
                 how.remove(moments)
                 extra["state_dtype"] = moments.removesuffix("m")
+                fp32 = 16 if policy == "sparse" else 12  # B per element with fp32 moments
                 if float(pct) < 100:
-                    budget = f"{round(float(pct) / 100 * total * 12)}B"
+                    budget = f"{round(float(pct) / 100 * total * fp32)}B"
         if how:
             extra["state_on_switch"] = how[0]
         info["budget"] = budget

@@ -107,6 +107,40 @@ inline bool all_indices_ok(const std::vector<IndexList>& lists) {
   __builtin_unreachable();
 }
 
+// The index tensor of each entry of an op's `Tensor?[] indices` (undefined: dense).
+inline std::vector<at::Tensor> index_tensors(const c10::List<std::optional<at::Tensor>>& indices) {
+  std::vector<at::Tensor> idx(indices.size());
+  for (size_t i = 0; i < idx.size(); ++i) {
+    std::optional<at::Tensor> o = indices.get(i);
+    if (o.has_value() && o->defined()) idx[i] = *o;
+  }
+  return idx;
+}
+
+// The AdamW ops' value checks: each entry's positions (idx[i] into params[i]) and step
+// count. Returns the steps read on the host; raises for the first offence in the
+// reference's order (per entry: its indices, then its step) when there is one.
+inline std::vector<double> checked_indices_and_steps(const char* op, at::TensorList params,
+                                                     const std::vector<at::Tensor>& idx,
+                                                     at::TensorList steps) {
+  std::vector<IndexList> lists;
+  for (size_t i = 0; i < idx.size(); ++i)
+    if (idx[i].defined()) lists.push_back({&idx[i], params[i].numel(), "indices", i, "params"});
+  bool ok = all_indices_ok(lists);
+  std::vector<double> host(idx.size());
+  for (size_t i = 0; i < idx.size(); ++i) {
+    host[i] = host_step(steps[i].is_cpu() ? steps[i] : steps[i].to(at::kCPU));
+    ok = ok && host[i] >= 1.0;  // also refuses NaN
+  }
+  if (ok) return host;
+  size_t li = 0;
+  for (size_t i = 0; i < idx.size(); ++i) {  // something is wrong: name the first offence
+    if (idx[i].defined()) explain_first(op, lists[li++]);
+    checked_host_step(op, i, steps[i].is_cpu() ? steps[i] : steps[i].to(at::kCPU));
+  }
+  return host;
+}
+
 // After a pass over `items` with one IndexFault each: raises for the first fault in item
 // order (the lowest tensor, then position), if any. limit(t), target(t): tensor t's size and
 // name ("params[3]").

@@ -24,33 +24,6 @@ FType ftype(c10::ScalarType t) {
   return t == at::kFloat ? FType::F32 : t == at::kBFloat16 ? FType::BF16 : FType::F16;
 }
 
-// Index values and step counts, in the reference's order (per entry: indices, then steps).
-void check_values(at::TensorList params, const c10::List<std::optional<at::Tensor>>& indices,
-                  at::TensorList steps, std::vector<double>& scalar_steps) {
-  const size_t n = params.size();
-  std::vector<IndexList> lists;
-  std::vector<at::Tensor> idx(n);
-  for (size_t i = 0; i < n; ++i) {
-    std::optional<at::Tensor> o = indices.get(i);
-    if (o.has_value() && o->defined()) idx[i] = *o;
-  }
-  for (size_t i = 0; i < n; ++i)
-    if (idx[i].defined())
-      lists.push_back({&idx[i], params[i].numel(), "indices", i, "params"});
-  bool ok = all_indices_ok(lists);
-  scalar_steps.assign(n, 0.0);
-  for (size_t i = 0; i < n; ++i) {
-    scalar_steps[i] = host_step(steps[i]);
-    ok = ok && scalar_steps[i] >= 1.0;  // also refuses NaN
-  }
-  if (ok) return;
-  size_t li = 0;
-  for (size_t i = 0; i < n; ++i) {  // something is wrong: name the first offence
-    if (idx[i].defined()) explain_first(kOp, lists[li++]);
-    checked_host_step(kOp, i, steps[i]);
-  }
-}
-
 void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                       at::TensorList exp_avg_sqs,
                       const c10::List<std::optional<at::Tensor>>& indices, at::TensorList steps,
@@ -58,8 +31,8 @@ void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
   check_adamw_meta(params, grads, exp_avgs, exp_avg_sqs, indices, steps, lr, beta1, beta2, eps,
                    weight_decay);
   const size_t n = params.size();
-  std::vector<double> scalar_steps;
-  check_values(params, indices, steps, scalar_steps);
+  const std::vector<double> scalar_steps =
+      checked_indices_and_steps(kOp, params, index_tensors(indices), steps);
 
   const AdamWScalars base = adamw_scalars(lr, beta1, beta2, eps, weight_decay);
   std::vector<AdamWScalars> scal(n, base);

@@ -26,36 +26,6 @@ FType ftype(c10::ScalarType t) {
   return t == at::kFloat ? FType::F32 : t == at::kBFloat16 ? FType::BF16 : FType::F16;
 }
 
-// The index tensor of each entry (undefined: dense).
-std::vector<at::Tensor> index_tensors(const c10::List<std::optional<at::Tensor>>& indices) {
-  std::vector<at::Tensor> idx(indices.size());
-  for (size_t i = 0; i < idx.size(); ++i) {
-    std::optional<at::Tensor> o = indices.get(i);
-    if (o.has_value() && o->defined()) idx[i] = *o;
-  }
-  return idx;
-}
-
-// Index values, then step counts, checked in the reference's order (per entry: indices,
-// then steps); the AdamW scalars of each entry.
-std::vector<AdamWScalars> checked_scalars(at::TensorList params,
-                                          const std::vector<at::Tensor>& idx,
-                                          at::TensorList steps, double lr, double beta1,
-                                          double beta2, double eps, double weight_decay) {
-  std::vector<IndexList> lists;
-  for (size_t i = 0; i < idx.size(); ++i)
-    if (idx[i].defined())
-      lists.push_back({&idx[i], params[i].numel(), "indices", i, "params"});
-  if (!all_indices_ok(lists)) {
-    size_t li = 0;
-    for (size_t i = 0; i < idx.size(); ++i) {  // name the first offence
-      if (idx[i].defined()) explain_first(kOp, lists[li++]);
-      checked_host_step(kOp, i, steps[i]);
-    }
-  }
-  return per_tensor_scalars(kOp, steps, lr, beta1, beta2, eps, weight_decay);
-}
-
 void masked_adamw_int8_cpu(at::TensorList params, at::TensorList grads,
                            at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                            at::TensorList exp_avg_scales, at::TensorList exp_avg_sq_scales,
@@ -67,7 +37,8 @@ void masked_adamw_int8_cpu(at::TensorList params, at::TensorList grads,
                         weight_decay);
   const size_t n = params.size();
   const std::vector<at::Tensor> idx = index_tensors(indices);
-  const auto scal = checked_scalars(params, idx, steps, lr, beta1, beta2, eps, weight_decay);
+  checked_indices_and_steps(kOp, params, idx, steps);
+  const auto scal = per_tensor_scalars(kOp, steps, lr, beta1, beta2, eps, weight_decay);
   std::vector<int64_t> sizes(n);
   for (size_t i = 0; i < n; ++i) sizes[i] = exp_avgs[i].numel();
   const auto items = make_work_items(sizes);
