@@ -140,6 +140,30 @@ def test_adamw_indexed_10pct_ours(benchmark, model, layout):
          pair="torch.optim.AdamW(fused=True).step() float32")
 
 
+@pytest.mark.parametrize("layout", ["random", "runs"])
+def test_adamw_int8_indexed_10pct_ours(benchmark, model, layout):
+    """policy="sparse" with 8-bit moments (issue 20): the indexed 8-bit update on the same
+    positions as the fp32 row above, which it is compared with (target <= 1.3x)."""
+    params, dense_grads = [p.clone() for p in model[0]], model[1]
+    gen = torch.Generator().manual_seed(1)
+    pick = _random_positions if layout == "random" else _run_positions
+    idx = [pick(p.numel(), gen).to(torch.int32) for p in params]
+    grads = [g.view(-1)[i.long()] for g, i in zip(dense_grads, idx)]
+    qm = [torch.zeros(i.numel(), dtype=torch.int8) for i in idx]
+    qw = [torch.zeros(i.numel(), dtype=torch.uint8) for i in idx]
+    sm = [torch.zeros(-(-i.numel() // 256)) for i in idx]
+    sw = [torch.zeros(-(-i.numel() // 256)) for i in idx]
+    k = _numel(idx)
+    step = iter(range(1, 10**6))
+    fn = lambda: ops.masked_adamw_int8_(params, grads, qm, qw, sm, sw, next(step), **HYPER,
+                                        indices=idx)
+    where = "uniformly random" if layout == "random" else "in runs of 256"
+    _run(benchmark, fn, group="adamw torch.float32",
+         name=f"masked_adamw_int8_ indexed 10% fp32, {where}",
+         nbytes=k * (8 + 4 + 2 * (2 + 8 / 256) + 4), elements=k,  # p r/w, g, moments, index
+         pair=f"masked_adamw_ indexed 10% fp32, {where}")
+
+
 def test_adamw_indexed_dense_grad_ours(benchmark, model):
     """The indexed step reading a dense grad at the positions (the gather path)."""
     params, grads = [p.clone() for p in model[0]], model[1]

@@ -71,6 +71,10 @@ e2e --task lm --seeds 0 1 2 --switch-every 1 --tag sw1-int8 --lr nto=5e-4 \
 e2e --task lm --seeds 0 --switch-every 1 --tag sw1-offload --lr nto=5e-4 \
     --configs nto-sample-10-offload
 e2e "${A[@]}" --seeds 0 1 2 3 4 5 --tag head-lr5e-4 --lr nto=5e-4 --configs nto-block-10-head adamw
+# 2026-12-04 night (issue 20): sparse with 8-bit moments in the bytes of fp32 sparse at 10% and
+# 7.5% (= fp32-state block at 10%, 0.10x AdamW's bytes).
+e2e "${A[@]}" --seeds 0 1 2 --tag sparse-int8 --configs nto-sparse-10-int8 nto-sparse-7.5-int8
+e2e --task lm --seeds 0 1 2 --tag lr2e-4 --lr full=2e-4 nto=2e-4 --configs nto-sparse-10-int8
 # Issue 19 on a GPU (the lent H200, 2026-12-04 18:02 UTC; bf16 matmuls are ~16x slower than
 # fp32 on this CPU): SmolLM2-135M in bf16 and in fp32, the two lines side by side. The model
 # and the BBC corpus were carried to the device (the GGUF in two parts, staged under

@@ -31,6 +31,10 @@ TARGETS = {
                                                        0.25, "le"),
     "masked_adamw_ indexed 10% fp32, top 10% |g| of SmolLM2-135M": (
         "<= 0.25x fused AdamW (full step)", 0.25, "le"),
+    "masked_adamw_int8_ indexed 10% fp32, uniformly random": (
+        "<= 1.3x the fp32-moment indexed step", 1.3, "le"),
+    "masked_adamw_int8_ indexed 10% fp32, in runs of 256": (
+        "<= 1.3x the fp32-moment indexed step", 1.3, "le"),
     "param_stats (sumsq + absmax + histogram)": ("<= 1.0x _foreach_norm", 1.0, "le"),
     "param_stats, histogram=False (sumsq + absmax)": ("<= 1.0x _foreach_norm", 1.0, "le"),
     "select_topk (10%)": (">= 3x faster than torch.topk", 3.0, "speedup"),
