@@ -310,7 +310,7 @@ def _steps(opt, named, start, stop):
     for step in range(start, stop):
         g = torch.Generator().manual_seed(step)
         for _, p in named:
-            p.grad = torch.randn(p.shape, generator=g)
+            p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
         opt.step()
         opt.zero_grad()
 

@@ -10,7 +10,16 @@ import warnings
 
 import pytest
 import torch
-from test_int8 import HAS_KERNELS, HYPER, _normal, _state, cpu_variant_outputs, needs_kernels
+from test_int8 import (
+    HAS_KERNELS,
+    HYPER,
+    _model,
+    _normal,
+    _state,
+    _steps,
+    cpu_variant_outputs,
+    needs_kernels,
+)
 from tiny import batch, tiny_llama
 
 from nto_ext import NTO, _reference, ops
@@ -116,21 +125,6 @@ def test_bad_indexed_input_is_named_alike_by_kernel_and_reference(idx, g_len, er
 
 
 # ------------------------------------------------------------------- NTO(policy="sparse")
-
-
-def _model(seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    return [(f"layers.{i}.w{j}", torch.nn.Parameter(torch.randn(s, generator=gen)))
-            for i in range(4) for j, s in enumerate([(40, 30), (30,), (700,)])]
-
-
-def _steps(opt, named, start, stop):
-    for step in range(start, stop):
-        g = torch.Generator().manual_seed(step)
-        for _, p in named:
-            p.grad = (torch.randn(p.shape, generator=g) * (1 + step % 3)).to(p.dtype)
-        opt.step()
-        opt.zero_grad()
 
 
 def _sparse(named, **kw):

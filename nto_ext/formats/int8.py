@@ -98,16 +98,7 @@ class Int8Moments(Fp32Moments):
                                  "state_dtype='int8'); nothing was loaded")
             out[key] = seen.claim(f"{where}: {key}", st[key])
         out["step"] = loaded_step(where, st.get("step"))
-        for key in SCALES:
-            s = local_tensor(out[key])
-            bad = ((s < 0) | ~torch.isfinite(s) if not propagate else s < 0).any()
-            if s.numel() and bool(bad):
-                raise ValueError(f"{where}: {key} holds negative or non-finite values; "
-                                 "allowed: finite scales >= 0 (NaN/Inf only with "
-                                 "nonfinite='propagate'); nothing was loaded")
-        if bool((local_tensor(out["exp_avg"]) == -128).any()):
-            raise ValueError(f"{where}: exp_avg holds -128; allowed: levels in [-127, 127] "
-                             "(a corrupted or crafted checkpoint?); nothing was loaded")
+        check_values(where, {k: local_tensor(out[k]) for k in LAYOUT}, propagate)
         return out
 
     def from_adamw(self, where: str, st: dict[str, Any], p: torch.Tensor) -> dict[str, Any]:
@@ -119,6 +110,22 @@ class Int8Moments(Fp32Moments):
                 states: list[dict[str, Any]], steps: list, **hyper: float) -> None:
         call(ops.masked_adamw_int8_, indices, params, grads,
              *([st[k] for st in states] for k in LAYOUT), steps, **hyper)
+
+
+def check_values(where: str, st: dict[str, torch.Tensor], propagate: bool) -> None:
+    """The values of a loaded 8-bit state (layout checked already): scales finite and >= 0
+    (NaN/Inf only with nonfinite="propagate"); every level valid but -128, which the map
+    never makes."""
+    for key in SCALES:
+        s = st[key]
+        bad = (s < 0) | ~torch.isfinite(s) if not propagate else s < 0
+        if s.numel() and bool(bad.any()):
+            raise ValueError(f"{where}: {key} holds negative or non-finite values; "
+                             "allowed: finite scales >= 0 (NaN/Inf only with "
+                             "nonfinite='propagate'); nothing was loaded")
+    if bool((st["exp_avg"] == -128).any()):
+        raise ValueError(f"{where}: exp_avg holds -128; allowed: levels in [-127, 127] "
+                         "(a corrupted or crafted checkpoint?); nothing was loaded")
 
 
 def quantize(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -94,6 +94,7 @@ from ..checkpoint import MAX_STEP, Storages, adamw_entry, check_values
 from ..formats import INT8, MASTER, STOCHASTIC, Fp32Moments
 from ..formats.fp32 import MOMENTS
 from ..formats.int8 import LAYOUT, SCALES, dequantize_roots, quantize, quantize_roots
+from ..formats.int8 import check_values as check_q8_values
 from ..formats.master import stochastic_round
 from .base import Config, Host, Policy, Updater, measure
 
@@ -874,8 +875,7 @@ class SparseUpdater(Updater):
     @staticmethod
     def _check_q8(where: str, st: dict[str, Any], propagate: bool) -> None:
         """The scales of an 8-bit compact state (its rows and cohorts checked already): one
-        fp32 per block of 256 of each cohort, >= 0 and finite (NaN/Inf only with
-        nonfinite="propagate"); no exp_avg level -128 (the map never makes it)."""
+        fp32 per block of 256 of each cohort; then the values (formats/int8.py)."""
         blocks = sum(q8_blocks(n) for n in st["sizes"])
         for key in SCALES:
             v = st.get(key)
@@ -888,14 +888,7 @@ class SparseUpdater(Updater):
                                  f"tensor of {blocks} elements on {st['indices'].device} (one "
                                  "per block of 256 of each cohort, as NTO.state_dict() saves "
                                  "it with state_dtype='int8'); nothing was loaded")
-            bad = (v < 0) | ~torch.isfinite(v) if not propagate else v < 0
-            if bool(bad.any()):
-                raise ValueError(f"{where}: {key} holds negative or non-finite values; "
-                                 "allowed: finite scales >= 0 (NaN/Inf only with "
-                                 "nonfinite='propagate'); nothing was loaded")
-        if bool((st["exp_avg"] == -128).any()):
-            raise ValueError(f"{where}: exp_avg holds -128; allowed: levels in [-127, 127] "
-                             "(a corrupted or crafted checkpoint?); nothing was loaded")
+        check_q8_values(where, st, propagate)
 
     def import_entry(self, where: str, st: dict[str, Any],
                      p: torch.Tensor) -> dict[str, Any] | None:
