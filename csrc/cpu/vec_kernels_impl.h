@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 
 #include "../stochastic_round.h"
 #include "vec_kernels.h"
@@ -337,6 +338,25 @@ inline Vec q8_levels(const Vec& x, float inv, float top) {
   const Vec hi = at::vec::fmadd(k, Vec(2.0f), lo);  // (k + 1/2)^2: exact, one rounding
   return (k - one) + ((y >= lo) & one) + ((y >= hi) & one);
 }
+// kV levels (whole numbers in [-127, 255]: exact conversions) stored as bytes: their low 8
+// bits are the int8 level (two's complement) or the uint8 one.
+template <typename B>
+inline void store_levels(const Vec& x, B* dst) {
+  static_assert(sizeof(B) == 1, "levels are bytes");
+#if defined(CPU_CAPABILITY_AVX512)
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(x)));
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m256i q = _mm256_cvttps_epi32(x);  // 8 int32 -> 8 int16 -> 8 bytes (both packs
+  const __m128i h = _mm_packs_epi32(_mm256_castsi256_si128(q),  // keep values in range)
+                                    _mm256_extracti128_si256(q, 1));
+  const __m128i b = std::is_signed_v<B> ? _mm_packs_epi16(h, h) : _mm_packus_epi16(h, h);
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(dst), b);
+#else
+  alignas(64) float f[kV];
+  x.store(f);
+  for (int64_t t = 0; t < kV; ++t) dst[t] = static_cast<B>(static_cast<int>(f[t]));
+#endif
+}
 // The kW moments stored at qm / qw, dequantized (_reference.dequantize_q8): m = q|q| * sm
 // and v = w^2 with w = r^2 * sw; the products of small whole numbers are exact.
 inline void q8_widen(const int8_t* qm, const uint8_t* qw, Vec* q, Vec* r) {
@@ -392,17 +412,12 @@ inline void adamw_q8_block(P* p, const G* g, int8_t* qm, uint8_t* qw, float* sm,
   *sm = new_sm;
   *sw = new_sw;
   const float inv_m = q8_inverse(new_sm), inv_w = q8_inverse(new_sw);
-  alignas(64) float um[kQ8Block], uw[kQ8Block];
   const Vec sign(-0.0f), zero(0.0f), one(1.0f);
   for (int64_t j = 0; j < kQ8Block; j += kV) {
     const Vec m = Vec::loadu(mb + j), w = Vec::loadu(wb + j);
-    (q8_levels(m, inv_m, kQ8MLevels) | (m & sign)).store(um + j);  // signed (-0: 0)
+    store_levels(q8_levels(m, inv_m, kQ8MLevels) | (m & sign), qm + j);  // signed (-0: 0)
     // a positive root's level is at least 1
-    max_finite(q8_levels(w, inv_w, kQ8WLevels), (w > zero) & one).store(uw + j);
-  }
-  for (int64_t t = 0; t < kQ8Block; ++t) {  // whole numbers in range: exact conversions
-    qm[t] = static_cast<int8_t>(static_cast<int>(um[t]));
-    qw[t] = static_cast<uint8_t>(static_cast<int>(uw[t]));
+    store_levels(max_finite(q8_levels(w, inv_w, kQ8WLevels), (w > zero) & one), qw + j);
   }
 }
 // Indexed (policy="sparse"): the block's params are gathered from their positions into a
