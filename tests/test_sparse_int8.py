@@ -75,15 +75,39 @@ def test_indexed_kernel_equals_reference_bitwise(numel, n, dtype, gdtype, idx_dt
     assert n == 1 or not torch.equal(got[0][~untouched], p[~untouched])
 
 
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+def test_indexed_kernel_on_runs_of_positions_equals_reference(dtype):
+    """Blocks whose 256 positions are consecutive are updated in place (no gather): runs
+    aligned and not aligned with the blocks, runs broken by one gap, and a last partial
+    block."""
+    numel = 20000
+    runs = [torch.arange(100, 100 + 1024), torch.arange(1200, 1200 + 300),
+            torch.arange(2000, 2000 + 256), torch.arange(2257, 2257 + 600),  # gap at 2256
+            torch.arange(5000, 5000 + 777)]
+    idx = torch.cat(runs).to(torch.int32)
+    n = idx.numel()
+    gen = torch.Generator().manual_seed(3)
+    p = _normal(numel, 4).to(dtype)
+    g = _normal(n, 5) * 1e-2
+    state = _state(n, gen)
+    got = _run_indexed(torch.ops.nto.masked_adamw_int8_.default, p, g, idx, state, (1, 4))
+    want = _run_indexed(_reference.masked_adamw_int8_, p, g, idx, state, (1, 4))
+    for a, b in zip(got, want):
+        assert torch.equal(_bits(a), _bits(b))
+
+
 VARIANT = r"""
 import hashlib, torch
 from test_sparse_int8 import _positions, _run_indexed
 from test_int8 import _normal, _state
 k = torch.ops.nto.masked_adamw_int8_.default
 h = hashlib.sha256()
-for numel, n in ((600, 257), (70000, 65536 + 300)):
+for numel, n in ((600, 257), (70000, 65536 + 300), (9000, 3000)):
     gen = torch.Generator().manual_seed(n)
     p, g, idx = _normal(numel, 1), _normal(n, 2), _positions(numel, n, 3)
+    if numel == 9000:  # runs of consecutive positions: blocks updated in place
+        idx = torch.cat([torch.arange(7, 1500), torch.arange(3000, 4507)]).to(torch.int32)
     for t in _run_indexed(k, p.to(torch.bfloat16), g, idx, _state(n, gen), (1, 5)):
         h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
 print(h.hexdigest())

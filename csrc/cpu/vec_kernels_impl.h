@@ -420,17 +420,22 @@ inline void adamw_q8_block(P* p, const G* g, int8_t* qm, uint8_t* qw, float* sm,
     store_levels(max_finite(q8_levels(w, inv_w, kQ8WLevels), (w > zero) & one), qw + j);
   }
 }
-// Indexed (policy="sparse"): the block's params are gathered from their positions into a
-// zero-padded copy, updated there with the dense block loop and scattered back. A block
-// with a position out of range (changed by another thread after the op's checks) is not
-// touched: `fault` notes it and the op raises after the pass (index_fault.h).
-template <typename P, typename G>
-bool adamw_q8_indexed_block(const AdamWQ8Chunk& c, int64_t j, int64_t cnt, P* pb,
-                            int64_t* pos, IndexFault* fault) {
-  P* p = static_cast<P*>(c.p);
+// Indexed (policy="sparse"): a block's params are read at its positions, each checked where
+// it is read. A block of 256 consecutive positions (first and last 255 apart: they are
+// sorted and unique) is updated in place like a dense one; any other is gathered into a
+// copy, updated there and scattered back. A block with a position out of range (changed by
+// another thread after the op's checks) is not touched: `fault` notes it and the op raises
+// after the pass (index_fault.h).
+inline int64_t position(const AdamWQ8Chunk& c, int64_t j) {
+  return c.idx64 ? static_cast<const int64_t*>(c.idx)[j] : static_cast<const int32_t*>(c.idx)[j];
+}
+
+template <typename P>
+bool gather_block(const AdamWQ8Chunk& c, int64_t j, int64_t cnt, P* pb, int64_t* pos,
+                  IndexFault* fault) {
+  const P* p = static_cast<const P*>(c.p);
   for (int64_t t = 0; t < cnt; ++t) {
-    const int64_t x = c.idx64 ? static_cast<const int64_t*>(c.idx)[j + t]
-                              : static_cast<const int32_t*>(c.idx)[j + t];
+    const int64_t x = position(c, j + t);
     if (!in_range(x, c.p_numel)) {
       fault->note(j + t, x);
       return false;
@@ -446,20 +451,33 @@ void adamw_q8_chunk_t(const AdamWQ8Chunk& c, const AdamWScalars& s, IndexFault* 
   const G* g = static_cast<const G*>(c.g);
   for (int64_t j = 0, b = 0; j < c.n; j += kQ8Block, ++b) {
     const int64_t cnt = std::min<int64_t>(kQ8Block, c.n - j);
-    if (cnt == kQ8Block && !c.idx) {
-      prefetch_ahead(p + j, kQ8Block), prefetch_ahead(g + j, kQ8Block);
-      adamw_q8_block(p + j, g + j, c.qm + j, c.qw + j, c.sm + b, c.sw + b, s);
+    P* at = p + j;  // the block's params in place: dense, or a run of consecutive positions
+    if (c.idx && cnt == kQ8Block) {
+      const int64_t first = position(c, j), last = position(c, j + kQ8Block - 1);
+      const bool run = last - first == kQ8Block - 1 && in_range(first, c.p_numel) &&
+                       in_range(last, c.p_numel);
+      at = run ? p + first : nullptr;
+    }
+    if (cnt == kQ8Block && at) {
+      prefetch_ahead(at, kQ8Block), prefetch_ahead(g + j, kQ8Block);
+      adamw_q8_block(at, g + j, c.qm + j, c.qw + j, c.sm + b, c.sw + b, s);
       continue;
     }
-    alignas(64) P pb[kQ8Block];  // a gathered or last partial block, zero padded
-    alignas(64) G gb[kQ8Block];
+    alignas(64) P pb[kQ8Block];  // a gathered block's params (zero padded if partial)
+    int64_t pos[kQ8Block];
+    if (cnt == kQ8Block) {  // scattered positions, whole block: only p goes through a copy
+      if (!gather_block(c, j, cnt, pb, pos, fault)) continue;
+      adamw_q8_block(pb, g + j, c.qm + j, c.qw + j, c.sm + b, c.sw + b, s);
+      for (int64_t t = 0; t < cnt; ++t) p[pos[t]] = pb[t];
+      continue;
+    }
+    alignas(64) G gb[kQ8Block];  // the last partial block: zero-padded copies of all
     alignas(64) int8_t mb[kQ8Block];
     alignas(64) uint8_t wb[kQ8Block];
-    int64_t pos[kQ8Block];
     std::memset(pb, 0, sizeof(pb)), std::memset(gb, 0, sizeof(gb));
     std::memset(mb, 0, sizeof(mb)), std::memset(wb, 0, sizeof(wb));
     if (c.idx) {
-      if (!adamw_q8_indexed_block<P, G>(c, j, cnt, pb, pos, fault)) continue;
+      if (!gather_block(c, j, cnt, pb, pos, fault)) continue;
     } else {
       std::memcpy(pb, p + j, cnt * sizeof(P));
     }
