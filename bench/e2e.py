@@ -107,6 +107,8 @@ CONFIGS: dict[str, tuple[str, str]] = {
                            "nto-sample-10"),
     "nto-block-10-head-int8": ("nto", "nto-block-10-head with 8-bit moments within its "
                                "bytes (about 2x the elements at once)"),
+    "nto-block-20-head": ("nto", "nto-block-10-head at 20%: about the elements that "
+                          "nto-block-10-head-int8 trains at once, with fp32 moments (a control)"),
     "nto-sample-10-bf16m": ("nto", "NTO sample, bf16 moments (state_dtype='bf16') within the "
                             "bytes of nto-sample-10 (about 1.5x the elements at once)"),
     "nto-block-10-offload": ("nto", "NTO block, budget 10%, descending, each param's state "
