@@ -107,6 +107,8 @@ CONFIGS: dict[str, tuple[str, str]] = {
                            "nto-sample-10"),
     "nto-block-10-head-int8": ("nto", "nto-block-10-head with 8-bit moments within its "
                                "bytes (about 2x the elements at once)"),
+    "nto-block-10-head-int8-same": ("nto", "nto-block-10-head with 8-bit moments on the same "
+                                    "elements (10%: about half its bytes)"),
     "nto-block-20-head": ("nto", "nto-block-10-head at 20%: about the elements that "
                           "nto-block-10-head-int8 trains at once, with fp32 moments (a control)"),
     "nto-sample-10-bf16m": ("nto", "NTO sample, bf16 moments (state_dtype='bf16') within the "
@@ -200,7 +202,7 @@ def build_optimizer(spec: RunSpec, task: str, model):
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=demo.WEIGHT_DECAY,
                                  foreach=True), model, info
     if name.startswith("nto-"):
-        # nto-POLICY-PCT[-drop|-offload][-head][-importance][-plain|-sr][-int8|-bf16m]
+        # nto-POLICY-PCT[-drop|-offload][-head][-importance][-plain|-sr][-int8|-bf16m][-same]
         _, policy, pct, *how = name.split("-")
         extra: dict[str, Any] = {"order": "descending"} if policy == "block" else {}
         for flag, kwargs in (("plain", {"master_weights": False}),  # issue 19's rows
@@ -216,12 +218,15 @@ def build_optimizer(spec: RunSpec, task: str, model):
             extra["always"] = tuple(b for b in ("head", "other") if b in _units(model))
             info["always"] = extra["always"]
         budget = f"{pct}%"
+        same = "same" in how  # -same: the fp32 run's elements, fewer bytes
+        if same:
+            how.remove("same")
         for moments in ("int8", "bf16m"):  # issue 20: the bytes of fp32 state at pct% hold
             if moments in how:  # ~2x (int8) / 1.5x (bf16 moments) the elements
                 how.remove(moments)
                 extra["state_dtype"] = moments.removesuffix("m")
                 fp32 = 16 if policy == "sparse" else 12  # B per element with fp32 moments
-                if float(pct) < 100:
+                if float(pct) < 100 and not same:
                     budget = f"{round(float(pct) / 100 * total * fp32)}B"
         if how:
             extra["state_on_switch"] = how[0]
