@@ -125,6 +125,8 @@ CONFIGS: dict[str, tuple[str, str]] = {
                               "training-state bytes of block at 10% (0.10x AdamW's)"),
     "nto-sparse-10-int8": ("nto", "NTO sparse, 8-bit moments within the bytes of nto-sparse-10 "
                            "(16 B per chosen element at 10%): about 1.6x the elements"),
+    "nto-sparse-10-int8-same": ("nto", "NTO sparse 10% with 8-bit moments: the elements of "
+                                "nto-sparse-10 in 63% of its bytes"),
     "nto-sparse-7.5-int8": ("nto", "NTO sparse, 8-bit moments within the bytes of "
                             "nto-sparse-7.5 (= fp32-state block at 10%)"),
     "badam": ("nto", "BAdam = NTO block, one layer per group (budget = largest layer), "
