@@ -44,8 +44,8 @@ SCHEMAS = {
     "masked_adamw_int8_": "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
                           "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] exp_avg_scales, "
                           "Tensor(e!)[] exp_avg_sq_scales, Tensor?[] indices, Tensor[] steps, "
-                          "float lr, "
-                          "float beta1, float beta2, float eps, float weight_decay) -> ()",
+                          "float lr, float beta1, float beta2, float eps, "
+                          "float weight_decay) -> ()",
     "masked_adamw_lowp_": "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
                           "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] masters, Tensor[] steps, "
                           "bool[] stochastic, int[] keys, float lr, float beta1, float beta2, "

@@ -1,9 +1,9 @@
 // masked_adamw_int8_ on CPU: AdamW over whole tensors, or at sorted unique positions
-// (policy="sparse"), whose moments are stored in 8 bits
-// (nto_ext/formats/int8.py; the spec: nto_ext/_reference.py masked_adamw_int8_). Checks
-// everything first (metadata, step counts); then at::parallel_for over (tensor, chunk)
-// work items (chunks start on block boundaries), each running the per-capability block
-// loop of vec_kernels_impl.h: dequantize, update, requantize, one pass per block.
+// (policy="sparse"), whose moments are stored in 8 bits (nto_ext/formats/int8.py; the
+// spec: nto_ext/_reference.py masked_adamw_int8_). Checks everything first (metadata,
+// positions, step counts); then at::parallel_for over (tensor, chunk) work items (chunks
+// start on block boundaries), each running the per-capability block loop of
+// vec_kernels_impl.h: dequantize, update, requantize, one pass per block.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
