@@ -307,7 +307,9 @@ def _trainer_optimizer(model: nn.Module, args: Any, fsdp_checkpoints: bool,
 
 def nto_metrics(optimizer: Any) -> dict[str, float | int | str]:
     """What NTOCallback logs: `nto/<key>` numbers from `memory_report()` (bytes, elements),
-    density (trainable / all elements), skipped steps, and `nto/active` (a short string)."""
+    density (trainable / all elements), skipped steps, the last step's L2 norm of the
+    active gradients before clipping (`nto/grad_norm`, when NTO measured it: a non-finite
+    check or max_grad_norm) and `nto/active` (a short string)."""
     opt = nto_of(optimizer)
     out: dict[str, float | int | str] = {}
     report = opt.memory_report()
@@ -322,6 +324,9 @@ def nto_metrics(optimizer: Any) -> dict[str, float | int | str]:
     skipped = getattr(opt, "skipped_steps", None)
     if isinstance(skipped, int):
         out["nto/skipped_steps"] = skipped
+    norm = getattr(opt, "last_grad_norm", None)
+    if isinstance(norm, float):  # measured when NTO checks or clips: under policy="sparse"
+        out["nto/grad_norm"] = norm  # Trainer's own grad_norm sees no (freed) dense grads
     active = list(opt.active())
     out["nto/active"] = first_names(active, 3)
     return out

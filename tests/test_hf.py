@@ -79,6 +79,9 @@ def test_trainer_factory(tmp_path, policy):
             assert key in h, (key, h)
         assert h["nto/trainable_elements"] <= h["nto/budget_elements"]
         assert 0 < h["nto/density"] <= 0.25
+        # the active grads' norm as NTO measured it (sparse frees the dense grads in its
+        # hooks: Trainer's own grad_norm sees none there)
+        assert 0 < h["nto/grad_norm"] < float("inf"), h
     if policy != "sparse":  # blocks follow the model's layer names, and they switch
         assert len({h["nto/active"] for h in logs}) > 1
         assert any("layers" in h["nto/active"] for h in logs)
