@@ -336,7 +336,14 @@ inline Vec q8_levels(const Vec& x, float inv, float top) {
   const Vec k = min_finite(sqrt_estimate(c).round(), Vec(top - 1.0f));
   const Vec lo = (k - half) * (k - half);
   const Vec hi = at::vec::fmadd(k, Vec(2.0f), lo);  // (k + 1/2)^2: exact, one rounding
+#if defined(CPU_CAPABILITY_AVX512)
+  // the two steps as masked adds (a compare to a mask register each): the same sums
+  const __m512 base = k - one;
+  const __m512 up = _mm512_mask_add_ps(base, _mm512_cmp_ps_mask(y, lo, _CMP_GE_OQ), base, one);
+  return _mm512_mask_add_ps(up, _mm512_cmp_ps_mask(y, hi, _CMP_GE_OQ), up, one);
+#else
   return (k - one) + ((y >= lo) & one) + ((y >= hi) & one);
+#endif
 }
 // kV levels (whole numbers in [-127, 255]: exact conversions) stored as bytes: their low 8
 // bits are the int8 level (two's complement) or the uint8 one.
@@ -380,6 +387,15 @@ inline void q8_widen(const int8_t* qm, const uint8_t* qw, Vec* q, Vec* r) {
   for (int h = 0; h < 2; ++h) q[h] = Vec::loadu(a + h * kV), r[h] = Vec::loadu(b + h * kV);
 #endif
 }
+// A positive root's level is at least 1 (no update is divided by eps alone).
+inline Vec at_least_one_if_positive(const Vec& level, const Vec& w) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_mask_max_ps(level, _mm512_cmp_ps_mask(w, _mm512_setzero_ps(), _CMP_GT_OQ),
+                            level, _mm512_set1_ps(1.0f));
+#else
+  return max_finite(level, (w > Vec(0.0f)) & Vec(1.0f));
+#endif
+}
 // One block of kQ8Block elements (a partial block: the caller's zero-padded copies, whose
 // padding dequantizes and updates to zeros): pass 1 dequantizes, updates p and keeps the
 // new m and root w = sqrt(v) in L1 buffers with their abs-max; pass 2 takes the block's
@@ -412,12 +428,11 @@ inline void adamw_q8_block(P* p, const G* g, int8_t* qm, uint8_t* qw, float* sm,
   *sm = new_sm;
   *sw = new_sw;
   const float inv_m = q8_inverse(new_sm), inv_w = q8_inverse(new_sw);
-  const Vec sign(-0.0f), zero(0.0f), one(1.0f);
+  const Vec sign(-0.0f);
   for (int64_t j = 0; j < kQ8Block; j += kV) {
     const Vec m = Vec::loadu(mb + j), w = Vec::loadu(wb + j);
     store_levels(q8_levels(m, inv_m, kQ8MLevels) | (m & sign), qm + j);  // signed (-0: 0)
-    // a positive root's level is at least 1
-    store_levels(max_finite(q8_levels(w, inv_w, kQ8WLevels), (w > zero) & one), qw + j);
+    store_levels(at_least_one_if_positive(q8_levels(w, inv_w, kQ8WLevels), w), qw + j);
   }
 }
 // Indexed (policy="sparse"): a block's params are read at its positions, each checked where
