@@ -81,6 +81,9 @@ e2e "${A[@]}" --seeds 0 1 2 --tag head-20 --configs nto-block-20-head
 e2e "${A[@]}" --seeds 0 1 2 --tag head-int8-same --configs nto-block-10-head-int8-same
 e2e "${A[@]}" --seeds 0 1 2 --tag sparse-int8 --configs nto-sparse-10-int8-same
 e2e --task lm --seeds 0 1 2 --tag lr2e-4 --lr full=2e-4 nto=2e-4 --configs nto-sparse-10-int8-same
+# sparse at LoRA's bytes (0.100x AdamW's) on the LM, fp32 and 8-bit moments
+e2e --task lm --seeds 0 1 2 --tag lr2e-4 --lr full=2e-4 nto=2e-4 --configs nto-sparse-7.5
+e2e --task lm --seeds 0 1 2 --tag lr2e-4-int8 --lr full=2e-4 nto=2e-4 --configs nto-sparse-7.5-int8
 # a probe, stopped after one run (3.601: lr 5e-4 is too high for sparse on the LM)
 e2e --task lm --seeds 0 --tag lr5e-4 --lr full=5e-4 nto=5e-4 --configs nto-sparse-7.5
 # Issue 19 on a GPU (the lent H200, 2026-12-04 18:02 UTC; bf16 matmuls are ~16x slower than
