@@ -17,6 +17,7 @@ from hypothesis import given
 from test_int8 import (
     _model,
     _steps,
+    adamw_after_one_step,
     budget_runs_with_state_dtype,
     check_resume_in_a_fresh_process,
     cpu_variant_outputs,
@@ -164,10 +165,7 @@ def _imports_adamw_rounded_to_bf16(policy: str) -> None:
     """torch AdamW's state loaded into NTO at 100% with bf16 moments: each moment rounded
     (flat under sparse, whose state is compact)."""
     named = _model()
-    adamw = torch.optim.AdamW([p for _, p in named], lr=1e-2)
-    for _, p in named:
-        p.grad = torch.randn(p.shape)
-    adamw.step()
+    adamw = adamw_after_one_step(named)
     opt = NTO(named, lr=1e-2, budget="100%", policy=policy, state_dtype="bf16")
     opt.load_state_dict(adamw.state_dict())
     for _, p in named:

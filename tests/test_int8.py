@@ -387,12 +387,18 @@ def test_offload_round_trip_keeps_the_8bit_state():
     assert checked >= 2
 
 
-def test_torch_adamw_state_imports_quantized():
-    named = _model()
+def adamw_after_one_step(named) -> torch.optim.AdamW:
+    """torch AdamW over `named` after one step with random grads (state to import)."""
     adamw = torch.optim.AdamW([p for _, p in named], lr=1e-2)
     for _, p in named:
         p.grad = torch.randn(p.shape)
     adamw.step()
+    return adamw
+
+
+def test_torch_adamw_state_imports_quantized():
+    named = _model()
+    adamw = adamw_after_one_step(named)
     opt = NTO(named, lr=1e-2, budget="100%", state_dtype="int8")
     opt.load_state_dict(adamw.state_dict())
     for _, p in named:

@@ -17,6 +17,7 @@ from test_int8 import (
     _normal,
     _state,
     _steps,
+    adamw_after_one_step,
     cpu_variant_outputs,
     needs_kernels,
 )
@@ -374,10 +375,7 @@ def test_scales_in_an_fp32_state_are_refused():
 
 def test_torch_adamw_state_imports_quantized_at_100_percent():
     named = _model()
-    adamw = torch.optim.AdamW([p for _, p in named], lr=1e-2)
-    for _, p in named:
-        p.grad = torch.randn(p.shape)
-    adamw.step()
+    adamw = adamw_after_one_step(named)
     opt = _sparse(named, budget="100%")
     opt.load_state_dict(adamw.state_dict())
     for _, p in named:

@@ -720,12 +720,20 @@ class SparseUpdater(Updater):
             for a, b, t in _cohorts(st):
                 yield a, b, t, st["exp_avg"][a:b], st["exp_avg_sq"][a:b]
             return
-        for (a, b, t), (sa, _) in zip(_cohorts(st), _scale_bounds(st)):
-            for s in range(a, b, _WINDOW):  # windows start on the cohort's block boundaries
-                e, blk = min(b, s + _WINDOW), sa + (s - a) // Q8_BLOCK
-                m, w = dequantize_roots(_cohort_q8(st, s, e, blk, blk + q8_blocks(e - s)))
-                self.temp_bytes = max(self.temp_bytes, 3 * _nbytes(m))
-                yield s, e, t, m, w * w
+        for (a, b, t), (sa, sb) in zip(_cohorts(st), _scale_bounds(st)):
+            for s, e, m, w in self._windows(_cohort_q8(st, a, b, sa, sb)):
+                yield a + s, a + e, t, m, w * w
+
+    def _windows(self, q: dict[str, torch.Tensor]):
+        """(start, end, exp_avg, sqrt(exp_avg_sq)) of one cohort's 8-bit state `q`,
+        dequantized _WINDOW elements at a time (windows start on block boundaries): fp32
+        temporaries of a few hundred KiB whatever the cohort's size."""
+        n = q["exp_avg"].numel()
+        for s in range(0, n, _WINDOW):
+            e, blk = min(n, s + _WINDOW), s // Q8_BLOCK
+            m, w = dequantize_roots(_cohort_q8(q, s, e, blk, blk + q8_blocks(e - s)))
+            self.temp_bytes = max(self.temp_bytes, 3 * _nbytes(m))
+            yield s, e, m, w
 
     def _requantized(self, st: dict[str, Any], keep: torch.Tensor,
                      live: list[tuple[int, int, int]]) -> None:
@@ -741,23 +749,18 @@ class SparseUpdater(Updater):
         """One cohort's 8-bit state `q` reduced to the elements where `keep`: their moments
         as the kernel dequantizes them, quantized again in new blocks of 256 (the blocks
         before the first dropped element get their levels and scales back; the others are
-        requantized once, within the map's error, formats/int8.py). _WINDOW elements at a
-        time: the fp32 temporaries stay a few hundred KiB whatever the cohort's size."""
+        requantized once, within the map's error, formats/int8.py), a window at a time."""
         kept = int(keep.sum())
         out = {k: torch.empty(kept if per == "element" else q8_blocks(kept), dtype=dt,
                               device=keep.device) for k, (dt, per) in LAYOUT.items()}
         ms: list[torch.Tensor] = []
         ws: list[torch.Tensor] = []
         done = 0
-        for s in range(0, keep.numel(), _WINDOW):
-            at = keep[s:s + _WINDOW].nonzero().view(-1) + s
-            blk = at // Q8_BLOCK
-            x = q["exp_avg"][at].float()  # dequantize_q8_roots, element by element
-            ms.append((x * x.abs()) * q["exp_avg_scale"][blk])
-            x = q["exp_avg_sq"][at].float()
-            ws.append((x * x) * q["exp_avg_sq_scale"][blk])
-            last = s + _WINDOW >= keep.numel()
-            if sum(m.numel() for m in ms) < _WINDOW and not last:
+        for s, e, m, w in self._windows(q):
+            ms.append(m[keep[s:e]])
+            ws.append(w[keep[s:e]])
+            last = e == keep.numel()
+            if sum(x.numel() for x in ms) < _WINDOW and not last:
                 continue
             m, w = torch.cat(ms), torch.cat(ws)
             take = m.numel() if last else m.numel() // Q8_BLOCK * Q8_BLOCK  # whole blocks
