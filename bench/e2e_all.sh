@@ -98,3 +98,18 @@ e2e --task lm --seeds 0 --tag lr5e-4 --lr full=5e-4 nto=5e-4 --configs nto-spars
 # bf16 moments (state_dtype="bf16") in the bytes of fp32 10%: ~1.5x the elements (issue 20)
 e2e --task lm --seeds 0 1 2 --switch-every 1 --tag sw1-bf16m --lr nto=5e-4 \
     --configs nto-sample-10-bf16m
+# 2026-12-04 night (issue 21, the LM): AdamW's rate between the two above; sparse at LoRA's
+# bytes over its rate and regrowth period (one seed), and with one choice for the whole run
+# (3 seeds); LoRA at 1e-3, sample-10-int8 at 7e-4, sample 25% with a switch every step (one
+# seed each)
+e2e --task lm --seeds 0 1 2 --tag lr1e-4-full --lr full=1e-4 --configs adamw
+e2e --task lm --seeds 0 --tag lr1e-4 --lr nto=1e-4 --configs nto-sparse-7.5
+e2e --task lm --seeds 0 --tag lr3e-4 --lr nto=3e-4 --configs nto-sparse-7.5
+e2e --task lm --seeds 0 --tag sparse-sw1 --switch-every 1 --lr nto=2e-4 --configs nto-sparse-7.5
+e2e --task lm --seeds 0 --tag sparse-sw10 --switch-every 10 --lr nto=2e-4 --configs nto-sparse-7.5
+e2e --task lm --seeds 0 1 2 --tag sparse-sw30 --switch-every 30 --lr nto=2e-4 --configs nto-sparse-7.5
+e2e --task lm --seeds 0 1 2 --tag sparse-sw30-int8 --switch-every 30 --lr nto=2e-4 \
+    --configs nto-sparse-7.5-int8
+e2e --task lm --seeds 0 --tag lora-lr1e-3 --lr lora=1e-3 --configs lora
+e2e --task lm --seeds 0 --switch-every 1 --tag sw1-int8-lr7e-4 --lr nto=7e-4 --configs nto-sample-10-int8
+e2e --task lm --seeds 0 --switch-every 1 --tag sw1-sample25 --lr nto=5e-4 --configs nto-sample-25
