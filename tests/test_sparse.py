@@ -199,32 +199,45 @@ def _dense_grads(model, x) -> list[torch.Tensor]:
     return grads
 
 
-def test_first_step_chooses_the_global_top_k_by_gradient_and_updates_nothing():
+def test_first_step_chooses_the_global_top_k_by_gradient_and_updates_them():
+    """Step 0 chooses the top K by |g| and gives them AdamW's first step with that
+    gradient (as torch's first step would); every other element is untouched."""
     model, ref = tiny_llama(), tiny_llama()
     before = [p.detach().clone() for p in model.parameters()]
-    opt = sparse(model, budget="1%")
+    opt = sparse(model, budget="1%", weight_decay=0.1)
     train_step(model, opt, 0)
-    want = ops.select_topk(_dense_grads(ref, batch(0)), 453)
+    grads = _dense_grads(ref, batch(0))
+    want = ops.select_topk(grads, 453)
     got = chosen(opt)
     for i, w in enumerate(want):
         if w.numel():
             assert torch.equal(got[i], w), i
         else:
             assert i not in got
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    assert all(st["step"] == [0] for st in opt.state.values())
+    for i, (a, p) in enumerate(zip(before, model.parameters())):
+        pos = want[i].long()
+        expect = a.clone()
+        if pos.numel():  # the kernel on the chosen elements alone (test_ops: = the spec)
+            ops.masked_adamw_([expect], [grads[i].reshape(-1)[pos]],
+                                     [torch.zeros(pos.numel())], [torch.zeros(pos.numel())],
+                                     [pos], [torch.ones(1)], lr=1e-2, beta1=0.9,
+                                     beta2=0.999, eps=1e-8, weight_decay=0.1)
+        assert torch.equal(p.detach(), expect), i
+        assert int((p.detach() != a).sum()) == int((grads[i].reshape(-1)[pos] != 0).sum()), i
+    assert all(st["step"] == [1] for st in opt.state.values())
 
 
 def test_regrowth_drops_the_weakest_and_grows_the_top_free_gradients():
-    """switch_every=2: step 1 updates, its end drops the weakest 10% by AdamW update size;
-    step 2 updates the kept elements and grows the top |gradient| of the free ones."""
+    """switch_every=2: steps 0 and 1 update, the end of 1 drops the weakest 10% by AdamW
+    update size; step 2 grows the top |gradient| of the free elements and updates them
+    with the kept ones (one backward: their first step, with the gradient that chose them)."""
     model = tiny_llama()
     opt = sparse(model, budget="1%", switch_every=2)
     train_step(model, opt, 0)
     x = batch(1)
     model(input_ids=x, labels=x).loss.backward()
     opt.step()  # updates, then drops (the next step is a regrowth)
-    # the weakest by |m_hat| / (sqrt(v_hat) + eps), every element has step 1 here
+    # the weakest by |m_hat| / (sqrt(v_hat) + eps), every element has step 2 here
     kept = chosen(opt)
     assert sum(t.numel() for t in kept.values()) == 453 - 45
     opt.zero_grad()
@@ -235,17 +248,20 @@ def test_regrowth_drops_the_weakest_and_grows_the_top_free_gradients():
         if i in kept:
             g.view(-1)[kept[i].long()] = 0  # chosen elements cannot be grown again
     grown = ops.select_topk(grads, 45)
+    before = [p.detach().clone() for p in model.parameters()]
     train_step(model, opt, 2)
     after = chosen(opt)
     for i in set(after) | set(kept):
         old = kept.get(i, torch.zeros(0, dtype=torch.int32))
         new = set(after.get(i, old).tolist()) - set(old.tolist())
         assert new == set(grown[i].tolist()), i
-    for p, st in opt.state.items():  # kept elements were updated at step 2, grown ones not
+    for p, st in opt.state.items():  # kept elements: their third update; grown: their first
         i = opt.table.index[p]
         is_new = torch.isin(st["indices"], grown[i])
         steps = element_steps(st)
-        assert bool((steps[is_new] == 0).all()) and bool((steps[~is_new] == 2).all())
+        assert bool((steps[is_new] == 1).all()) and bool((steps[~is_new] == 3).all())
+        moved = p.detach().reshape(-1) != before[i].reshape(-1)
+        assert bool(moved[grown[i].long()].all()), i
 
 
 def test_dropped_elements_are_the_weakest_by_update_size():
@@ -292,9 +308,9 @@ def test_regrowth_carries_kept_moments_bit_identically():
         return out
 
     def spied(fn):
-        def run(*args):
+        def run(*args, **kw):
             before = snapshot()
-            fn(*args)
+            fn(*args, **kw)
             after = snapshot()
             kept = before.keys() & after.keys()
             assert all(before[e] == after[e] for e in kept)
@@ -322,7 +338,7 @@ def test_memory_is_flat_from_step_to_step():
         peaks.append(rep["peak_total_bytes"])
     k, r = opt.policy.k, opt.policy.regrow
     assert set(totals) == {12 * (k - r)}  # after each step: K - R chosen, grads used up
-    assert set(peaks[1:]) == {16 * (k - r) + 8 * r}  # update: compact grads + candidates
+    assert set(peaks[1:]) == {16 * k}  # update: every chosen element's grad, grown ones too
 
 
 # ----------------------------------------------------------------------- robustness

@@ -48,8 +48,8 @@ gradient, position as index): 8 B each, at most 2 x want of them, exactly the ro
 dropped elements (16 B each with their compact gradient) freed. With one backward per step the grown
 set is the exact global top `want` by |gradient| of the free elements; with accumulation
 an element scores the gradient summed from the micro-batch where it became a candidate
-on (the training gradient itself stays exact). Step 0 chooses K elements and updates
-nothing.
+on (the training gradient itself stays exact). Step 0 chooses K elements and, with one
+backward, updates them (below), as torch's first step would.
 
 Drop (at the end of the step before a regrowth, so the regrowth's candidates fit): the
 weakest chosen elements by the size of their AdamW update, |m_hat| / (sqrt(v_hat) + eps)
@@ -61,10 +61,15 @@ go first; ties drop the lowest position. Kept elements' moments are carried bit 
 quantized again in the cohort's new blocks, one requantization per drop); a cohort left
 empty is removed.
 
-Regrowth (in the scoring step's `step()`, after the kept elements' update): the top
-candidates join the chosen set as a new cohort with zero moments and step count 0; they
-first train on the next step. The step is skipped (nonfinite) or not, the regrowth happens, so the
-chosen count, and the memory, stay the same from step to step.
+Regrowth (in the scoring step's `step()`): the top candidates join the chosen set as a
+new cohort with zero moments and step count 0. With one backward since the last step a
+candidate's value is its whole gradient of the step, so it becomes the new element's
+compact gradient: the cohort is grown before the update, takes its first AdamW step with
+the kept elements (one non-finite check and clip over both) and the peak is exactly K
+chosen elements with their gradients (16 B each: the dropped elements' room). Under
+accumulation a value is a partial sum, so the cohort is grown after the kept elements'
+update and first trains on the next step. The step is skipped (nonfinite) or not, the
+regrowth happens, so the chosen count, and the memory, stay the same from step to step.
 
 Memory of a drop / regrowth beyond grad + state + index: per tensor, a score buffer (one
 fp32 array of that tensor's chosen count) and the new copy of one state row at a time;
@@ -197,22 +202,27 @@ def _fill(flat: torch.Tensor, positions: torch.Tensor, value: float) -> None:
         flat[positions[start:start + _FILL_CHUNK]] = value
 
 
-def _union(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _union(a: torch.Tensor, b: torch.Tensor, av: torch.Tensor | None = None,
+           bv: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Sorted union of two disjoint sorted index tensors (of a's dtype), without sorting:
-    b[j] lands at (number of a below it) + j, a fills the remaining slots in order."""
+    b[j] lands at (number of a below it) + j, a fills the remaining slots in order. With
+    values av / bv (one per position): the union's values in the same order, else None."""
     if b.numel() == 0:
-        return a
+        return a, av
     if a.numel() == 0:
-        return b.to(a.dtype)
+        return b.to(a.dtype), bv
     b = b.to(a.dtype)
     slots = torch.searchsorted(a, b)
     slots += torch.arange(b.numel(), device=b.device)
-    out = torch.empty(a.numel() + b.numel(), dtype=a.dtype, device=a.device)
-    rest = torch.ones(out.numel(), dtype=torch.bool, device=a.device)
+    rest = torch.ones(a.numel() + b.numel(), dtype=torch.bool, device=a.device)
     rest[slots] = False
-    out[slots] = b
-    out[rest] = a
-    return out
+    out = []
+    for x, y in ((a, b), (av, bv)) if av is not None else ((a, b),):
+        merged = torch.empty(rest.numel(), dtype=x.dtype, device=x.device)
+        merged[slots] = y
+        merged[rest] = x
+        out.append(merged)
+    return out[0], (out[1] if av is not None else None)
 
 
 def _keep_top(chunks: Chunks, k: int) -> Chunks:
@@ -314,6 +324,7 @@ class SparseUpdater(Updater):
         super().__init__(host, policy)
         self.policy: SparsePolicy = policy  # type: ignore[assignment]
         self.compact: dict[int, torch.Tensor] = {}  # param index -> fp32 [L] gradient
+        self.scored: dict[int, int] = {}  # param index -> gradients scored this step
         self.compact_bytes = 0
         self.pool: _Pool | None = None  # scoring: candidate positions, summed gradients
         self.bad: int | None = None  # first param with NaN/Inf in a scored dense gradient
@@ -356,6 +367,7 @@ class SparseUpdater(Updater):
         self._free_compact()
         self.pool = None
         self.bad = None
+        self.scored = {}
         self._want = (-1, 0)
         self._base = None
 
@@ -450,6 +462,7 @@ class SparseUpdater(Updater):
                                    [buf[a:b] for a, b, _ in bounds])
         if not self.policy.is_scoring(self.host.step_count):
             return False
+        self.scored[i] = self.scored.get(i, 0) + 1
         self._score(i, flat, st)
         return True
 
@@ -504,18 +517,25 @@ class SparseUpdater(Updater):
                 else:
                     p.grad = None
         scoring = self.policy.is_scoring(host.step_count)
+        if scoring and self.pool is not None:
+            self.pool.reduce()
+        # one backward since the last step: each candidate's value is its whole gradient
+        # of this step, so the grown elements take their first update with the kept ones
+        grow_now = scoring and all(n == 1 for n in self.scored.values())
+        if grow_now:
+            self._note_peak()  # the kept elements' gradients and the candidates
+            self._grow(with_grads=True)
         entries = [(gi, table.index[p], p, self.compact[table.index[p]])
                    for gi, group in enumerate(host.param_groups) for p in group["params"]
                    if table.index[p] in self.compact]
         if self._scores_finite() and entries and host.guard.check(entries, table,
                                                                    host.step_count):
             self._adamw(entries)
-        if scoring and self.pool is not None:
-            self.pool.reduce()
         self._note_peak()  # compact gradients, state and candidates: the step's peak
         self._free_compact()
         self.bad = None
-        if scoring:
+        self.scored = {}
+        if scoring and not grow_now:
             self._grow()
             self._note_peak()
 
@@ -610,21 +630,29 @@ class SparseUpdater(Updater):
         return None
 
     # ------------------------------------------------------------------ regrowth
-    def _grow(self) -> None:
+    def _grow(self, with_grads: bool = False) -> None:
         """The candidates join the chosen set: per param, one new cohort (zero moments,
-        step 0)."""
+        step 0). with_grads: their values become the new rows of the compact gradients
+        (the update that follows is their first); else the values are freed before any
+        new state is made."""
         cands = self.cands
         self.pool = None
         grown = []
         for i in sorted(cands):
-            pos = cands[i][0][0]
+            pos, val = cands[i][0]
+            val = val if with_grads else None
             for c in cands[i][1:]:
-                pos = _union(pos, c[0])
-            grown.append((i, pos))
-        del cands  # candidate values are freed before any new state is made
+                pos, val = _union(pos, c[0], val, c[1] if with_grads else None)
+            grown.append((i, pos, val))
+        del cands
         self._base = None
-        for i, pos in grown:
+        for i, pos, val in grown:
             self._append(i, pos)
+            if val is not None:  # one gradient's old and new copies alive at a time
+                old = self.compact.pop(i, None)
+                self.compact[i] = val if old is None else torch.cat([old, val])
+                self.compact_bytes += _nbytes(val)
+                self.temp_bytes = max(self.temp_bytes, _nbytes(self.compact[i]))
         self._selected_changed()
 
     def _append(self, i: int, pos: torch.Tensor) -> None:
@@ -933,10 +961,11 @@ class SparsePolicy(Policy):
 
     K is the budget in elements (byte budgets: bytes // the sparse bytes per element). Step
     0 is a scoring step (every tensor gets its gradient, reduced to candidates tensor by
-    tensor; the step chooses K elements and updates nothing). Every `switch_every` steps
+    tensor; the step chooses K elements and updates them). Every `switch_every` steps
     after it is a regrowth: `floor(regrow_fraction * K)` of the weakest chosen elements
-    were dropped at the end of the step before, the step's gradients update the kept
-    elements and score the rest, and as many new elements are grown from the top scores.
+    were dropped at the end of the step before, the step's gradients score the free
+    elements, as many new elements are grown from the top scores, and the step updates
+    the kept and the grown ones (the grown ones wait a step under accumulation).
     Between scoring steps only tensors holding chosen elements need a gradient. With K >=
     all elements every element is chosen from the start: no scoring step, no regrowth
     (AdamW to fp32 rounding).
