@@ -227,6 +227,39 @@ def test_first_step_chooses_the_global_top_k_by_gradient_and_updates_them():
     assert all(st["step"] == [1] for st in opt.state.values())
 
 
+def test_first_step_under_accumulation_chooses_and_waits():
+    """Two backwards before step 0: the scores are partial sums (an element counts from
+    the micro-batch where it became a candidate), not the step's gradient, so the chosen
+    elements first train on the next step; step 1 then updates them with its exact sum."""
+    model = tiny_llama()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = sparse(model, budget="1%")
+    for chunk in batch(0, size=4).chunk(2):
+        (model(input_ids=chunk, labels=chunk).loss / 2).backward()
+    opt.step()
+    opt.zero_grad()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(st["step"] == [0] for st in opt.state.values())
+    assert opt.memory_report()["trainable_elements"] == 453
+    train_step(model, opt, 1)
+    assert all(st["step"] == [1] for st in opt.state.values())
+    assert sum(int((a != b).sum()) for a, b in zip(before, model.parameters())) > 400
+
+
+def test_first_step_clips_over_the_chosen_elements():
+    """max_grad_norm at step 0: the norm is that of the chosen elements' gradient (what
+    the step updates), as clip_grad_norm_ over the compact gradients."""
+    model, ref = tiny_llama(), tiny_llama()
+    opt = sparse(model, budget="1%", max_grad_norm=1e-3)
+    train_step(model, opt, 0)
+    grads = _dense_grads(ref, batch(0))
+    want = ops.select_topk(grads, 453)
+    norm = math.sqrt(sum(float(g.reshape(-1)[w.long()].double().square().sum())
+                         for g, w in zip(grads, want)))
+    assert opt.last_grad_norm == pytest.approx(norm, rel=1e-5)
+    assert all(st["step"] == [1] for st in opt.state.values())
+
+
 def test_regrowth_drops_the_weakest_and_grows_the_top_free_gradients():
     """switch_every=2: steps 0 and 1 update, the end of 1 drops the weakest 10% by AdamW
     update size; step 2 grows the top |gradient| of the free elements and updates them
