@@ -522,14 +522,14 @@ class SparseUpdater(Updater):
         # one backward since the last step: each candidate's value is its whole gradient
         # of this step, so the grown elements take their first update with the kept ones
         grow_now = scoring and all(n == 1 for n in self.scored.values())
+        finite = self._scores_finite()  # nonfinite="raise" raises before anything changed
         if grow_now:
             self._note_peak()  # the kept elements' gradients and the candidates
             self._grow(with_grads=True)
         entries = [(gi, table.index[p], p, self.compact[table.index[p]])
                    for gi, group in enumerate(host.param_groups) for p in group["params"]
                    if table.index[p] in self.compact]
-        if self._scores_finite() and entries and host.guard.check(entries, table,
-                                                                   host.step_count):
+        if finite and entries and host.guard.check(entries, table, host.step_count):
             self._adamw(entries)
         self._note_peak()  # compact gradients, state and candidates: the step's peak
         self._free_compact()
