@@ -113,3 +113,13 @@ e2e --task lm --seeds 0 1 2 --tag sparse-sw30-int8 --switch-every 30 --lr nto=2e
 e2e --task lm --seeds 0 --tag lora-lr1e-3 --lr lora=1e-3 --configs lora
 e2e --task lm --seeds 0 --switch-every 1 --tag sw1-int8-lr7e-4 --lr nto=7e-4 --configs nto-sample-10-int8
 e2e --task lm --seeds 0 --switch-every 1 --tag sw1-sample25 --lr nto=5e-4 --configs nto-sample-25
+# after b598cac (sparse's first step, and each regrowth with one backward, updates the
+# elements it chooses): the LM rows above at LoRA's bytes, one choice for the run; MiniLM
+# sparse 7.5% / 10%; the 8-bit LM row at lr 1.5e-4
+e2e --task lm --seeds 0 1 2 --tag sparse-sw30-step0 --switch-every 30 --lr nto=2e-4 \
+    --configs nto-sparse-7.5
+e2e --task lm --seeds 0 1 2 --tag sparse-sw30-int8-step0 --switch-every 30 --lr nto=2e-4 \
+    --configs nto-sparse-7.5-int8
+e2e "${A[@]}" --seeds 0 1 2 --tag sparse-step0 --configs nto-sparse-7.5 nto-sparse-10
+e2e --task lm --seeds 0 1 2 --tag sparse-sw30-int8-lr1.5e-4 --switch-every 30 --lr nto=1.5e-4 \
+    --configs nto-sparse-7.5-int8
