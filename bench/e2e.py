@@ -90,6 +90,9 @@ CONFIGS: dict[str, tuple[str, str]] = {
                                          "always=(head, other)"),
     "nto-sample-25": ("nto", "NTO sample, budget 25%"),
     "nto-sample-10": ("nto", "NTO sample, budget 10%"),
+    "nto-sample-30": ("nto", "NTO sample, budget 30%: with a switch every step (moments "
+                             "dropped unread), the elements a moment-free format would train "
+                             "in the bytes of fp32-state 10% (4 B per element instead of 12)"),
     "nto-sample-10-head": ("nto", "NTO sample, budget 10%, always=(head, other)"),
     "nto-block-10-head": ("nto", "NTO block, budget 10%, descending, state dropped, "
                                  "always=(head, other): the new classifier trains every step"),

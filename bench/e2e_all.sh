@@ -100,8 +100,7 @@ e2e --task lm --seeds 0 1 2 --switch-every 1 --tag sw1-bf16m --lr nto=5e-4 \
     --configs nto-sample-10-bf16m
 # 2026-12-04 night (issue 21, the LM): AdamW's rate between the two above; sparse at LoRA's
 # bytes over its rate and regrowth period (one seed), and with one choice for the whole run
-# (3 seeds); LoRA at 1e-3, sample-10-int8 at 7e-4, sample 25% with a switch every step (one
-# seed each)
+# (3 seeds); LoRA at 1e-3, sample-10-int8 at 7e-4 (one seed each)
 e2e --task lm --seeds 0 1 2 --tag lr1e-4-full --lr full=1e-4 --configs adamw
 e2e --task lm --seeds 0 --tag lr1e-4 --lr nto=1e-4 --configs nto-sparse-7.5
 e2e --task lm --seeds 0 --tag lr3e-4 --lr nto=3e-4 --configs nto-sparse-7.5
@@ -112,7 +111,6 @@ e2e --task lm --seeds 0 1 2 --tag sparse-sw30-int8 --switch-every 30 --lr nto=2e
     --configs nto-sparse-7.5-int8
 e2e --task lm --seeds 0 --tag lora-lr1e-3 --lr lora=1e-3 --configs lora
 e2e --task lm --seeds 0 --switch-every 1 --tag sw1-int8-lr7e-4 --lr nto=7e-4 --configs nto-sample-10-int8
-e2e --task lm --seeds 0 --switch-every 1 --tag sw1-sample25 --lr nto=5e-4 --configs nto-sample-25
 # after b598cac (sparse's first step, and each regrowth with one backward, updates the
 # elements it chooses): the LM rows above at LoRA's bytes, one choice for the run; MiniLM
 # sparse 7.5% / 10%; the 8-bit LM row at lr 1.5e-4
@@ -123,3 +121,10 @@ e2e --task lm --seeds 0 1 2 --tag sparse-sw30-int8-step0 --switch-every 30 --lr 
 e2e "${A[@]}" --seeds 0 1 2 --tag sparse-step0 --configs nto-sparse-7.5 nto-sparse-10
 e2e --task lm --seeds 0 1 2 --tag sparse-sw30-int8-lr1.5e-4 --switch-every 30 --lr nto=1.5e-4 \
     --configs nto-sparse-7.5-int8
+# with a switch every step the moments are dropped unread: what a moment-free format would
+# train in fp32-state 10%'s bytes (30%), against 25%, at three rates
+e2e --task lm --seeds 0 1 2 --switch-every 1 --tag sw1-sample25 --lr nto=5e-4 --configs nto-sample-25
+e2e --task lm --seeds 0 1 2 --switch-every 1 --tag sw1-sample30 --lr nto=5e-4 --configs nto-sample-30
+e2e --task lm --seeds 0 1 2 --switch-every 1 --tag sw1-sample30-lr3e-4 --lr nto=3e-4 \
+    --configs nto-sample-30
+e2e --task lm --seeds 0 --switch-every 1 --tag sw1-sample30-lr2e-4 --lr nto=2e-4 --configs nto-sample-30
