@@ -216,13 +216,14 @@ def _union(a: torch.Tensor, b: torch.Tensor, av: torch.Tensor | None = None,
     slots += torch.arange(b.numel(), device=b.device)
     rest = torch.ones(a.numel() + b.numel(), dtype=torch.bool, device=a.device)
     rest[slots] = False
-    out = []
-    for x, y in ((a, b), (av, bv)) if av is not None else ((a, b),):
-        merged = torch.empty(rest.numel(), dtype=x.dtype, device=x.device)
-        merged[slots] = y
-        merged[rest] = x
-        out.append(merged)
-    return out[0], (out[1] if av is not None else None)
+
+    def merged(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(rest.numel(), dtype=x.dtype, device=x.device)
+        out[slots] = y
+        out[rest] = x
+        return out
+
+    return merged(a, b), (merged(av, bv) if av is not None else None)
 
 
 def _keep_top(chunks: Chunks, k: int) -> Chunks:
@@ -523,8 +524,7 @@ class SparseUpdater(Updater):
         # of this step, so the grown elements take their first update with the kept ones
         grow_now = scoring and all(n == 1 for n in self.scored.values())
         finite = self._scores_finite()  # nonfinite="raise" raises before anything changed
-        if grow_now:
-            self._note_peak()  # the kept elements' gradients and the candidates
+        if grow_now:  # the peak (K elements with their gradients) is noted after the update
             self._grow(with_grads=True)
         entries = [(gi, table.index[p], p, self.compact[table.index[p]])
                    for gi, group in enumerate(host.param_groups) for p in group["params"]
