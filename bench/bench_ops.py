@@ -107,6 +107,18 @@ def test_adamw_dense_ours(benchmark, model, dtype):
          pair=f"torch.optim.AdamW(fused=True).step() {str(dtype)[6:]}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_adamw_first_step_ours(benchmark, model, dtype):
+    """state_dtype="none": AdamW's first step, no moments (p r/w, g r)."""
+    params = [p.to(dtype) for p in model[0]]
+    grads = [g.to(dtype) for g in model[1]]
+    n = _numel(params)
+    e = params[0].element_size()
+    _run(benchmark, lambda: ops.adamw_first_step_(params, grads, **HYPER), group=f"adamw {dtype}",
+         name=f"adamw_first_step_ {str(dtype)[6:]}", nbytes=n * 3 * e, elements=n,
+         pair=f"torch.optim.AdamW(fused=True).step() {str(dtype)[6:]}")
+
+
 def _random_positions(n: int, gen: torch.Generator) -> torch.Tensor:
     """10% of n positions, uniformly at random (touches ~81% of the 64-byte lines)."""
     return torch.sort(torch.randperm(n, generator=gen)[:max(1, n // 10)]).values

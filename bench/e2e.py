@@ -106,6 +106,10 @@ CONFIGS: dict[str, tuple[str, str]] = {
     "nto-block-10-int8": ("nto", "NTO block, descending, state dropped, 8-bit moments "
                           "(state_dtype='int8') within the bytes of nto-block-10 (12 B per "
                           "element at 10%): about 20% of the elements train at once"),
+    "nto-sample-10-none": ("nto", "NTO sample, no moments (state_dtype='none', a switch every "
+                           "step) within the bytes of nto-sample-10 (3x the elements)"),
+    "nto-block-10-none": ("nto", "NTO block, descending, no moments (state_dtype='none', a "
+                          "switch every step) within the bytes of nto-block-10"),
     "nto-sample-10-int8": ("nto", "NTO sample, 8-bit moments within the bytes of "
                            "nto-sample-10"),
     "nto-block-10-head-int8": ("nto", "nto-block-10-head with 8-bit moments within its "
@@ -207,7 +211,8 @@ def build_optimizer(spec: RunSpec, task: str, model):
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=demo.WEIGHT_DECAY,
                                  foreach=True), model, info
     if name.startswith("nto-"):
-        # nto-POLICY-PCT[-drop|-offload][-head][-importance][-plain|-sr][-int8|-bf16m][-same]
+        # nto-POLICY-PCT[-drop|-offload][-head][-importance][-plain|-sr][-int8|-bf16m|-none]
+        # [-same]
         _, policy, pct, *how = name.split("-")
         extra: dict[str, Any] = {"order": "descending"} if policy == "block" else {}
         for flag, kwargs in (("plain", {"master_weights": False}),  # issue 19's rows
@@ -226,8 +231,8 @@ def build_optimizer(spec: RunSpec, task: str, model):
         same = "same" in how  # -same: the fp32 run's elements, fewer bytes
         if same:
             how.remove("same")
-        for moments in ("int8", "bf16m"):  # issue 20: the bytes of fp32 state at pct% hold
-            if moments in how:  # ~2x (int8) / 1.5x (bf16 moments) the elements
+        for moments in ("int8", "bf16m", "none"):  # the bytes of fp32 state at pct% hold
+            if moments in how:  # ~2x (int8) / 1.5x (bf16 moments) / 3x (none) the elements
                 how.remove(moments)
                 extra["state_dtype"] = moments.removesuffix("m")
                 fp32 = 16 if policy == "sparse" else 12  # B per element with fp32 moments

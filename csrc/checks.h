@@ -273,7 +273,8 @@ inline void check_param_grad(const char* op, size_t i, const at::Tensor& p, cons
                        (fp32_takes_low && p.scalar_type() == at::kFloat),
                    op, ": grads[", i, "] has dtype ", dtype_name(g.scalar_type()), " but params[",
                    i, "] has ", dtype_name(p.scalar_type()), "; allowed: ",
-                   dtype_name(p.scalar_type()), " or torch.float32");
+                   dtype_name(p.scalar_type()),
+                   p.scalar_type() == at::kFloat ? "" : " or torch.float32");
 }
 
 // Metadata of entry i (no tensor contents): dtypes, layouts, devices and lengths.
@@ -485,6 +486,32 @@ inline void check_adamw_lowp_meta(at::TensorList params, at::TensorList grads,
     if (!masters.empty()) add_region(rs, masters[i], "masters", i, Access::kWrite);
     if (!dev.is_cpu() && steps[i].device() == dev)
       add_region(rs, steps[i], "steps", i, Access::kRead);
+  }
+  check_no_overlap(op, rs);
+}
+
+// -------------------------------------------------------------- adamw_first_step_
+// _reference.check_adamw_first_step, in its order and words; then the overlap check.
+
+inline void check_adamw_first_meta(at::TensorList params, at::TensorList grads, double lr,
+                                   double beta1, double beta2, double eps, double wd) {
+  const char* op = "adamw_first_step_";
+  check_adamw_hyper(lr, beta1, beta2, eps, wd, op);
+  const size_t n = params.size();
+  check_same_length(op, "params", n, "grads", grads.size());
+  if (n == 0) return;
+  const at::Device dev = params[0].device();
+  for (size_t i = 0; i < n; ++i) {
+    check_param_grad(op, i, params[i], grads[i], dev);
+    TORCH_CHECK_VALUE(grads[i].numel() == params[i].numel(), op, ": grads[", i, "] has ",
+                      grads[i].numel(), " elements; allowed: ", params[i].numel(), " (params[",
+                      i, "] has ", params[i].numel(), ")");
+  }
+  std::vector<Region> rs;
+  rs.reserve(2 * n);
+  for (size_t i = 0; i < n; ++i) {
+    add_region(rs, params[i], "params", i, Access::kWrite);
+    add_region(rs, grads[i], "grads", i, Access::kRead);
   }
   check_no_overlap(op, rs);
 }

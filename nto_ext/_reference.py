@@ -178,8 +178,9 @@ def _check_param_grad(op: str, i: int, p, g, dev: torch.device,
     _check_tensor(op, "grads", i, g, _FLOAT_DTYPES, _FLOATS, dev)
     if g.dtype not in (p.dtype, torch.float32) and not (fp32_takes_low
                                                         and p.dtype == torch.float32):
+        allowed = p.dtype if p.dtype == torch.float32 else f"{p.dtype} or torch.float32"
         raise TypeError(f"{op}: grads[{i}] has dtype {g.dtype} but params[{i}] has {p.dtype}; "
-                        f"allowed: {p.dtype} or torch.float32")
+                        f"allowed: {allowed}")
 
 
 def _check_adamw_entry(i: int, p, g, m, v, idx, step, dev: torch.device) -> None:
@@ -301,6 +302,41 @@ def masked_adamw_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
                     flat.copy_(p32)  # round back once
             else:
                 flat[pos] = p32.to(p.dtype)  # the positions read above, not idx again
+
+
+
+# --------------------------------------------------------------- adamw_first_step_
+
+_FIRST_OP = "adamw_first_step_"
+
+
+def check_adamw_first_step(params, grads, lr, beta1, beta2, eps, weight_decay) -> None:
+    """Every argument check of adamw_first_step_, in the kernels' order."""
+    _check_hyper(lr, beta1, beta2, eps, weight_decay, _FIRST_OP)
+    _check_same_length(_FIRST_OP, "params", len(params), grads=grads)
+    if not params:
+        return
+    dev = params[0].device if isinstance(params[0], torch.Tensor) else None
+    for i, (p, g) in enumerate(zip(params, grads)):
+        _check_param_grad(_FIRST_OP, i, p, g, dev)
+        if g.numel() != p.numel():
+            raise ValueError(f"{_FIRST_OP}: grads[{i}] has {g.numel()} elements; allowed: "
+                             f"{p.numel()} (params[{i}] has {p.numel()})")
+
+
+def adamw_first_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                      lr: float, beta1: float, beta2: float, eps: float,
+                      weight_decay: float) -> None:
+    """The first update of a fresh torch.optim.AdamW state, moments kept nowhere: by
+    definition masked_adamw_ (dense) on zero fp32 moments at step 1, which are then
+    dropped (m_hat = g, v_hat = g^2: p -= lr (wd p + g / (|g| + eps)) up to rounding).
+    The update of state_dtype="none" (formats/none.py)."""
+    check_adamw_first_step(params, grads, lr, beta1, beta2, eps, weight_decay)
+    for p, g in zip(params, grads):
+        zeros = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for _ in "mv"]
+        masked_adamw_([p], [g], [zeros[0]], [zeros[1]], [None],
+                      [torch.ones(1, dtype=torch.float64)], lr, beta1, beta2, eps,
+                      weight_decay)
 
 
 # ---------------------------------------------------------------- masked_adamw_int8_

@@ -75,11 +75,16 @@ def check_knobs(where: str, group: dict[str, Any]) -> None:
 
 
 def check_global(budget: object, state_on_switch: object, nonfinite: object,
-                 max_grad_norm: object, policy: Any) -> None:
-    """The optimizer-wide arguments that are not the policy's (`policy`: its class)."""
+                 max_grad_norm: object, policy: Any, state_dtype: str = "fp32") -> None:
+    """The optimizer-wide arguments that are not the policy's (`policy`: its class;
+    `state_dtype`: its validated config's)."""
     if not isinstance(state_on_switch, str) or state_on_switch not in STATE_ON_SWITCH:
         raise ValueError(f"state_on_switch={state_on_switch!r}; allowed: "
                          f"{', '.join(map(repr, STATE_ON_SWITCH))}")
+    if state_on_switch != "drop" and state_dtype == "none":
+        raise ValueError(f"state_on_switch={state_on_switch!r} with state_dtype='none'; "
+                         "allowed: 'drop' (state_dtype='none' keeps no moments, so a param "
+                         "that stops training has nothing to keep)")
     if state_on_switch != "drop" and policy.no_offload:
         raise ValueError(f"state_on_switch={state_on_switch!r} does not apply to "
                          f"policy={policy.name!r} ({policy.no_offload}); allowed here: 'drop'")

@@ -146,7 +146,8 @@ def _make_plan(args: argparse.Namespace):
     model = data.meta_model(config, num_labels=args.num_labels, dtype=dtype)
     fit = {} if args.fit is None else {"fit": args.fit, **fit_args}
     p = plan(model, budget, policy=args.policy, dtype=dtype, master_weights=args.master_weights,
-             stochastic_rounding=args.stochastic_rounding, state_dtype=args.state_dtype, **fit)
+             stochastic_rounding=args.stochastic_rounding, state_dtype=args.state_dtype,
+             switch_every=args.switch_every, **fit)
     p.dtype_source = source
     return p
 
@@ -228,10 +229,14 @@ def _add_plan(sub) -> None:
                      default=None, help="bf16/fp16 params without fp32 master weights")
     fmt.add_argument("--stochastic-rounding", action="store_true",
                      help="bf16/fp16 params rounded stochastically instead of fp32 masters")
+    p.add_argument("--switch-every", type=int, default=50,
+                   help="optimizer steps between changes of the active set (default 50; "
+                        "--state-dtype none needs 1)")
     p.add_argument("--state-dtype", default="fp32", choices=STATE_DTYPES,
                    help="how the two AdamW moments are stored: fp32 (8 B per element), int8 "
-                        "(blockwise 8-bit, 2.03 B) or bf16 (4 B); with int8/bf16, bf16 models "
-                        "also need --no-master-weights")
+                        "(blockwise 8-bit, 2.03 B), bf16 (4 B) or none (0 B: every update is "
+                        "AdamW's first; block/sample with a switch every step); with "
+                        "int8/bf16/none, bf16 models also need --no-master-weights")
     p.add_argument("--num-labels", type=int, default=None,
                    help="classification head size for encoder models (default: the config's)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")

@@ -50,6 +50,8 @@ SCHEMAS = {
                           "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] masters, Tensor[] steps, "
                           "bool[] stochastic, int[] keys, float lr, float beta1, float beta2, "
                           "float eps, float weight_decay, bool maximize) -> ()",
+    "adamw_first_step_": "(Tensor(a!)[] params, Tensor[] grads, float lr, float beta1, "
+                         "float beta2, float eps, float weight_decay) -> ()",
     "select_topk": "(Tensor[] tensors, int k) -> Tensor[]",
     "remap_state": "(Tensor[] old_indices, Tensor[] new_indices, Tensor[] states) -> Tensor[]",
     "gather_accumulate_": "(Tensor[] dense, Tensor[] indices, Tensor(a!)[] compact) -> ()",
@@ -93,6 +95,11 @@ def _(*args):
 @torch.library.register_fake("nto::masked_adamw_lowp_", lib=_LIB)
 def _(*args):
     _reference.check_masked_adamw_lowp(*args)
+
+
+@torch.library.register_fake("nto::adamw_first_step_", lib=_LIB)
+def _(*args):
+    _reference.check_adamw_first_step(*args)
 
 
 @torch.library.register_fake("nto::select_topk", lib=_LIB)
@@ -371,6 +378,18 @@ def masked_adamw_lowp_(params: Sequence[torch.Tensor], grads: Sequence[torch.Ten
                               float(weight_decay), bool(maximize))
 
 
+def adamw_first_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], *,
+                      lr: float, beta1: float, beta2: float, eps: float,
+                      weight_decay: float) -> None:
+    """The first update of a fresh AdamW state over whole contiguous params, no moments
+    read or kept: bit for bit `masked_adamw_` on zero fp32 moments at step 1 (m_hat = g,
+    v_hat = g^2). Grads of the param's dtype or fp32; bf16/fp16 params are updated in fp32
+    and rounded to nearest even once. One read of p and g and one write of p: 3 of the 7
+    passes over memory of AdamW's update. See `_reference.adamw_first_step_`."""
+    _op("adamw_first_step_")(list(params), list(grads), float(lr), float(beta1),
+                             float(beta2), float(eps), float(weight_decay))
+
+
 def select_topk(tensors: Sequence[torch.Tensor], k: int) -> list[torch.Tensor]:
     """Exact global top-k by |x| over the concatenated tensors: per tensor, ascending int32
     positions (int64 past 2**31-1 elements) in the flattened tensor. Ties at the threshold
@@ -395,6 +414,6 @@ def gather_accumulate_(dense: Sequence[torch.Tensor], indices: Sequence[torch.Te
 
 
 __all__ = ["backend", "param_stats", "masked_adamw_", "masked_adamw_int8_",
-           "masked_adamw_lowp_", "select_topk",
+           "masked_adamw_lowp_", "adamw_first_step_", "select_topk",
            "remap_state", "gather_accumulate_", "BuildMismatchError", "forced_backend",
            "has_cuda_kernels", "SCHEMAS"]

@@ -125,7 +125,7 @@ class NTO(torch.optim.Optimizer):
                         always=always, sample_layers=sample_layers,
                         regrow_fraction=regrow_fraction, master_weights=master_weights,
                         stochastic_rounding=stochastic_rounding, state_dtype=state_dtype)
-        check_global(budget, state_on_switch, nonfinite, max_grad_norm, cls)
+        check_global(budget, state_on_switch, nonfinite, max_grad_norm, cls, cfg.state_dtype)
         check_auto_args(budget, memory)
         groups = normalize_groups(params)
         for k, g in enumerate(groups):

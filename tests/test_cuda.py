@@ -84,7 +84,7 @@ def _free_bytes() -> int:
 def test_backend_is_cuda_ext():
     assert ops.backend() == "cuda-ext"
     for name in ("param_stats", "masked_adamw_", "masked_adamw_int8_", "masked_adamw_lowp_",
-                 "select_topk", "remap_state", "gather_accumulate_"):
+                 "adamw_first_step_", "select_topk", "remap_state", "gather_accumulate_"):
         _cuda_op(name)
 
 
@@ -454,6 +454,12 @@ def test_every_op_once_small():
             want = _run_lowp(_cpu_or_reference("masked_adamw_lowp_"), "cpu", cols, sr, keys,
                              0.1, False)
             assert all(torch.equal(a, b) for a, b in zip(got, want))
+        for gdtype in (pdtype,) if pdtype == torch.float32 else (pdtype, torch.float32):
+            ps, gs = _first_case(sizes, pdtype, gdtype, gen)
+            got = _run_first(_cuda_op("adamw_first_step_"), DEV, ps, gs, FIRST_HYPER[0], "p")
+            want = _run_first(_cpu_or_reference("adamw_first_step_"), "cpu", ps, gs,
+                              FIRST_HYPER[0])
+            assert all(torch.equal(a, b) for a, b in zip(got, want))
         p = ts[-1]
         g = torch.randn(p.numel(), generator=gen).to(pdtype)
         st = _q8_state(p.numel(), gen)
@@ -654,6 +660,92 @@ def test_masked_adamw_lowp_agrees_with_cpu_and_spec(dtype, mode, wd, maximize):
     assert not (where := _first_difference(got, want, names)), where
     spec = _run_lowp(_reference.masked_adamw_lowp_spec, "cpu", cols, sr, keys, wd, maximize)
     assert not (where := _first_difference(got, spec, names)), where
+
+
+# ------------------------------------------------------------------ adamw_first_step_
+
+FIRST_PAIRS = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+               (torch.bfloat16, torch.float32), (torch.float16, torch.float16),
+               (torch.float16, torch.float32)]
+# w = 1 - beta1 below 0.5, above it and at it (torch's lerp switches formula at 0.5)
+FIRST_HYPER = [(1e-2, 0.9, 0.999, 1e-8, 0.1), (3e-3, 0.3, 0.95, 1e-6, 0.0),
+               (1e-3, 0.5, 0.99, 1e-3, 0.5)]
+
+
+def _first_case(sizes, pdtype, gdtype, gen):
+    """CPU params and grads of adamw_first_step_, signed zeros and extreme grads in front."""
+    ps, gs = [], []
+    for n in sizes:
+        p, g = torch.randn(n, generator=gen), torch.randn(n, generator=gen) * 1e-2
+        if n >= 6:
+            p[:3] = torch.tensor([0.0, -0.0, -0.0])
+            g[:6] = torch.tensor([0.0, -0.0, 0.0, 1e-20, -6e4, 3.0])
+        ps.append(p.to(pdtype))
+        gs.append(g.to(gdtype))
+    return ps, gs
+
+
+def _run_first(op, device, ps, gs, hyper, odd=None):
+    """The params after op on `device`; odd = "p" or "g": those at an odd offset."""
+    ps = [_at_odd_offset(p.to(device)) if odd == "p" else p.clone().to(device) for p in ps]
+    gs = [_at_odd_offset(g.to(device)) if odd == "g" else g.to(device) for g in gs]
+    op(ps, gs, *hyper)
+    return [p.cpu() for p in ps]
+
+
+def _first_by_masked_adamw(op, device, ps, gs, hyper):
+    """The definition: masked_adamw_ (dense) on zero fp32 moments at step 1."""
+    ps = [p.clone().to(device) for p in ps]
+    zeros = [torch.zeros(p.numel(), device=device) for p in ps]
+    op(ps, _to(gs, device), zeros, [z.clone() for z in zeros], [None] * len(ps),
+       ops._step_tensors(1, len(ps)), *hyper)
+    return [p.cpu() for p in ps]
+
+
+def _first_spec(ps, gs, hyper):
+    """Bit for bit: masked_adamw_'s reference math on zero moments at step 1 with the
+    kernels' correctly rounded root (torch's CPU sqrt is not always)."""
+    out = []
+    for p, g in zip(ps, gs):
+        p32 = p.to(torch.float32, copy=True)
+        _reference._adamw_scalar_step(p32, g.float(), torch.zeros(p.numel()),
+                                      torch.zeros(p.numel()), 1.0, *hyper,
+                                      sqrt=_reference.sqrt_rn)
+        out.append(p32.to(p.dtype))
+    return out
+
+
+@pytest.mark.parametrize("pdtype,gdtype", FIRST_PAIRS, ids=lambda d: str(d).split(".")[-1])
+def test_adamw_first_step_agrees_with_cpu_and_spec(pdtype, gdtype):
+    """CUDA == the CPU kernel == CUDA masked_adamw_ on a fresh fp32 state at step 1 == the
+    bit-for-bit spec: aligned and odd-offset params or grads, tails, an empty tensor, several
+    chunks, both lerp formulas, with and without weight decay."""
+    gen = torch.Generator().manual_seed(13)
+    ps, gs = _first_case(SIZES + (6, (1 << 20) + 5), pdtype, gdtype, gen)
+    names = [f"param[{i}]" for i in range(len(ps))]
+    for hyper in FIRST_HYPER:
+        want = _run_first(_cpu_or_reference("adamw_first_step_"), "cpu", ps, gs, hyper)
+        others = {"spec": _first_spec(ps, gs, hyper),
+                  "cuda masked_adamw_": _first_by_masked_adamw(_cuda_op("masked_adamw_"), DEV,
+                                                               ps, gs, hyper)}
+        for name, other in others.items():
+            assert not (where := _first_difference(other, want, names)), (name, hyper, where)
+        for odd in (None, "p", "g"):
+            got = _run_first(_cuda_op("adamw_first_step_"), DEV, ps, gs, hyper, odd)
+            assert not (where := _first_difference(got, want, names)), (hyper, odd, where)
+
+
+def test_adamw_first_step_many_tensors_one_call():
+    """More tensors than a launch table holds (64), every dtype pair interleaved."""
+    gen = torch.Generator().manual_seed(14)
+    ps, gs = [], []
+    for i, n in enumerate(torch.randint(0, 5000, (150,), generator=gen).tolist()):
+        p, g = _first_case([n], *FIRST_PAIRS[i % len(FIRST_PAIRS)], gen)
+        ps, gs = ps + p, gs + g
+    got = _run_first(_cuda_op("adamw_first_step_"), DEV, ps, gs, FIRST_HYPER[0])
+    want = _run_first(_cpu_or_reference("adamw_first_step_"), "cpu", ps, gs, FIRST_HYPER[0])
+    assert not (where := _first_difference(got, want, [f"param[{i}]" for i in range(150)])), \
+        where
 
 
 # --------------------------------------------------------------------- select_topk
@@ -934,6 +1026,20 @@ BAD_OTHER = {
     "gather lengths": ("gather_accumulate_", lambda d: ([torch.ones(4, device=d)] * 2,
                                                         [torch.tensor([1, 2], device=d)],
                                                         [torch.zeros(2, device=d)])),
+    "first grad dtype": ("adamw_first_step_", lambda d: (
+        [torch.ones(4, device=d).bfloat16()], [torch.ones(4, device=d).half()], *FIRST_HYPER[0])),
+    "first fp32 param, bf16 grad": ("adamw_first_step_", lambda d: (
+        [torch.ones(4, device=d)], [torch.ones(4, device=d).bfloat16()], *FIRST_HYPER[0])),
+    "first grad length": ("adamw_first_step_", lambda d: (
+        [torch.ones(4, device=d)], [torch.ones(5, device=d)], *FIRST_HYPER[0])),
+    "first lengths": ("adamw_first_step_", lambda d: (
+        [torch.ones(4, device=d)] * 2, [torch.ones(4, device=d)], *FIRST_HYPER[0])),
+    "first non-contiguous": ("adamw_first_step_", lambda d: (
+        [torch.ones(8, device=d)[::2]], [torch.ones(4, device=d)], *FIRST_HYPER[0])),
+    "first beta1": ("adamw_first_step_", lambda d: (
+        [torch.ones(4, device=d)], [torch.ones(4, device=d)], 1e-3, 1.5, 0.999, 1e-8, 0.0)),
+    "first shared memory": ("adamw_first_step_", lambda d: (
+        lambda p: ([p], [p[:]], *FIRST_HYPER[0]))(torch.ones(4, device=d))),
 }
 
 

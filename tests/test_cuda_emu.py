@@ -298,6 +298,7 @@ CUDA_FUNCTIONS = {
     "masked_adamw_": "adamw::masked_adamw_cuda",
     "masked_adamw_int8_": "adamw_int8::masked_adamw_int8_cuda",
     "masked_adamw_lowp_": "adamw_lowp::masked_adamw_lowp_cuda",
+    "adamw_first_step_": "first::adamw_first_step_cuda",
     "select_topk": "topk::select_topk_cuda",
     "remap_state": "remap::remap_state_cuda",
     "gather_accumulate_": "gather::gather_accumulate_cuda",
@@ -669,6 +670,180 @@ def test_masked_adamw_lowp(emu, dtype, masters):
     for g, w in zip(runs[0] + runs[1], runs[2] + runs[3]):
         assert torch.equal(g.view(torch.int16) if g.element_size() == 2 else g,
                            w.view(torch.int16) if w.element_size() == 2 else w)
+
+
+# ------------------------------------------------------------------ adamw_first_step_
+
+# (lr, beta1, beta2, eps, weight_decay): w = 1 - beta1 below 0.5 (m = fma(w, g - m, m)),
+# above it and at it exactly (m = fma(w - 1, g - m, g): torch's lerp switches formula there);
+# with and without weight decay.
+FIRST_HYPER = ((1e-2, 0.9, 0.999, 1e-8, 0.1), (3e-3, 0.3, 0.95, 1e-6, 0.0),
+               (1e-3, 0.5, 0.99, 1e-3, 0.5))
+FIRST_PAIRS = ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+               (torch.bfloat16, torch.float32), (torch.float16, torch.float16),
+               (torch.float16, torch.float32))
+
+
+def _shifted(t, off):
+    """t's values in a contiguous view starting `off` elements into a bigger tensor."""
+    return torch.cat([t.new_zeros(off), t.reshape(-1)])[off:].view(t.shape) if off else t
+
+
+def _bits(t):
+    return t.view({4: torch.int32, 2: torch.int16}[t.element_size()])
+
+
+def _first_case(sizes, pdtype, gdtype, gen, odd=None):
+    """params and grads of adamw_first_step_ (one 2-D param); odd = "p" or "g": those start
+    one element into their storage (unaligned: the scalar path). Finite special values at
+    the front: signed zeros, a tiny and a large grad."""
+    ps, gs = [], []
+    for n in sizes:
+        p, g = torch.randn(n, generator=gen), torch.randn(n, generator=gen) * 1e-2
+        if n >= 6:
+            p[:3] = torch.tensor([0.0, -0.0, -0.0])
+            g[:6] = torch.tensor([0.0, -0.0, 0.0, 1e-20, -6e4, 3.0])
+        shape = (7, n // 7) if n == 7 * 9 else (n,)
+        ps.append(_shifted(p.to(pdtype).view(shape), int(odd == "p")))
+        gs.append(_shifted(g.to(gdtype).view(shape), int(odd == "g")))
+    return ps, gs
+
+
+def _run_first(op, ps, gs, hyper):
+    """The params after op (clones, at the inputs' offsets); the grads must stay unchanged."""
+    ps = [_shifted(p.clone(), p.storage_offset()) for p in ps]
+    before = [g.clone() for g in gs]
+    op(ps, gs, *hyper)
+    assert all(torch.equal(_bits(g), _bits(b)) for g, b in zip(gs, before))
+    return ps
+
+
+def _first_by_masked_adamw(op, ps, gs, hyper):
+    """The definition: masked_adamw_ (dense) on zero fp32 moments at step 1."""
+    ps = [_shifted(p.clone(), p.storage_offset()) for p in ps]
+    n = len(ps)
+    op(ps, gs, [torch.zeros(p.numel()) for p in ps], [torch.zeros(p.numel()) for p in ps],
+       [None] * n, [torch.tensor([1.0], dtype=torch.float64) for _ in ps], *hyper)
+    return ps
+
+
+def _first_spec(ps, gs, hyper):
+    """The bit-for-bit spec: masked_adamw_'s reference math on zero fp32 moments at step 1
+    with the kernels' correctly rounded root (torch's CPU sqrt is not always: the reference
+    itself is within one rounding, as tests/test_ops.py compares masked_adamw_'s)."""
+    out = []
+    for p, g in zip(ps, gs):
+        p32 = p.reshape(-1).to(torch.float32, copy=True)
+        _reference._adamw_scalar_step(p32, g.reshape(-1).float(), torch.zeros(p.numel()),
+                                      torch.zeros(p.numel()), 1.0, *hyper,
+                                      sqrt=_reference.sqrt_rn)
+        out.append(p32.to(p.dtype).view(p.shape))
+    return out
+
+
+def _assert_first_agrees(emu, ps, gs, hyper, where):
+    got = _run_first(emu.adamw_first_step_, ps, gs, hyper)
+    exact = {"spec": _first_spec(ps, gs, hyper),
+             "cpu": _run_first(_cpu("adamw_first_step_"), ps, gs, hyper),
+             "cpu masked_adamw_": _first_by_masked_adamw(_cpu("masked_adamw_"), ps, gs, hyper),
+             "emulated masked_adamw_": _first_by_masked_adamw(emu.masked_adamw_, ps, gs, hyper)}
+    for name, want in exact.items():
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert g.dtype == w.dtype and g.shape == w.shape, (where, name, i)
+            assert torch.equal(_bits(g), _bits(w)), (where, name, i, (g.float() - w.float())
+                                                     .abs().max())
+    ref = _run_first(_reference.adamw_first_step_, ps, gs, hyper)  # torch's sqrt
+    for g, w in zip(got, ref):
+        torch.testing.assert_close(g.float(), w.float(), rtol=torch.finfo(g.dtype).eps,
+                                   atol=1e-6)
+
+
+@pytest.mark.parametrize("pdtype", FLOATS)
+def test_adamw_first_step(emu, pdtype):
+    """Bit for bit masked_adamw_ (spec, CPU kernel, emulated CUDA) on a fresh fp32 state at
+    step 1, and the CPU kernel's first step; the reference within one rounding (torch's
+    root). Each grad dtype allowed, aligned (vector loads)
+    and unaligned params or grads (scalar path), tails of 1-3 elements, an empty tensor, a
+    tensor of several chunks (65536 elements each), both lerp formulas, with and without
+    weight decay."""
+    gen = torch.Generator().manual_seed(11)
+    sizes = (0, 1, 3, 6, 7 * 9, 4097, 65536 + 5)
+    for pd, gd in FIRST_PAIRS:
+        if pd != pdtype:
+            continue
+        for odd in (None, "p", "g"):
+            for hyper in FIRST_HYPER:
+                ps, gs = _first_case(sizes, pd, gd, gen, odd)
+                _assert_first_agrees(emu, ps, gs, hyper, (pd, gd, odd, hyper))
+
+
+def test_adamw_first_step_many_tensors_mixed_dtypes(emu):
+    """Every dtype pair in one call, interleaved (one launch group each), and 70 tensors in
+    the bf16/fp32 group: more than a launch table's 64 slots, the 64th non-empty one three
+    chunks long (the table is full: the launch waits for its last chunk), empty tensors
+    among them (no slot)."""
+    gen = torch.Generator().manual_seed(12)
+    sizes = [int(n) for n in torch.randint(1, 300, (70,), generator=gen)]
+    sizes[10], sizes[64], sizes[65] = 0, 2 * 65536 + 9, 0
+    ps, gs = _first_case(sizes, torch.bfloat16, torch.float32, gen)
+    others = [pair for pair in FIRST_PAIRS if pair != (torch.bfloat16, torch.float32)]
+    for k, (pd, gd) in enumerate(others):
+        more = _first_case([int(n) for n in torch.randint(0, 700, (9,), generator=gen)], pd, gd,
+                           gen, (None, "p", "g")[k % 3])
+        at = 7 + 13 * k
+        ps, gs = ps[:at] + more[0] + ps[at:], gs[:at] + more[1] + gs[at:]
+    before = emu.emu_launches()
+    _run_first(emu.adamw_first_step_, ps, gs, FIRST_HYPER[0])
+    assert emu.emu_launches() - before == len(others) + 2  # the bf16/fp32 group: 64 + 4 slots
+    _assert_first_agrees(emu, ps, gs, FIRST_HYPER[0], "many")
+    emu.adamw_first_step_([], [], *FIRST_HYPER[0])  # nothing to do
+
+
+def _strided_copy(t):
+    """A copy of t with its strides (a non-contiguous input stays so)."""
+    return torch.empty_strided(t.size(), t.stride(), dtype=t.dtype).copy_(t)
+
+
+def test_adamw_first_step_bad_inputs_raise_the_reference_errors_before_any_write(emu):
+    def args(**change):
+        a = {"params": [torch.randn(5), torch.randn(8).bfloat16()],
+             "grads": [torch.randn(5), torch.randn(8).bfloat16()],
+             "hyper": list(FIRST_HYPER[0])}
+        for key, (i, value) in change.items():
+            a[key][i] = value
+        return a
+
+    cases = [args(grads=(1, torch.randn(8).half())),       # bf16 param, fp16 grad
+             args(grads=(0, torch.randn(5).bfloat16())),   # fp32 param takes fp32 only
+             args(grads=(1, torch.randn(7))),              # numel
+             args(params=(0, torch.randn(5, 2)[:, 0])),    # not contiguous
+             args(grads=(0, torch.randn(5).double())),     # not a float dtype it takes
+             args(params=(1, torch.randn(8).long())),
+             args(hyper=(1, 1.5)),                         # beta1 (1.0 reads "1" in C++)
+             args(hyper=(4, -0.1))]                        # weight decay
+    short = args()
+    short["grads"] = short["grads"][:1]                    # one grad for two params
+    cases.append(short)
+    for a in cases:
+        before = [x.clone() for x in a["params"]]
+        got = _error(lambda a=a: emu.adamw_first_step_(a["params"], a["grads"], *a["hyper"]))
+        want = _error(lambda a=a: _reference.adamw_first_step_(
+            [_strided_copy(x) for x in a["params"]], a["grads"], *a["hyper"]))
+        cpu = _error(lambda a=a: _cpu("adamw_first_step_")(
+            [_strided_copy(x) for x in a["params"]], a["grads"], *a["hyper"]))
+        assert want[0] is not None and got == want == cpu, (got, want, cpu)
+        assert all(torch.equal(x, y) for x, y in zip(a["params"], before))
+    # shared memory: the kernels' own check (the reference updates tensor after tensor)
+    p = torch.randn(8).bfloat16()
+    for ps, gs, match in (([torch.randn(5), p], [torch.randn(5), p[:]],
+                           r"params\[1\] and grads\[1\] share memory"),
+                          ([p[:6], p[4:]], [p.new_ones(6), p.new_ones(4)],
+                           r"params\[0\] and params\[1\] share memory")):
+        before = p.clone()
+        got = _error(lambda ps=ps, gs=gs: emu.adamw_first_step_(ps, gs, *FIRST_HYPER[0]))
+        cpu = _error(lambda ps=ps, gs=gs: _cpu("adamw_first_step_")(ps, gs, *FIRST_HYPER[0]))
+        assert got[0] is ValueError and got == cpu and re.search(match, got[1]), (got, cpu)
+        assert torch.equal(_bits(p), _bits(before))
 
 
 @pytest.mark.parametrize("dtype", FLOATS)

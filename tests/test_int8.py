@@ -331,14 +331,14 @@ torch.save({"params": [p.detach() for _, p in named], "opt": opt.state_dict()}, 
 """
 
 
-def check_resume_in_a_fresh_process(tmp_path, kw: dict) -> NTO:
+def check_resume_in_a_fresh_process(tmp_path, kw: dict, offloads: bool = True) -> NTO:
     """7 steps, a checkpoint (weights_only-loadable), 8 more steps in a new process ==
     15 steps in one run: params and every state tensor, dtypes included. Returns the
     optimizer of the single run."""
     named = _model()
     opt = NTO(named, **kw)
     _steps(opt, named, 0, 7)
-    assert opt.offloaded, "the schedule must have offloaded something by step 7"
+    assert opt.offloaded or not offloads, "the schedule must have offloaded by step 7"
     torch.save({"params": [p.detach().clone() for _, p in named], "opt": opt.state_dict()},
                tmp_path / "a.pt")
     _steps(opt, named, 7, 15)

@@ -98,7 +98,9 @@ def measured_bytes(opt: NTO) -> tuple[int, int]:
         if "indices" in st_:  # compact (sparse) state: the chosen elements only
             elements += st_["indices"].numel()
         elif "rows" in st_ or "parked" in st_:  # a range of rows of a tensor larger than
-            elements += st_["exp_avg"].numel() if "rows" in st_ else 0  # the budget
+            if "rows" in st_:  # the budget
+                start, stop = st_["rows"]
+                elements += (stop - start) * (p.numel() // p.shape[0])
         elif p.grad is not None or st_:
             elements += p.numel()
     return total, elements
@@ -227,11 +229,11 @@ def _budget_run(policy: str, kind: str, dtype: str, run: dict) -> None:
     dtypes = torch_dtype if torch_dtype is not None else [
         (torch.float32, torch.bfloat16)[k % 2] for k in range(n_tensors)]
     named = toy_params(run["layout"], dtypes, seed=run["seed"])
-    offload = run["offload"] and policy != "sparse"
+    offload = run["offload"] and policy != "sparse" and fmt.get("state_dtype") != "none"
     kw = dict(lr=1e-3, budget=_budget_arg(kind, run, named, policy, fmt), policy=policy,
-              **fmt,
               switch_every=run["switch_every"], seed=run["seed"],
               state_on_switch="offload" if offload else "drop")
+    kw.update(fmt)  # a format's own arguments win (state_dtype="none": switch_every=1)
     if policy == "block":
         kw["order"] = run["order"]
     try:

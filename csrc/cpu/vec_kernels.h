@@ -67,6 +67,15 @@ struct AdamWLowpChunk {
   uint32_t k1, k2;  // the stream key's low and high 32 bits
 };
 
+// One work item of adamw_first_step_: n contiguous elements of a param and its grad.
+struct AdamWFirstChunk {
+  void* p;
+  const void* g;
+  int64_t n;
+  FType p_type;
+  FType g_type;  // the param's, or F32
+};
+
 // Per-chunk partial statistics of param_stats.
 struct StatsPartial {
   double sumsq;
@@ -78,6 +87,7 @@ struct StatsPartial {
 using AdamWChunkFn = void (*)(const AdamWChunk&, const AdamWScalars&, IndexFault*);
 using AdamWQ8ChunkFn = void (*)(const AdamWQ8Chunk&, const AdamWScalars&, IndexFault*);
 using AdamWLowpChunkFn = void (*)(const AdamWLowpChunk&, const AdamWScalars&);
+using AdamWFirstChunkFn = void (*)(const AdamWFirstChunk&, const AdamWScalars&);
 using StatsChunkFn = void (*)(const void* x, FType t, int64_t n, StatsPartial* out);
 // select_topk's ranking key of each element: fp32 bits of |x| plus one, NaN -> 0.
 using TopkKeysFn = void (*)(const void* x, FType t, int64_t n, uint32_t* keys);
@@ -90,6 +100,7 @@ struct CpuKernels {
   TopkKeysFn topk_keys;
   AdamWQ8ChunkFn adamw_q8;  // masked_adamw_int8_
   AdamWLowpChunkFn adamw_lowp;  // masked_adamw_lowp_
+  AdamWFirstChunkFn adamw_first;  // adamw_first_step_
 };
 
 namespace cpu_default { const CpuKernels& kernels(); }

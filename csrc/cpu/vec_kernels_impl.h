@@ -1192,11 +1192,64 @@ void lowp_chunk(const AdamWLowpChunk& c, const AdamWScalars& s) {
     lowp_chunk_t<c10::Half>(c, s);
 }
 
+// ------------------------------------------------------------- adamw_first_step_
+// masked_adamw_'s block on moments that are zero and never stored: the same vector code
+// (adamw_update), so the param's bits are those of masked_adamw_ on a fresh state.
+template <typename P, typename G>
+inline void first_block(P* p, const G* g, const AdamWScalars& s) {
+  Vec p0, p1, g0, g1;
+  load2(p, p0, p1);
+  load2(g, g0, g1);
+  Vec m0(0.0f), m1(0.0f), v0(0.0f), v1(0.0f);
+  const Vec nss(s.neg_step_size), bc2(s.bc2_sqrt);
+  adamw_update(p0, g0, m0, v0, s, nss, bc2);
+  adamw_update(p1, g1, m1, v1, s, nss, bc2);
+  store2(p, p0, p1);
+}
+
+// Whole blocks in place; the last partial one on zero-padded buffers (as adamw_chunk_t).
+template <typename P, typename G>
+void first_chunk_t(const AdamWFirstChunk& c, const AdamWScalars& s) {
+  P* p = static_cast<P*>(c.p);
+  const G* g = static_cast<const G*>(c.g);
+  int64_t j = 0;
+  for (; j + kW <= c.n; j += kW) {
+    prefetch_ahead(p + j, kW), prefetch_ahead(g + j, kW);
+    first_block(p + j, g + j, s);
+  }
+  const int64_t cnt = c.n - j;
+  if (cnt == 0) return;
+  alignas(64) P pb[kW];
+  alignas(64) G gb[kW];
+  std::memset(pb, 0, sizeof(pb));
+  std::memset(gb, 0, sizeof(gb));
+  std::memcpy(pb, p + j, cnt * sizeof(P));
+  std::memcpy(gb, g + j, cnt * sizeof(G));
+  first_block(pb, gb, s);
+  std::memcpy(p + j, pb, cnt * sizeof(P));
+}
+
+template <typename P>
+void first_chunk_p(const AdamWFirstChunk& c, const AdamWScalars& s) {
+  if (c.g_type == FType::F32)
+    first_chunk_t<P, float>(c, s);
+  else
+    first_chunk_t<P, P>(c, s);  // the checks allow only the param's dtype or fp32
+}
+
+void first_chunk(const AdamWFirstChunk& c, const AdamWScalars& s) {
+  switch (c.p_type) {
+    case FType::F32: first_chunk_t<float, float>(c, s); break;
+    case FType::BF16: first_chunk_p<c10::BFloat16>(c, s); break;
+    case FType::F16: first_chunk_p<c10::Half>(c, s); break;
+  }
+}
+
 }  // namespace
 
 const CpuKernels& kernels() {
   static const CpuKernels k{NTO_CAP_NAME, &adamw_chunk, &stats_chunk, &sums_chunk,
-                            &topk_keys, &adamw_q8_chunk, &lowp_chunk};
+                            &topk_keys, &adamw_q8_chunk, &lowp_chunk, &first_chunk};
   return k;
 }
 

@@ -25,7 +25,7 @@ import torch
 from ..blocks import ParamInfo
 from ..budget import Budget, storage_bytes
 from ..checkpoint import Storages
-from ..formats import LOW_PRECISION, STATE_DTYPES, Fp32Moments, choose
+from ..formats import LOW_PRECISION, OWN_STATE_DTYPES, STATE_DTYPES, Fp32Moments, choose
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +63,15 @@ class Config:
         if not isinstance(d, str) or d not in STATE_DTYPES:
             raise ValueError(f"state_dtype={d!r}; allowed: {', '.join(map(repr, STATE_DTYPES))}"
                              " (how AdamW's two moments are stored: 'int8' keeps them in 8 "
-                             "bits, 2.03 B per element instead of 8; 'bf16' in 4 B)")
+                             "bits, 2.03 B per element instead of 8; 'bf16' in 4 B; 'none' "
+                             "keeps none, with switch_every=1)")
+        if d == "none" and self.switch_every != 1:
+            raise ValueError(f"state_dtype='none' with switch_every={v}; allowed: "
+                             "switch_every=1 (state_dtype='none' keeps no moments: every "
+                             "update is AdamW's first step from a fresh state, which is what "
+                             "a param that trains one step gets anyway; in longer periods "
+                             "AdamW reads its moments), or state_dtype 'fp32', 'int8' or "
+                             "'bf16'")
         if d != "fp32" and (m or sr):
             other = "master_weights" if m else "stochastic_rounding"
             raise ValueError(f"state_dtype={d!r} with {other}=True; allowed: one of them "
@@ -205,7 +213,7 @@ class Policy:
         out: dict[str, Any] = {key: True for key, fmt in (("master_weights", "master"),
                                                           ("stochastic_rounding", "stochastic"))
                                if fmt in used}
-        for name in ("int8", "bf16"):
+        for name in OWN_STATE_DTYPES:
             if name in used:
                 out["state_dtype"] = name
         return out

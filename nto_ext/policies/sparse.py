@@ -307,6 +307,11 @@ class SparseConfig(Config):
     regrow_fraction: float | None = None  # None: DEFAULT_REGROW_FRACTION
 
     def __post_init__(self) -> None:
+        if self.state_dtype == "none":
+            raise ValueError("state_dtype='none' with policy='sparse'; allowed here: 'fp32', "
+                             "'int8' or 'bf16' (sparse keeps its chosen elements across "
+                             "steps, and their moments are read; 'none' is for block and "
+                             "sample with switch_every=1)")
         super().__post_init__()
         r = self.regrow_fraction
         if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float))
