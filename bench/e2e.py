@@ -110,6 +110,10 @@ CONFIGS: dict[str, tuple[str, str]] = {
                            "step) within the bytes of nto-sample-10 (3x the elements)"),
     "nto-block-10-none": ("nto", "NTO block, descending, no moments (state_dtype='none', a "
                           "switch every step) within the bytes of nto-block-10"),
+    "nto-sample-60-none-same": ("nto", "NTO sample 60%, no moments, a switch every step (a "
+                                "probe: 20% of AdamW's bytes)"),
+    "nto-sample-100-none-same": ("nto", "NTO sample 100%, no moments, a switch every step: "
+                                 "every weight's update is AdamW's first (a probe)"),
     "nto-sample-10-int8": ("nto", "NTO sample, 8-bit moments within the bytes of "
                            "nto-sample-10"),
     "nto-block-10-head-int8": ("nto", "nto-block-10-head with 8-bit moments within its "

@@ -128,3 +128,16 @@ e2e --task lm --seeds 0 1 2 --switch-every 1 --tag sw1-sample30 --lr nto=5e-4 --
 e2e --task lm --seeds 0 1 2 --switch-every 1 --tag sw1-sample30-lr3e-4 --lr nto=3e-4 \
     --configs nto-sample-30
 e2e --task lm --seeds 0 --switch-every 1 --tag sw1-sample30-lr2e-4 --lr nto=2e-4 --configs nto-sample-30
+# 2026-12-05 (issue 21): no moments (state_dtype="none", 05a27a6) in fp32-state 10%'s bytes
+e2e --task lm --seeds 0 1 2 --switch-every 1 --tag none-sample --lr nto=3e-4 --configs nto-sample-10-none
+e2e --task lm --seeds 0 1 2 --switch-every 1 --tag none-block --lr nto=3e-4 --configs nto-block-10-none
+# probes (one seed unless said): no moments on 60% / 100% of the elements, a switch every
+# step (100%: every weight's update is AdamW's first, ~sign descent; 20% / 33% of AdamW's bytes)
+e2e --task lm --seeds 0 --switch-every 1 --tag none-sample60 --lr nto=2e-4 --configs nto-sample-60-none-same
+e2e --task lm --seeds 0 --switch-every 1 --tag none-sample100 --lr nto=1e-4 --configs nto-sample-100-none-same
+e2e --task lm --seeds 1 --switch-every 1 --tag none-sample100-s1 --lr nto=1e-4 --configs nto-sample-100-none-same
+e2e --task lm --seeds 2 --switch-every 1 --tag none-sample100-s2 --lr nto=1e-4 --configs nto-sample-100-none-same
+e2e --task lm --seeds 0 --switch-every 1 --tag none-sample100-lr7e-5 --lr nto=7e-5 \
+    --configs nto-sample-100-none-same
+e2e --task lm --seeds 0 --switch-every 1 --tag none-sample100-lr1.5e-4 --lr nto=1.5e-4 \
+    --configs nto-sample-100-none-same

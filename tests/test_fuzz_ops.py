@@ -246,6 +246,12 @@ def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
 # ------------------------------------------------------------------------ masked_adamw_
 
 
+# lr, beta1, beta2, eps, weight_decay: good ones, and each refused value
+HYPERS = [(1e-2, 0.9, 0.999, 1e-8, 0.1), (1e-3, 0.0, 0.0, 0.0, 0.0), (-1.0, 0.9, 0.999, 1e-8, 0),
+          (1e-3, 1.0, 0.999, 1e-8, 0.0), (1e-3, 0.9, float("nan"), 1e-8, 0.0),
+          (1e-3, 0.9, 0.999, -1.0, 0.0), (1e-3, 0.9, 0.999, 1e-8, -0.5)]
+
+
 @st.composite
 def adamw_call(draw, min_n: int = 1):
     # min_n=1 for the raw ops: with no tensor at all torch's dispatcher cannot pick a
@@ -270,10 +276,7 @@ def adamw_call(draw, min_n: int = 1):
              "places": [draw(placement) for _ in range(5)],
              "values": draw(st.sampled_from(["normal", "special"]))}
         entries.append(e)
-    hyper = draw(st.sampled_from([
-        (1e-2, 0.9, 0.999, 1e-8, 0.1), (1e-3, 0.0, 0.0, 0.0, 0.0), (-1.0, 0.9, 0.999, 1e-8, 0),
-        (1e-3, 1.0, 0.999, 1e-8, 0.0), (1e-3, 0.9, float("nan"), 1e-8, 0.0),
-        (1e-3, 0.9, 0.999, -1.0, 0.0), (1e-3, 0.9, 0.999, 1e-8, -0.5)]))
+    hyper = draw(st.sampled_from(HYPERS))
     lists_drop = draw(st.sampled_from([None] * 8 + ["grads", "exp_avgs", "indices", "steps"]))
     return entries, hyper, lists_drop, draw(st.integers(0, 2**31))
 
@@ -320,21 +323,61 @@ def build_adamw(entries, hyper, lists_drop, seed):
     return [*lists.values(), *hyper]
 
 
+def _close_params(ks: list, rs: list) -> None:
+    """Params within one rounding (sqrt differs by an ulp between libraries)."""
+    for a, b in zip(ks, rs):
+        tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 5e-3}[a.dtype]
+        torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=1e-5, equal_nan=True)
+
+
 def _compare_adamw(_k, _r, k_args, r_args):
-    for pos, rtol in ((0, None), (2, 0.0), (3, 0.0)):
+    _close_params(k_args[0], r_args[0])
+    for pos in (2, 3):  # moments: bit for bit
         for a, b in zip(k_args[pos], r_args[pos]):
-            if rtol == 0.0:  # moments: bit for bit
-                assert _same_values(a, b)
-            else:  # params within one rounding (sqrt differs by an ulp between libraries)
-                tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 5e-3}[a.dtype]
-                torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=1e-5,
-                                           equal_nan=True)
+            assert _same_values(a, b)
 
 
 @SETTINGS
 @given(adamw_call())
 def test_fuzz_masked_adamw(call):
     run_both("masked_adamw_", build_adamw(*call), outputs=[0, 2, 3], compare=_compare_adamw)
+
+
+# ---------------------------------------------------------------- adamw_first_step_
+
+
+@st.composite
+def first_call(draw):
+    entries = [{"size": draw(length), "p_dtype": draw(float_dtype),
+                "g_dtype": draw(st.sampled_from(["same", "same", "fp32", "bad"])),
+                "g_len": draw(st.sampled_from(["ok"] * 5 + ["wrong"])),
+                "places": [draw(placement) for _ in range(2)],
+                "values": draw(st.sampled_from(["normal", "special"]))}
+               for _ in range(draw(st.integers(1, 3)))]
+    return entries, draw(st.sampled_from(HYPERS)), draw(st.booleans()), \
+        draw(st.integers(0, 2**31))
+
+
+def build_first(entries, hyper, drop_grad, seed):
+    gen = torch.Generator().manual_seed(seed)
+    params, grads = [], []
+    for e in entries:
+        g_dtype = {"same": e["p_dtype"], "fp32": torch.float32, "bad": torch.float64}
+        g = values_of(e["size"] + (e["g_len"] == "wrong"), g_dtype[e["g_dtype"]], e["values"],
+                      gen)
+        params.append(place(values_of(e["size"], e["p_dtype"], e["values"], gen),
+                            e["places"][0], gen))
+        grads.append(place(g, e["places"][1], gen))
+    if drop_grad:
+        grads.pop()
+    return [params, grads, *hyper]
+
+
+@SETTINGS
+@given(first_call())
+def test_fuzz_adamw_first_step(call):
+    run_both("adamw_first_step_", build_first(*call), outputs=[0],
+             compare=lambda _k, _r, k_args, r_args: _close_params(k_args[0], r_args[0]))
 
 
 # --------------------------------------------------------------- gather_accumulate_
