@@ -108,6 +108,8 @@ CONFIGS: dict[str, tuple[str, str]] = {
                           "element at 10%): about 20% of the elements train at once"),
     "nto-sample-10-none": ("nto", "NTO sample, no moments (state_dtype='none', a switch every "
                            "step) within the bytes of nto-sample-10 (3x the elements)"),
+    "nto-sample-10-head-none": ("nto", "NTO sample, always=(head, other), no moments (a switch "
+                                "every step) within the bytes of nto-sample-10-head"),
     "nto-block-10-none": ("nto", "NTO block, descending, no moments (state_dtype='none', a "
                           "switch every step) within the bytes of nto-block-10"),
     "nto-sample-60-none-same": ("nto", "NTO sample 60%, no moments, a switch every step (a "

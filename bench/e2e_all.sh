@@ -141,3 +141,15 @@ e2e --task lm --seeds 0 --switch-every 1 --tag none-sample100-lr7e-5 --lr nto=7e
     --configs nto-sample-100-none-same
 e2e --task lm --seeds 0 --switch-every 1 --tag none-sample100-lr1.5e-4 --lr nto=1.5e-4 \
     --configs nto-sample-100-none-same
+# MiniLM, no moments in fp32-state 10%'s bytes, a switch every step (3 seeds; the head rows
+# at four more rates: 1e-4 and 5e-5 3 seeds, 6e-4 and 1e-3 one seed)
+e2e "${A[@]}" --seeds 0 1 2 --switch-every 1 --tag none-sample --configs nto-sample-10-none
+e2e "${A[@]}" --seeds 0 1 2 --switch-every 1 --tag none-sample-head --configs nto-sample-10-head-none
+for lr in 1e-4 5e-5; do
+    e2e "${A[@]}" --seeds 0 1 2 --switch-every 1 --tag "none-sample-head-lr$lr" --lr "nto=$lr" \
+        --configs nto-sample-10-head-none
+done
+for lr in 6e-4 1e-3; do
+    e2e "${A[@]}" --seeds 0 --switch-every 1 --tag "none-sample-head-lr$lr" --lr "nto=$lr" \
+        --configs nto-sample-10-head-none
+done

@@ -304,7 +304,6 @@ def masked_adamw_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
                 flat[pos] = p32.to(p.dtype)  # the positions read above, not idx again
 
 
-
 # --------------------------------------------------------------- adamw_first_step_
 
 _FIRST_OP = "adamw_first_step_"

@@ -258,10 +258,13 @@ def test_budget_invariant_without_moments(policy, kind, run):
             del rel.DTYPES[name], rel.FORMAT_ARGS[name]
 
 
-def test_resume_in_a_fresh_process_is_bit_exact(tmp_path):
-    check_resume_in_a_fresh_process(tmp_path, dict(lr=1e-2, budget="40%", switch_every=1,
-                                                    state_dtype="none", policy="sample"),
-                                    offloads=False)
+@pytest.mark.parametrize("policy", ["sample", "block"])
+@pytest.mark.parametrize("budget", ["40%", "10%"])  # 10%: (40, 30) tensors in row ranges
+def test_resume_in_a_fresh_process_is_bit_exact(tmp_path, policy, budget):
+    opt = check_resume_in_a_fresh_process(tmp_path, dict(lr=1e-2, budget=budget, switch_every=1,
+                                                         state_dtype="none", policy=policy),
+                                          offloads=False)
+    assert bool(opt.policy.split) == (budget == "10%")
 
 
 def test_a_checkpoint_of_another_state_dtype_is_refused():
@@ -319,3 +322,21 @@ def test_bf16_params_need_master_weights_false_and_are_rounded_to_nearest():
         else:
             assert torch.equal(p.detach(), before[i])
 
+
+
+def test_plan_prices_the_gradient_only(tmp_path, capsys):
+    """`nto plan --state-dtype none --switch-every 1`: 4 B per fp32 element (the gradient)
+    plus the step scalars; without a switch every step it is refused, naming the fix."""
+    import json
+
+    from test_cli import _in_process, _one_line_error, _tiny_llama
+
+    from nto_ext import cli
+
+    folder = _tiny_llama(tmp_path)
+    args = ["plan", "--model", folder, "--budget", "10400", "--json", "--state-dtype", "none"]
+    assert cli.main([*args, "--switch-every", "1"]) == 0
+    p = json.loads(capsys.readouterr().out)
+    assert p["nto_bytes"] == 10336 * 4 + 10 * 4  # the largest group (test_cli's known answer)
+    line = _one_line_error(_in_process(capsys, *args), "plan")
+    assert "state_dtype='none' with switch_every=50; allowed: switch_every=1" in line
