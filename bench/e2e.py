@@ -110,6 +110,7 @@ CONFIGS: dict[str, tuple[str, str]] = {
                            "step) within the bytes of nto-sample-10 (3x the elements)"),
     "nto-sample-10-head-none": ("nto", "NTO sample, always=(head, other), no moments (a switch "
                                 "every step) within the bytes of nto-sample-10-head"),
+    "nto-sample-10-importance-none": ("nto", "nto-sample-10-none with order importance"),
     "nto-block-10-none": ("nto", "NTO block, descending, no moments (state_dtype='none', a "
                           "switch every step) within the bytes of nto-block-10"),
     "nto-sample-60-none-same": ("nto", "NTO sample 60%, no moments, a switch every step (a "

@@ -153,3 +153,5 @@ for lr in 6e-4 1e-3; do
     e2e "${A[@]}" --seeds 0 --switch-every 1 --tag "none-sample-head-lr$lr" --lr "nto=$lr" \
         --configs nto-sample-10-head-none
 done
+e2e --task lm --seeds 0 --switch-every 1 --tag none-sample-imp --lr nto=3e-4 \
+    --configs nto-sample-10-importance-none
