@@ -22,6 +22,8 @@ POLICY_KW = {
     "block": dict(budget="25%", policy="block", switch_every=2),
     # NTO's own clipping: under FSDP2 the norm is summed over the shards of every rank
     "sample": dict(budget="25%", policy="sample", switch_every=2, seed=3, max_grad_norm=0.3),
+    # no moments: a switch every step, each update AdamW's first (formats/none.py)
+    "none": dict(budget="25%", policy="sample", switch_every=1, seed=3, state_dtype="none"),
 }
 # DDP only: at 8% the embedding and the head (4,096 elements each, 9% of the model) are
 # larger than the budget and train a range of rows at a time (FSDP2 refuses that)

@@ -56,6 +56,18 @@ def _assert_params(got: dict, want: dict, exact: bool = False) -> None:
                                        msg=lambda m, n=name: f"{n}: {m}")
 
 
+def _assert_near_full(policy: str, got: dict, want: dict) -> None:
+    """Against the one-process run on the whole batch. Without moments (state_dtype="none")
+    each update is ~lr * sign(g): an element whose gradient is ~0 may flip sign between the
+    two sums' roundings and move 2 lr apart, so a few such elements are allowed there (the
+    halves, the same sum, are compared bit for bit)."""
+    if W.POLICY_KW.get(policy, {}).get("state_dtype") != "none":
+        _assert_params(got, want)
+        return
+    far = sum(int(((got[n] - want[n]).abs() > ATOL + RTOL * want[n].abs()).sum()) for n in want)
+    assert far <= 1e-3 * sum(t.numel() for t in want.values()), far
+
+
 def _clipped(policy: str) -> bool:
     return W.POLICY_KW[policy].get("max_grad_norm") is not None
 
@@ -87,7 +99,7 @@ def test_ddp_matches_one_process(ddp_results, references, policy):
         assert any("model.embed_tokens.weight" in a for a in ref["active"])
     assert r0["active"] == r1["active"] == ref["active"]
     _assert_params(r0["params"], r1["params"], exact=True)  # same bits on both ranks
-    _assert_params(r0["params"], ref["params"])
+    _assert_near_full(policy, r0["params"], ref["params"])
     _assert_params(r0["params"], references[policy]["halves"]["params"], exact=True)
     # DDP's buckets cover the whole model (all params required grad when it was wrapped)
     total = sum(p.numel() * p.element_size() for p in ref["params"].values())
@@ -123,7 +135,7 @@ def test_fsdp2_matches_one_process(fsdp_results, references, policy):
     ref = references[policy]["full"]
     assert r0["active"] == r1["active"] == ref["active"]
     _assert_params(r0["params"], r1["params"], exact=True)
-    _assert_params(r0["params"], ref["params"])
+    _assert_near_full(policy, r0["params"], ref["params"])
     # bit-identical unless clipping: FSDP2 sums the squared norm shard by shard, in another
     # order than one process, so the clip coefficient may differ in its last bits
     clipped = _clipped(policy)
