@@ -7,7 +7,8 @@ never read (m_hat = g, v_hat = g^2: p -= lr (wd p + g / (|g| + eps)) up to round
 This format skips them: `ops.adamw_first_step_` gives the param the bits `masked_adamw_`
 gives it on a fresh state, and the training state is the gradient alone (4 B per fp32
 element instead of 12), so a byte budget trains 3x the elements. A param drawn in two
-consecutive periods restarts too (the fp32 format would keep its moments between them).
+consecutive periods, and an `always` unit (in every period), restarts at each step too (the
+fp32 format keeps their moments).
 `policies.Config` allows it only with switch_every=1; with longer periods the moments
 would be read. Per trained param: `step` (a 0-dim float32 host tensor, as AdamW keeps
 it), which counts the updates of its period; the kernel always runs AdamW's step 1.
