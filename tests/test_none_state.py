@@ -25,14 +25,11 @@ DTYPES = [(torch.float32, torch.float32), (BF16, BF16), (BF16, torch.float32),
           (torch.float16, torch.float16), (torch.float16, torch.float32)]
 
 
-def _fresh_adamw(p, g, hyper=HYPER, fn=None):
-    """masked_adamw_ (kernel unless `fn`) on zero fp32 moments at step 1: the definition."""
+def _fresh_adamw(p, g, hyper=HYPER):
+    """masked_adamw_ on zero fp32 moments at step 1: the definition."""
     p = p.clone()
-    fn = fn or ops.masked_adamw_
     zeros = [torch.zeros(p.numel()) for _ in "mv"]
-    if g.dtype != p.dtype and p.dtype != torch.float32:  # masked_adamw_ takes fp32 params
-        g = g.to(p.dtype)  # with any grad, low-precision ones with their own dtype only
-    fn([p], [g], [zeros[0]], [zeros[1]], [None], 1, **hyper)
+    ops.masked_adamw_([p], [g], [zeros[0]], [zeros[1]], [None], 1, **hyper)
     return p
 
 
