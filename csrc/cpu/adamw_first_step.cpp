@@ -11,15 +11,12 @@
 
 #include "../adamw_math.h"
 #include "../checks.h"
+#include "ftype.h"
 #include "vec_kernels.h"
 #include "work_items.h"
 
 namespace nto {
 namespace {
-
-FType ftype(c10::ScalarType t) {
-  return t == at::kFloat ? FType::F32 : t == at::kBFloat16 ? FType::BF16 : FType::F16;
-}
 
 void adamw_first_step_cpu(at::TensorList params, at::TensorList grads, double lr, double beta1,
                           double beta2, double eps, double weight_decay) {

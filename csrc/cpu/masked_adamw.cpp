@@ -12,6 +12,7 @@
 #include "../adamw_math.h"
 #include "../checks.h"
 #include "index_checks.h"
+#include "ftype.h"
 #include "vec_kernels.h"
 #include "work_items.h"
 
@@ -19,10 +20,6 @@ namespace nto {
 namespace {
 
 constexpr const char* kOp = "masked_adamw_";
-
-FType ftype(c10::ScalarType t) {
-  return t == at::kFloat ? FType::F32 : t == at::kBFloat16 ? FType::BF16 : FType::F16;
-}
 
 void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                       at::TensorList exp_avg_sqs,

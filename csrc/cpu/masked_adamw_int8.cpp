@@ -13,6 +13,7 @@
 #include "../adamw_math.h"
 #include "../checks.h"
 #include "index_checks.h"
+#include "ftype.h"
 #include "vec_kernels.h"
 #include "work_items.h"
 
@@ -21,10 +22,6 @@ namespace {
 
 constexpr const char* kOp = "masked_adamw_int8_";
 static_assert(kChunk % kQ8Block == 0, "work items start on block boundaries");
-
-FType ftype(c10::ScalarType t) {
-  return t == at::kFloat ? FType::F32 : t == at::kBFloat16 ? FType::BF16 : FType::F16;
-}
 
 void masked_adamw_int8_cpu(at::TensorList params, at::TensorList grads,
                            at::TensorList exp_avgs, at::TensorList exp_avg_sqs,

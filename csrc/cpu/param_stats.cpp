@@ -11,15 +11,12 @@
 #include <vector>
 
 #include "../checks.h"
+#include "ftype.h"
 #include "vec_kernels.h"
 #include "work_items.h"
 
 namespace nto {
 namespace {
-
-FType ftype(c10::ScalarType t) {
-  return t == at::kFloat ? FType::F32 : t == at::kBFloat16 ? FType::BF16 : FType::F16;
-}
 
 using Stats = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
