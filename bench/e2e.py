@@ -117,6 +117,16 @@ CONFIGS: dict[str, tuple[str, str]] = {
                                 "probe: 20% of AdamW's bytes)"),
     "nto-sample-100-none-same": ("nto", "NTO sample 100%, no moments, a switch every step: "
                                  "every weight's update is AdamW's first (a probe)"),
+    "nto-block-10-bwd": ("nto", "NTO block, descending, step_in_backward (gradients used and "
+                         "freed in backward) within the bytes of nto-block-10: 1.5x the "
+                         "elements"),
+    "nto-block-10-int8-bwd": ("nto", "NTO block, descending, 8-bit moments, step_in_backward, "
+                              "within the bytes of nto-block-10: about 6x the elements"),
+    "nto-sample-10-int8-bwd": ("nto", "NTO sample, 8-bit moments, step_in_backward, within "
+                               "the bytes of nto-sample-10: about 6x the elements"),
+    "nto-sample-10-none-bwd": ("nto", "NTO sample, no moments (a switch every step), "
+                               "step_in_backward, within the bytes of nto-sample-10: every "
+                               "weight (the state is one step count per tensor)"),
     "nto-sample-10-int8": ("nto", "NTO sample, 8-bit moments within the bytes of "
                            "nto-sample-10"),
     "nto-block-10-head-int8": ("nto", "nto-block-10-head with 8-bit moments within its "
@@ -219,7 +229,7 @@ def build_optimizer(spec: RunSpec, task: str, model):
                                  foreach=True), model, info
     if name.startswith("nto-"):
         # nto-POLICY-PCT[-drop|-offload][-head][-importance][-plain|-sr][-int8|-bf16m|-none]
-        # [-same]
+        # [-bwd][-same]
         _, policy, pct, *how = name.split("-")
         extra: dict[str, Any] = {"order": "descending"} if policy == "block" else {}
         for flag, kwargs in (("plain", {"master_weights": False}),  # issue 19's rows
@@ -238,13 +248,19 @@ def build_optimizer(spec: RunSpec, task: str, model):
         same = "same" in how  # -same: the fp32 run's elements, fewer bytes
         if same:
             how.remove("same")
-        for moments in ("int8", "bf16m", "none"):  # the bytes of fp32 state at pct% hold
-            if moments in how:  # ~2x (int8) / 1.5x (bf16 moments) / 3x (none) the elements
+        in_bytes = False  # the bytes of fp32 state (gradient kept to step) at pct% hold
+        for moments in ("int8", "bf16m", "none"):  # ~2x (int8) / 1.5x (bf16 moments) / 3x
+            if moments in how:  # (none) the elements
                 how.remove(moments)
                 extra["state_dtype"] = moments.removesuffix("m")
-                fp32 = 16 if policy == "sparse" else 12  # B per element with fp32 moments
-                if float(pct) < 100 and not same:
-                    budget = f"{round(float(pct) / 100 * total * fp32)}B"
+                in_bytes = True
+        if "bwd" in how:  # step_in_backward: no gradient kept, 1.5x the elements (fp32)
+            how.remove("bwd")
+            extra["step_in_backward"] = True
+            in_bytes = True
+        if in_bytes and float(pct) < 100 and not same:
+            fp32 = 16 if policy == "sparse" else 12  # B per element with fp32 moments
+            budget = f"{round(float(pct) / 100 * total * fp32)}B"
         if how:
             extra["state_on_switch"] = how[0]
         info["budget"] = budget

@@ -101,6 +101,27 @@ def check_global(budget: object, state_on_switch: object, nonfinite: object,
                         "a byte size such as '512MiB', '2GB', '1.5GiB', '100KB'")
 
 
+def check_step_in_backward(budget: object, max_grad_norm: object) -> None:
+    """What step_in_backward=True cannot run with (the policy's config checked the rest)."""
+    if max_grad_norm is not None:
+        raise ValueError(f"max_grad_norm={max_grad_norm!r} with step_in_backward=True; "
+                         "allowed: None (clipping needs the norm of every gradient before "
+                         "the first update, and step_in_backward updates each param as its "
+                         "gradient arrives)")
+    if isinstance(budget, str) and budget.strip().lower() == "auto":
+        raise ValueError("budget='auto' with step_in_backward=True; allowed: an element or "
+                         "byte budget ('auto' measures the gradients kept until step())")
+    if multi_process():
+        raise ValueError("step_in_backward=True in a run of more than one process; allowed: "
+                         "one process (DDP and FSDP average each gradient over the ranks after "
+                         "the hook that would update the param)")
+
+
+def multi_process() -> bool:
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def check_param(where: str, p: object) -> None:
     if not isinstance(p, torch.Tensor):
         raise TypeError(f"{where} is {type(p).__name__}; allowed: torch.Tensor / nn.Parameter "

@@ -12,6 +12,7 @@ weights, per trainable element, by policy and parameter dtype (DESIGN.md, "Memor
 |  + fp32 master| -              | + fp32 (bf16/fp16) | -     | -, 14 (default)   |
 |  state int8   | param dtype    | 2 x 1 B + scales   | -     | 6.03, 4.03        |
 |  state none   | param dtype    | -                  | -     | 4, 2              |
+|  step in bwd  | - (transient)  | as above           | -     | 8, 8 (fp32 state) |
 | sparse        | fp32 (compact) | 2 x fp32           | int32 | 16, 16            |
 | adamw8bit     | param dtype    | ~2 x 1 B           | -     | 6, 4              |
 
@@ -25,6 +26,9 @@ block of 256 (and per tensor at most one partial block: counted per tensor, exac
 state_dtype="bf16" (formats/bf16.py): 4 B of moments per element.
 state_dtype="none" (formats/none.py; block and sample with switch_every=1): no moments,
 every update is AdamW's first step from a fresh state; the gradient is the state.
+step_in_backward=True (block and sample; policies/dense.py): each param's gradient is used
+and freed in backward, so only the format's state counts (int8 2.03 B, none 0 B per element);
+the largest active gradient is the transient.
 
 The master row is the default for bf16/fp16 params under block and sample (the active set
 only; `stochastic_rounding=True` or `master_weights=False`: 10): the policy asks its state

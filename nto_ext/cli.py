@@ -147,7 +147,7 @@ def _make_plan(args: argparse.Namespace):
     fit = {} if args.fit is None else {"fit": args.fit, **fit_args}
     p = plan(model, budget, policy=args.policy, dtype=dtype, master_weights=args.master_weights,
              stochastic_rounding=args.stochastic_rounding, state_dtype=args.state_dtype,
-             switch_every=args.switch_every, **fit)
+             switch_every=args.switch_every, step_in_backward=args.step_in_backward, **fit)
     p.dtype_source = source
     return p
 
@@ -237,6 +237,9 @@ def _add_plan(sub) -> None:
                         "(blockwise 8-bit, 2.03 B), bf16 (4 B) or none (0 B: every update is "
                         "AdamW's first; block/sample with a switch every step); with "
                         "int8/bf16/none, bf16 models also need --no-master-weights")
+    p.add_argument("--step-in-backward", action="store_true",
+                   help="each param updated in backward and its gradient freed there (block, "
+                        "sample): the budget holds the moments only")
     p.add_argument("--num-labels", type=int, default=None,
                    help="classification head size for encoder models (default: the config's)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")

@@ -28,6 +28,7 @@ class GradGuard:
         self.max_grad_norm = max_grad_norm
         self.skipped_steps = 0
         self.last_grad_norm: float | None = None
+        self.in_backward_note = ""  # step_in_backward: what "not updated" leaves out
 
     def found_nonfinite(self, where: str, step: int) -> bool:
         """NaN/Inf found in the gradient of `where`: raise, or count a skipped step and
@@ -36,7 +37,11 @@ class GradGuard:
             return True
         if self.nonfinite == "raise":
             raise FloatingPointError(f"NTO: the gradient of {where} holds NaN or Inf "
-                                     "(nonfinite='raise'); params were not updated")
+                                     "(nonfinite='raise'); params were not updated"
+                                     f"{getattr(self, 'in_backward_note', '')}")
+        if getattr(self, "_counted", None) == step:  # step_in_backward: one param of a step
+            return False  # already counted (and logged)
+        self._counted = step
         self.skipped_steps += 1
         self.last_grad_norm = float("nan")
         log.warning("NTO: step %d skipped: NaN/Inf in the gradient of %s (%d skipped so far)",

@@ -296,10 +296,27 @@ def _trainer_optimizer(model: nn.Module, args: Any, fsdp_checkpoints: bool,
         if policy_class(kwargs.get("policy", DEFAULT_POLICY)).compact_grads \
                 and args.max_grad_norm:
             kwargs.setdefault("max_grad_norm", args.max_grad_norm)
+        if kwargs.get("step_in_backward"):
+            _check_step_in_backward_args(args)
     names = {id(p): n for n, p in model.named_parameters()}
     # not "params" / "model": Trainer treats those keys as replacements for its groups
     kwargs.update(param_names=names, nto_model=model, fsdp_checkpoints=fsdp_checkpoints)
     return TrainerNTO, kwargs
+
+
+def _check_step_in_backward_args(args: Any) -> None:
+    """What Trainer does between backward and step() that step_in_backward (each param
+    updated in backward) would make silently wrong."""
+    bad = [(f"gradient_accumulation_steps={args.gradient_accumulation_steps}",
+            "gradient_accumulation_steps=1 (each backward updates the params)")
+           if args.gradient_accumulation_steps > 1 else None,
+           (f"max_grad_norm={args.max_grad_norm}", "max_grad_norm=0 (Trainer would clip "
+            "gradients that are already used and freed)") if args.max_grad_norm else None,
+           ("fp16=True", "bf16=True or fp32 (fp16's loss scaler unscales the gradients "
+            "after backward)") if args.fp16 else None]
+    for given, allowed in filter(None, bad):
+        raise ValueError(f"TrainingArguments {given} with step_in_backward=True; allowed: "
+                         f"{allowed}")
 
 
 # ----------------------------------------------------------------------------- metrics

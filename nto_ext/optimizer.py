@@ -32,6 +32,7 @@ from .args import (
     check_grad_layout,
     check_hyper,
     check_knobs,
+    check_step_in_backward,
     check_trainable,
     normalize_groups,
     plain_number,
@@ -92,6 +93,16 @@ class NTO(torch.optim.Optimizer):
         master_weights, stochastic_rounding, state_dtype: bf16/fp16 params' fp32 masters (None:
             default) or stochastic rounding; the moments' "fp32", "int8" or "bf16"
             (nto_ext/formats).
+        step_in_backward: block and sample: update each active param in its gradient hook,
+            as soon as backward has produced its gradient, and free the gradient there
+            (PyTorch's "optimizer step in backward"; LOMO). The training state is then the
+            moments alone (the gradient is a transient, one tensor at a time), so a byte
+            budget holds more elements. `step()` advances the schedule. Needs one backward
+            per step (a second backward before step(), i.e. gradient accumulation, raises),
+            one process (DDP/FSDP average the gradients after the hook), no clipping
+            (max_grad_norm needs every gradient first) and no budget="auto"; under
+            nonfinite="skip" a param with NaN/Inf in its gradient keeps its value while the
+            params updated before it in that backward keep their update.
         maximize: as torch.optim.AdamW (per group too). `foreach`, `fused` (None/True/False)
             and `amsgrad`, `capturable`, `differentiable` (False only) are accepted so code
             written for AdamW runs unchanged; NTO always runs its own fused kernel.
@@ -108,7 +119,8 @@ class NTO(torch.optim.Optimizer):
                  max_grad_norm: float | None = None, sample_layers: int | None = None,
                  regrow_fraction: float | None = None, *, memory: int | str | None = None,
                  master_weights: bool | None = None, stochastic_rounding: bool = False,
-                 state_dtype: str = "fp32", maximize: bool = False, amsgrad: bool = False,
+                 state_dtype: str = "fp32", step_in_backward: bool = False,
+                 maximize: bool = False, amsgrad: bool = False,
                  foreach: bool | None = None, fused: bool | None = None,
                  capturable: bool = False, differentiable: bool = False) -> None:
         lr, eps, weight_decay = (plain_number(v) for v in (lr, eps, weight_decay))
@@ -124,9 +136,12 @@ class NTO(torch.optim.Optimizer):
         cfg = configure(policy, switch_every=switch_every, order=order, seed=seed,
                         always=always, sample_layers=sample_layers,
                         regrow_fraction=regrow_fraction, master_weights=master_weights,
-                        stochastic_rounding=stochastic_rounding, state_dtype=state_dtype)
+                        stochastic_rounding=stochastic_rounding, state_dtype=state_dtype,
+                        step_in_backward=step_in_backward)
         check_global(budget, state_on_switch, nonfinite, max_grad_norm, cls, cfg.state_dtype)
         check_auto_args(budget, memory)
+        if step_in_backward:
+            check_step_in_backward(budget, max_grad_norm)
         groups = normalize_groups(params)
         for k, g in enumerate(groups):
             check_hyper(f"param group {k}: ", g.get("lr", lr), g.get("betas", betas),
@@ -143,6 +158,9 @@ class NTO(torch.optim.Optimizer):
         super().__init__(groups, defaults)
         self._constructing = False
         self.state_on_switch, self.guard = state_on_switch, GradGuard(nonfinite, max_grad_norm)
+        if step_in_backward:
+            self.guard.in_backward_note = (" (this one; step_in_backward=True updated those "
+                                           "whose gradients came earlier in this backward)")
         self._step = 0
         self.offloaded: dict[int, dict[str, Any]] = {}
         self._attach(infos, [i.trainable for i in infos])

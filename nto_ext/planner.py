@@ -75,6 +75,7 @@ class Plan:
     # tensor at a time: the largest, bytes, outside nto_bytes) and the regrowth share
     density: float | None = None
     transient_bytes: int = 0
+    step_in_backward: bool = False  # gradients used and freed in backward (not in nto_bytes)
     regrow_fraction: float | None = None
     dtype_source: str = ""  # where `dtype` came from: "dtype=", "config torch_dtype", ...
     # how the trained params' state is kept (nto_ext/formats): "fp32", "int8", "bf16",
@@ -122,12 +123,15 @@ class Plan:
         if len(self.groups) > 40:
             lines.append(f"{'':>6}  ... {len(self.groups) - 40} more periods")
         ratio = self.nto_bytes / self.adamw_bytes if self.adamw_bytes else float("nan")
-        lines += ["", "training state (grad + optimizer state):",
+        transient = ("(one param's gradient in backward, used and freed there)"
+                     if self.step_in_backward else
+                     "(a dense gradient in backward, reduced to the rows that train)")
+        lines += ["", "training state (optimizer state; step in backward: no gradient kept):"
+                  if self.step_in_backward else "training state (grad + optimizer state):",
                   f"  NTO ({self.policy}, peak)  {format_bytes(self.nto_bytes):>12}  "
                   f"({ratio:.3f}x AdamW)",
                   *([f"  + transient         {format_bytes(self.transient_bytes):>12}  "
-                     "(a dense gradient in backward, reduced to the rows that train)"]
-                    if self.transient_bytes else []),
+                     f"{transient}"] if self.transient_bytes else []),
                   f"  AdamW (torch)       {format_bytes(self.adamw_bytes):>12}",
                   f"  8-bit AdamW         {format_bytes(self.adamw8bit_bytes):>12}  (approx.)",
                   f"  trainable over a cycle: {self.trainable_elements:,} of "
@@ -169,7 +173,8 @@ def plan(model_or_config: Any, budget: int | float | str | None = None,
          order: str | None = None, seed: int = 0, always: tuple[str, ...] = (),
          sample_layers: int | None = None, task: str | None = None,
          regrow_fraction: float | None = None, master_weights: bool | None = None,
-         stochastic_rounding: bool = False, state_dtype: str = "fp32") -> Plan:
+         stochastic_rounding: bool = False, state_dtype: str = "fp32",
+         step_in_backward: bool = False) -> Plan:
     """Plan an NTO run without allocating weights.
 
     model_or_config: an nn.Module (meta or real), a transformers PretrainedConfig, or a
@@ -200,7 +205,8 @@ def plan(model_or_config: Any, budget: int | float | str | None = None,
     validate_policy_args(policy, switch_every=switch_every, order=order, seed=seed,
                          always=always, sample_layers=sample_layers,
                          regrow_fraction=regrow_fraction, master_weights=master_weights,
-                         stochastic_rounding=stochastic_rounding, state_dtype=state_dtype)
+                         stochastic_rounding=stochastic_rounding, state_dtype=state_dtype,
+                         **({"step_in_backward": True} if step_in_backward else {}))
     want = _parse_dtype(dtype)
     source = "dtype=" if want is not None else ""
     config = _as_config(model_or_config)
@@ -214,7 +220,8 @@ def plan(model_or_config: Any, budget: int | float | str | None = None,
         return make_policy(policy, infos, b, switch_every=switch_every, order=order,
                            seed=seed, always=tuple(always), sample_layers=sample_layers,
                            regrow_fraction=regrow_fraction, master_weights=master_weights,
-                           stochastic_rounding=stochastic_rounding, state_dtype=state_dtype)
+                           stochastic_rounding=stochastic_rounding, state_dtype=state_dtype,
+                           **({"step_in_backward": True} if step_in_backward else {}))
 
     found = None
     if memory is not None:
@@ -292,8 +299,9 @@ def _build_plan(pol: ScheduledPolicy, infos: list[ParamInfo], want: torch.dtype 
         **_plan_fields(pol, infos, want), cycle_steps=pol.cycle_steps(0), blocks=blocks,
         groups=groups, always=[u.name for u in pol.always_units],
         trainable_elements=_elems(infos, pol.trainable), nto_bytes=max(g.nto_bytes for g in groups),
-        transient_bytes=max((infos[i].numel * infos[i].dtype.itemsize for i in pol.split),
-                            default=0),
+        transient_bytes=max((infos[i].numel * infos[i].dtype.itemsize for i in (
+            pol.trainable if pol.cfg.step_in_backward else pol.split)), default=0),
+        step_in_backward=pol.cfg.step_in_backward,
         untrainable=[{"name": param_label(infos[i].name, i), "elements": infos[i].numel,
                       "nto_bytes": nto((i,))} for i in big])
 

@@ -146,6 +146,15 @@ BAD_INPUTS = [
     ({"master_weights": "yes"}, TypeError, r"master_weights='yes'; allowed: None"),
     ({"master_weights": True, "policy": "sparse"}, ValueError,  # fp32 params, sparse too
      r"master_weights=True but no trainable param is bf16 or fp16"),
+    ({"step_in_backward": "yes"}, TypeError, r"step_in_backward='yes'; allowed: True or False"),
+    ({"step_in_backward": True, "max_grad_norm": 1.0}, ValueError,
+     r"max_grad_norm=1.0 with step_in_backward=True; allowed: None"),
+    ({"step_in_backward": True, "budget": "auto"}, ValueError,
+     r"budget='auto' with step_in_backward=True; allowed: an element or byte budget"),
+    ({"step_in_backward": True, "policy": "sparse"}, ValueError,
+     r"step_in_backward=True applies to policy='block' and 'sample' only"),
+    ({"step_in_backward": True, "order": "importance"}, ValueError,
+     r"order='importance' with step_in_backward=True; allowed: one of them"),
 ]
 
 

@@ -223,7 +223,7 @@ def test_rows_reduced_at_step_train_bit_identically(how, monkeypatch):
     if how == "ddp":
         import nto_ext.policies.dense as dense
 
-        monkeypatch.setattr(dense, "_multi_process", lambda: True)  # one rank of DDP
+        monkeypatch.setattr(dense, "multi_process", lambda: True)  # one rank of DDP
         opt = build(model, **kw)
     else:
         opt = FoldAtStep(model.named_parameters(), **kw)

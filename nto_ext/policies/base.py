@@ -264,8 +264,11 @@ class Policy:
         """The budget in elements (byte budgets: bytes / smallest bytes per element)."""
         if self.budget.kind == "elements":
             return self.budget.amount
-        return int(self.budget.amount // min(self.bytes_per_element(i.dtype)
-                                             for i in self.infos if i.trainable))
+        trainable = [i for i in self.infos if i.trainable]
+        bpe = min(self.bytes_per_element(i.dtype) for i in trainable)
+        if bpe == 0:  # no state per element (no moments, gradients used in backward)
+            return sum(i.numel for i in trainable)
+        return int(self.budget.amount // bpe)
 
     # ---------------------------------------------------------------- schedule
     def active(self, step: int) -> frozenset[int]:

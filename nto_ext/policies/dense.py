@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .. import persist
-from ..args import check_grad, check_hyper, check_param
+from ..args import check_grad, check_hyper, check_param, multi_process
 from ..checkpoint import Storages, local_tensor
 from ..formats import FP32
 from ..grads import sq_norms
@@ -37,6 +37,8 @@ class DenseUpdater(Updater):
     def __init__(self, host: Any, policy: Any) -> None:
         super().__init__(host, policy)
         self.compact: dict[int, tuple[Rows, torch.Tensor]] = {}  # param -> its rows' grad
+        self.in_backward = policy.cfg.step_in_backward
+        self.stepped_at: dict[int, int] = {}  # step_in_backward: param -> step it updated at
 
     def trained(self) -> frozenset[int]:
         return self.host.active_set
@@ -68,13 +70,16 @@ class DenseUpdater(Updater):
     # ---------------------------------------------------------------- gradients
     def on_grad(self, i: int, p: torch.Tensor) -> None:
         rows = self._rows().get(i)
+        if self.in_backward:
+            self._step_in_backward(i, p, rows)
+            return
         if rows is None:
             return
         self._refuse_sharded(i, p)
         # Reduced at step() instead when something acts on the dense gradient after this
         # hook: DDP averages it over the ranks, Trainer clips it (torch's clip_grad_norm_
         # over model.parameters() would miss rows already moved to the compact buffer).
-        if not (self.host.fold_rows_at_step or _multi_process()):
+        if not (self.host.fold_rows_at_step or multi_process()):
             self._fold(i, p, rows)
 
     def _refuse_sharded(self, i: int, p: torch.Tensor) -> None:
@@ -101,6 +106,43 @@ class DenseUpdater(Updater):
                 have[1].add_(part)
         p.grad = None
 
+    def _step_in_backward(self, i: int, p: torch.Tensor, rows: Rows | None) -> None:
+        """step_in_backward: update param i now, with the gradient backward has just
+        finished, and free that gradient."""
+        host = self.host
+        step = host.step_count
+        if multi_process():
+            raise RuntimeError("step_in_backward=True in a run of more than one process: "
+                               "DDP/FSDP would average this gradient after the update; "
+                               "allowed: one process")
+        if self.stepped_at.get(i) == step:
+            raise RuntimeError(
+                f"step_in_backward=True: a second backward reached {host.table.label(i)} "
+                f"before step() (gradient accumulation, or two losses backpropagated "
+                f"separately); each backward updates the params it reaches, so allowed: one "
+                f"backward per optimizer step (sum the losses first). This param was updated "
+                f"once at step {step}; the gradient of this backward was dropped")
+        if rows is not None:
+            self._fold(i, p, rows)
+        entry = self._entry(self._group_of(i), i, p, rows)
+        if entry is None:
+            return
+        try:
+            with torch.no_grad():
+                self._update([entry])
+        finally:
+            p.grad = None
+            self.compact.pop(i, None)
+        self.stepped_at[i] = step
+
+    def _group_of(self, i: int) -> int:
+        end = 0
+        for gi, group in enumerate(self.host.param_groups):
+            end += len(group["params"])
+            if i < end:
+                return gi
+        raise IndexError(f"param index {i} is past the param groups")  # pragma: no cover
+
     def grad_tensors(self) -> list[torch.Tensor]:
         return [buf for _, buf in self.compact.values()]
 
@@ -108,7 +150,8 @@ class DenseUpdater(Updater):
         """The largest of: the dense gradient of a param training a range of rows (alive
         in backward until its hook reduces it), and the format's step temporaries."""
         params, infos, rows = self.host.table.params, self.host.table.infos, self._rows()
-        dense = max((infos[i].numel * infos[i].dtype.itemsize for i in rows), default=0)
+        held = self.host.active_set if self.in_backward else rows  # dense grads in backward
+        dense = max((infos[i].numel * infos[i].dtype.itemsize for i in held), default=0)
         fmt = max((self.fmt(params[i]).transient_bytes(infos[i].numel)
                    for i in self.host.active_set), default=0)
         return max(dense, fmt)
@@ -118,7 +161,10 @@ class DenseUpdater(Updater):
 
     # ---------------------------------------------------------------- update
     def update(self) -> None:
-        entries = self._active_grads()
+        self._update(self._active_grads())
+
+    def _update(self, entries: list) -> None:
+        """The update of `entries` = [(group, param index, param or its rows, grad)]."""
         if not entries or not self.host.guard.check(entries, self.host.table,
                                                     self.host.step_count):
             return
@@ -141,31 +187,38 @@ class DenseUpdater(Updater):
         """(group index, param index, param or its active rows, grad) of every active
         param with a grad, each checked before anything changes (a refused step changes
         nothing)."""
-        table, active, rows = self.host.table, self.host.active_set, self._rows()
+        table, rows = self.host.table, self._rows()
         out = []
         for gi, group in enumerate(self.host.param_groups):
-            check_hyper(f"param group {gi}: ", group["lr"], group["betas"], group["eps"],
-                        group["weight_decay"])
             for p in group["params"]:
                 i = table.index[p]
-                if i in rows:
-                    entry = self._rows_entry(i, p, rows[i])
-                    if entry is not None:
-                        out.append((gi, i, *entry))
-                    continue
-                g = p.grad
-                if g is None:
-                    continue
-                if i not in active:  # set by hand after the hook ran, or frozen by the
-                    if table.infos[i].trainable:  # user: not ours to use (AdamW would)
-                        p.grad = None
-                    continue
-                check_grad(table.label(i), p, g)
-                st = self.host.state.get(p)
-                if st:
-                    self.fmt(p).check_entry(table.label(i), st, p)
-                out.append((gi, i, p, g))
+                entry = self._entry(gi, i, p, rows.get(i))
+                if entry is not None:
+                    out.append(entry)
         return out
+
+    def _entry(self, gi: int, i: int, p: torch.Tensor, rows: Rows | None,
+               ) -> tuple[int, int, torch.Tensor, torch.Tensor] | None:
+        """(group index, param index, param or its active rows, grad) of param i, checked;
+        None when it has nothing to update."""
+        table, group = self.host.table, self.host.param_groups[gi]
+        check_hyper(f"param group {gi}: ", group["lr"], group["betas"], group["eps"],
+                    group["weight_decay"])
+        if rows is not None:
+            entry = self._rows_entry(i, p, rows)
+            return None if entry is None else (gi, i, *entry)
+        g = p.grad
+        if g is None:
+            return None
+        if i not in self.host.active_set:  # set by hand after the hook ran, or frozen by
+            if table.infos[i].trainable:  # the user: not ours to use (AdamW would)
+                p.grad = None
+            return None
+        check_grad(table.label(i), p, g)
+        st = self.host.state.get(p)
+        if st:
+            self.fmt(p).check_entry(table.label(i), st, p)
+        return gi, i, p, g
 
     def _rows_entry(self, i: int, p: torch.Tensor, rows: Rows,
                     ) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -304,11 +357,6 @@ class DenseUpdater(Updater):
             if parked:
                 out["parked"] = parked
         return out or None
-
-
-def _multi_process() -> bool:
-    dist = torch.distributed
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _view(p: torch.Tensor, rows: Rows) -> torch.Tensor:

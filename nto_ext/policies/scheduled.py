@@ -63,6 +63,7 @@ MEAN_REPEAT, MAX_REPEAT = 2, 4  # order="importance": repeats of a period of ave
 class ScheduledConfig(Config):
     always: tuple[str, ...] = ()
     order: str | None = None  # None: the policy's first entry of ORDERS
+    step_in_backward: bool = False  # update each param in its gradient hook (dense.py)
     ORDERS: ClassVar[tuple[str, ...]] = (IMPORTANCE,)
 
     def __post_init__(self) -> None:
@@ -72,6 +73,13 @@ class ScheduledConfig(Config):
             raise ValueError(f"order={self.order!r}; allowed: "
                              f"{', '.join(map(repr, self.ORDERS))}")
         object.__setattr__(self, "order", order)
+        if not isinstance(self.step_in_backward, bool):
+            raise TypeError(f"step_in_backward={self.step_in_backward!r}; allowed: True or "
+                            "False")
+        if self.step_in_backward and order == IMPORTANCE:
+            raise ValueError("order='importance' with step_in_backward=True; allowed: one of "
+                             "them (importance scores the active gradients together at "
+                             "step(), which step_in_backward has freed one by one)")
         a = self.always
         if isinstance(a, str) or not isinstance(a, (tuple, list)) or not all(
                 isinstance(x, str) for x in a):
@@ -278,11 +286,16 @@ class ScheduledPolicy(Policy):
     def untrainable(self) -> list[int]:
         return list(self._too_big)
 
+    def _grad_itemsize(self, dtype: torch.dtype) -> int:
+        """Bytes per element of the gradient kept until step(); 0 with step_in_backward,
+        where each param's gradient is used and freed in backward (a transient)."""
+        return 0 if self.cfg.step_in_backward else dtype.itemsize
+
     def bytes_per_element(self, dtype: torch.dtype) -> float:
-        return dtype.itemsize + self.state_format(dtype).element_bytes  # gradient + format
+        return self._grad_itemsize(dtype) + self.state_format(dtype).element_bytes
 
     def state_bytes(self, numel: int, dtype: torch.dtype) -> int:
-        return (numel * dtype.itemsize + self.state_format(dtype).state_bytes(numel)
+        return (numel * self._grad_itemsize(dtype) + self.state_format(dtype).state_bytes(numel)
                 + self.tensor_overhead_bytes)
 
     # ---------------------------------------------------------------- persistence
@@ -290,7 +303,8 @@ class ScheduledPolicy(Policy):
         return {"policy": self.name, "budget_kind": self.budget.kind,
                 "budget_amount": self.budget.amount, "switch_every": self.switch_every,
                 "seed": self.seed, "always": list(self.always),
-                **({"order": self.order} if self.order == IMPORTANCE else {})}
+                **({"order": self.order} if self.order == IMPORTANCE else {}),
+                **({"step_in_backward": True} if self.cfg.step_in_backward else {})}
 
     def state_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"cycle": self._cycle, "cycle_start": self._cycle_start}

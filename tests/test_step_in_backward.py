@@ -1,0 +1,194 @@
+"""step_in_backward=True (policies/dense.py): each active param is updated in its gradient
+hook and its gradient freed there, so the training state is the moments alone. The params,
+state and schedule must be bit for bit those of the usual backward-then-step run."""
+
+from __future__ import annotations
+
+import pytest
+import tiny
+import torch
+
+from nto_ext import NTO
+from nto_ext import args as nto_args
+
+STEPS = 6
+
+
+def _run(step_in_backward: bool, steps: int = STEPS, groups: bool = False, model=None,
+         opt=None, start: int = 0, **kw):
+    model = model or tiny.tiny_llama()
+    if opt is None:
+        params = tiny.three_groups(model) if groups else model.named_parameters()
+        opt = NTO(params, lr=1e-2, step_in_backward=step_in_backward, **kw)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + start + s))
+    for s in range(start, start + steps):
+        tiny.train_step(model, opt, s)
+        sched.step()
+    return model, opt
+
+
+def _assert_same(a, b):
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(p, q), n
+
+
+CASES = [dict(policy="block", budget="25%", switch_every=2),
+         dict(policy="block", budget="5%", switch_every=1),  # the embedding in row ranges
+         dict(policy="sample", budget="30%", switch_every=2, state_on_switch="offload"),
+         dict(policy="block", budget="100%", state_dtype="int8"),
+         dict(policy="sample", budget="30%", switch_every=1, state_dtype="none")]
+
+
+@pytest.mark.parametrize("kw", CASES, ids=lambda kw: "-".join(map(str, kw.values())))
+def test_bit_identical_to_step_after_backward(kw):
+    """Three param groups (their own lr and decay) and an LR scheduler: the hook reads the
+    group's lr as step() would."""
+    a, oa = _run(False, groups=True, **kw)
+    b, ob = _run(True, groups=True, **kw)
+    _assert_same(a, b)
+    assert oa.step_count == ob.step_count == STEPS
+    sa, sb = oa.state_dict()["state"], ob.state_dict()["state"]
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        for key, v in sa[k].items():
+            assert torch.equal(v, sb[k][key]) if isinstance(v, torch.Tensor) \
+                else v == sb[k][key], (k, key)
+
+
+def test_no_gradient_is_kept_and_the_budget_holds_more():
+    """After backward no param holds a gradient; the budget counts the moments only, so a
+    byte budget holds 12/8 the elements of fp32 moments (gradient kept) and the measured
+    state stays within it; the transient is one dense gradient."""
+    model = tiny.tiny_llama()
+    budget = "40000B"
+    keep = NTO(tiny.tiny_llama().named_parameters(), budget=budget)
+    opt = NTO(model.named_parameters(), budget=budget, step_in_backward=True, switch_every=4)
+    assert (keep.budget_elements(), opt.budget_elements()) == (40000 // 12, 40000 // 8)
+    for s in range(7):  # the state is dropped at each switch (after every 4th step)
+        x = tiny.batch(s)
+        model(input_ids=x, labels=x).loss.backward()
+        assert all(p.grad is None for p in model.parameters())
+        opt.step()
+        rep = opt.memory_report()
+        assert rep["grad_bytes"] == 0 and (0 < rep["state_bytes"]) == (s % 4 != 3)
+        assert rep["peak_total_bytes"] <= rep["budget_bytes"] == 40000
+        largest = max(p.numel() * 4 for i, p in enumerate(opt.table.params)
+                      if i in opt.active_set)
+        assert rep["transient_bytes"] == largest
+
+
+def test_none_format_trains_every_weight_in_step_counts():
+    """No moments and no kept gradient: every weight trains in every step, and the state is
+    one step count per tensor."""
+    model = tiny.tiny_llama()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = NTO(model.named_parameters(), budget="1KiB", switch_every=1, state_dtype="none",
+              step_in_backward=True)
+    tiny.train_step(model, opt, 0)
+    assert all(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert opt.memory_report()["state_bytes"] == 4 * len(before)
+
+
+def test_second_backward_before_step_raises():
+    model = tiny.tiny_llama()
+    opt = NTO(model.named_parameters(), budget="100%", step_in_backward=True)
+    x = tiny.batch(0)
+    model(input_ids=x, labels=x).loss.backward()
+    with pytest.raises(RuntimeError, match="second backward.*gradient accumulation"):
+        model(input_ids=x, labels=x).loss.backward()
+    opt.step()  # the next step works
+    model(input_ids=x, labels=x).loss.backward()
+
+
+def test_refused_in_a_multi_process_run(monkeypatch):
+    """(The other refusals are in test_optimizer.BAD_INPUTS.)"""
+    monkeypatch.setattr(nto_args, "multi_process", lambda: True)
+    with pytest.raises(ValueError, match="more than one process"):
+        NTO(tiny.tiny_llama().named_parameters(), step_in_backward=True)
+
+
+@pytest.mark.parametrize("nonfinite", ["skip", "raise"])
+def test_nonfinite_gradient(nonfinite):
+    """A NaN in one param's gradient: under "skip" that param keeps its value (the others
+    keep their update) and the step counts once; "raise" names the param and says that
+    earlier params were updated."""
+    model = tiny.tiny_llama()
+    opt = NTO(model.named_parameters(), budget="100%", step_in_backward=True,
+              nonfinite=nonfinite)
+    bad = model.model.layers[0].mlp.down_proj.weight
+    bad.register_hook(lambda g: g * float("nan"))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x = tiny.batch(0)
+    loss = model(input_ids=x, labels=x).loss
+    if nonfinite == "raise":
+        with pytest.raises(FloatingPointError, match="down_proj.*updated those whose"):
+            loss.backward()
+        return
+    loss.backward()
+    opt.step()
+    after = dict(model.named_parameters())
+    assert torch.equal(after["model.layers.0.mlp.down_proj.weight"],
+                       before["model.layers.0.mlp.down_proj.weight"])
+    assert not torch.equal(after["lm_head.weight"], before["lm_head.weight"])
+    assert opt.skipped_steps == 1
+
+
+def test_resume_inside_a_period_is_bit_exact():
+    """Saved after step 3 of a row-range schedule (periods of 2): a new model and NTO that
+    load it continue exactly as the uninterrupted run."""
+    kw = dict(policy="block", budget="5%", switch_every=2)
+    full, _ = _run(True, **kw)
+    half, opt = _run(True, steps=3, **kw)
+    sd, weights = opt.state_dict(), {k: v.clone() for k, v in half.state_dict().items()}
+    model = tiny.tiny_llama(seed=1)
+    model.load_state_dict(weights)
+    resumed = NTO(model.named_parameters(), lr=1e-2, step_in_backward=True, **kw)
+    resumed.load_state_dict(sd)
+    _run(True, steps=STEPS - 3, model=model, opt=resumed, start=3)
+    _assert_same(full, model)
+
+
+def test_checkpoint_of_the_other_mode_is_refused():
+    """The plan of a byte budget depends on the mode: a checkpoint says which it was."""
+    _, opt = _run(False, steps=1, budget="40000B")
+    other = NTO(tiny.tiny_llama().named_parameters(), budget="40000B", step_in_backward=True)
+    with pytest.raises(ValueError, match="step_in_backward"):
+        other.load_state_dict(opt.state_dict())
+
+
+def test_trainer(tmp_path):
+    """Trainer's defaults clip gradients (max_grad_norm=1.0) and may accumulate: refused by
+    name; with max_grad_norm=0 and a cosine schedule the run is bit for bit the usual one."""
+    import dist_worker as W
+    from transformers import Trainer, TrainingArguments
+
+    from nto_ext.hf import NTOCallback, nto_optimizer
+
+    def args(**kw):
+        return TrainingArguments(**{**dict(
+            output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=6,
+            learning_rate=1e-2, report_to="none", use_cpu=True, save_strategy="no",
+            disable_tqdm=True, seed=0, dataloader_num_workers=0, logging_steps=2,
+            lr_scheduler_type="cosine", warmup_steps=1), **kw})
+
+    model = W.tiny_llama()
+    for bad, match in ((args(), "max_grad_norm=1.0 with step_in_backward"),
+                       (args(max_grad_norm=0, gradient_accumulation_steps=2),
+                        "gradient_accumulation_steps=2 with step_in_backward")):
+        with pytest.raises(ValueError, match=match):
+            nto_optimizer(model, bad, step_in_backward=True)
+
+    def run(sib):
+        model = W.tiny_llama()
+        a = args(max_grad_norm=0)
+        tr = Trainer(model=model, args=a, train_dataset=W.SeqDataset(),
+                     optimizer_cls_and_kwargs=nto_optimizer(
+                         model, a, budget="25%", switch_every=2, step_in_backward=sib),
+                     callbacks=[NTOCallback()])
+        tr.train()
+        return tr
+
+    a, b = run(False), run(True)
+    _assert_same(a.model, b.model)
+    logs = [h for h in b.state.log_history if "loss" in h]
+    assert logs and all(h["nto/grad_bytes"] == 0 for h in logs)
