@@ -155,3 +155,7 @@ for lr in 6e-4 1e-3; do
 done
 e2e --task lm --seeds 0 --switch-every 1 --tag none-sample-imp --lr nto=3e-4 \
     --configs nto-sample-10-importance-none
+# issue 21, 2026-12-05: every weight with no moments and the gradients used in backward
+# (step_in_backward): the none-sample100 run's bits with no gradient kept
+e2e --task lm --seeds 0 1 2 --switch-every 1 --tag none-bwd --lr nto=1e-4 \
+    --configs nto-sample-10-none-bwd

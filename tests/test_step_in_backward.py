@@ -4,6 +4,8 @@ state and schedule must be bit for bit those of the usual backward-then-step run
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import tiny
 import torch
@@ -192,3 +194,51 @@ def test_trainer(tmp_path):
     _assert_same(a.model, b.model)
     logs = [h for h in b.state.log_history if "loss" in h]
     assert logs and all(h["nto/grad_bytes"] == 0 for h in logs)
+
+
+@pytest.mark.parametrize("how", ["tied", "checkpointing"])
+def test_tied_weights_and_gradient_checkpointing(how):
+    """A tied embedding / lm_head (SmolLM2, GPT-2) gets one update from both uses' summed
+    gradient; under gradient checkpointing a layer recomputed in backward still sees its
+    old weights: both bit for bit the usual run."""
+    import transformers
+
+    def model():
+        torch.manual_seed(0)
+        cfg = tiny.llama_config()
+        cfg.tie_word_embeddings = how == "tied"
+        m = transformers.LlamaForCausalLM(cfg)
+        if how == "checkpointing":
+            with warnings.catch_warnings():  # renamed activation_checkpointing_enable in v5
+                warnings.simplefilter("ignore", FutureWarning)
+                m.gradient_checkpointing_enable(
+                    gradient_checkpointing_kwargs={"use_reentrant": False})
+        return m
+
+    kw = dict(policy="sample", budget="100%", switch_every=1, state_dtype="none")
+    a, _ = _run(False, model=model(), **kw)
+    b, _ = _run(True, model=model(), **kw)
+    if how == "tied":
+        assert a.lm_head.weight is a.model.embed_tokens.weight
+    _assert_same(a, b)
+    assert not torch.equal(a.lm_head.weight, model().lm_head.weight)
+
+
+def test_step_with_a_closure():
+    """step(closure) (Lightning's automatic optimization, LBFGS-style loops): the closure's
+    backward updates the params, step() advances the schedule."""
+    a, _ = _run(False, budget="25%", switch_every=2)
+    model = tiny.tiny_llama()
+    opt = NTO(model.named_parameters(), lr=1e-2, budget="25%", switch_every=2,
+              step_in_backward=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    for s in range(STEPS):
+        def closure(s=s):
+            x = tiny.batch(s)
+            loss = model(input_ids=x, labels=x).loss
+            loss.backward()
+            return loss
+        assert opt.step(closure) is not None
+        opt.zero_grad()
+        sched.step()
+    _assert_same(a, model)

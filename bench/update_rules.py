@@ -1,0 +1,147 @@
+"""Quality probes of update rules NTO does not ship, on bench/e2e.py's tasks (pure PyTorch,
+no kernels, every weight trained at every step): what a future state format would buy
+before anyone writes its kernels.
+
+Rules (RULE-MOMENTUM):
+- sign-none: AdamW's first step at every step (what `state_dtype="none"` does): 0 B/element
+- factored-none: Adafactor's factored second moment (row and column means of g^2, EMA
+  beta2 with AdamW's bias correction), no first moment: O(rows + cols) per tensor
+- factored-fp32 / factored-q8: the same with AdamW's first moment in fp32 (4 B/element) or
+  in NTO's 8-bit map (`_reference.quantize_q8`: 1 + 4/256 B/element)
+- lion-fp32: Lion (sign of the interpolated momentum, beta2 0.99), decoupled decay
+
+    python bench/update_rules.py --task lm --rule factored-q8 --lr 1e-4 --seeds 0 1 2
+
+Each run appends one line to docs/results/update_rules_<task>.jsonl and rewrites the .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import e2e  # noqa: E402
+
+from nto_ext import _reference, demo  # noqa: E402
+
+RULES = ("sign-none", "factored-none", "factored-fp32", "factored-q8", "lion-fp32")
+
+
+class Probe(torch.optim.Optimizer):
+    """One of RULES over every param (module doc); AdamW's betas and eps."""
+
+    def __init__(self, params, rule: str, lr: float, weight_decay: float,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
+        self.v, self.m = rule.split("-")
+        self.b1, self.b2, self.eps = betas[0], betas[1], eps
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._update(p, p.grad.float(), self.state[p], group["lr"],
+                                 group["weight_decay"])
+
+    def _update(self, p, g, st, lr, wd) -> None:
+        t = st["t"] = st.get("t", 0) + 1
+        p.mul_(1 - lr * wd)
+        if self.v == "lion":
+            m = st.setdefault("m", torch.zeros_like(g))
+            p.add_(m.lerp(g, 1 - self.b1).sign(), alpha=-lr)
+            m.lerp_(g, 1 - 0.99)
+            return
+        p.add_(self._first(g, st, t) / self._denom(g, st, t), alpha=-lr)
+
+    def _denom(self, g, st, t):
+        if self.v == "sign":
+            return g.abs() + self.eps
+        rows = g.reshape(g.shape[0], -1) if g.dim() >= 2 else g.reshape(1, -1)
+        g2 = rows.square() + 1e-30
+        r = st.setdefault("r", torch.zeros(rows.shape[0]))
+        c = st.setdefault("c", torch.zeros(rows.shape[1]))
+        r.lerp_(g2.mean(1), 1 - self.b2)
+        c.lerp_(g2.mean(0), 1 - self.b2)
+        v = torch.outer(r, c) / r.mean() / (1 - self.b2 ** t)
+        return (v.sqrt() + self.eps).reshape(g.shape)
+
+    def _first(self, g, st, t):
+        if self.m == "none":
+            return g
+        if self.m == "fp32":
+            m = st.setdefault("m", torch.zeros_like(g))
+            m.lerp_(g, 1 - self.b1)
+            return m / (1 - self.b1 ** t)
+        n, nb = g.numel(), _reference.q8_blocks(g.numel())  # q8: NTO's 8-bit map
+        if "qm" not in st:
+            st.update(qm=torch.zeros(n, dtype=torch.int8), sm=torch.zeros(nb))
+        zeros_w = (torch.zeros(n, dtype=torch.uint8), torch.zeros(nb))
+        m, _ = _reference.dequantize_q8(st["qm"], st["sm"], *zeros_w)
+        m = m.reshape(-1)[:n].reshape(g.shape).lerp_(g, 1 - self.b1)
+        st["qm"], st["sm"], _, _ = _reference.quantize_q8(
+            _reference.pad_blocks(m, nb), torch.zeros(nb, _reference.Q8_BLOCK), n)
+        return m / (1 - self.b1 ** t)
+
+
+def run(task: str, rule: str, lr: float, seed: int) -> dict:
+    name = f"rule-{rule}"
+    e2e.CONFIGS[name] = ("nto", f"update rule {rule} (bench/update_rules.py)")
+    e2e.build_optimizer = lambda spec, _task, model: (
+        Probe(model.parameters(), rule, lr, demo.WEIGHT_DECAY), model, {"lr": lr})
+    kind = e2e.TASKS[task][2]
+    d = demo.TASK_DEFAULTS[kind]
+    spec = e2e.RunSpec(task=task, config=name, seed=seed, steps=d["steps"],
+                       batch_size=d["batch_size"], max_length=d["max_length"],
+                       eval_size=d["eval_size"], switch_every=1, lisa_layers=1,
+                       lora_match="10%", threads=1, extra={"lr": {"nto": lr}})
+    out = e2e.run_one(spec)
+    metric = "accuracy" if "accuracy" in out else "eval_loss"
+    return {"rule": rule, "lr": lr, "seed": seed, metric: out[metric],
+            "final_loss": out["final_loss"], "wall_s": round(out["wall_s"])}
+
+
+def report(path: Path) -> None:
+    runs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    by: dict[tuple[str, float], list[dict]] = {}
+    for r in runs:
+        by.setdefault((r["rule"], r["lr"]), []).append(r)
+    lines = [f"<!-- generated by bench/update_rules.py from {path.name} -->",
+             "| rule | lr | seeds | held-out (per seed) | mean |", "|---|---|---|---|---|"]
+    for (rule, lr), rs in sorted(by.items()):
+        key = "accuracy" if "accuracy" in rs[0] else "eval_loss"
+        vals = [r[key] for r in sorted(rs, key=lambda r: r["seed"])]
+        lines.append(f"| {rule} | {lr:g} | {', '.join(str(r['seed']) for r in rs)} | "
+                     f"{', '.join(f'{v:.4f}' for v in vals)} | {statistics.mean(vals):.4f} |")
+    path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--task", choices=list(e2e.TASKS), default="lm")
+    p.add_argument("--rule", choices=RULES, required=True)
+    p.add_argument("--lr", type=float, required=True)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--out", default="docs/results")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(1)
+    path = Path(args.out) / f"update_rules_{args.task}.jsonl"
+    for seed in args.seeds:
+        res = run(args.task, args.rule, args.lr, seed)
+        logging.info("%s", res)
+        with path.open("a") as f:
+            f.write(json.dumps(res) + "\n")
+        report(path)
+
+
+if __name__ == "__main__":
+    main()
