@@ -29,6 +29,7 @@ class GradGuard:
         self.skipped_steps = 0
         self.last_grad_norm: float | None = None
         self.in_backward_note = ""  # step_in_backward: what "not updated" leaves out
+        self._counted: int | None = None  # the last step counted in skipped_steps
 
     def found_nonfinite(self, where: str, step: int) -> bool:
         """NaN/Inf found in the gradient of `where`: raise, or count a skipped step and

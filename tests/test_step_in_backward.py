@@ -96,10 +96,22 @@ def test_second_backward_before_step_raises():
     opt = NTO(model.named_parameters(), budget="100%", step_in_backward=True)
     x = tiny.batch(0)
     model(input_ids=x, labels=x).loss.backward()
+    once = {n: p.detach().clone() for n, p in model.named_parameters()}
     with pytest.raises(RuntimeError, match="second backward.*gradient accumulation"):
         model(input_ids=x, labels=x).loss.backward()
-    opt.step()  # the next step works
+    opt.step()  # applies nothing of the refused backward; the next step works
+    for n, p in model.named_parameters():
+        assert torch.equal(p, once[n]), n
     model(input_ids=x, labels=x).loss.backward()
+
+
+def test_clipping_set_later_is_refused_in_backward():
+    model = tiny.tiny_llama()
+    opt = NTO(model.named_parameters(), budget="100%", step_in_backward=True)
+    opt.max_grad_norm = 1.0
+    x = tiny.batch(0)
+    with pytest.raises(RuntimeError, match="max_grad_norm=1.0 with step_in_backward"):
+        model(input_ids=x, labels=x).loss.backward()
 
 
 def test_refused_in_a_multi_process_run(monkeypatch):

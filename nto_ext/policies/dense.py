@@ -115,7 +115,12 @@ class DenseUpdater(Updater):
             raise RuntimeError("step_in_backward=True in a run of more than one process: "
                                "DDP/FSDP would average this gradient after the update; "
                                "allowed: one process")
+        if host.guard.max_grad_norm is not None:  # set on the optimizer after construction
+            raise RuntimeError(f"max_grad_norm={host.guard.max_grad_norm!r} with "
+                               "step_in_backward=True; allowed: None (clipping needs every "
+                               "gradient before the first update)")
         if self.stepped_at.get(i) == step:
+            p.grad = None  # step() must not apply it either
             raise RuntimeError(
                 f"step_in_backward=True: a second backward reached {host.table.label(i)} "
                 f"before step() (gradient accumulation, or two losses backpropagated "
