@@ -23,13 +23,16 @@ class GradGuard:
     "raise" (FloatingPointError naming the param) or "propagate" (as torch).
     max_grad_norm: clip the active gradients to this total L2 norm (None: no clipping)."""
 
-    def __init__(self, nonfinite: str, max_grad_norm: float | None) -> None:
+    def __init__(self, nonfinite: str, max_grad_norm: float | None,
+                 in_backward: bool = False) -> None:
         self.nonfinite = nonfinite
         self.max_grad_norm = max_grad_norm
         self.skipped_steps = 0
         self.last_grad_norm: float | None = None
-        self.in_backward_note = ""  # step_in_backward: what "not updated" leaves out
+        # step_in_backward: called once per param; a step's norm and skip add up over them
+        self.in_backward = in_backward
         self._counted: int | None = None  # the last step counted in skipped_steps
+        self._sumsq = (-1, 0.0)  # (step, squared norm so far) under in_backward
 
     def found_nonfinite(self, where: str, step: int) -> bool:
         """NaN/Inf found in the gradient of `where`: raise, or count a skipped step and
@@ -39,7 +42,9 @@ class GradGuard:
         if self.nonfinite == "raise":
             raise FloatingPointError(f"NTO: the gradient of {where} holds NaN or Inf "
                                      "(nonfinite='raise'); params were not updated"
-                                     f"{getattr(self, 'in_backward_note', '')}")
+                                     + (" (this one; step_in_backward=True updated those "
+                                        "whose gradients came earlier in this backward)"
+                                        if getattr(self, "in_backward", False) else ""))
         if getattr(self, "_counted", None) == step:  # step_in_backward: one param of a step
             return False  # already counted (and logged)
         self._counted = step
@@ -71,6 +76,9 @@ class GradGuard:
             where = table.label(first_bad) if first_bad is not None else \
                 "a shard on another rank"
             return self.found_nonfinite(where, step)
+        if getattr(self, "in_backward", False):  # this param's share of the step's norm
+            sumsq += self._sumsq[1] if self._sumsq[0] == step else 0.0
+            self._sumsq = (step, sumsq)
         norm = math.sqrt(sumsq)
         self.last_grad_norm = norm
         if self.max_grad_norm is not None and norm > self.max_grad_norm:

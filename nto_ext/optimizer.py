@@ -157,10 +157,8 @@ class NTO(torch.optim.Optimizer):
         self._constructing = True
         super().__init__(groups, defaults)
         self._constructing = False
-        self.state_on_switch, self.guard = state_on_switch, GradGuard(nonfinite, max_grad_norm)
-        if step_in_backward:
-            self.guard.in_backward_note = (" (this one; step_in_backward=True updated those "
-                                           "whose gradients came earlier in this backward)")
+        self.state_on_switch = state_on_switch
+        self.guard = GradGuard(nonfinite, max_grad_norm, step_in_backward)
         self._step = 0
         self.offloaded: dict[int, dict[str, Any]] = {}
         self._attach(infos, [i.trainable for i in infos])

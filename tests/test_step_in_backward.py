@@ -57,6 +57,14 @@ def test_bit_identical_to_step_after_backward(kw):
                 else v == sb[k][key], (k, key)
 
 
+def test_grad_norm_is_the_whole_steps():
+    """`last_grad_norm` (NTOCallback's nto/grad_norm) adds up over the params of a step."""
+    kw = dict(budget="25%", switch_every=2)
+    _, oa = _run(False, **kw)
+    _, ob = _run(True, **kw)
+    assert ob.last_grad_norm == pytest.approx(oa.last_grad_norm, rel=1e-6)
+
+
 def test_no_gradient_is_kept_and_the_budget_holds_more():
     """After backward no param holds a gradient; the budget counts the moments only, so a
     byte budget holds 12/8 the elements of fp32 moments (gradient kept) and the measured
