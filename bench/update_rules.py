@@ -118,7 +118,8 @@ def report(path: Path) -> None:
              "| rule | lr | seeds | held-out (per seed) | mean |", "|---|---|---|---|---|"]
     for (rule, lr), rs in sorted(by.items()):
         key = "accuracy" if "accuracy" in rs[0] else "eval_loss"
-        vals = [r[key] for r in sorted(rs, key=lambda r: r["seed"])]
+        rs = sorted(rs, key=lambda r: r["seed"])
+        vals = [r[key] for r in rs]
         lines.append(f"| {rule} | {lr:g} | {', '.join(str(r['seed']) for r in rs)} | "
                      f"{', '.join(f'{v:.4f}' for v in vals)} | {statistics.mean(vals):.4f} |")
     path.with_suffix(".md").write_text("\n".join(lines) + "\n")

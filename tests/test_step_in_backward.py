@@ -57,6 +57,18 @@ def test_bit_identical_to_step_after_backward(kw):
                 else v == sb[k][key], (k, key)
 
 
+@pytest.mark.parametrize("kw", [dict(), dict(stochastic_rounding=True)],
+                         ids=["masters", "stochastic-rounding"])
+def test_bf16_formats_bit_identical(kw):
+    """bf16 params: fp32 masters (written back when a param's period ends) and stochastic
+    rounding (counter-based noise) give the bits of the usual run."""
+    def run(sib):
+        model = tiny.tiny_llama(dtype=torch.bfloat16)
+        return _run(sib, model=model, budget="25%", switch_every=2, **kw)[0]
+
+    _assert_same(run(False), run(True))
+
+
 def test_grad_norm_is_the_whole_steps():
     """`last_grad_norm` (NTOCallback's nto/grad_norm) adds up over the params of a step."""
     kw = dict(budget="25%", switch_every=2)
