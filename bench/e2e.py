@@ -117,13 +117,9 @@ CONFIGS: dict[str, tuple[str, str]] = {
                                 "probe: 20% of AdamW's bytes)"),
     "nto-sample-100-none-same": ("nto", "NTO sample 100%, no moments, a switch every step: "
                                  "every weight's update is AdamW's first (a probe)"),
-    "nto-block-10-bwd": ("nto", "NTO block, descending, step_in_backward (gradients used and "
-                         "freed in backward) within the bytes of nto-block-10: 1.5x the "
-                         "elements"),
-    "nto-block-10-int8-bwd": ("nto", "NTO block, descending, 8-bit moments, step_in_backward, "
-                              "within the bytes of nto-block-10: about 6x the elements"),
-    "nto-sample-10-int8-bwd": ("nto", "NTO sample, 8-bit moments, step_in_backward, within "
-                               "the bytes of nto-sample-10: about 6x the elements"),
+    "nto-block-10-int8-bwd": ("nto", "NTO block, descending, 8-bit moments, step_in_backward "
+                              "(gradients used and freed in backward), within the bytes of "
+                              "nto-block-10: about 6x the elements"),
     "nto-sample-10-none-bwd": ("nto", "NTO sample, no moments (a switch every step), "
                                "step_in_backward, within the bytes of nto-sample-10: every "
                                "weight (the state is one step count per tensor)"),

@@ -157,5 +157,8 @@ e2e --task lm --seeds 0 --switch-every 1 --tag none-sample-imp --lr nto=3e-4 \
     --configs nto-sample-10-importance-none
 # issue 21, 2026-12-05: every weight with no moments and the gradients used in backward
 # (step_in_backward): the none-sample100 run's bits with no gradient kept
-e2e --task lm --seeds 0 1 2 --switch-every 1 --tag none-bwd --lr nto=1e-4 \
+e2e --task lm --seeds 0 1 2 3 4 5 --switch-every 1 --tag none-bwd --lr nto=1e-4 \
     --configs nto-sample-10-none-bwd
+# ... against LoRA and AdamW on the same six seeds
+e2e --task lm --seeds 0 1 2 3 4 5 --tag lora-amd --configs lora
+e2e --task lm --seeds 3 4 5 --tag lr1e-4-full --lr full=1e-4 --configs adamw
