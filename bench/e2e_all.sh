@@ -162,3 +162,8 @@ e2e --task lm --seeds 0 1 2 3 4 5 --switch-every 1 --tag none-bwd --lr nto=1e-4 
 # ... against LoRA and AdamW on the same six seeds
 e2e --task lm --seeds 0 1 2 3 4 5 --tag lora-amd --configs lora
 e2e --task lm --seeds 3 4 5 --tag lr1e-4-full --lr full=1e-4 --configs adamw
+# ... and LoRA's bytes spent on 8-bit moments in backward (block, two periods; probes)
+e2e --task lm --seeds 0 --switch-every 15 --tag int8-bwd-sw15 --lr nto=1e-4 \
+    --configs nto-block-10-int8-bwd
+e2e --task lm --seeds 0 --switch-every 10 --tag int8-bwd-sw10 --lr nto=1e-4 \
+    --configs nto-block-10-int8-bwd
