@@ -458,10 +458,11 @@ def summarize(runs: list[dict], task: str) -> list[dict]:
         if not rs:
             continue
         row = {"config": name, "seeds": [r["seed"] for r in rs], "lr": rs[0]["lr"]}
-        for r in rs:  # sparse keeps compact gradients (no .grad): count its chosen elements
-            if r.get("nto_memory_report", {}).get("policy") == "sparse":
+        for r in rs:  # sparse keeps compact gradients (no .grad) and step_in_backward none
+            rep = r.get("nto_memory_report", {})  # after backward: count what NTO trains
+            if rep.get("policy") == "sparse" or (rep and not r["max_elements_with_grad"]):
                 r["max_elements_with_grad"] = max(r["max_elements_with_grad"],
-                                                  r["nto_memory_report"]["trainable_elements"])
+                                                  rep["trainable_elements"])
         for key in ("training_state_bytes", "peak_rss", "mean_step_s", "mean_opt_step_s",
                     "final_loss", metric, "max_elements_with_grad"):
             vals = [float(r[key]) for r in rs]
