@@ -182,12 +182,23 @@ def test_resume_inside_a_period_is_bit_exact():
     _assert_same(full, model)
 
 
-def test_checkpoint_of_the_other_mode_is_refused():
-    """The plan of a byte budget depends on the mode: a checkpoint says which it was."""
+def test_checkpoint_of_the_other_mode():
+    """The plan of a byte budget depends on the mode: a checkpoint says which it was and
+    the other mode refuses it. An element budget plans the same units in both modes: a run
+    resumes in the other mode bit for bit."""
     _, opt = _run(False, steps=1, budget="40000B")
     other = NTO(tiny.tiny_llama().named_parameters(), budget="40000B", step_in_backward=True)
-    with pytest.raises(ValueError, match="step_in_backward"):
+    with pytest.raises(ValueError, match="step_in_backward: saved None, here True"):
         other.load_state_dict(opt.state_dict())
+    kw = dict(budget="25%", switch_every=2)
+    full, _ = _run(False, **kw)
+    half, opt = _run(False, steps=3, **kw)
+    model = tiny.tiny_llama(seed=1)
+    model.load_state_dict(half.state_dict())
+    resumed = NTO(model.named_parameters(), lr=1e-2, step_in_backward=True, **kw)
+    resumed.load_state_dict(opt.state_dict())
+    _run(True, steps=STEPS - 3, model=model, opt=resumed, start=3)
+    _assert_same(full, model)
 
 
 def test_trainer(tmp_path):

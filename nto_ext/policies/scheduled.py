@@ -304,7 +304,9 @@ class ScheduledPolicy(Policy):
                 "budget_amount": self.budget.amount, "switch_every": self.switch_every,
                 "seed": self.seed, "always": list(self.always),
                 **({"order": self.order} if self.order == IMPORTANCE else {}),
-                **({"step_in_backward": True} if self.cfg.step_in_backward else {})}
+                # a byte budget holds other units without the gradient: refuse the other mode
+                **({"step_in_backward": True} if self.cfg.step_in_backward
+                   and self.budget.kind == "bytes" else {})}
 
     def state_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"cycle": self._cycle, "cycle_start": self._cycle_start}
