@@ -168,8 +168,7 @@ def state_peak(pol: Policy) -> tuple[int, int]:
     assert isinstance(pol, ScheduledPolicy)
 
     fixed = pol.unit_bytes(pol.always_units)
-    # a tensor trained a range of rows at a time: its dense gradient lives in backward
-    transient = max((infos[i].numel * infos[i].dtype.itemsize for i in pol.split), default=0)
+    transient = pol.transient_grad_bytes()
     if isinstance(pol, BlockPolicy):
         return fixed + max((pol.unit_bytes(g) for g in pol.groups), default=0), transient
     switching = sorted({i for u in pol.units for i in u.params})  # one range of each at once

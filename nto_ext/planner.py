@@ -206,7 +206,7 @@ def plan(model_or_config: Any, budget: int | float | str | None = None,
                          always=always, sample_layers=sample_layers,
                          regrow_fraction=regrow_fraction, master_weights=master_weights,
                          stochastic_rounding=stochastic_rounding, state_dtype=state_dtype,
-                         **({"step_in_backward": True} if step_in_backward else {}))
+                         step_in_backward=step_in_backward)
     want = _parse_dtype(dtype)
     source = "dtype=" if want is not None else ""
     config = _as_config(model_or_config)
@@ -221,7 +221,7 @@ def plan(model_or_config: Any, budget: int | float | str | None = None,
                            seed=seed, always=tuple(always), sample_layers=sample_layers,
                            regrow_fraction=regrow_fraction, master_weights=master_weights,
                            stochastic_rounding=stochastic_rounding, state_dtype=state_dtype,
-                           **({"step_in_backward": True} if step_in_backward else {}))
+                           step_in_backward=step_in_backward)
 
     found = None
     if memory is not None:
@@ -299,8 +299,7 @@ def _build_plan(pol: ScheduledPolicy, infos: list[ParamInfo], want: torch.dtype 
         **_plan_fields(pol, infos, want), cycle_steps=pol.cycle_steps(0), blocks=blocks,
         groups=groups, always=[u.name for u in pol.always_units],
         trainable_elements=_elems(infos, pol.trainable), nto_bytes=max(g.nto_bytes for g in groups),
-        transient_bytes=max((infos[i].numel * infos[i].dtype.itemsize for i in (
-            pol.trainable if pol.cfg.step_in_backward else pol.split)), default=0),
+        transient_bytes=pol.transient_grad_bytes(),
         step_in_backward=pol.cfg.step_in_backward,
         untrainable=[{"name": param_label(infos[i].name, i), "elements": infos[i].numel,
                       "nto_bytes": nto((i,))} for i in big])

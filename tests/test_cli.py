@@ -67,6 +67,14 @@ def test_plan_known_answer(tmp_path, capsys):
     assert cli.main(["plan", "--model", folder, "--budget", "10400"]) == 0
     table = capsys.readouterr().out
     assert "AdamW" in table and "8-bit AdamW" in table and "model.layers.1" in table
+    # --step-in-backward: the moments only (8 B/elem), one dense gradient as the transient
+    assert cli.main(["plan", "--model", folder, "--budget", "10400", "--step-in-backward",
+                     "--json"]) == 0
+    p = json.loads(capsys.readouterr().out)
+    assert p["nto_bytes"] == 10336 * 8 + 10 * 4 and p["step_in_backward"]
+    assert p["transient_bytes"] == 4096 * 4  # the embedding's (and the head's) gradient
+    assert cli.main(["plan", "--model", folder, "--budget", "10400", "--step-in-backward"]) == 0
+    assert "one param's gradient in backward" in capsys.readouterr().out
 
 
 def test_plan_packaged_gguf_model():

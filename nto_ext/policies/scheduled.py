@@ -291,6 +291,13 @@ class ScheduledPolicy(Policy):
         where each param's gradient is used and freed in backward (a transient)."""
         return 0 if self.cfg.step_in_backward else dtype.itemsize
 
+    def transient_grad_bytes(self) -> int:
+        """The largest dense gradient alive in backward outside the budget: a split tensor's
+        (reduced to its rows in the hook), with step_in_backward any trained tensor's."""
+        held = self.trainable if self.cfg.step_in_backward else self.split
+        return max((self.infos[i].numel * self.infos[i].dtype.itemsize for i in held),
+                   default=0)
+
     def bytes_per_element(self, dtype: torch.dtype) -> float:
         return self._grad_itemsize(dtype) + self.state_format(dtype).element_bytes
 
