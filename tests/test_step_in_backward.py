@@ -48,6 +48,9 @@ def test_bit_identical_to_step_after_backward(kw):
     a, oa = _run(False, groups=True, **kw)
     b, ob = _run(True, groups=True, **kw)
     _assert_same(a, b)
+    init = dict(tiny.tiny_llama().named_parameters())
+    moved = [n for n, p in b.named_parameters() if not torch.equal(p, init[n])]
+    assert len(moved) >= 3, moved  # the runs trained (each period's params moved)
     assert oa.step_count == ob.step_count == STEPS
     sa, sb = oa.state_dict()["state"], ob.state_dict()["state"]
     assert sa.keys() == sb.keys()
