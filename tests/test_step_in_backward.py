@@ -7,8 +7,10 @@ from __future__ import annotations
 import warnings
 
 import pytest
+import test_reliability as rel
 import tiny
 import torch
+from hypothesis import given
 
 from nto_ext import NTO
 from nto_ext import args as nto_args
@@ -288,3 +290,27 @@ def test_step_with_a_closure():
         opt.zero_grad()
         sched.step()
     _assert_same(a, model)
+
+
+FORMATS = {"bwd-fp32": (torch.float32, {}), "bwd-int8": (torch.float32, {"state_dtype": "int8"}),
+           "bwd-none": (None, {"state_dtype": "none", "switch_every": 1,
+                               "master_weights": False})}
+
+
+@pytest.mark.parametrize("kind", rel.KINDS)
+@pytest.mark.parametrize("policy", ["block", "sample"])
+@rel.RUN_SETTINGS
+@given(run=rel.budget_runs(widths=(1, 8)))
+def test_budget_invariant(policy, kind, run):
+    """test_reliability's invariant (measured storage within the budget after every
+    backward and step) in backward: fp32, 8-bit and no moments (the last with a bf16/fp32
+    mix), whole tensors and ranges of rows, one backward per step."""
+    torch.set_num_threads(1)
+    run = {**run, "accumulate": 1}
+    for name, (dtype, fmt) in FORMATS.items():
+        rel.DTYPES[name] = dtype
+        rel.FORMAT_ARGS[name] = {**fmt, "step_in_backward": True}
+        try:
+            rel._budget_run(policy, kind, name, run)
+        finally:
+            del rel.DTYPES[name], rel.FORMAT_ARGS[name]
