@@ -139,6 +139,8 @@ CONFIGS: dict[str, tuple[str, str]] = {
                               "periods"),
     "nto-block-100-int8": ("nto", "NTO block at 100% with 8-bit moments: AdamW with "
                            "blockwise 8-bit moments, NTO's kernel"),
+    "nto-block-100-int8-bwd": ("nto", "nto-block-100-int8 with step_in_backward: 8-bit AdamW "
+                               "on every weight, no gradient kept"),
     "nto-sparse-25": ("nto", "NTO sparse, budget 25%"),
     "nto-sparse-10": ("nto", "NTO sparse, budget 10%"),
     "nto-sparse-7.5": ("nto", "NTO sparse, budget 7.5%: 16 B per chosen element, so the "

@@ -167,3 +167,6 @@ e2e --task lm --seeds 0 --switch-every 15 --tag int8-bwd-sw15 --lr nto=1e-4 \
     --configs nto-block-10-int8-bwd
 e2e --task lm --seeds 0 --switch-every 10 --tag int8-bwd-sw10 --lr nto=1e-4 \
     --configs nto-block-10-int8-bwd
+# ... every weight with 8-bit moments in backward (6 seeds, two files)
+e2e --task lm --seeds 0 1 2 --tag int8-100-bwd --lr nto=1e-4 --configs nto-block-100-int8-bwd
+e2e --task lm --seeds 3 4 5 --tag int8-100-bwd-s345 --lr nto=1e-4 --configs nto-block-100-int8-bwd
