@@ -9,6 +9,8 @@ Rules (RULE-MOMENTUM):
 - factored-fp32 / factored-q8: the same with AdamW's first moment in fp32 (4 B/element) or
   in NTO's 8-bit map (`_reference.quantize_q8`: 1 + 4/256 B/element)
 - lion-fp32: Lion (sign of the interpolated momentum, beta2 0.99), decoupled decay
+- adamw-q4: AdamW with both moments in 4 bits: NTO's square-root map (m = q|q| s,
+  sqrt(v) = q^2 s) with 7 / 15 levels in blocks of 128 (1.06 B per element with the scales)
 
     python bench/update_rules.py --task lm --rule factored-q8 --lr 1e-4 --seeds 0 1 2
 
@@ -32,7 +34,8 @@ import e2e  # noqa: E402
 
 from nto_ext import _reference, demo  # noqa: E402
 
-RULES = ("sign-none", "factored-none", "factored-fp32", "factored-q8", "lion-fp32")
+RULES = ("sign-none", "factored-none", "factored-fp32", "factored-q8", "lion-fp32", "adamw-q4")
+Q4_BLOCK = 128
 
 
 class Probe(torch.optim.Optimizer):
@@ -55,12 +58,30 @@ class Probe(torch.optim.Optimizer):
     def _update(self, p, g, st, lr, wd) -> None:
         t = st["t"] = st.get("t", 0) + 1
         p.mul_(1 - lr * wd)
+        if self.v == "adamw":
+            p.add_(self._adamw_q4(g, st, t), alpha=-lr)
+            return
         if self.v == "lion":
             m = st.setdefault("m", torch.zeros_like(g))
             p.add_(m.lerp(g, 1 - self.b1).sign(), alpha=-lr)
             m.lerp_(g, 1 - 0.99)
             return
         p.add_(self._first(g, st, t) / self._denom(g, st, t), alpha=-lr)
+
+    def _adamw_q4(self, g, st, t):
+        """AdamW's direction from 4-bit moments, requantized after the update."""
+        if "qm" not in st:
+            zero = _q4(torch.zeros(g.numel()), 7)
+            st.update(qm=zero[0], sm=zero[1], qw=zero[0].clone(), sw=zero[1].clone())
+        n = g.numel()
+        m = (st["qm"] * st["qm"].abs() * st["sm"]).reshape(-1)[:n].reshape(g.shape)
+        v = (st["qw"].square() * st["sw"]).square().reshape(-1)[:n].reshape(g.shape)
+        m.lerp_(g, 1 - self.b1)
+        v.mul_(self.b2).addcmul_(g, g, value=1 - self.b2)
+        st["qm"], st["sm"] = _q4(m.reshape(-1), 7)
+        st["qw"], st["sw"] = _q4(v.sqrt().reshape(-1), 15)
+        denom = (v / (1 - self.b2 ** t)).sqrt() + self.eps
+        return m / (1 - self.b1 ** t) / denom
 
     def _denom(self, g, st, t):
         if self.v == "sign":
@@ -90,6 +111,20 @@ class Probe(torch.optim.Optimizer):
         st["qm"], st["sm"], _, _ = _reference.quantize_q8(
             _reference.pad_blocks(m, nb), torch.zeros(nb, _reference.Q8_BLOCK), n)
         return m / (1 - self.b1 ** t)
+
+
+def _q4(x: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Levels (float, [blocks, Q4_BLOCK]) and scales of flat `x` in the square-root map:
+    |q| = round(sqrt(|x| / s)) <= top, s = max|x| / top^2 per block; a positive x keeps a
+    level of at least 1."""
+    nb = -(-x.numel() // Q4_BLOCK)
+    b = torch.zeros(nb * Q4_BLOCK)
+    b[:x.numel()] = x
+    b = b.reshape(nb, Q4_BLOCK)
+    s = b.abs().amax(1, keepdim=True) / top ** 2
+    q = torch.floor((b.abs() / torch.where(s > 0, s, 1)).sqrt() + 0.5).clamp(0, top)
+    q = torch.where((q == 0) & (b != 0) & (top == 15), torch.ones_like(q), q)
+    return torch.where(b < 0, -q, q), s
 
 
 def run(task: str, rule: str, lr: float, seed: int) -> dict:
