@@ -170,3 +170,9 @@ e2e --task lm --seeds 0 --switch-every 10 --tag int8-bwd-sw10 --lr nto=1e-4 \
 # ... every weight with 8-bit moments in backward (6 seeds, two files)
 e2e --task lm --seeds 0 1 2 --tag int8-100-bwd --lr nto=1e-4 --configs nto-block-100-int8-bwd
 e2e --task lm --seeds 3 4 5 --tag int8-100-bwd-s345 --lr nto=1e-4 --configs nto-block-100-int8-bwd
+# update rules without kernels (bench/update_rules.py; docs/results/update_rules_lm.md)
+U() { python bench/update_rules.py --task lm "$@"; }
+U --rule factored-fp32 --lr 7e-5 && U --rule factored-fp32 --lr 1e-4 && U --rule factored-fp32 --lr 1.5e-4
+U --rule factored-none --lr 1e-4 && U --rule factored-q8 --lr 1e-4 --seeds 0 1 2
+for lr in 2e-5 4e-5 7e-5 1e-4; do U --rule lion-fp32 --lr $lr; done
+U --rule adamw-q4 --lr 1e-4 --seeds 0 1 2 3 4 5
