@@ -14,7 +14,8 @@ Rules (RULE-MOMENTUM):
 
     python bench/update_rules.py --task lm --rule factored-q8 --lr 1e-4 --seeds 0 1 2
 
-Each run appends one line to docs/results/update_rules_<task>.jsonl and rewrites the .md.
+Each run appends one line to docs/results/update_rules_<task>.jsonl and rewrites the .md;
+runs already there are skipped.
 """
 
 from __future__ import annotations
@@ -171,7 +172,12 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(1)
     path = Path(args.out) / f"update_rules_{args.task}.jsonl"
+    done = {(r["rule"], r["lr"], r["seed"]) for r in (
+        json.loads(line) for line in (path.read_text().splitlines() if path.exists() else [])
+        if line.strip())}
     for seed in args.seeds:
+        if (args.rule, args.lr, seed) in done:  # as e2e.py --resume: only what is missing
+            continue
         res = run(args.task, args.rule, args.lr, seed)
         logging.info("%s", res)
         with path.open("a") as f:
