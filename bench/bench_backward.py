@@ -16,10 +16,7 @@ runs and how many kernel calls it takes (one per param in backward, one batch at
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -29,6 +26,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from bench_step import run_suite, suite_parser  # noqa: E402
 
 from nto_ext import NTO  # noqa: E402
 
@@ -100,25 +99,11 @@ def table(bench_json: dict) -> str:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rounds", type=int, default=ROUNDS)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", default="docs/results")
-    a = p.parse_args()
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
+    a = suite_parser(__doc__.split("\n\n")[0], ROUNDS).parse_args()
     env = {**os.environ, "NTO_BWD_ROUNDS": str(a.rounds)}
     if a.threads:
         env["NTO_BWD_THREADS"] = str(a.threads)
-    path = out / "bench_backward.json"
-    rc = subprocess.call([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                          str(Path(__file__).resolve()), f"--benchmark-json={path}",
-                          "--benchmark-columns=min,median,max,rounds"], env=env)
-    if rc == 0:
-        md = table(json.loads(path.read_text()))
-        (out / "bench_backward.md").write_text(md + "\n")
-        print(md)
-    return rc
+    return run_suite(Path(__file__), Path(a.out) / "bench_backward", env, table)
 
 
 if __name__ == "__main__":

@@ -233,24 +233,35 @@ def table(bench_json: dict) -> str:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description="NTO.step() vs torch AdamW (pytest-benchmark)")
+    p = suite_parser("NTO.step() vs torch AdamW (pytest-benchmark)", ROUNDS)
     p.add_argument("--shapes", default=SHAPES, choices=["minilm", "small-llm"])
-    p.add_argument("--rounds", type=int, default=ROUNDS)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", default="docs/results")
     a = p.parse_args()
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "NTO_STEP_SHAPES": a.shapes, "NTO_STEP_ROUNDS": str(a.rounds)}
     if a.threads:
         env["NTO_STEP_THREADS"] = str(a.threads)
-    path = out / "bench_step.json"
+    return run_suite(Path(__file__), Path(a.out) / "bench_step", env, table)
+
+
+def suite_parser(description: str, rounds: int) -> argparse.ArgumentParser:
+    """--rounds, --threads and --out, as every pytest-benchmark suite here takes them."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--rounds", type=int, default=rounds)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default="docs/results")
+    return p
+
+
+def run_suite(test_file: Path, stem: Path, env: dict, table) -> int:
+    """pytest-benchmark over `test_file` in a child (its env picks the sizes): the results
+    in stem.json, `table(results)` in stem.md and printed."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    path = stem.with_suffix(".json")
     rc = subprocess.call([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                          str(Path(__file__).resolve()), f"--benchmark-json={path}",
+                          str(test_file.resolve()), f"--benchmark-json={path}",
                           "--benchmark-columns=min,median,max,rounds"], env=env)
     if rc == 0:
         md = table(json.loads(path.read_text()))
-        (out / "bench_step.md").write_text(md + "\n")
+        stem.with_suffix(".md").write_text(md + "\n")
         print(md)
     return rc
 
