@@ -672,17 +672,20 @@ FIRST_HYPER = [(1e-2, 0.9, 0.999, 1e-8, 0.1), (3e-3, 0.3, 0.95, 1e-6, 0.0),
                (1e-3, 0.5, 0.99, 1e-3, 0.5)]
 
 
+def first_values(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 param and grad of an adamw_first_step_ case: signed zeros, a tiny and a large
+    grad in front (test_cuda_emu.py uses them too)."""
+    p, g = torch.randn(n, generator=gen), torch.randn(n, generator=gen) * 1e-2
+    if n >= 6:
+        p[:3] = torch.tensor([0.0, -0.0, -0.0])
+        g[:6] = torch.tensor([0.0, -0.0, 0.0, 1e-20, -6e4, 3.0])
+    return p, g
+
+
 def _first_case(sizes, pdtype, gdtype, gen):
     """CPU params and grads of adamw_first_step_, signed zeros and extreme grads in front."""
-    ps, gs = [], []
-    for n in sizes:
-        p, g = torch.randn(n, generator=gen), torch.randn(n, generator=gen) * 1e-2
-        if n >= 6:
-            p[:3] = torch.tensor([0.0, -0.0, -0.0])
-            g[:6] = torch.tensor([0.0, -0.0, 0.0, 1e-20, -6e4, 3.0])
-        ps.append(p.to(pdtype))
-        gs.append(g.to(gdtype))
-    return ps, gs
+    pairs = [first_values(n, gen) for n in sizes]
+    return [p.to(pdtype) for p, _ in pairs], [g.to(gdtype) for _, g in pairs]
 
 
 def _run_first(op, device, ps, gs, hyper, odd=None):

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_cuda import first_values
 
 from nto_ext import _reference, ops
 
@@ -699,10 +700,7 @@ def _first_case(sizes, pdtype, gdtype, gen, odd=None):
     the front: signed zeros, a tiny and a large grad."""
     ps, gs = [], []
     for n in sizes:
-        p, g = torch.randn(n, generator=gen), torch.randn(n, generator=gen) * 1e-2
-        if n >= 6:
-            p[:3] = torch.tensor([0.0, -0.0, -0.0])
-            g[:6] = torch.tensor([0.0, -0.0, 0.0, 1e-20, -6e4, 3.0])
+        p, g = first_values(n, gen)
         shape = (7, n // 7) if n == 7 * 9 else (n,)
         ps.append(_shifted(p.to(pdtype).view(shape), int(odd == "p")))
         gs.append(_shifted(g.to(gdtype).view(shape), int(odd == "g")))
