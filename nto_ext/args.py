@@ -101,14 +101,15 @@ def check_global(budget: object, state_on_switch: object, nonfinite: object,
                         "a byte size such as '512MiB', '2GB', '1.5GiB', '100KB'")
 
 
-def check_step_in_backward(budget: object, max_grad_norm: object) -> None:
-    """What step_in_backward=True cannot run with (the policy's config checked the rest)."""
+def check_step_in_backward(auto: bool, max_grad_norm: object) -> None:
+    """What step_in_backward=True cannot run with (the policy's config checked the rest);
+    `auto`: budget="auto" was given."""
     if max_grad_norm is not None:
         raise ValueError(f"max_grad_norm={max_grad_norm!r} with step_in_backward=True; "
                          "allowed: None (clipping needs the norm of every gradient before "
                          "the first update, and step_in_backward updates each param as its "
                          "gradient arrives)")
-    if isinstance(budget, str) and budget.strip().lower() == "auto":
+    if auto:
         raise ValueError("budget='auto' with step_in_backward=True; allowed: an element or "
                          "byte budget ('auto' measures the gradients kept until step())")
     if multi_process():

@@ -37,7 +37,7 @@ from .args import (
     normalize_groups,
     plain_number,
 )
-from .auto import AutoBudget, check_auto_args, make_auto
+from .auto import AutoBudget, check_auto_args, is_auto, make_auto
 from .blocks import ParamInfo
 from .budget import Budget, parse_budget, state_bytes, storage_bytes
 from .grads import GradGuard
@@ -141,7 +141,7 @@ class NTO(torch.optim.Optimizer):
         check_global(budget, state_on_switch, nonfinite, max_grad_norm, cls, cfg.state_dtype)
         check_auto_args(budget, memory)
         if step_in_backward:
-            check_step_in_backward(budget, max_grad_norm)
+            check_step_in_backward(is_auto(budget), max_grad_norm)
         groups = normalize_groups(params)
         for k, g in enumerate(groups):
             check_hyper(f"param group {k}: ", g.get("lr", lr), g.get("betas", betas),

@@ -127,9 +127,11 @@ class DenseUpdater(Updater):
                 f"separately); each backward updates the params it reaches, so allowed: one "
                 f"backward per optimizer step (sum the losses first). This param was updated "
                 f"once at step {step}; the gradient of this backward was dropped")
+        gi = self._group_of(i)
+        _check_group(gi, self.host.param_groups[gi])
         if rows is not None:
             self._fold(i, p, rows)
-        entry = self._entry(self._group_of(i), i, p, rows)
+        entry = self._entry(gi, i, p, rows)
         if entry is None:
             return
         try:
@@ -195,6 +197,7 @@ class DenseUpdater(Updater):
         table, rows = self.host.table, self._rows()
         out = []
         for gi, group in enumerate(self.host.param_groups):
+            _check_group(gi, group)
             for p in group["params"]:
                 i = table.index[p]
                 entry = self._entry(gi, i, p, rows.get(i))
@@ -204,11 +207,9 @@ class DenseUpdater(Updater):
 
     def _entry(self, gi: int, i: int, p: torch.Tensor, rows: Rows | None,
                ) -> tuple[int, int, torch.Tensor, torch.Tensor] | None:
-        """(group index, param index, param or its active rows, grad) of param i, checked;
-        None when it has nothing to update."""
-        table, group = self.host.table, self.host.param_groups[gi]
-        check_hyper(f"param group {gi}: ", group["lr"], group["betas"], group["eps"],
-                    group["weight_decay"])
+        """(group index, param index, param or its active rows, grad) of param i, checked
+        (its group's hyper-parameters apart); None when it has nothing to update."""
+        table = self.host.table
         if rows is not None:
             entry = self._rows_entry(i, p, rows)
             return None if entry is None else (gi, i, *entry)
@@ -362,6 +363,11 @@ class DenseUpdater(Updater):
             if parked:
                 out["parked"] = parked
         return out or None
+
+
+def _check_group(gi: int, group: dict[str, Any]) -> None:
+    check_hyper(f"param group {gi}: ", group["lr"], group["betas"], group["eps"],
+                group["weight_decay"])
 
 
 def _view(p: torch.Tensor, rows: Rows) -> torch.Tensor:
