@@ -138,11 +138,11 @@ def test_nto(benchmark, tensors, budget, nonfinite):
          budget=float(budget.rstrip("%")) / 100, active=active)
 
 
-@pytest.mark.parametrize("state_dtype", ["fp32", "int8", "bf16"])
+@pytest.mark.parametrize("state_dtype", ["fp32", "int8", "int4", "bf16"])
 @pytest.mark.parametrize("budget", ("100%", "25%"))
 def test_nto_state_dtype(benchmark, tensors, budget, state_dtype):
-    """The same active elements with fp32, 8-bit and bf16 moments (issue 20's target: int8
-    <= 1.3x fp32), without the non-finite check (the update kernel alone)."""
+    """The same active elements with fp32, 8-bit, 4-bit and bf16 moments (issue 20's
+    target: int8 <= 1.3x fp32), without the non-finite check (the update kernel alone)."""
     params, grads = tensors
     leaves = _leaves(params)
     opt = NTO(leaves, **HYPER, budget=budget, policy="block", switch_every=10**9,
@@ -154,9 +154,9 @@ def test_nto_state_dtype(benchmark, tensors, budget, state_dtype):
 
 # Bytes the update moves per fp32 element: param read and written, grad read, and the
 # moments read and written (fp32: 2 x 4 B; int8: 2 x 1 B and two fp32 scales per 256;
-# bf16: 2 x 2 B).
+# int4: 1 B and two fp32 scales per 128; bf16: 2 x 2 B).
 STEP_BYTES = {"fp32": 4 + 4 + 4 + 2 * 8, "int8": 4 + 4 + 4 + 2 * (2 + 8 / 256),
-              "bf16": 4 + 4 + 4 + 2 * 4}
+              "int4": 4 + 4 + 4 + 2 * (1 + 8 / 128), "bf16": 4 + 4 + 4 + 2 * 4}
 COPY_ELEMENTS = 64 * 2**20  # 256 MiB of fp32: far past the caches
 
 
@@ -210,7 +210,7 @@ def table(bench_json: dict) -> str:
                      f" | {met} |")
     for budget in ("100%", "25%"):
         base = rows.get(f"nto-block-{budget} fp32")
-        for d, target in (("int8", " (target <= 1.3)"), ("bf16", "")):
+        for d, target in (("int8", " (target <= 1.3)"), ("int4", ""), ("bf16", "")):
             row = rows.get(f"nto-block-{budget} {d}")
             if base and row:
                 ratio = row["stats"]["median"] / base["stats"]["median"]

@@ -141,6 +141,9 @@ CONFIGS: dict[str, tuple[str, str]] = {
                            "blockwise 8-bit moments, NTO's kernel"),
     "nto-block-100-int8-bwd": ("nto", "nto-block-100-int8 with step_in_backward: 8-bit AdamW "
                                "on every weight, no gradient kept"),
+    "nto-block-100-int4-bwd": ("nto", "NTO block at 100% with both moments in one byte "
+                               "(state_dtype='int4') and step_in_backward: AdamW on every "
+                               "weight in less than LoRA r=54's state bytes"),
     "nto-sparse-25": ("nto", "NTO sparse, budget 25%"),
     "nto-sparse-10": ("nto", "NTO sparse, budget 10%"),
     "nto-sparse-7.5": ("nto", "NTO sparse, budget 7.5%: 16 B per chosen element, so the "
@@ -226,7 +229,8 @@ def build_optimizer(spec: RunSpec, task: str, model):
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=demo.WEIGHT_DECAY,
                                  foreach=True), model, info
     if name.startswith("nto-"):
-        # nto-POLICY-PCT[-drop|-offload][-head][-importance][-plain|-sr][-int8|-bf16m|-none]
+        # nto-POLICY-PCT[-drop|-offload][-head][-importance][-plain|-sr]
+        # [-int8|-int4|-bf16m|-none]
         # [-bwd][-same]
         _, policy, pct, *how = name.split("-")
         extra: dict[str, Any] = {"order": "descending"} if policy == "block" else {}
@@ -247,8 +251,8 @@ def build_optimizer(spec: RunSpec, task: str, model):
         if same:
             how.remove("same")
         in_bytes = False  # the bytes of fp32 state (gradient kept to step) at pct% hold
-        for moments in ("int8", "bf16m", "none"):  # ~2x (int8) / 1.5x (bf16 moments) / 3x
-            if moments in how:  # (none) the elements
+        for moments in ("int8", "int4", "bf16m", "none"):  # ~2x (int8) / ~3.9x (int4) /
+            if moments in how:  # 1.5x (bf16 moments) / 3x (none) the elements
                 how.remove(moments)
                 extra["state_dtype"] = moments.removesuffix("m")
                 in_bytes = True

@@ -176,3 +176,10 @@ U --rule factored-fp32 --lr 7e-5 && U --rule factored-fp32 --lr 1e-4 && U --rule
 U --rule factored-none --lr 1e-4 && U --rule factored-q8 --lr 1e-4 --seeds 0 1 2
 for lr in 2e-5 4e-5 7e-5 1e-4; do U --rule lion-fp32 --lr $lr; done
 U --rule adamw-q4 --lr 1e-4 --seeds 0 1 2 3 4 5
+# issue 21: the 4-bit format's maps, probed before its kernel (docs/results/update_rules_lm.md)
+U --rule adamw-q4sr --lr 1e-4 && U --rule adamw-mq4 --lr 1e-4
+U --rule adamw-vq4 --lr 1e-4 && U --rule adamw-m11v11r --lr 1e-4
+U --rule adamw-m5v3r --lr 1e-4 --seeds 0 1 2
+# state_dtype="int4" (the m5v3r map, NTO's kernel), every weight, in backward: LoRA's bytes
+e2e --task lm --seeds 0 1 2 --tag int4-100-bwd --lr nto=1e-4 --configs nto-block-100-int4-bwd
+e2e --task lm --seeds 3 4 5 --tag int4-100-bwd-s345 --lr nto=1e-4 --configs nto-block-100-int4-bwd

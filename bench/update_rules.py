@@ -11,6 +11,12 @@ Rules (RULE-MOMENTUM):
 - lion-fp32: Lion (sign of the interpolated momentum, beta2 0.99), decoupled decay
 - adamw-q4: AdamW with both moments in 4 bits: NTO's square-root map (m = q|q| s,
   sqrt(v) = q^2 s) with 7 / 15 levels in blocks of 128 (1.06 B per element with the scales)
+- adamw-q4sr: the same maps, levels chosen by stochastic rounding (an unbiased EMA: a
+  nearest-rounded v loses increments smaller than half a level)
+- adamw-m5v3r / adamw-m11v11r: one byte per element: m in 31 levels and v in 8 (23 and
+  11), both in adamw-q4's square-root maps (a positive v keeps level 1); m5v3r is what
+  `state_dtype="int4"` ships (formats/int4.py)
+- adamw-mq4 / adamw-vq4: adamw-q4's map on one moment, the other in fp32
 
     python bench/update_rules.py --task lm --rule factored-q8 --lr 1e-4 --seeds 0 1 2
 
@@ -35,7 +41,8 @@ import e2e  # noqa: E402
 
 from nto_ext import _reference, demo  # noqa: E402
 
-RULES = ("sign-none", "factored-none", "factored-fp32", "factored-q8", "lion-fp32", "adamw-q4")
+RULES = ("sign-none", "factored-none", "factored-fp32", "factored-q8", "lion-fp32", "adamw-q4",
+         "adamw-q4sr", "adamw-mq4", "adamw-vq4", "adamw-m5v3r", "adamw-m11v11r")
 Q4_BLOCK = 128
 
 
@@ -59,6 +66,9 @@ class Probe(torch.optim.Optimizer):
     def _update(self, p, g, st, lr, wd) -> None:
         t = st["t"] = st.get("t", 0) + 1
         p.mul_(1 - lr * wd)
+        if self.v == "adamw" and self.m != "q4":
+            p.add_(self._adamw_fake_q4(g, st, t), alpha=-lr)
+            return
         if self.v == "adamw":
             p.add_(self._adamw_q4(g, st, t), alpha=-lr)
             return
@@ -83,6 +93,20 @@ class Probe(torch.optim.Optimizer):
         st["qw"], st["sw"] = _q4(v.sqrt().reshape(-1), 15)
         denom = (v / (1 - self.b2 ** t)).sqrt() + self.eps
         return m / (1 - self.b1 ** t) / denom
+
+    def _adamw_fake_q4(self, g, st, t):
+        """adamw-q4sr / -mq4 / -vq4 / -m5v3r / -m11v11r: the moments kept as the fp32
+        values of their levels (FAKE_MAPS), requantized after the update."""
+        m = st.setdefault("m", torch.zeros_like(g))
+        v = st.setdefault("v", torch.zeros_like(g))
+        m.lerp_(g, 1 - self.b1)
+        v.mul_(self.b2).addcmul_(g, g, value=1 - self.b2)
+        out = m / (1 - self.b1 ** t) / ((v / (1 - self.b2 ** t)).sqrt() + self.eps)
+        gen = st.setdefault("gen", torch.Generator().manual_seed(m.numel()))
+        map_m, map_v = FAKE_MAPS[self.m]
+        m.copy_(map_m(m, gen))
+        v.copy_(map_v(v, gen))
+        return out
 
     def _denom(self, g, st, t):
         if self.v == "sign":
@@ -114,17 +138,54 @@ class Probe(torch.optim.Optimizer):
         return m / (1 - self.b1 ** t)
 
 
-def _q4(x: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _unblock(b: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return b.reshape(-1)[:like.numel()].reshape(like.shape)
+
+
+def _sqrt_map(x: torch.Tensor, top: int, gen: torch.Generator | None = None,
+              keep_positive: bool = False) -> torch.Tensor:
+    """x rounded in the square-root map of `top` levels a side (_q4), as fp32 values."""
+    q, s = _q4(x.reshape(-1), top, gen, keep_positive)
+    return _unblock(q * q.abs() * s, x)
+
+
+def _root_sqrt_map(v: torch.Tensor, gen: torch.Generator | None = None,
+                   top: int = 15) -> torch.Tensor:
+    return _sqrt_map(v.sqrt(), top, gen, keep_positive=True).square()
+
+
+# first-moment map, second-moment map (each (tensor, generator) -> rounded fp32 values)
+FAKE_MAPS = {
+    "q4sr": (lambda m, gen: _sqrt_map(m, 7, gen), _root_sqrt_map),
+    # which moment's 4 bits cost the quality: the other one kept in fp32
+    "mq4": (lambda m, gen: _sqrt_map(m, 7), lambda v, gen: v),
+    "vq4": (lambda m, gen: m, _root_sqrt_map),
+    # one byte, both in the square-root maps: 31 x 8 and 23 x 11 of the 256 codes
+    "m5v3r": (lambda m, gen: _sqrt_map(m, 15), lambda v, gen: _root_sqrt_map(v, top=7)),
+    "m11v11r": (lambda m, gen: _sqrt_map(m, 11), lambda v, gen: _root_sqrt_map(v, top=10)),
+}
+
+
+def _q4(x: torch.Tensor, top: int, gen: torch.Generator | None = None,
+        keep_positive: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Levels (float, [blocks, Q4_BLOCK]) and scales of flat `x` in the square-root map:
     |q| = round(sqrt(|x| / s)) <= top, s = max|x| / top^2 per block; a positive x keeps a
-    level of at least 1."""
+    level of at least 1 when `keep_positive` (None: for the 15-level root map of adamw-q4).
+    With `gen`, |q| is rounded stochastically in |x| (unbiased)."""
     nb = -(-x.numel() // Q4_BLOCK)
     b = torch.zeros(nb * Q4_BLOCK)
     b[:x.numel()] = x
     b = b.reshape(nb, Q4_BLOCK)
     s = b.abs().amax(1, keepdim=True) / top ** 2
-    q = torch.floor((b.abs() / torch.where(s > 0, s, 1)).sqrt() + 0.5).clamp(0, top)
-    q = torch.where((q == 0) & (b != 0) & (top == 15), torch.ones_like(q), q)
+    a = b.abs() / torch.where(s > 0, s, 1)
+    if gen is None:
+        q = torch.floor(a.sqrt() + 0.5).clamp(0, top)
+    else:  # between levels lo^2 <= a < (lo+1)^2: up with probability (a - lo^2) / (2 lo + 1)
+        lo = torch.floor(a.sqrt()).clamp(0, top)
+        up = torch.rand(a.shape, generator=gen) < (a - lo.square()) / (2 * lo + 1)
+        q = (lo + up.float()).clamp(0, top)
+    if keep_positive or (keep_positive is None and top == 15):
+        q = torch.where((q == 0) & (b != 0), torch.ones_like(q), q)
     return torch.where(b < 0, -q, q), s
 
 

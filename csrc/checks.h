@@ -428,6 +428,62 @@ inline void check_adamw_int8_meta(at::TensorList params, at::TensorList grads,
   check_no_overlap(op, rs);
 }
 
+// -------------------------------------------------------------- masked_adamw_int4_
+// _reference.check_masked_adamw_int4, in its order and words; then the overlap check.
+
+constexpr int64_t kQ4Block = 128;  // elements per block of the 4-bit format
+
+inline void check_adamw_int4_entry(size_t i, const at::Tensor& p, const at::Tensor& g,
+                                   const at::Tensor& c, const at::Tensor& sm,
+                                   const at::Tensor& sw, const at::Tensor& step,
+                                   const at::Device& dev) {
+  const char* op = "masked_adamw_int4_";
+  check_param_grad(op, i, p, g, dev);
+  check_tensor(op, "codes", i, c, {at::kByte}, "torch.uint8", dev);
+  check_tensor(op, "exp_avg_scales", i, sm, {at::kFloat}, "torch.float32", dev);
+  check_tensor(op, "exp_avg_sq_scales", i, sw, {at::kFloat}, "torch.float32", dev);
+  const int64_t n = p.numel(), nb = (n + kQ4Block - 1) / kQ4Block;
+  const std::pair<const char*, std::pair<const at::Tensor*, int64_t>> sizes[] = {
+      {"grads", {&g, n}}, {"codes", {&c, n}}, {"exp_avg_scales", {&sm, nb}},
+      {"exp_avg_sq_scales", {&sw, nb}}};
+  for (const auto& [name, tw] : sizes)
+    TORCH_CHECK_VALUE(tw.first->numel() == tw.second, op, ": ", name, "[", i, "] has ",
+                      tw.first->numel(), " elements; allowed: ", tw.second, " (params[", i,
+                      "] has ", n, " elements, ", nb, " blocks of ", kQ4Block, ")");
+  check_step_meta(op, i, step, dev);
+}
+
+inline void check_adamw_int4_meta(at::TensorList params, at::TensorList grads,
+                                  at::TensorList codes, at::TensorList exp_avg_scales,
+                                  at::TensorList exp_avg_sq_scales, at::TensorList steps,
+                                  double lr, double beta1, double beta2, double eps, double wd) {
+  const char* op = "masked_adamw_int4_";
+  check_adamw_hyper(lr, beta1, beta2, eps, wd, op);
+  const size_t n = params.size();
+  check_same_length(op, "params", n, "grads", grads.size());
+  check_same_length(op, "params", n, "codes", codes.size());
+  check_same_length(op, "params", n, "exp_avg_scales", exp_avg_scales.size());
+  check_same_length(op, "params", n, "exp_avg_sq_scales", exp_avg_sq_scales.size());
+  check_same_length(op, "params", n, "steps", steps.size());
+  if (n == 0) return;
+  const at::Device dev = params[0].device();
+  for (size_t i = 0; i < n; ++i)
+    check_adamw_int4_entry(i, params[i], grads[i], codes[i], exp_avg_scales[i],
+                           exp_avg_sq_scales[i], steps[i], dev);
+  std::vector<Region> rs;
+  rs.reserve(6 * n);
+  for (size_t i = 0; i < n; ++i) {
+    add_region(rs, params[i], "params", i, Access::kWrite);
+    add_region(rs, grads[i], "grads", i, Access::kRead);
+    add_region(rs, codes[i], "codes", i, Access::kWrite);
+    add_region(rs, exp_avg_scales[i], "exp_avg_scales", i, Access::kWrite);
+    add_region(rs, exp_avg_sq_scales[i], "exp_avg_sq_scales", i, Access::kWrite);
+    if (!dev.is_cpu() && steps[i].device() == dev)
+      add_region(rs, steps[i], "steps", i, Access::kRead);
+  }
+  check_no_overlap(op, rs);
+}
+
 // -------------------------------------------------------------- masked_adamw_lowp_
 // _reference.check_masked_adamw_lowp, in its order and words; then the overlap check.
 

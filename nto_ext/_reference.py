@@ -357,11 +357,11 @@ def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
     return x.double().sqrt().float()
 
 
-def pad_blocks(x: torch.Tensor, nb: int) -> torch.Tensor:
-    """Flat fp32 `x` zero padded to nb whole blocks, as [nb, Q8_BLOCK]."""
-    out = torch.zeros(nb * Q8_BLOCK, dtype=torch.float32, device=x.device)
+def pad_blocks(x: torch.Tensor, nb: int, block: int = Q8_BLOCK) -> torch.Tensor:
+    """Flat fp32 `x` zero padded to nb whole blocks of `block`, as [nb, block]."""
+    out = torch.zeros(nb * block, dtype=torch.float32, device=x.device)
     out[:x.numel()] = x.reshape(-1)
-    return out.view(nb, Q8_BLOCK)
+    return out.view(nb, block)
 
 
 def dequantize_q8(qm: torch.Tensor, sm: torch.Tensor, qw: torch.Tensor,
@@ -487,13 +487,8 @@ def masked_adamw_int8_(params: Sequence[torch.Tensor], grads: Sequence[torch.Ten
             x = flat if pos is None else flat[pos]
             p32, g32 = pad_blocks(x.float(), nb), pad_blocks(g.reshape(-1).float(), nb)
             m, v = dequantize_q8(qm, sm, qw, sw)
-            t = float(step.item())
-            p32.mul_(1 - lr * weight_decay)
-            m.lerp_(g32, 1 - beta1)
-            v.mul_(beta2).addcmul_(g32, g32, value=1 - beta2)
-            w = sqrt_rn(v)
-            denom = (w * (1 / math.sqrt(1 - beta2**t))).add_(eps)  # a product, see the doc
-            p32.addcdiv_(m, denom, value=-(lr / (1 - beta1**t)))
+            w = _adamw_q_update(p32, g32, m, v, float(step.item()), lr, beta1, beta2, eps,
+                                weight_decay)
             if pos is None:
                 flat.copy_(p32.view(-1)[:n])
             else:
@@ -501,6 +496,123 @@ def masked_adamw_int8_(params: Sequence[torch.Tensor], grads: Sequence[torch.Ten
             new = quantize_q8(m, w, n)
             for dst, src in zip((qm, sm, qw, sw), new):
                 dst.view(-1).copy_(src)
+
+
+# ---------------------------------------------------------------- masked_adamw_int4_
+
+Q4_BLOCK = 128  # elements per block of the 4-bit format (one fp32 scale per moment per block)
+Q4_M_LEVELS = 15  # exp_avg: signed levels, |q| <= 15 (31 values)
+Q4_W_LEVELS = 7  # sqrt(exp_avg_sq): levels 0..7 (8 values)
+_Q4_OP = "masked_adamw_int4_"
+
+
+def q4_blocks(numel: int) -> int:
+    """Blocks (scales per moment) of the 4-bit format for `numel` elements."""
+    return -(-numel // Q4_BLOCK)
+
+
+def dequantize_q4_roots(codes: torch.Tensor, sm: torch.Tensor,
+                        sw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(exp_avg, w = sqrt(exp_avg_sq)) in fp32, [nb, Q4_BLOCK] (zero padded), of the
+    4-bit state: one byte per element, |qm| in bits 7-4, qw in bits 3-1, the sign of qm
+    in bit 0 (every byte is a valid code; zero moments are the zero byte); exp_avg =
+    qm|qm| * sm, w = qw^2 * sw (the square-root maps of the 8-bit format, fewer levels)."""
+    nb = sm.numel()
+    c = codes.reshape(-1).to(torch.int32)
+    mag = (c >> 4).float()
+    qm = torch.where((c & 1) == 1, -mag, mag)
+    qw = ((c >> 1) & 7).float()
+    out = torch.zeros(2, nb * Q4_BLOCK, dtype=torch.float32, device=codes.device)
+    out[0, :c.numel()], out[1, :c.numel()] = qm * qm.abs(), qw * qw
+    return (out[0].view(nb, Q4_BLOCK) * sm.view(nb, 1),
+            out[1].view(nb, Q4_BLOCK) * sw.view(nb, 1))
+
+
+def quantize_q4(m: torch.Tensor, w: torch.Tensor, numel: int):
+    """4-bit state (codes uint8, sm fp32, sw fp32) of fp32 exp_avg `m` and
+    w = sqrt(exp_avg_sq), both [nb, Q4_BLOCK]: quantize_q8's maps and rounding (levels by
+    exact comparisons, a positive w at least level 1, NaN propagates to the scales) with
+    15 levels a side for m (sm = max|m| / 15^2) and 7 for w (sw = max w / 7^2), joined in
+    one byte per element (`dequantize_q4_roots`)."""
+    sm = m.abs().amax(1) / float(Q4_M_LEVELS * Q4_M_LEVELS)
+    u = _levels(m, sm, Q4_M_LEVELS)
+    negative = ((m < 0) & (u > 0)).to(torch.int32)
+    sw = w.amax(1) / float(Q4_W_LEVELS * Q4_W_LEVELS)
+    qw = _levels(w, sw, Q4_W_LEVELS)
+    qw = torch.where((qw == 0) & (w > 0), torch.ones_like(qw), qw)
+    codes = (u.to(torch.int32) << 4) | (qw.to(torch.int32) << 1) | negative
+    return codes.reshape(-1)[:numel].to(torch.uint8), sm, sw
+
+
+def check_masked_adamw_int4(params, grads, codes, exp_avg_scales, exp_avg_sq_scales, steps,
+                            lr, beta1, beta2, eps, weight_decay) -> None:
+    """Every argument check of masked_adamw_int4_, in the kernels' order."""
+    op = _Q4_OP
+    _check_hyper(lr, beta1, beta2, eps, weight_decay, op)
+    _check_same_length(op, "params", len(params), grads=grads, codes=codes,
+                       exp_avg_scales=exp_avg_scales, exp_avg_sq_scales=exp_avg_sq_scales,
+                       steps=steps)
+    if not params:
+        return
+    dev = params[0].device if isinstance(params[0], torch.Tensor) else None
+    for i, (p, g, c, sm, sw, step) in enumerate(zip(params, grads, codes, exp_avg_scales,
+                                                    exp_avg_sq_scales, steps)):
+        _check_param_grad(op, i, p, g, dev)
+        _check_tensor(op, "codes", i, c, (torch.uint8,), "torch.uint8", dev)
+        _check_tensor(op, "exp_avg_scales", i, sm, (torch.float32,), "torch.float32", dev)
+        _check_tensor(op, "exp_avg_sq_scales", i, sw, (torch.float32,), "torch.float32", dev)
+        n = p.numel()
+        for name, t, want in (("grads", g, n), ("codes", c, n),
+                              ("exp_avg_scales", sm, q4_blocks(n)),
+                              ("exp_avg_sq_scales", sw, q4_blocks(n))):
+            if t.numel() != want:
+                raise ValueError(f"{op}: {name}[{i}] has {t.numel()} elements; allowed: "
+                                 f"{want} (params[{i}] has {n} elements, {q4_blocks(n)} "
+                                 f"blocks of {Q4_BLOCK})")
+        _check_step_meta(op, i, step, dev)
+    for i in range(len(params)):
+        _check_steps_values(i, steps[i], op)
+
+
+def masked_adamw_int4_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                       codes: Sequence[torch.Tensor], exp_avg_scales: Sequence[torch.Tensor],
+                       exp_avg_sq_scales: Sequence[torch.Tensor], steps: Sequence[torch.Tensor],
+                       lr: float, beta1: float, beta2: float, eps: float,
+                       weight_decay: float) -> None:
+    """In-place AdamW with both moments in one byte per element (formats/int4.py), whole
+    tensors: per block of Q4_BLOCK elements, dequantize (`dequantize_q4_roots`), update
+    as masked_adamw_int8_ does, requantize (`quantize_q4`). bf16/fp16 params are
+    widened, updated and rounded back."""
+    check_masked_adamw_int4(params, grads, codes, exp_avg_scales, exp_avg_sq_scales, steps,
+                            lr, beta1, beta2, eps, weight_decay)
+    with torch.no_grad():
+        for p, g, c, sm, sw, step in zip(params, grads, codes, exp_avg_scales,
+                                         exp_avg_sq_scales, steps):
+            n, nb = p.numel(), sm.numel()
+            if n == 0:
+                continue
+            flat = p.view(-1)
+            p32 = pad_blocks(flat.float(), nb, Q4_BLOCK)
+            g32 = pad_blocks(g.reshape(-1).float(), nb, Q4_BLOCK)
+            m, w = dequantize_q4_roots(c, sm, sw)
+            new_w = _adamw_q_update(p32, g32, m, w * w, float(step.item()), lr, beta1, beta2,
+                                    eps, weight_decay)
+            flat.copy_(p32.view(-1)[:n])
+            for dst, src in zip((c, sm, sw), quantize_q4(m, new_w, n)):
+                dst.view(-1).copy_(src)
+
+
+def _adamw_q_update(p32, g32, m, v, t: float, lr, beta1, beta2, eps, weight_decay):
+    """The quantized formats' fp32 update in place of p32, m, v; returns sqrt(new v)
+    (correctly rounded): AdamW's, sqrt(v) multiplied by the fp32 1/sqrt(1-beta2^t) instead
+    of divided by sqrt(1-beta2^t) (one division less per element in the kernels)."""
+    p32.mul_(1 - lr * weight_decay)
+    m.lerp_(g32, 1 - beta1)
+    v.mul_(beta2).addcmul_(g32, g32, value=1 - beta2)
+    w = sqrt_rn(v)
+    denom = (w * (1 / math.sqrt(1 - beta2**t))).add_(eps)
+    p32.addcdiv_(m, denom, value=-(lr / (1 - beta1**t)))
+    return w
 
 
 # ---------------------------------------------------------------- masked_adamw_lowp_

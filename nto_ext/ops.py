@@ -46,6 +46,10 @@ SCHEMAS = {
                           "Tensor(e!)[] exp_avg_sq_scales, Tensor?[] indices, Tensor[] steps, "
                           "float lr, float beta1, float beta2, float eps, "
                           "float weight_decay) -> ()",
+    "masked_adamw_int4_": "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] codes, "
+                          "Tensor(c!)[] exp_avg_scales, Tensor(d!)[] exp_avg_sq_scales, "
+                          "Tensor[] steps, float lr, float beta1, float beta2, float eps, "
+                          "float weight_decay) -> ()",
     "masked_adamw_lowp_": "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
                           "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] masters, Tensor[] steps, "
                           "bool[] stochastic, int[] keys, float lr, float beta1, float beta2, "
@@ -90,6 +94,11 @@ def _(*args):
 @torch.library.register_fake("nto::masked_adamw_int8_", lib=_LIB)
 def _(*args):
     _reference.check_masked_adamw_int8(*args)
+
+
+@torch.library.register_fake("nto::masked_adamw_int4_", lib=_LIB)
+def _(*args):
+    _reference.check_masked_adamw_int4(*args)
 
 
 @torch.library.register_fake("nto::masked_adamw_lowp_", lib=_LIB)
@@ -351,6 +360,23 @@ def masked_adamw_int8_(params: Sequence[torch.Tensor], grads: Sequence[torch.Ten
                               float(weight_decay))
 
 
+def masked_adamw_int4_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                       codes: Sequence[torch.Tensor], exp_avg_scales: Sequence[torch.Tensor],
+                       exp_avg_sq_scales: Sequence[torch.Tensor], steps: StepsArg, *,
+                       lr: float, beta1: float, beta2: float, eps: float,
+                       weight_decay: float) -> None:
+    """masked_adamw_ with both moments in one byte per element: codes uint8 (one per
+    element of the param), exp_avg_scales / exp_avg_sq_scales fp32 (one per block of 128);
+    whole tensors. See `_reference.masked_adamw_int4_` (the spec) and
+    nto_ext/formats/int4.py. No CUDA kernel yet: on a GPU the reference runs."""
+    params = list(params)
+    _op("masked_adamw_int4_")(params, list(grads), list(codes), list(exp_avg_scales),
+                              list(exp_avg_sq_scales),
+                              _step_tensors(steps, len(params), "masked_adamw_int4_"),
+                              float(lr), float(beta1), float(beta2), float(eps),
+                              float(weight_decay))
+
+
 def _signed64(key: int) -> int:
     """A 64-bit stream key as the schema's int (int64): the same bits, read signed."""
     key = int(key) & 0xFFFFFFFFFFFFFFFF
@@ -413,7 +439,7 @@ def gather_accumulate_(dense: Sequence[torch.Tensor], indices: Sequence[torch.Te
     _op("gather_accumulate_")(list(dense), list(indices), list(compact))
 
 
-__all__ = ["backend", "param_stats", "masked_adamw_", "masked_adamw_int8_",
+__all__ = ["backend", "param_stats", "masked_adamw_", "masked_adamw_int8_", "masked_adamw_int4_",
            "masked_adamw_lowp_", "adamw_first_step_", "select_topk",
            "remap_state", "gather_accumulate_", "BuildMismatchError", "forced_backend",
            "has_cuda_kernels", "SCHEMAS"]

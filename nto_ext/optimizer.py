@@ -91,7 +91,8 @@ class NTO(torch.optim.Optimizer):
             dense ones in backward, unseen by `clip_grad_norm_`: pass it here.
         memory: with budget="auto" only: the memory to fit ("20GiB", or an int of bytes).
         master_weights, stochastic_rounding, state_dtype: bf16/fp16 params' fp32 masters (None:
-            default) or stochastic rounding; the moments' "fp32", "int8" or "bf16"
+            default) or stochastic rounding; the moments' "fp32", "int8", "int4" (block,
+            sample) or "bf16"
             (nto_ext/formats).
         step_in_backward: block and sample: update each active param in its gradient hook,
             as soon as backward has produced its gradient, and free the gradient there

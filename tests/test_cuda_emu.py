@@ -298,6 +298,7 @@ CUDA_FUNCTIONS = {
     "param_stats": "stats::param_stats_cuda",
     "masked_adamw_": "adamw::masked_adamw_cuda",
     "masked_adamw_int8_": "adamw_int8::masked_adamw_int8_cuda",
+    "masked_adamw_int4_": "adamw_int4::masked_adamw_int4_cuda",
     "masked_adamw_lowp_": "adamw_lowp::masked_adamw_lowp_cuda",
     "adamw_first_step_": "first::adamw_first_step_cuda",
     "select_topk": "topk::select_topk_cuda",
@@ -531,6 +532,39 @@ def _q8_indexed_case(sizes, pdtype, gdtype, idx_dtype, gen, spare=37):
         for c, v in zip(cols, vals):
             c.append(v)
     return cols
+
+
+def test_masked_adamw_int4(emu):
+    """4-bit moments: the CUDA kernel (a warp per block of 128, lane l holding elements
+    l + 32k) gives the CPU kernel's bits, NaN/Inf gradients included (NaN payloads aside):
+    every dtype pair, whole and partial blocks (a last CUDA block with idle warps), several
+    tensors in one call, and a partial block's padding dequantized with an inf scale."""
+    gen = torch.Generator().manual_seed(5)
+    sizes = (1, 127, 128, 129, 2 * 128 * 8, 9 * 128 + 100, 4097)
+    for pdtype, gdtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                           (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16)):
+        cols = [[] for _ in range(6)]
+        for n in sizes:
+            nb = _reference.q4_blocks(n)
+            g = torch.randn(n, generator=gen) * torch.logspace(-4, 0, n)
+            if n == 4097:
+                g[5], g[700] = float("nan"), float("inf")
+            scales = [torch.rand(nb, generator=gen) * 1e-4, torch.rand(nb, generator=gen) * 1e-6]
+            if n == 129:  # an inf scale (after an inf grad): the padding's v is NaN too
+                scales[1][1] = float("inf")
+            for c, v in zip(cols, (torch.randn(n, generator=gen).to(pdtype), g.to(gdtype),
+                                   torch.randint(0, 256, (n,), generator=gen).to(torch.uint8),
+                                   *scales, torch.tensor([3.0], dtype=torch.float64))):
+                c.append(v)
+        runs = []
+        for op in (emu.masked_adamw_int4_, _cpu("masked_adamw_int4_")):
+            c = [[t.clone() for t in col] for col in cols]
+            for _ in range(2):
+                op(*c, *HYPER)
+            runs.append([t for col in c[:5] for t in col])
+        for g, w in zip(*runs):
+            torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=True,
+                                       msg=lambda m, d=pdtype: f"{d}: {m}")
 
 
 def _run_q8(op, cols, steps=(3.0,)):

@@ -411,7 +411,8 @@ def test_torch_adamw_state_imports_quantized():
 
 
 @pytest.mark.parametrize("kw,err,msg", [
-    ({"state_dtype": "fp16"}, ValueError, r"state_dtype='fp16'; allowed: 'fp32', 'int8', 'bf16'"),
+    ({"state_dtype": "fp16"}, ValueError,
+     r"state_dtype='fp16'; allowed: 'fp32', 'int8', 'int4', 'bf16'"),
     ({"state_dtype": 8}, ValueError, r"state_dtype=8; allowed"),
     ({"state_dtype": "int8", "stochastic_rounding": True}, ValueError, "allowed: one of them"),
     ({"state_dtype": "int8", "master_weights": True}, ValueError, "allowed: one of them"),

@@ -45,27 +45,35 @@ LAYOUT = {"exp_avg": (torch.int8, "element"), "exp_avg_sq": (torch.uint8, "eleme
 
 
 class Int8Moments(Fp32Moments):
+    """Also the base of the other blockwise quantized formats (formats/int4.py): a layout of
+    per-element and per-block tensors, two fp32 scales per block."""
     name = "int8"
+    layout = LAYOUT
+    block = Q8_BLOCK
     keys = ("step", *LAYOUT)
     element_bytes = 2 + 8 / Q8_BLOCK  # two 8-bit moments + two fp32 scales per block
     tensor_bytes = 8  # a last partial block's scales
 
     def state_bytes(self, numel: int) -> int:
-        return 2 * numel + 8 * q8_blocks(numel)
+        per_element = round(self.element_bytes - 8 / self.block)
+        return per_element * numel + 8 * self._blocks(numel)
+
+    def _blocks(self, numel: int) -> int:
+        return -(-numel // self.block)
 
     def _sizes(self, p: torch.Tensor) -> dict[str, int]:
         n = local_tensor(p).numel()
-        return {"element": n, "block": q8_blocks(n)}
+        return {"element": n, "block": self._blocks(n)}
 
     def new_state(self, p: torch.Tensor) -> dict[str, Any]:
         local, sizes = local_tensor(p), self._sizes(p)
         return {"step": torch.tensor(0.0, dtype=torch.float32),
                 **{k: torch.zeros(sizes[per], dtype=dt, device=local.device)
-                   for k, (dt, per) in LAYOUT.items()}}
+                   for k, (dt, per) in self.layout.items()}}
 
     def _mismatch(self, key: str, v: object, p: torch.Tensor) -> str | None:
         """Why `v` cannot be the `key` entry of param p (None: it can)."""
-        dtype, per = LAYOUT[key]
+        dtype, per = self.layout[key]
         want = (self._sizes(p)[per],)
         local = local_tensor(p)
         if not isinstance(v, torch.Tensor):
@@ -75,11 +83,11 @@ class Int8Moments(Fp32Moments):
                 or not v.is_contiguous():
             return (f"{key} is a {v.dtype} tensor of shape {tuple(v.shape)} on {v.device}; "
                     f"expected contiguous {dtype} of shape {want} on {local.device} (one per "
-                    f"{per}{f' of {Q8_BLOCK} elements' if per == 'block' else ''})")
+                    f"{per}{f' of {self.block} elements' if per == 'block' else ''})")
         return None
 
     def check_entry(self, where: str, st: dict[str, Any], p: torch.Tensor) -> None:
-        for key in LAYOUT:
+        for key in self.layout:
             why = self._mismatch(key, st.get(key), p)
             if why:
                 raise ValueError(f"the state of {where}: {why}; nothing was changed")
@@ -87,24 +95,29 @@ class Int8Moments(Fp32Moments):
     def check_loaded(self, where: str, st: dict[str, Any], p: torch.Tensor, seen: Storages,
                      propagate: bool) -> dict[str, Any]:
         """Keys, dtypes, shapes; scales finite (unless `propagate`) and >= 0; `step` a
-        float32 tensor; no aliasing. Every 8-bit value is a valid level but -128, which
-        the map never makes."""
+        float32 tensor; no aliasing; the levels the map makes (`_check_values`)."""
         check_keys(where, st, self.keys)
         out = {}
-        for key in LAYOUT:
+        for key in self.layout:
             why = self._mismatch(key, st.get(key), p)
             if why:
                 raise ValueError(f"{where}: {why} (as NTO.state_dict() saves it with "
-                                 "state_dtype='int8'); nothing was loaded")
+                                 f"state_dtype='{self.name}'); nothing was loaded")
             out[key] = seen.claim(f"{where}: {key}", st[key])
         out["step"] = loaded_step(where, st.get("step"))
-        check_values(where, {k: local_tensor(out[k]) for k in LAYOUT}, propagate)
+        self._check_values(where, {k: local_tensor(out[k]) for k in self.layout}, propagate)
         return out
+
+    def _check_values(self, where: str, st: dict[str, torch.Tensor], propagate: bool) -> None:
+        check_values(where, st, propagate)
+
+    def _quantize(self, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> dict[str, Any]:
+        return quantize(exp_avg, exp_avg_sq)
 
     def from_adamw(self, where: str, st: dict[str, Any], p: torch.Tensor) -> dict[str, Any]:
         """torch AdamW's fp32 moments of p, quantized."""
         full = adamw_entry(where, st, p, compact=False)
-        return {"step": full["step"], **quantize(full["exp_avg"], full["exp_avg_sq"])}
+        return {"step": full["step"], **self._quantize(full["exp_avg"], full["exp_avg_sq"])}
 
     def _kernel(self, call: Callable[..., Any], indices: list[int], params: list, grads: list,
                 states: list[dict[str, Any]], steps: list, **hyper: float) -> None:
@@ -112,10 +125,9 @@ class Int8Moments(Fp32Moments):
              *([st[k] for st in states] for k in LAYOUT), steps, **hyper)
 
 
-def check_values(where: str, st: dict[str, torch.Tensor], propagate: bool) -> None:
-    """The values of a loaded 8-bit state (layout checked already): scales finite and >= 0
-    (NaN/Inf only with nonfinite="propagate"); every level valid but -128, which the map
-    never makes."""
+def check_scales(where: str, st: dict[str, torch.Tensor], propagate: bool) -> None:
+    """The scales of a loaded quantized state: finite and >= 0 (NaN/Inf only with
+    nonfinite="propagate")."""
     for key in SCALES:
         s = st[key]
         bad = (s < 0) | ~torch.isfinite(s) if not propagate else s < 0
@@ -123,6 +135,12 @@ def check_values(where: str, st: dict[str, torch.Tensor], propagate: bool) -> No
             raise ValueError(f"{where}: {key} holds negative or non-finite values; "
                              "allowed: finite scales >= 0 (NaN/Inf only with "
                              "nonfinite='propagate'); nothing was loaded")
+
+
+def check_values(where: str, st: dict[str, torch.Tensor], propagate: bool) -> None:
+    """The values of a loaded 8-bit state (layout checked already): `check_scales`; every
+    level valid but -128, which the map never makes."""
+    check_scales(where, st, propagate)
     if bool((st["exp_avg"] == -128).any()):
         raise ValueError(f"{where}: exp_avg holds -128; allowed: levels in [-127, 127] "
                          "(a corrupted or crafted checkpoint?); nothing was loaded")

@@ -63,19 +63,20 @@ class Config:
         if not isinstance(d, str) or d not in STATE_DTYPES:
             raise ValueError(f"state_dtype={d!r}; allowed: {', '.join(map(repr, STATE_DTYPES))}"
                              " (how AdamW's two moments are stored: 'int8' keeps them in 8 "
-                             "bits, 2.03 B per element instead of 8; 'bf16' in 4 B; 'none' "
-                             "keeps none, with switch_every=1)")
+                             "bits, 2.03 B per element instead of 8; 'int4' both in one byte, "
+                             "1.06 B; 'bf16' in 4 B; 'none' keeps none, with switch_every=1)")
         if d == "none" and self.switch_every != 1:
             raise ValueError(f"state_dtype='none' with switch_every={v}; allowed: "
                              "switch_every=1 (state_dtype='none' keeps no moments: every "
                              "update is AdamW's first step from a fresh state, which is what "
                              "a param that trains one step gets anyway; in longer periods "
-                             "AdamW reads its moments), or state_dtype 'fp32', 'int8' or "
-                             "'bf16'")
+                             "AdamW reads its moments), or state_dtype 'fp32', 'int8', "
+                             "'int4' or 'bf16'")
         if d != "fp32" and (m or sr):
             other = "master_weights" if m else "stochastic_rounding"
             raise ValueError(f"state_dtype={d!r} with {other}=True; allowed: one of them "
-                             "(the int8 and bf16 formats update bf16/fp16 params in place, "
+                             "(the int8, int4 and bf16 formats update bf16/fp16 params in "
+                             "place, "
                              "rounded to nearest; masters and stochastic rounding run with fp32 "
                              "moments only, for now)")
 

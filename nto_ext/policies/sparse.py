@@ -312,6 +312,11 @@ class SparseConfig(Config):
                              "'int8' or 'bf16' (sparse keeps its chosen elements across "
                              "steps, and their moments are read; 'none' is for block and "
                              "sample with switch_every=1)")
+        if self.state_dtype == "int4":
+            raise ValueError("state_dtype='int4' with policy='sparse'; allowed here: 'fp32', "
+                             "'int8' or 'bf16' (the 4-bit format updates whole tensors; "
+                             "sparse updates chosen elements of them; use 'int4' with block "
+                             "or sample)")
         super().__post_init__()
         r = self.regrow_fraction
         if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float))
