@@ -155,6 +155,10 @@ BAD_INPUTS = [
      r"step_in_backward=True applies to policy='block' and 'sample' only"),
     ({"step_in_backward": True, "order": "importance"}, ValueError,
      r"order='importance' with step_in_backward=True; allowed: one of them"),
+    ({"state_dtype": "int2"}, ValueError,
+     r"state_dtype='int2'; allowed: 'fp32', 'int8', 'int4', 'bf16', 'none'"),
+    ({"state_dtype": "int4", "policy": "sparse"}, ValueError,
+     r"state_dtype='int4' with policy='sparse'; allowed here: 'fp32', 'int8' or 'bf16'"),
 ]
 
 
