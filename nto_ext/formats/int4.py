@@ -44,7 +44,8 @@ class Int4Moments(Int8Moments):
     layout = LAYOUT
     block = Q4_BLOCK
     keys = ("step", *LAYOUT)
-    element_bytes = 1 + 8 / Q4_BLOCK  # one byte of both moments + two fp32 scales per block
+    moment_bytes = 1  # one byte holds both moments
+    element_bytes = moment_bytes + 8 / Q4_BLOCK  # + two fp32 scales per block
 
     def _check_values(self, where: str, st: dict[str, torch.Tensor], propagate: bool) -> None:
         check_scales(where, st, propagate)  # every byte is a valid code

@@ -51,12 +51,12 @@ class Int8Moments(Fp32Moments):
     layout = LAYOUT
     block = Q8_BLOCK
     keys = ("step", *LAYOUT)
-    element_bytes = 2 + 8 / Q8_BLOCK  # two 8-bit moments + two fp32 scales per block
+    moment_bytes = 2  # two 8-bit moments per element
+    element_bytes = moment_bytes + 8 / Q8_BLOCK  # + two fp32 scales per block
     tensor_bytes = 8  # a last partial block's scales
 
     def state_bytes(self, numel: int) -> int:
-        per_element = round(self.element_bytes - 8 / self.block)
-        return per_element * numel + 8 * self._blocks(numel)
+        return self.moment_bytes * numel + 8 * self._blocks(numel)
 
     def _blocks(self, numel: int) -> int:
         return -(-numel // self.block)
