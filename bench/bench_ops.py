@@ -119,6 +119,23 @@ def test_adamw_first_step_ours(benchmark, model, dtype):
          pair=f"torch.optim.AdamW(fused=True).step() {str(dtype)[6:]}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_adamw_int4_dense_ours(benchmark, model, dtype):
+    """state_dtype="int4": both moments in one byte per element (blocks of 64)."""
+    params = [p.to(dtype) for p in model[0]]
+    grads = [g.to(dtype) for g in model[1]]
+    codes = [torch.zeros(p.numel(), dtype=torch.uint8) for p in params]
+    sm = [torch.zeros(-(-p.numel() // 64)) for p in params]
+    sw = [torch.zeros(-(-p.numel() // 64)) for p in params]
+    n = _numel(params)
+    e = params[0].element_size()
+    step = iter(range(1, 10**6))
+    fn = lambda: ops.masked_adamw_int4_(params, grads, codes, sm, sw, next(step), **HYPER)
+    _run(benchmark, fn, group=f"adamw {dtype}", name=f"masked_adamw_int4_ dense {str(dtype)[6:]}",
+         nbytes=n * (3 * e + 2 * (1 + 8 / 64)), elements=n,  # p r/w, g r; codes, scales r/w
+         pair=f"torch.optim.AdamW(fused=True).step() {str(dtype)[6:]}")
+
+
 def _random_positions(n: int, gen: torch.Generator) -> torch.Tensor:
     """10% of n positions, uniformly at random (touches ~81% of the 64-byte lines)."""
     return torch.sort(torch.randperm(n, generator=gen)[:max(1, n // 10)]).values

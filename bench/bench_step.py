@@ -154,9 +154,9 @@ def test_nto_state_dtype(benchmark, tensors, budget, state_dtype):
 
 # Bytes the update moves per fp32 element: param read and written, grad read, and the
 # moments read and written (fp32: 2 x 4 B; int8: 2 x 1 B and two fp32 scales per 256;
-# int4: 1 B and two fp32 scales per 128; bf16: 2 x 2 B).
+# int4: 1 B and two fp32 scales per 64; bf16: 2 x 2 B).
 STEP_BYTES = {"fp32": 4 + 4 + 4 + 2 * 8, "int8": 4 + 4 + 4 + 2 * (2 + 8 / 256),
-              "int4": 4 + 4 + 4 + 2 * (1 + 8 / 128), "bf16": 4 + 4 + 4 + 2 * 4}
+              "int4": 4 + 4 + 4 + 2 * (1 + 8 / 64), "bf16": 4 + 4 + 4 + 2 * 4}
 COPY_ELEMENTS = 64 * 2**20  # 256 MiB of fp32: far past the caches
 
 

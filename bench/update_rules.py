@@ -15,7 +15,7 @@ Rules (RULE-MOMENTUM):
   nearest-rounded v loses increments smaller than half a level)
 - adamw-m5v3r / adamw-m11v11r: one byte per element: m in 31 levels and v in 8 (23 and
   11), both in adamw-q4's square-root maps (a positive v keeps level 1); m5v3r is what
-  `state_dtype="int4"` ships (formats/int4.py)
+  `state_dtype="int4"` ships (formats/int4.py); adamw-m5v3r64: m5v3r in blocks of 64
 - adamw-mq4 / adamw-vq4: adamw-q4's map on one moment, the other in fp32
 
     python bench/update_rules.py --task lm --rule factored-q8 --lr 1e-4 --seeds 0 1 2
@@ -42,7 +42,8 @@ import e2e  # noqa: E402
 from nto_ext import _reference, demo  # noqa: E402
 
 RULES = ("sign-none", "factored-none", "factored-fp32", "factored-q8", "lion-fp32", "adamw-q4",
-         "adamw-q4sr", "adamw-mq4", "adamw-vq4", "adamw-m5v3r", "adamw-m11v11r")
+         "adamw-q4sr", "adamw-mq4", "adamw-vq4", "adamw-m5v3r", "adamw-m11v11r",
+         "adamw-m5v3r64")
 Q4_BLOCK = 128
 
 
@@ -143,15 +144,15 @@ def _unblock(b: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def _sqrt_map(x: torch.Tensor, top: int, gen: torch.Generator | None = None,
-              keep_positive: bool = False) -> torch.Tensor:
+              keep_positive: bool = False, block: int = Q4_BLOCK) -> torch.Tensor:
     """x rounded in the square-root map of `top` levels a side (_q4), as fp32 values."""
-    q, s = _q4(x.reshape(-1), top, gen, keep_positive)
+    q, s = _q4(x.reshape(-1), top, gen, keep_positive, block)
     return _unblock(q * q.abs() * s, x)
 
 
 def _root_sqrt_map(v: torch.Tensor, gen: torch.Generator | None = None,
-                   top: int = 15) -> torch.Tensor:
-    return _sqrt_map(v.sqrt(), top, gen, keep_positive=True).square()
+                   top: int = 15, block: int = Q4_BLOCK) -> torch.Tensor:
+    return _sqrt_map(v.sqrt(), top, gen, keep_positive=True, block=block).square()
 
 
 # first-moment map, second-moment map (each (tensor, generator) -> rounded fp32 values)
@@ -163,19 +164,23 @@ FAKE_MAPS = {
     # one byte, both in the square-root maps: 31 x 8 and 23 x 11 of the 256 codes
     "m5v3r": (lambda m, gen: _sqrt_map(m, 15), lambda v, gen: _root_sqrt_map(v, top=7)),
     "m11v11r": (lambda m, gen: _sqrt_map(m, 11), lambda v, gen: _root_sqrt_map(v, top=10)),
+    # m5v3r in blocks of 64 (1.125 B per element with the scales)
+    "m5v3r64": (lambda m, gen: _sqrt_map(m, 15, block=64),
+                lambda v, gen: _root_sqrt_map(v, top=7, block=64)),
 }
 
 
 def _q4(x: torch.Tensor, top: int, gen: torch.Generator | None = None,
-        keep_positive: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Levels (float, [blocks, Q4_BLOCK]) and scales of flat `x` in the square-root map:
+        keep_positive: bool | None = None,
+        block: int = Q4_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Levels (float, [blocks, block]) and scales of flat `x` in the square-root map:
     |q| = round(sqrt(|x| / s)) <= top, s = max|x| / top^2 per block; a positive x keeps a
     level of at least 1 when `keep_positive` (None: for the 15-level root map of adamw-q4).
     With `gen`, |q| is rounded stochastically in |x| (unbiased)."""
-    nb = -(-x.numel() // Q4_BLOCK)
-    b = torch.zeros(nb * Q4_BLOCK)
+    nb = -(-x.numel() // block)
+    b = torch.zeros(nb * block)
     b[:x.numel()] = x
-    b = b.reshape(nb, Q4_BLOCK)
+    b = b.reshape(nb, block)
     s = b.abs().amax(1, keepdim=True) / top ** 2
     a = b.abs() / torch.where(s > 0, s, 1)
     if gen is None:

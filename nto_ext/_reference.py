@@ -500,7 +500,7 @@ def masked_adamw_int8_(params: Sequence[torch.Tensor], grads: Sequence[torch.Ten
 
 # ---------------------------------------------------------------- masked_adamw_int4_
 
-Q4_BLOCK = 128  # elements per block of the 4-bit format (one fp32 scale per moment per block)
+Q4_BLOCK = 64  # elements per block of the 4-bit format (one fp32 scale per moment per block)
 Q4_M_LEVELS = 15  # exp_avg: signed levels, |q| <= 15 (31 values)
 Q4_W_LEVELS = 7  # sqrt(exp_avg_sq): levels 0..7 (8 values)
 _Q4_OP = "masked_adamw_int4_"
@@ -522,10 +522,8 @@ def dequantize_q4_roots(codes: torch.Tensor, sm: torch.Tensor,
     mag = (c >> 4).float()
     qm = torch.where((c & 1) == 1, -mag, mag)
     qw = ((c >> 1) & 7).float()
-    out = torch.zeros(2, nb * Q4_BLOCK, dtype=torch.float32, device=codes.device)
-    out[0, :c.numel()], out[1, :c.numel()] = qm * qm.abs(), qw * qw
-    return (out[0].view(nb, Q4_BLOCK) * sm.view(nb, 1),
-            out[1].view(nb, Q4_BLOCK) * sw.view(nb, 1))
+    return (pad_blocks(qm * qm.abs(), nb, Q4_BLOCK) * sm.view(nb, 1),
+            pad_blocks(qw * qw, nb, Q4_BLOCK) * sw.view(nb, 1))
 
 
 def quantize_q4(m: torch.Tensor, w: torch.Tensor, numel: int):

@@ -11,7 +11,7 @@ weights, per trainable element, by policy and parameter dtype (DESIGN.md, "Memor
 | block, sample | param dtype    | 2 x fp32           | -     | 12, 10            |
 |  + fp32 master| -              | + fp32 (bf16/fp16) | -     | -, 14 (default)   |
 |  state int8   | param dtype    | 2 x 1 B + scales   | -     | 6.03, 4.03        |
-|  state int4   | param dtype    | 1 B + scales       | -     | 5.06, 3.06        |
+|  state int4   | param dtype    | 1 B + scales       | -     | 5.13, 3.13        |
 |  state none   | param dtype    | -                  | -     | 4, 2              |
 |  step in bwd  | - (transient)  | as above           | -     | 8, 8 (fp32 state) |
 | sparse        | fp32 (compact) | 2 x fp32           | int32 | 16, 16            |
@@ -25,12 +25,12 @@ time during backward (the transient, reported apart).
 state_dtype="int8" (formats/int8.py): 2 B of moments per element plus two fp32 scales per
 block of 256 (and per tensor at most one partial block: counted per tensor, exactly).
 state_dtype="int4" (formats/int4.py; block and sample): both moments in 1 B per element
-plus two fp32 scales per block of 128.
+plus two fp32 scales per block of 64.
 state_dtype="bf16" (formats/bf16.py): 4 B of moments per element.
 state_dtype="none" (formats/none.py; block and sample with switch_every=1): no moments,
 every update is AdamW's first step from a fresh state; the gradient is the state.
 step_in_backward=True (block and sample; policies/dense.py): each param's gradient is used
-and freed in backward, so only the format's state counts (int8 2.03 B, int4 1.06 B, none
+and freed in backward, so only the format's state counts (int8 2.03 B, int4 1.13 B, none
 0 B per element); the largest active gradient is the transient.
 
 The master row is the default for bf16/fp16 params under block and sample (the active set

@@ -234,7 +234,7 @@ def _add_plan(sub) -> None:
                         "--state-dtype none needs 1)")
     p.add_argument("--state-dtype", default="fp32", choices=STATE_DTYPES,
                    help="how the two AdamW moments are stored: fp32 (8 B per element), int8 "
-                        "(blockwise 8-bit, 2.03 B), int4 (both in one byte, 1.06 B; block/"
+                        "(blockwise 8-bit, 2.03 B), int4 (both in one byte, 1.13 B; block/"
                         "sample), bf16 (4 B) or none (0 B: every update is AdamW's first; "
                         "block/sample with a switch every step); with int8/int4/bf16/none, "
                         "bf16 models also need --no-master-weights")

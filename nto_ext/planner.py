@@ -257,8 +257,8 @@ def config_dtype(config: Any) -> tuple[torch.dtype, str]:
 
 
 _FORMAT_WORDS = {"fp32": "fp32 moments, 8 B per element", "int8": "8-bit moments in blocks "
-                 "of 256, 2.03 B per element", "int4": "both moments in one byte, blocks of 128, "
-                 "1.06 B per element", "bf16": "bf16 moments, 4 B per element",
+                 "of 256, 2.03 B per element", "int4": "both moments in one byte, blocks of 64, "
+                 "1.13 B per element", "bf16": "bf16 moments, 4 B per element",
                  "master": "fp32 moments and an fp32 master, 12 B per element",
                  "stochastic": "fp32 moments, stochastic rounding, 8 B per element"}
 

@@ -2,8 +2,8 @@
 // element (nto_ext/formats/int4.py; spec: nto_ext/_reference.py masked_adamw_int4_; the CPU
 // kernel: csrc/cpu/masked_adamw_int4.cpp, the same math op for op).
 //
-// One warp per quantization block of kQ4Block = 128 elements, lane l holding elements
-// l + 32k (k < 4): every load and store of the warp is one coalesced run, and a warp per
+// One warp per quantization block of kQ4Block = 64 elements, lane l holding elements
+// l + 32k (k < 2): every load and store of the warp is one coalesced run, and a warp per
 // block needs no shared memory and no __syncthreads (the block's maxima are a shuffle
 // butterfly). Each lane decodes its bytes (|qm| in bits 7-4, qw in bits 3-1, qm's sign in
 // bit 0), updates (adamw_update_q8, the 8-bit format's variant of AdamW's update), takes

@@ -64,7 +64,7 @@ class Config:
             raise ValueError(f"state_dtype={d!r}; allowed: {', '.join(map(repr, STATE_DTYPES))}"
                              " (how AdamW's two moments are stored: 'int8' keeps them in 8 "
                              "bits, 2.03 B per element instead of 8; 'int4' both in one byte, "
-                             "1.06 B; 'bf16' in 4 B; 'none' keeps none, with switch_every=1)")
+                             "1.13 B; 'bf16' in 4 B; 'none' keeps none, with switch_every=1)")
         if d == "none" and self.switch_every != 1:
             raise ValueError(f"state_dtype='none' with switch_every={v}; allowed: "
                              "switch_every=1 (state_dtype='none' keeps no moments: every "
