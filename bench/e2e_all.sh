@@ -179,7 +179,12 @@ U --rule adamw-q4 --lr 1e-4 --seeds 0 1 2 3 4 5
 # issue 21: the 4-bit format's maps, probed before its kernel (docs/results/update_rules_lm.md)
 U --rule adamw-q4sr --lr 1e-4 && U --rule adamw-mq4 --lr 1e-4
 U --rule adamw-vq4 --lr 1e-4 && U --rule adamw-m11v11r --lr 1e-4
-U --rule adamw-m5v3r --lr 1e-4 --seeds 0 1 2
-# state_dtype="int4" (the m5v3r map, NTO's kernel), every weight, in backward: LoRA's bytes
+U --rule adamw-m5v3r --lr 1e-4 --seeds 0 1 2 && U --rule adamw-m5v3r64 --lr 1e-4 --seeds 0 4
+# state_dtype="int4" (m5v3r64's map, NTO's kernel), every weight, in backward: LoRA's bytes
+# (blocks of 128, commit 8dc3c86, are in the e2e_lm_int4-b128-100-bwd* files); seeds 6-8
+# of it, LoRA and AdamW too
 e2e --task lm --seeds 0 1 2 --tag int4-100-bwd --lr nto=1e-4 --configs nto-block-100-int4-bwd
 e2e --task lm --seeds 3 4 5 --tag int4-100-bwd-s345 --lr nto=1e-4 --configs nto-block-100-int4-bwd
+e2e --task lm --seeds 6 7 8 --tag int4-100-bwd-s678 --lr nto=1e-4 --configs nto-block-100-int4-bwd
+e2e --task lm --seeds 6 7 8 --tag lora-amd --configs lora
+e2e --task lm --seeds 6 7 8 --tag lr1e-4-full --lr full=1e-4 --configs adamw
