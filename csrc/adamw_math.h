@@ -152,6 +152,13 @@ constexpr int kQ8Block = 256;
 constexpr float kQ8MLevels = 127.0f, kQ8WLevels = 255.0f;
 constexpr float kQ8MSquare = 16129.0f, kQ8WSquare = 65025.0f;  // levels^2, exact
 
+// The 4-bit format (_reference.quantize_q4): both moments in one byte per element, the same
+// maps with 15 levels a side for m and 7 for the root w, blocks of kQ4Block; the byte is
+// |q_m| << 4 | q_w << 1 | (q_m < 0).
+constexpr int kQ4Block = 64;
+constexpr float kQ4MLevels = 15.0f, kQ4WLevels = 7.0f;
+constexpr float kQ4MSquare = 225.0f, kQ4WSquare = 49.0f;  // levels^2, exact
+
 static NTO_HOST_DEVICE float q8_inverse(float scale) {
   return scale > 0.0f ? FloatOps<float>::div(1.0f, scale) : 0.0f;
 }

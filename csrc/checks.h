@@ -431,8 +431,6 @@ inline void check_adamw_int8_meta(at::TensorList params, at::TensorList grads,
 // -------------------------------------------------------------- masked_adamw_int4_
 // _reference.check_masked_adamw_int4, in its order and words; then the overlap check.
 
-constexpr int64_t kQ4Block = 64;   // elements per block of the 4-bit format
-
 inline void check_adamw_int4_entry(size_t i, const at::Tensor& p, const at::Tensor& g,
                                    const at::Tensor& c, const at::Tensor& sm,
                                    const at::Tensor& sw, const at::Tensor& step,

@@ -21,6 +21,7 @@ from test_int8 import (
     adamw_after_one_step,
     budget_runs_with_state_dtype,
     check_resume_in_a_fresh_process,
+    cpu_variant_outputs,
     needs_kernels,
 )
 from test_int8 import _train as train
@@ -99,6 +100,29 @@ def test_nonfinite_values_are_quantized_alike():
     assert got[0].isnan().any() and got[2].isnan().any()
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+VARIANT = r"""
+import hashlib, torch
+from test_int4 import KERNEL, _run, _state
+from test_int8 import SIZES, _normal
+h = hashlib.sha256()
+for n in SIZES:
+    gen = torch.Generator().manual_seed(n)
+    p, g = _normal(n, n), _normal(n, n + 1)
+    out = _run(KERNEL, [p.to(torch.bfloat16)], [g], [_state(n, gen)], (1, 5))
+    for t in out + _run(KERNEL, [p], [g], [_state(n, gen)], (2,)):
+        h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+print(h.hexdigest())
+"""
+
+
+@needs_kernels
+def test_every_cpu_variant_gives_the_same_bits():
+    """The portable, AVX2 and AVX-512 builds of the block loop (those this CPU runs) give
+    the same bits; the best of them equals the reference (above)."""
+    digests = cpu_variant_outputs(VARIANT)
+    assert len(set(digests.values())) == 1, digests
 
 
 @needs_kernels

@@ -50,6 +50,19 @@ struct AdamWQ8Chunk {
   bool idx64;
 };
 
+// One work item of masked_adamw_int4_ (dense): n elements from a block boundary; p, g and
+// codes at its first element, sm/sw (scales) at its first block.
+struct AdamWQ4Chunk {
+  void* p;
+  const void* g;
+  uint8_t* codes;
+  float* sm;
+  float* sw;
+  int64_t n;
+  FType p_type;
+  FType g_type;
+};
+
 // One work item of masked_adamw_lowp_ (dense, bf16/fp16 params and grads of that dtype):
 // elements [begin, begin + n) of one tensor; p, g, m, v (and master) at element 0 of the
 // tensor, so `begin + j` is the element's position in the random stream.
@@ -86,6 +99,7 @@ struct StatsPartial {
 // fault: where an indexed chunk met a position out of range (see index_fault.h).
 using AdamWChunkFn = void (*)(const AdamWChunk&, const AdamWScalars&, IndexFault*);
 using AdamWQ8ChunkFn = void (*)(const AdamWQ8Chunk&, const AdamWScalars&, IndexFault*);
+using AdamWQ4ChunkFn = void (*)(const AdamWQ4Chunk&, const AdamWScalars&);
 using AdamWLowpChunkFn = void (*)(const AdamWLowpChunk&, const AdamWScalars&);
 using AdamWFirstChunkFn = void (*)(const AdamWFirstChunk&, const AdamWScalars&);
 using StatsChunkFn = void (*)(const void* x, FType t, int64_t n, StatsPartial* out);
@@ -101,6 +115,7 @@ struct CpuKernels {
   AdamWQ8ChunkFn adamw_q8;  // masked_adamw_int8_
   AdamWLowpChunkFn adamw_lowp;  // masked_adamw_lowp_
   AdamWFirstChunkFn adamw_first;  // adamw_first_step_
+  AdamWQ4ChunkFn adamw_q4;  // masked_adamw_int4_
 };
 
 namespace cpu_default { const CpuKernels& kernels(); }

@@ -524,6 +524,109 @@ void adamw_q8_chunk(const AdamWQ8Chunk& c, const AdamWScalars& s, IndexFault* fa
   }
 }
 
+// ------------------------------------------------------------------ masked_adamw_int4_
+
+// kW codes (bytes) as floats: whole numbers, exact.
+inline void u8_widen(const uint8_t* c, Vec* out) {
+#if defined(CPU_CAPABILITY_AVX512)
+  for (int h = 0; h < 2; ++h)
+    out[h] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(
+        reinterpret_cast<const __m128i*>(c + h * kV))));
+#elif defined(CPU_CAPABILITY_AVX2)
+  for (int h = 0; h < 2; ++h)
+    out[h] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
+        reinterpret_cast<const __m128i*>(c + h * kV))));
+#else
+  alignas(64) float a[kW];
+  for (int64_t t = 0; t < kW; ++t) a[t] = c[t];
+  for (int h = 0; h < 2; ++h) out[h] = Vec::loadu(a + h * kV);
+#endif
+}
+// One block of kQ4Block elements (a partial block: the caller's zero-padded copies), as
+// adamw_q8_block: pass 1 decodes each byte in float arithmetic (exact on whole numbers up
+// to 255: |q_m| = floor(c / 16), q_w = floor((c - 16 |q_m|) / 2), the sign the rest),
+// updates p and keeps m and the root w in L1 with their abs-max; pass 2 takes the new
+// scales and stores |q_m| * 16 + q_w * 2 + sign (_reference.quantize_q4).
+template <typename P, typename G>
+inline void adamw_q4_block(P* p, const G* g, uint8_t* codes, float* sm, float* sw,
+                           const AdamWScalars& s) {
+  static_assert(kQ4Block % kW == 0, "a block is whole vector pairs");
+  alignas(64) float mb[kQ4Block], wb[kQ4Block];
+  const Vec s_m(*sm), s_w(*sw), nss(s.neg_step_size), inv_bc2(s.inv_bc2_sqrt);
+  const Vec zero(0.0f), one(1.0f), two(2.0f), sixteen(16.0f), sign(-0.0f);
+  Vec amax_m(0.0f), amax_w(0.0f);
+  for (int64_t j = 0; j < kQ4Block; j += kW) {
+    Vec pv[2], gv[2], c[2];
+    load2(p + j, pv[0], pv[1]);
+    load2(g + j, gv[0], gv[1]);
+    u8_widen(codes + j, c);
+    for (int h = 0; h < 2; ++h) {
+      const Vec mag = (c[h] * Vec(1.0f / 16.0f)).floor();
+      const Vec low = c[h] - mag * sixteen;
+      const Vec r = (low * Vec(0.5f)).floor();
+      const Vec negative = (low - r * two) > zero;
+      Vec m = ((mag * mag) * s_m) ^ (negative & sign);  // (-q^2) * s: the same bits
+      const Vec w = (r * r) * s_w;
+      Vec v = w * w;
+      const Vec root = adamw_update_q8(pv[h], gv[h], m, v, s, nss, inv_bc2);
+      m.store(mb + j + h * kV);
+      root.store(wb + j + h * kV);
+      amax_m = at::vec::maximum(amax_m, m.abs());
+      amax_w = at::vec::maximum(amax_w, root);
+    }
+    store2(p + j, pv[0], pv[1]);
+  }
+  const float new_sm = lane_max_nan(amax_m) / kQ4MSquare;
+  const float new_sw = lane_max_nan(amax_w) / kQ4WSquare;
+  *sm = new_sm;
+  *sw = new_sw;
+  const float inv_m = q8_inverse(new_sm), inv_w = q8_inverse(new_sw);
+  for (int64_t j = 0; j < kQ4Block; j += kV) {
+    const Vec m = Vec::loadu(mb + j), w = Vec::loadu(wb + j);
+    const Vec um = q8_levels(m, inv_m, kQ4MLevels);
+    const Vec uw = at_least_one_if_positive(q8_levels(w, inv_w, kQ4WLevels), w);
+    const Vec negative = (m < zero) & (um > zero) & one;
+    store_levels(um * sixteen + uw * two + negative, codes + j);  // whole numbers <= 255
+  }
+}
+
+template <typename P, typename G>
+void adamw_q4_chunk_t(const AdamWQ4Chunk& c, const AdamWScalars& s) {
+  P* p = static_cast<P*>(c.p);
+  const G* g = static_cast<const G*>(c.g);
+  for (int64_t j = 0, b = 0; j < c.n; j += kQ4Block, ++b) {
+    const int64_t cnt = std::min<int64_t>(kQ4Block, c.n - j);
+    if (cnt == kQ4Block) {
+      prefetch_ahead(p + j, kQ4Block), prefetch_ahead(g + j, kQ4Block);
+      adamw_q4_block(p + j, g + j, c.codes + j, c.sm + b, c.sw + b, s);
+      continue;
+    }
+    alignas(64) P pb[kQ4Block];  // the last partial block: zero-padded copies of all
+    alignas(64) G gb[kQ4Block];
+    alignas(64) uint8_t cb[kQ4Block];
+    std::memset(pb, 0, sizeof(pb)), std::memset(gb, 0, sizeof(gb));
+    std::memset(cb, 0, sizeof(cb));
+    std::memcpy(pb, p + j, cnt * sizeof(P)), std::memcpy(gb, g + j, cnt * sizeof(G));
+    std::memcpy(cb, c.codes + j, cnt);
+    adamw_q4_block(pb, gb, cb, c.sm + b, c.sw + b, s);
+    std::memcpy(p + j, pb, cnt * sizeof(P)), std::memcpy(c.codes + j, cb, cnt);
+  }
+}
+
+void adamw_q4_chunk(const AdamWQ4Chunk& c, const AdamWScalars& s) {
+  switch (c.p_type) {  // the checks allow only the param's dtype or fp32 for the grad
+    case FType::F32: adamw_q4_chunk_t<float, float>(c, s); break;
+    case FType::BF16:
+      if (c.g_type == FType::F32) adamw_q4_chunk_t<c10::BFloat16, float>(c, s);
+      else adamw_q4_chunk_t<c10::BFloat16, c10::BFloat16>(c, s);
+      break;
+    case FType::F16:
+      if (c.g_type == FType::F32) adamw_q4_chunk_t<c10::Half, float>(c, s);
+      else adamw_q4_chunk_t<c10::Half, c10::Half>(c, s);
+      break;
+  }
+}
+
 // ------------------------------------------------------------------------ param_stats
 
 // Sums of squares go to 32 fp32 lanes, element j of each 32-element block to lane j, in
@@ -1249,7 +1352,8 @@ void first_chunk(const AdamWFirstChunk& c, const AdamWScalars& s) {
 
 const CpuKernels& kernels() {
   static const CpuKernels k{NTO_CAP_NAME, &adamw_chunk, &stats_chunk, &sums_chunk,
-                            &topk_keys, &adamw_q8_chunk, &lowp_chunk, &first_chunk};
+                            &topk_keys, &adamw_q8_chunk, &lowp_chunk, &first_chunk,
+                            &adamw_q4_chunk};
   return k;
 }
 

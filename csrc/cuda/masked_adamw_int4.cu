@@ -36,9 +36,7 @@ namespace {
 constexpr const char* kOp = "masked_adamw_int4_";
 constexpr int kThreads = 256;          // per CUDA block
 constexpr int kWarps = kThreads / 32;  // quantization blocks per CUDA block
-constexpr int kPer = kQ4Block / 32;    // elements per lane
-constexpr float kMTop = 15.0f, kWTop = 7.0f;         // _reference.Q4_M_LEVELS, Q4_W_LEVELS
-constexpr float kMSquare = 225.0f, kWSquare = 49.0f;  // levels^2, exact
+constexpr int kPer = kQ4Block / 32;    // elements per lane (kQ4Block: adamw_math.h)
 
 __device__ __forceinline__ float max_nan(float a, float b) {  // values >= 0 or NaN
   return a != a ? a : (b != b ? b : fmaxf(a, b));
@@ -85,15 +83,15 @@ __global__ void __launch_bounds__(kThreads)
     mx_m = k == 0 ? fabsf(me) : max_nan(mx_m, fabsf(me));
     mx_w = k == 0 ? root[k] : max_nan(mx_w, root[k]);
   }
-  const float new_sm = O::div(warp_max(mx_m), kMSquare);
-  const float new_sw = O::div(warp_max(mx_w), kWSquare);
+  const float new_sm = O::div(warp_max(mx_m), kQ4MSquare);
+  const float new_sw = O::div(warp_max(mx_w), kQ4WSquare);
   const float inv_m = q8_inverse(new_sm), inv_w = q8_inverse(new_sw);
 #pragma unroll
   for (int k = 0; k < kPer; ++k) {
     const int64_t i = b * kQ4Block + lane + 32 * k;
     if (i >= n) continue;
-    const float um = q8_level_of(O::mul(fabsf(m[k]), inv_m), kMTop);
-    float uw = q8_level_of(O::mul(root[k], inv_w), kWTop);
+    const float um = q8_level_of(O::mul(fabsf(m[k]), inv_m), kQ4MLevels);
+    float uw = q8_level_of(O::mul(root[k], inv_w), kQ4WLevels);
     if (uw == 0.0f && root[k] > 0.0f) uw = 1.0f;  // a positive root never rounds to zero
     const int negative = m[k] < 0.0f && um > 0.0f;
     codes[i] = static_cast<uint8_t>((static_cast<int>(um) << 4) | (static_cast<int>(uw) << 1) |
