@@ -490,7 +490,8 @@ def test_corrupted_checkpoints_are_refused_with_no_change(edit, msg):
                for k in before["state"][0])
 
 
-@pytest.mark.parametrize("saved,loaded", [("int8", "fp32"), ("fp32", "int8")])
+@pytest.mark.parametrize("saved,loaded", [("int8", "fp32"), ("fp32", "int8"), ("int4", "int8"),
+                                          ("int8", "int4")])
 def test_checkpoint_needs_the_same_state_dtype(saved, loaded):
     named = _model()
     opt = NTO(named, lr=1e-2, budget="100%", state_dtype=saved)

@@ -38,17 +38,6 @@ constexpr int kThreads = 256;          // per CUDA block
 constexpr int kWarps = kThreads / 32;  // quantization blocks per CUDA block
 constexpr int kPer = kQ4Block / 32;    // elements per lane (kQ4Block: adamw_math.h)
 
-__device__ __forceinline__ float max_nan(float a, float b) {  // values >= 0 or NaN
-  return a != a ? a : (b != b ? b : fmaxf(a, b));
-}
-
-// The largest of the warp's values (NaN if any is NaN), in every lane.
-__device__ __forceinline__ float warp_max(float x) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x = max_nan(x, __shfl_xor_sync(0xffffffffu, x, o));
-  return x;
-}
-
 template <typename P, typename G>
 __global__ void __launch_bounds__(kThreads)
     adamw_q4_kernel(P* __restrict__ p, const G* __restrict__ g, uint8_t* __restrict__ codes,

@@ -53,17 +53,6 @@ constexpr int kWarps = kThreads / 32;         // quantization blocks per CUDA bl
 constexpr int kPer = kQ8Block / 32;           // elements per lane
 static_assert(kPer == 8, "a lane's levels of one moment are one 64-bit word");
 
-__device__ __forceinline__ float max_nan(float a, float b) {  // values >= 0 or NaN
-  return a != a ? a : (b != b ? b : fmaxf(a, b));
-}
-
-// The largest of the warp's values (NaN if any is NaN), in every lane.
-__device__ __forceinline__ float warp_max(float x) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x = max_nan(x, __shfl_xor_sync(0xffffffffu, x, o));
-  return x;
-}
-
 // sqrt(|x| * inv) rounded half up, in [0, top], NaN -> 0 (_reference._levels).
 __device__ __forceinline__ float level(float x, float inv, float top) {
   return q8_level_of(FloatOps<float>::mul(fabsf(x), inv), top);

@@ -123,6 +123,19 @@ __device__ __forceinline__ T from_float(float x) {
 // Every reduction below combines values in an order fixed by the thread layout alone, so a
 // result depends only on the data and the (constant) launch shape, never on timing.
 
+// The larger of two values >= 0, NaN if either is NaN (torch.amax's propagation).
+__device__ __forceinline__ float max_nan(float a, float b) {
+  return a != a ? a : (b != b ? b : fmaxf(a, b));
+}
+
+// The largest of the warp's values (NaN if any is NaN), in every lane: the quantized
+// formats' block abs-max (a warp per block).
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x = max_nan(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
+}
+
 template <typename T>
 __device__ __forceinline__ T warp_sum(T x) {
 #pragma unroll
