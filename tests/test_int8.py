@@ -468,16 +468,24 @@ def test_fake_tensors_trace_the_op():
             ops.masked_adamw_int8_(*_op_args(exp_avgs=[torch.zeros(300)])[:6], 1, **HYPER)
 
 
-@pytest.mark.parametrize("edit,msg", [
-    (lambda st: st.update(exp_avg_scale=-st["exp_avg_scale"] - 1), "negative or non-finite"),
-    (lambda st: st["exp_avg"].fill_(-128), "exp_avg holds -128"),
-    (lambda st: st.update(exp_avg_sq=st["exp_avg_sq"].float()), "expected contiguous torch.uint8"),
-    (lambda st: st.update(exp_avg_sq_scale=st["exp_avg_sq_scale"][:1]), r"shape \(1,\)"),
-    (lambda st: st.update(extra=torch.zeros(3)), "unexpected entry 'extra'"),
+@pytest.mark.parametrize("state_dtype,edit,msg", [
+    ("int8", lambda st: st.update(exp_avg_scale=-st["exp_avg_scale"] - 1),
+     "negative or non-finite"),
+    ("int8", lambda st: st["exp_avg"].fill_(-128), "exp_avg holds -128"),
+    ("int8", lambda st: st.update(exp_avg_sq=st["exp_avg_sq"].float()),
+     "expected contiguous torch.uint8"),
+    ("int8", lambda st: st.update(exp_avg_sq_scale=st["exp_avg_sq_scale"][:1]), r"shape \(1,\)"),
+    ("int8", lambda st: st.update(extra=torch.zeros(3)), "unexpected entry 'extra'"),
+    ("int4", lambda st: st.update(exp_avg_scale=-st["exp_avg_scale"] - 1),
+     "negative or non-finite"),
+    ("int4", lambda st: st.update(moments=st["moments"].to(torch.int8)),
+     "expected contiguous torch.uint8"),
+    ("int4", lambda st: st.update(exp_avg_sq_scale=st["exp_avg_sq_scale"][:1]), r"shape \(1,\)"),
+    ("int4", lambda st: st.update(exp_avg=torch.zeros(3)), "unexpected entry 'exp_avg'"),
 ])
-def test_corrupted_checkpoints_are_refused_with_no_change(edit, msg):
+def test_corrupted_checkpoints_are_refused_with_no_change(state_dtype, edit, msg):
     named = _model()
-    opt = NTO(named, lr=1e-2, budget="100%", state_dtype="int8")
+    opt = NTO(named, lr=1e-2, budget="100%", state_dtype=state_dtype)
     _steps(opt, named, 0, 2)
     sd = opt.state_dict()
     edit(sd["state"][0])
