@@ -366,9 +366,9 @@ def masked_adamw_int4_(params: Sequence[torch.Tensor], grads: Sequence[torch.Ten
                        lr: float, beta1: float, beta2: float, eps: float,
                        weight_decay: float) -> None:
     """masked_adamw_ with both moments in one byte per element: codes uint8 (one per
-    element of the param), exp_avg_scales / exp_avg_sq_scales fp32 (one per block of 128);
+    element of the param), exp_avg_scales / exp_avg_sq_scales fp32 (one per block of 64);
     whole tensors. See `_reference.masked_adamw_int4_` (the spec) and
-    nto_ext/formats/int4.py. No CUDA kernel yet: on a GPU the reference runs."""
+    nto_ext/formats/int4.py."""
     params = list(params)
     _op("masked_adamw_int4_")(params, list(grads), list(codes), list(exp_avg_scales),
                               list(exp_avg_sq_scales),
@@ -439,7 +439,7 @@ def gather_accumulate_(dense: Sequence[torch.Tensor], indices: Sequence[torch.Te
     _op("gather_accumulate_")(list(dense), list(indices), list(compact))
 
 
-__all__ = ["backend", "param_stats", "masked_adamw_", "masked_adamw_int8_", "masked_adamw_int4_",
-           "masked_adamw_lowp_", "adamw_first_step_", "select_topk",
+__all__ = ["backend", "param_stats", "masked_adamw_", "masked_adamw_int8_",
+           "masked_adamw_int4_", "masked_adamw_lowp_", "adamw_first_step_", "select_topk",
            "remap_state", "gather_accumulate_", "BuildMismatchError", "forced_backend",
            "has_cuda_kernels", "SCHEMAS"]

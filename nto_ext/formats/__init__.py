@@ -30,8 +30,7 @@ def choose(dtype: torch.dtype, master_weights: bool | None, stochastic_rounding:
            state_dtype: str = "fp32") -> Fp32Moments:
     """The format of a param of `dtype` (the arguments as validated by policies.Config):
     state_dtype="int8" / "int4" / "bf16" / "none": 8-bit / 4-bit / bf16 / no moments for
-    every dtype (no
-    masters: Config refuses them);
+    every dtype (no masters: Config refuses them);
     else fp32 params keep fp32 moments; bf16/fp16 ones round stochastically when asked,
     else keep fp32 masters unless master_weights=False (None: the default, masters)."""
     if state_dtype != "fp32":

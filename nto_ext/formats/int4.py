@@ -17,10 +17,10 @@ One byte: |q_m| in bits 7-4, q_w in bits 3-1, the sign of q_m in bit 0; every by
 valid code, and zero moments are the zero byte.
 
 One kernel call (`ops.masked_adamw_int4_`) dequantizes, updates and requantizes a batch of
-whole params of one group, device and dtype (CPU kernel; on CUDA the reference runs until
-a CUDA kernel lands). bf16/fp16 params are updated in fp32 and rounded to nearest (no fp32
-master: `policies.Config` refuses master weights with it). Whole tensors only: the sparse
-policy keeps fp32, int8 or bf16 moments.
+whole params of one group, device and dtype (CPU: the block loop per capability; CUDA: a
+warp per block, checked in the emulator, not yet on a GPU). bf16/fp16 params are updated
+in fp32 and rounded to nearest (no fp32 master: `policies.Config` refuses master weights
+with it). Whole tensors only: the sparse policy keeps fp32, int8 or bf16 moments.
 """
 
 from __future__ import annotations
