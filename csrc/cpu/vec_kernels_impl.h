@@ -268,6 +268,18 @@ void adamw_chunk(const AdamWChunk& c, const AdamWScalars& s, IndexFault* f) {
 
 // Largest lane of lanes >= 0, NaN if any lane is NaN (torch's amax).
 inline float lane_max_nan(const Vec& a) {
+#if defined(CPU_CAPABILITY_AVX512)
+  // No NaN lane (one compare to a mask): the hardware's reduction, then max(+0, r) as the
+  // loop below starts from +0 (a block of zeros gives +0, never -0). The same value.
+  if (_mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q) == 0) return std::max(0.0f, _mm512_reduce_max_ps(a));
+#elif defined(CPU_CAPABILITY_AVX2)
+  if (_mm256_movemask_ps(_mm256_cmp_ps(a, a, _CMP_UNORD_Q)) == 0) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    return std::max(0.0f, _mm_cvtss_f32(m));
+  }
+#endif
   alignas(64) float x[kV];
   a.store(x);
   float out = 0.0f;
