@@ -96,8 +96,8 @@ class Probe(torch.optim.Optimizer):
         return m / (1 - self.b1 ** t) / denom
 
     def _adamw_fake_q4(self, g, st, t):
-        """adamw-q4sr / -mq4 / -vq4 / -m5v3r / -m11v11r: the moments kept as the fp32
-        values of their levels (FAKE_MAPS), requantized after the update."""
+        """adamw-<a FAKE_MAPS key>: the moments kept as the fp32 values of their levels,
+        requantized after the update."""
         m = st.setdefault("m", torch.zeros_like(g))
         v = st.setdefault("v", torch.zeros_like(g))
         m.lerp_(g, 1 - self.b1)
