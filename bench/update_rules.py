@@ -91,7 +91,7 @@ class Probe(torch.optim.Optimizer):
         m.lerp_(g, 1 - self.b1)
         v.mul_(self.b2).addcmul_(g, g, value=1 - self.b2)
         st["qm"], st["sm"] = _q4(m.reshape(-1), 7)
-        st["qw"], st["sw"] = _q4(v.sqrt().reshape(-1), 15)
+        st["qw"], st["sw"] = _q4(v.sqrt().reshape(-1), 15, keep_positive=True)
         denom = (v / (1 - self.b2 ** t)).sqrt() + self.eps
         return m / (1 - self.b1 ** t) / denom
 
@@ -171,11 +171,11 @@ FAKE_MAPS = {
 
 
 def _q4(x: torch.Tensor, top: int, gen: torch.Generator | None = None,
-        keep_positive: bool | None = None,
+        keep_positive: bool = False,
         block: int = Q4_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
     """Levels (float, [blocks, block]) and scales of flat `x` in the square-root map:
     |q| = round(sqrt(|x| / s)) <= top, s = max|x| / top^2 per block; a positive x keeps a
-    level of at least 1 when `keep_positive` (None: for the 15-level root map of adamw-q4).
+    level of at least 1 when `keep_positive` (the root maps of the second moment).
     With `gen`, |q| is rounded stochastically in |x| (unbiased)."""
     nb = -(-x.numel() // block)
     b = torch.zeros(nb * block)
@@ -189,7 +189,7 @@ def _q4(x: torch.Tensor, top: int, gen: torch.Generator | None = None,
         lo = torch.floor(a.sqrt()).clamp(0, top)
         up = torch.rand(a.shape, generator=gen) < (a - lo.square()) / (2 * lo + 1)
         q = (lo + up.float()).clamp(0, top)
-    if keep_positive or (keep_positive is None and top == 15):
+    if keep_positive:
         q = torch.where((q == 0) & (b != 0), torch.ones_like(q), q)
     return torch.where(b < 0, -q, q), s
 

@@ -34,6 +34,11 @@ class GradGuard:
         self._counted: int | None = None  # the last step counted in skipped_steps
         self._sumsq = (-1, 0.0)  # (step, squared norm so far) under in_backward
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """A guard pickled (inside an NTO) before step_in_backward existed lacks its fields."""
+        self.__dict__.update(in_backward=False, _counted=None, _sumsq=(-1, 0.0))
+        self.__dict__.update(state)
+
     def found_nonfinite(self, where: str, step: int) -> bool:
         """NaN/Inf found in the gradient of `where`: raise, or count a skipped step and
         return False (skip), or return True (propagate: go on)."""
@@ -44,8 +49,8 @@ class GradGuard:
                                      "(nonfinite='raise'); params were not updated"
                                      + (" (this one; step_in_backward=True updated those "
                                         "whose gradients came earlier in this backward)"
-                                        if getattr(self, "in_backward", False) else ""))
-        if getattr(self, "_counted", None) == step:  # step_in_backward: one param of a step
+                                        if self.in_backward else ""))
+        if self._counted == step:  # step_in_backward: one param of a step
             return False  # already counted (and logged)
         self._counted = step
         self.skipped_steps += 1
@@ -76,7 +81,7 @@ class GradGuard:
             where = table.label(first_bad) if first_bad is not None else \
                 "a shard on another rank"
             return self.found_nonfinite(where, step)
-        if getattr(self, "in_backward", False):  # this param's share of the step's norm
+        if self.in_backward:  # this param's share of the step's norm
             sumsq += self._sumsq[1] if self._sumsq[0] == step else 0.0
             self._sumsq = (step, sumsq)
         norm = math.sqrt(sumsq)

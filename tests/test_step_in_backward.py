@@ -314,3 +314,18 @@ def test_budget_invariant(policy, kind, run):
             rel._budget_run(policy, kind, name, run)
         finally:
             del rel.DTYPES[name], rel.FORMAT_ARGS[name]
+
+
+def test_a_guard_pickled_before_step_in_backward_loads():
+    """A GradGuard pickled (inside an NTO) by a version without step_in_backward lacks its
+    fields: unpickled, it works as one built without it."""
+    import pickle
+
+    from nto_ext.grads import GradGuard
+
+    old = GradGuard("skip", None)
+    for name in ("in_backward", "_counted", "_sumsq"):
+        delattr(old, name)
+    guard = pickle.loads(pickle.dumps(old))
+    assert guard.in_backward is False
+    assert guard.found_nonfinite("w", 3) is False and guard.skipped_steps == 1

@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 
 #include "../stochastic_round.h"
 #include "vec_kernels.h"
@@ -408,6 +409,15 @@ inline Vec at_least_one_if_positive(const Vec& level, const Vec& w) {
   return max_finite(level, (w > Vec(0.0f)) & Vec(1.0f));
 #endif
 }
+// A block's new scales from the abs-maxima of its new m and root w (lanes >= 0; NaN
+// propagates), stored at sm / sw; returns their inverses (q8_inverse) for the levels.
+inline std::pair<float, float> store_scales(const Vec& amax_m, const Vec& amax_w,
+                                            float m_square, float w_square, float* sm,
+                                            float* sw) {
+  *sm = lane_max_nan(amax_m) / m_square;
+  *sw = lane_max_nan(amax_w) / w_square;
+  return {q8_inverse(*sm), q8_inverse(*sw)};
+}
 // One block of kQ8Block elements (a partial block: the caller's zero-padded copies, whose
 // padding dequantizes and updates to zeros): pass 1 dequantizes, updates p and keeps the
 // new m and root w = sqrt(v) in L1 buffers with their abs-max; pass 2 takes the block's
@@ -435,11 +445,7 @@ inline void adamw_q8_block(P* p, const G* g, int8_t* qm, uint8_t* qw, float* sm,
     }
     store2(p + j, pv[0], pv[1]);
   }
-  const float new_sm = lane_max_nan(amax_m) / kQ8MSquare;
-  const float new_sw = lane_max_nan(amax_w) / kQ8WSquare;
-  *sm = new_sm;
-  *sw = new_sw;
-  const float inv_m = q8_inverse(new_sm), inv_w = q8_inverse(new_sw);
+  const auto [inv_m, inv_w] = store_scales(amax_m, amax_w, kQ8MSquare, kQ8WSquare, sm, sw);
   const Vec sign(-0.0f);
   for (int64_t j = 0; j < kQ8Block; j += kV) {
     const Vec m = Vec::loadu(mb + j), w = Vec::loadu(wb + j);
@@ -588,11 +594,7 @@ inline void adamw_q4_block(P* p, const G* g, uint8_t* codes, float* sm, float* s
     }
     store2(p + j, pv[0], pv[1]);
   }
-  const float new_sm = lane_max_nan(amax_m) / kQ4MSquare;
-  const float new_sw = lane_max_nan(amax_w) / kQ4WSquare;
-  *sm = new_sm;
-  *sw = new_sw;
-  const float inv_m = q8_inverse(new_sm), inv_w = q8_inverse(new_sw);
+  const auto [inv_m, inv_w] = store_scales(amax_m, amax_w, kQ4MSquare, kQ4WSquare, sm, sw);
   for (int64_t j = 0; j < kQ4Block; j += kV) {
     const Vec m = Vec::loadu(mb + j), w = Vec::loadu(wb + j);
     const Vec um = q8_levels(m, inv_m, kQ4MLevels);
