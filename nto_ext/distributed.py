@@ -106,7 +106,8 @@ def check_ddp(model: nn.Module, optimizer: Any = None) -> dict[str, Any]:
 # "param_groups", dropping NTO's schedule position. So these helpers write the same layout
 # (state keyed by parameter FQN, FSDP2 state as DTensors sharded like their params, groups
 # with FQNs) plus NTO's own entry, with plain dcp.save / dcp.load, and build the load template
-# from the checkpoint's metadata. DCP reshards DTensors: another world size can load it.
+# from the checkpoint's metadata. DCP reshards DTensors: another world size can load it
+# (not the quantized formats' rows per shard, below).
 
 _OPT_KEY = "optimizer"
 
@@ -140,6 +141,70 @@ def _shard_like(v: Any, p: torch.Tensor) -> Any:
                               shape=p.shape, stride=p.stride())
 
 
+# The blockwise quantized formats (int8, int4) keep a sharded param's state as flat codes and
+# per-block scales of its local shard: the blocks are the shard's, not pieces of one global
+# tensor, so they cannot be a DTensor sharded like the param. Saved as plain tensors, DCP would
+# take them for replicated and write one rank's (every rank would load that one). They are
+# saved as one row per shard instead: a (shards, L) DTensor sharded on its rows like the
+# param on its shard dim (zero padded to the longest row), with each row's length beside it,
+# and load back only on as many shards.
+_ROWS, _NUMEL = "rows_per_shard", "numel_per_shard"
+
+
+def _shard_dim(p: Any) -> tuple[int, int]:
+    """(mesh dim, shard count) of a DTensor param sharded on one mesh dim (FSDP2, HSDP)."""
+    dims = [d for d, pl in enumerate(p.placements) if pl.is_shard()]
+    if len(dims) != 1 or any(not (pl.is_replicate() or pl.is_shard(0)) for pl in p.placements):
+        raise ValueError(f"a parameter with placements {p.placements}: NTO's quantized state "
+                         "(state_dtype 'int8' / 'int4') saves only params sharded on dim 0 "
+                         "over one mesh dim (fully_shard, HSDP)")
+    return dims[0], p.device_mesh.size(dims[0])
+
+
+def _row_dtensor(local: torch.Tensor, p: Any, shards: int) -> Any:
+    from torch.distributed.tensor import DTensor
+
+    width = local.shape[1]
+    return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False,
+                              shape=(shards, width), stride=(width, 1))
+
+
+def _rows_per_shard(state: dict[str, dict[str, Any]], by_fqn: dict[str, Any]) -> None:
+    """In place: the plain (local) state tensors of DTensor params as rows per shard."""
+    todo = [(f, k) for f, st in state.items() for k, v in st.items()
+            if _is_dtensor(by_fqn[f]) and isinstance(v, torch.Tensor)
+            and not _is_dtensor(v) and v.dim() > 0]
+    if not todo:
+        return
+    p0 = by_fqn[todo[0][0]]
+    widths = torch.tensor([state[f][k].numel() for f, k in todo], dtype=torch.int64,
+                          device=local_tensor(p0).device)
+    for d in range(p0.device_mesh.ndim):  # the longest row over every rank (same order)
+        torch.distributed.all_reduce(widths, op=torch.distributed.ReduceOp.MAX,
+                                     group=p0.device_mesh.get_group(d))
+    for (f, k), width in zip(todo, widths.tolist()):
+        p, v = by_fqn[f], state[f][k]
+        _, shards = _shard_dim(p)
+        row = v.new_zeros((1, width))
+        row[0, :v.numel()] = v.reshape(-1)
+        numel = torch.tensor([[v.numel()]], dtype=torch.int64, device=v.device)
+        state[f][k] = {_ROWS: _row_dtensor(row, p, shards),
+                       _NUMEL: _row_dtensor(numel, p, shards)}
+
+
+def _row_template(fqn: str, p: Any, size: tuple[int, ...], dtype: torch.dtype) -> Any:
+    """An empty row-per-shard DTensor to load a saved one into; refused (before anything
+    is loaded) on another shard count: a quantized state's blocks belong to its shard."""
+    if not _is_dtensor(p) or _shard_dim(p)[1] != size[0]:
+        now = _shard_dim(p)[1] if _is_dtensor(p) else "not sharded"
+        raise ValueError(f"the checkpoint's quantized state of {fqn} (state_dtype 'int8' / "
+                         f"'int4') was saved on {size[0]} FSDP2 shards; this run has {now}. "
+                         "Its blocks belong to their shard: resume on as many shards, or "
+                         "use state_dtype='fp32' (which DCP reshards); nothing was loaded")
+    return _row_dtensor(torch.empty((1, size[1]), dtype=dtype, device=local_tensor(p).device),
+                        p, size[0])
+
+
 def dcp_optimizer_state(model: nn.Module, optimizer: Any) -> dict[str, Any]:
     """NTO's state as a dict torch.distributed.checkpoint can save: params keyed by their
     name in `model`, the moments of FSDP2 params as DTensors sharded like them. What
@@ -155,6 +220,7 @@ def dcp_optimizer_state(model: nn.Module, optimizer: Any) -> dict[str, Any]:
                     "opt.state: %s", extra[:4])
     state = {fqns[i]: {k: _shard_like(v, params[i]) for k, v in st.items()}
              for i, st in sd["state"].items() if isinstance(i, int)}
+    _rows_per_shard(state, dict(zip(fqns, params)))
     groups = [{**g, "params": [fqns[j] for j in g["params"]]} for g in sd["param_groups"]]
     return {"state": state, "param_groups": groups, "nto": sd["nto"]}
 
@@ -200,7 +266,9 @@ def _state_template(metadata: Any, params: list[torch.Tensor], fqns: list[str],
                              "from")
         p, size = by_fqn[fqn], tuple(md.size)
         dtype = md.properties.dtype
-        if _is_dtensor(p) and size == tuple(p.shape):
+        if rest.rsplit(".", 1)[-1] in (_ROWS, _NUMEL):
+            t = _row_template(fqn, p, size, dtype)
+        elif _is_dtensor(p) and size == tuple(p.shape):
             t = torch.empty_like(p, dtype=dtype)
         else:
             t = torch.empty(size, dtype=dtype, device=local_tensor(p).device
@@ -221,6 +289,8 @@ def _put(st: dict[str, Any], path: str, value: Any) -> None:
 def _int_keys(v: Any) -> Any:
     if not isinstance(v, dict):
         return v.to_local() if _is_dtensor(v) else v
+    if set(v) == {_ROWS, _NUMEL}:  # this shard's row, as the format keeps it
+        return v[_ROWS].to_local()[0, :int(v[_NUMEL].to_local())].clone()
     return {int(k) if isinstance(k, str) and k.isdigit() else k: _int_keys(x)
             for k, x in v.items()}
 

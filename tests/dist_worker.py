@@ -28,7 +28,12 @@ POLICY_KW = {
 # DDP only: at 8% the embedding and the head (4,096 elements each, 9% of the model) are
 # larger than the budget and train a range of rows at a time (FSDP2 refuses that)
 DDP_ONLY = {"rows": dict(budget="8%", policy="block", switch_every=2)}
-DDP_POLICIES = {**POLICY_KW, **DDP_ONLY}
+# blockwise quantized moments: under FSDP2 the blocks are each shard's (not one process's), so
+# the run is near the one-process run, not equal to it; DCP saves them as rows per shard
+QUANT = {dtype: dict(budget="25%", policy="block", switch_every=2, state_dtype=dtype)
+         for dtype in ("int8", "int4")}
+DDP_POLICIES = {**POLICY_KW, **DDP_ONLY, **QUANT}
+FSDP_POLICIES = {**POLICY_KW, **QUANT}
 LR = 1e-2
 SWAP_CLIP = 0.3  # the swapped FSDP2 run clips with torch (what Trainer does; DTensor-aware)
 
@@ -206,10 +211,10 @@ def scenario_fsdp2(rank: int, world: int) -> dict:
 
     out = {"swapped": _fsdp2_swapped(rank, world)}
     ckpt_root = os.environ["NTO_TEST_CKPT"]
-    for policy in POLICY_KW:
+    for policy in FSDP_POLICIES:
         model = sharded_model()
         assert all(isinstance(p, DTensor) for p in model.parameters())
-        opt = NTO(model.named_parameters(), lr=LR, **POLICY_KW[policy])
+        opt = NTO(model.named_parameters(), lr=LR, **FSDP_POLICIES[policy])
         # save in the middle of a period (switch_every=2): the moments of the active group
         # carry over, so the round trip is tested on real state, not on a fresh switch
         split = 3
@@ -227,7 +232,7 @@ def scenario_fsdp2(rank: int, world: int) -> dict:
         more, active2 = train_steps(model, opt, range(split, STEPS), rank, world)
         # resume: fresh model + NTO, load both, same remaining steps
         model2 = sharded_model()
-        opt2 = NTO(model2.named_parameters(), lr=LR, **POLICY_KW[policy])
+        opt2 = NTO(model2.named_parameters(), lr=LR, **FSDP_POLICIES[policy])
         msd = {"model": get_model_state_dict(model2)}
         dcp.load(msd, checkpoint_id=path + "/model")
         set_model_state_dict(model2, msd["model"])
@@ -239,7 +244,7 @@ def scenario_fsdp2(rank: int, world: int) -> dict:
             "losses": losses + more, "resumed_losses": more2, "active": active + active2,
             "local_numel": sum(p.to_local().numel() for p in model.parameters()),
             "last_grad_norm": opt.last_grad_norm,
-            "report": opt.memory_report(),
+            "report": opt.memory_report(), "checkpoint": path + "/optim",
         }
     return out
 
