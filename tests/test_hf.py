@@ -116,11 +116,14 @@ def test_optimizers_tuple_and_mixin(tmp_path):
 
 
 @pytest.mark.parametrize("policy,extra", [("block", {}), ("sample", {}),
+                                          ("block", {"budget": "8%", "order": "descending"}),
                                           ("sparse", {"state_dtype": "int8"})])
 def test_resume_bit_identical(tmp_path, policy, extra):
     """Accumulation 4, clipping at 1.0, cosine schedule, checkpoint at step 3 of 6, in the
     middle of a period (switch_every=2): moments, schedule position and data order resume
-    (sparse with 8-bit moments: across a drop and regrowth at step 4)."""
+    (sparse with 8-bit moments: across a drop and regrowth at step 4; block at 8%, descending:
+    steps 2-3 train a range of the head's rows, whose compact gradient Trainer's
+    model.zero_grad() cannot clear)."""
     kw = dict(per_device_train_batch_size=2, gradient_accumulation_steps=4, max_steps=6,
               max_grad_norm=1.0, lr_scheduler_type="cosine", warmup_steps=1,
               save_strategy="steps", save_steps=3, logging_steps=1)

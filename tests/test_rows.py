@@ -238,6 +238,34 @@ def test_rows_reduced_at_step_train_bit_identically(how, monkeypatch):
     assert emb.grad is None
 
 
+@pytest.mark.parametrize("cls", [NTO, FoldAtStep])
+@pytest.mark.parametrize("zero", ["model", "none"])
+def test_each_step_uses_its_own_rows_gradient(cls, zero):
+    """The rows' compact gradient is used up by step(): Trainer zeroes grads with
+    `model.zero_grad()`, which cannot reach it (before the fix, the second step of a period
+    added the first step's rows into its gradient); with torch AdamW that call is all it
+    takes. "none": nothing zeroed between steps, each step still takes its own rows (as the
+    sparse policy's buffers; a dense grad left on a param accumulates, as in torch)."""
+    kw = dict(lr=1e-2, budget="10%", switch_every=2)
+    ref_model, model = wide_llama(), wide_llama()
+    run(ref_model, build(ref_model, **kw), range(4))  # opt.zero_grad() after each step
+    opt = cls(model.named_parameters(), **kw)
+    emb = model.model.embed_tokens.weight
+    for step in range(4):
+        x = tokens(step * 7)
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        if zero == "model":
+            model.zero_grad()
+        else:  # only the split tensors' rows: the other params' grads would accumulate
+            for p in model.parameters():
+                if p is not emb:
+                    p.grad = None
+    assert opt.updater.grad_tensors() == []
+    for (name, a), b in zip(ref_model.named_parameters(), model.parameters()):
+        assert torch.equal(a, b), name
+
+
 def test_trainer_clip_sees_the_rows_kept_until_step():
     """torch's clip_grad_norm_ over model.parameters() (what Trainer calls) sees the
     gradient of a tensor training a range of rows; taken in the hook it would miss it."""

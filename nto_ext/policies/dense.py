@@ -10,7 +10,10 @@ state holds those rows' moments and `"rows": [start, stop]`, and the kernel upda
 row view `p[start:stop]` (contiguous for a contiguous param; a strided one goes through
 the format's contiguous copy). When the range changes, its state is dropped, or under
 state_on_switch="offload" parked on the host in the state's `"parked"` entry
-({start: state}) and brought back when the range trains again.
+({start: state}) and brought back when the range trains again. The compact buffer is used
+up by step(), as the sparse policy's are: the user's `model.zero_grad()` (what Trainer
+calls) clears p.grad but cannot reach it, so a buffer kept would add this step's rows into
+the next step's gradient.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from ..args import check_grad, check_hyper, check_param, multi_process
 from ..checkpoint import Storages, local_tensor
 from ..formats import FP32
 from ..grads import sq_norms
-from .base import Updater
+from .base import Updater, measure
 
 Rows = tuple[int, int]
 
@@ -169,6 +172,9 @@ class DenseUpdater(Updater):
     # ---------------------------------------------------------------- update
     def update(self) -> None:
         self._update(self._active_grads())
+        if self.compact:  # used up (module doc); the step's peak holds them
+            self.peak = max(self.peak, sum(measure(self.host, self)))
+            self.compact.clear()
 
     def _update(self, entries: list) -> None:
         """The update of `entries` = [(group, param index, param or its rows, grad)]."""
