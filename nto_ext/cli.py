@@ -106,9 +106,22 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         print(json.dumps({**d.pop("fit"), "plan": d}, indent=2))
     else:
         print(p.fit)
-        print(f"(nto plan --model {args.model} --budget {p.fit.budget_elements} shows what "
-              "trains in each period)")
+        print(f"(nto plan --model {args.model} --budget {p.fit.budget_elements}"
+              f"{_plan_flags(args)} shows what trains in each period)")
     return 0
+
+
+def _plan_flags(args: argparse.Namespace) -> str:
+    """The flags of `args` that change what a plan prices (to repeat them with --budget)."""
+    flags = [(args.dtype is not None, f" --dtype {args.dtype}"),
+             (args.policy != DEFAULT_POLICY, f" --policy {args.policy}"),
+             (args.master_weights is False, " --no-master-weights"),
+             (args.stochastic_rounding, " --stochastic-rounding"),
+             (args.switch_every != 50, f" --switch-every {args.switch_every}"),
+             (args.state_dtype != "fp32", f" --state-dtype {args.state_dtype}"),
+             (args.step_in_backward, " --step-in-backward"),
+             (args.num_labels is not None, f" --num-labels {args.num_labels}")]
+    return "".join(flag for given, flag in flags if given)
 
 
 def _make_plan(args: argparse.Namespace):

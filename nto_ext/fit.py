@@ -56,6 +56,14 @@ class Fit:
     headroom_bytes: int  # memory_bytes - predicted_bytes
     covers: str
     untrainable: list[str] = field(default_factory=list)  # tensors too big at this budget
+    # NTO's other arguments that were priced, where they differ from NTO's defaults
+    # (state_dtype="int4", step_in_backward=True, ...): the budget holds only with them
+    nto_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def nto_call(self) -> str:
+        """The NTO(...) call that trains exactly what was priced."""
+        extra = "".join(f", {k}={v!r}" for k, v in self.nto_kwargs.items())
+        return f"NTO(..., budget={self.budget_elements}, policy={self.policy!r}{extra})"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -84,8 +92,7 @@ class Fit:
                   row("predicted total", self.predicted_bytes),
                   row("headroom", self.headroom_bytes),
                   f"budget: {self.budget_elements:,} elements = {self.budget_percent:.2f}% of "
-                  f"{self.total_elements:,}; use NTO(..., budget={self.budget_elements}, "
-                  f"policy={self.policy!r})",
+                  f"{self.total_elements:,}; use {self.nto_call()}",
                   f"covers: {self.covers}"]
         if self.untrainable:
             lines.append("cannot train at this budget (too large): "
@@ -186,7 +193,8 @@ def _elements_budget(n: int) -> Budget:
 def find_fit(infos: list[ParamInfo], policy: str, make: Callable[[Budget], Policy],
              memory: int, memory_text: str, activation_bytes: int | None,
              dtype: str, batch_size: int | None = None, seq_len: int | None = None, *,
-             arg: str = "fit", activation_label: str = "activations") -> Fit:
+             arg: str = "fit", activation_label: str = "activations",
+             nto_kwargs: dict[str, Any] | None = None) -> Fit:
     """The largest element budget whose predicted total fits `memory` (see module doc).
     `arg` and `activation_label` name the memory and the activation figure in errors."""
     total = sum(i.numel for i in infos)
@@ -220,7 +228,8 @@ def find_fit(infos: list[ParamInfo], policy: str, make: Callable[[Budget], Polic
                batch_size=batch_size, seq_len=seq_len, margin_bytes=margin,
                predicted_bytes=predicted, headroom_bytes=memory - predicted, covers=covers,
                untrainable=[param_label(infos[i].name, i) for i in
-                            sorted(pol.untrainable, key=lambda i: -infos[i].numel)])
+                            sorted(pol.untrainable, key=lambda i: -infos[i].numel)],
+               nto_kwargs=dict(nto_kwargs or {}))
 
 
 def _builder(make: Callable[[Budget], Policy]) -> Callable[[int], Policy | None]:

@@ -165,6 +165,18 @@ class Plan:
                 f"  trainable: any of the {self.total_elements:,} elements"]
 
 
+def _non_default_nto_args(given: dict[str, Any]) -> dict[str, Any]:
+    """The arguments in `given` whose values differ from NTO's defaults (what a fit's
+    suggested NTO(...) call must repeat)."""
+    import inspect
+
+    from .optimizer import NTO
+
+    defaults = inspect.signature(NTO).parameters
+    return {k: v for k, v in given.items()
+            if v != (tuple(d) if isinstance(d := defaults[k].default, (list, tuple)) else d)}
+
+
 def plan(model_or_config: Any, budget: int | float | str | None = None,
          policy: str = DEFAULT_POLICY,
          dtype: torch.dtype | str | None = None, *, fit: int | str | None = None,
@@ -226,8 +238,13 @@ def plan(model_or_config: Any, budget: int | float | str | None = None,
     found = None
     if memory is not None:
         dtypes = sorted({str(i.dtype).removeprefix("torch.") for i in infos})
+        given = dict(switch_every=switch_every, order=order, seed=seed, always=tuple(always),
+                     sample_layers=sample_layers, regrow_fraction=regrow_fraction,
+                     master_weights=master_weights, stochastic_rounding=stochastic_rounding,
+                     state_dtype=state_dtype, step_in_backward=step_in_backward)
         found = find_fit(infos, policy, make, memory[0], memory[1], memory[2],
-                         "/".join(dtypes), batch_size, seq_len)
+                         "/".join(dtypes), batch_size, seq_len,
+                         nto_kwargs=_non_default_nto_args(given))
         budget = found.budget_elements
     pol = make(parse_budget(budget, total))
     if isinstance(pol, SparsePolicy):

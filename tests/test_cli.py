@@ -296,6 +296,11 @@ def test_plan_fit_table_and_json(tmp_path, capsys):
     a = json.loads(capsys.readouterr().out)
     assert a["activation_bytes"] == 50_000 and a["budget_elements"] < d["budget_elements"]
     assert a["predicted_bytes"] == 115_328 + a["state_bytes"] + 50_000 + 15_000 <= 300_000
+    assert cli.main(["plan", "--model", folder, "--fit", "300000", "--state-dtype", "int8",
+                     "--switch-every", "3"]) == 0
+    out = capsys.readouterr().out  # both suggestions repeat what was priced
+    assert "policy='block', switch_every=3, state_dtype='int8')" in out
+    assert "--switch-every 3 --state-dtype int8 shows what trains" in out
     assert cli.main(["plan", "--model", folder, "--fit", "300000"]) == 0
     table = capsys.readouterr().out
     for needle in ("memory stated", "weights", "training state", "activations", "unknown",

@@ -275,6 +275,24 @@ def test_fit_budget_measured_in_a_real_run(policy, dtype):
     opt.remove_hooks()
 
 
+def test_fit_names_the_arguments_it_priced():
+    """A fit priced with int4 moments in backward suggests the NTO call with them: the
+    same budget with fp32 moments (NTO's default) would need ~11x the state bytes."""
+    mem = 300_000
+    f = plan(tiny_llama(), fit=mem, state_dtype="int4", step_in_backward=True).fit
+    assert f.nto_kwargs == {"state_dtype": "int4", "step_in_backward": True}
+    call = (f"NTO(..., budget={f.budget_elements}, policy='block', state_dtype='int4', "
+            "step_in_backward=True)")
+    assert f.nto_call() == call and call in str(f)
+    model = tiny_llama()
+    opt = NTO(model.named_parameters(), budget=f.budget_elements, **f.nto_kwargs)
+    for step in range(4):
+        train_step(model, opt, step)
+    assert opt.memory_report()["peak_total_bytes"] <= f.state_bytes
+    opt.remove_hooks()
+    assert plan(tiny_llama(), fit=mem).fit.nto_kwargs == {}  # the defaults: nothing to add
+
+
 def test_fit_nothing_fits_names_the_smallest_footprint():
     with pytest.raises(ValueError, match=r"fit='100KiB' \(100.00 KiB\): nothing fits under "
                        r"policy='block' \(the weights alone exceed it\); the smallest "
