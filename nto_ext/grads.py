@@ -18,6 +18,29 @@ log = logging.getLogger(__name__)
 NONFINITE = ("skip", "raise", "propagate")
 
 
+def amp_unscale(opt: Any, scale: torch.Tensor | None, found_inf: Any) -> bool:
+    """Under torch.amp.GradScaler: divide the active gradients by `scale` (None: the user's
+    scaler.unscale_ did it) as the scaler's unscale_ would, bit for bit; True when the
+    scaler found an Inf/NaN: the step is skipped (counted in skipped_steps) and the
+    scaler lowers its scale."""
+    if bool(found_inf > 0):
+        opt.guard.skipped_steps += 1
+        log.info("NTO: step %d skipped: the GradScaler found Inf/NaN gradients",
+                 opt.step_count)
+        return True
+    if scale is not None:
+        inv = scale.double().reciprocal().float()
+        by_device: dict[tuple, list[torch.Tensor]] = {}
+        for g in opt.param_groups:
+            for p in g["params"]:
+                if p.grad is not None:
+                    by_device.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+        for (device, _), grads in by_device.items():
+            found = torch.zeros((), device=device)
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found, inv.to(device))
+    return False
+
+
 class GradGuard:
     """nonfinite: "skip" (the step changes nothing and is counted in `skipped_steps`),
     "raise" (FloatingPointError naming the param) or "propagate" (as torch).

@@ -40,7 +40,7 @@ from .args import (
 from .auto import AutoBudget, check_auto_args, is_auto, make_auto
 from .blocks import ParamInfo
 from .budget import Budget, parse_budget, state_bytes, storage_bytes
-from .grads import GradGuard
+from .grads import GradGuard, amp_unscale
 from .ownership import ParamHandles, grad_hook, register_hook, switch, user_flag
 from .params import ParamTable
 from .policies import DEFAULT_POLICY, Policy, configure, policy_class
@@ -212,6 +212,10 @@ class NTO(torch.optim.Optimizer):
         """Index of the param kept requiring grad in every period (None: not chosen yet)."""
         return self._anchor
 
+    # torch.amp.GradScaler: with this flag it sets `grad_scale` and `found_inf` on the
+    # optimizer and leaves the unscaling to step() (as for torch's fused AdamW), so NTO sees
+    # the scaler and refuses what its checks cannot reach (gradients used in backward)
+    _step_supports_amp_scaling = True
     extra_reports: dict[str, Callable[[], Any]] = {}  # name -> measure, set per instance
     fold_rows_at_step = False  # True: split tensors' dense grads wait for step (dense.py)
     # the GradGuard's settings and counters, as attributes of the optimizer
@@ -305,6 +309,7 @@ class NTO(torch.optim.Optimizer):
         # before they call state_dict(): refuse there, before the schedule moves
         persist.refuse_torch_dsd("step")
         self._check_usable()
+        amp = self._amp_check()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -318,12 +323,35 @@ class NTO(torch.optim.Optimizer):
                                self._user_flags())
         self._ensure_applied()
         with torch.no_grad():
-            self.updater.update()
+            if amp is None or not amp_unscale(self, *amp):
+                self.updater.update()
         self._peak_bytes = max(self._peak_bytes, sum(measure(self, self.updater)))
         self._advance()
         if auto:  # the next forward/backward is measured from here
             auto.restart(sum(measure(self, self.updater)))
         return loss
+
+    def _amp_check(self) -> tuple[torch.Tensor | None, Any] | None:
+        """(the scale the gradients still carry or None, found_inf) when a
+        torch.amp.GradScaler calls step(); None otherwise. Refused before anything changes
+        where the scaler's inf check and unscale_ cannot have seen the gradients."""
+        if not hasattr(self, "found_inf"):
+            return None
+        rows = [n for n in self.active_blocks() if n.endswith("]")]  # "emb.weight[0:64]"
+        held = (f"the rows of {', '.join(rows)[:200]} (larger than the budget)" if rows
+                else f"policy={self.policy.name!r}'s compact gradients")
+        where = ("step_in_backward=True updated the params in backward, with gradients "
+                 "the scaler had not checked or unscaled" if self.guard.in_backward else
+                 f"NTO reduced gradients in backward ({held}), off p.grad, where the scaler "
+                 "cannot check or unscale them" if self.updater.grad_tensors() else None)
+        if where:
+            raise ValueError(f"a torch.amp.GradScaler (fp16) drives this step, but {where}; "
+                             "nothing was changed. Allowed: bf16 autocast (no scaler), or "
+                             "a GradScaler with policy 'block' or 'sample', "
+                             "step_in_backward=False and a budget at which every tensor "
+                             "fits whole (`nto plan` names the split ones), or Trainer("
+                             "fp16=True), which keeps split tensors' gradients until step()")
+        return getattr(self, "grad_scale", None), self.found_inf
 
     def _auto(self) -> AutoBudget | None:
         return self._args["budget"] if isinstance(self._args["budget"], AutoBudget) else None
