@@ -144,6 +144,9 @@ CONFIGS: dict[str, tuple[str, str]] = {
     "nto-block-100-int4-bwd": ("nto", "NTO block at 100% with both moments in one byte "
                                "(state_dtype='int4') and step_in_backward: AdamW on every "
                                "weight in less than LoRA r=54's state bytes"),
+    "nto-block-100-int4-bwd-noembed": ("nto", "nto-block-100-int4-bwd with the input "
+                                       "embedding frozen by the user (BAdam's default; "
+                                       "SmolLM2 ties its head to it): every other weight"),
     "nto-sparse-25": ("nto", "NTO sparse, budget 25%"),
     "nto-sparse-10": ("nto", "NTO sparse, budget 10%"),
     "nto-sparse-7.5": ("nto", "NTO sparse, budget 7.5%: 16 B per chosen element, so the "
@@ -229,7 +232,7 @@ def build_optimizer(spec: RunSpec, task: str, model):
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=demo.WEIGHT_DECAY,
                                  foreach=True), model, info
     if name.startswith("nto-"):
-        # nto-POLICY-PCT[-drop|-offload][-head][-importance][-plain|-sr]
+        # nto-POLICY-PCT[-drop|-offload][-head][-importance][-plain|-sr][-noembed]
         # [-int8|-int4|-bf16m|-none]
         # [-bwd][-same]
         _, policy, pct, *how = name.split("-")
@@ -242,6 +245,10 @@ def build_optimizer(spec: RunSpec, task: str, model):
         if "importance" in how:  # more periods where the gradient is large (issue 21)
             how.remove("importance")
             extra["order"] = "importance"
+        if "noembed" in how:  # the user freezes the input embedding before NTO (BAdam's
+            how.remove("noembed")  # default; SmolLM2's head is the same, tied tensor)
+            model.get_input_embeddings().weight.requires_grad_(False)
+            info["frozen"] = "input embedding"
         if "head" in how:  # the new task head (and BERT's pooler) train in every period
             how.remove("head")
             extra["always"] = tuple(b for b in ("head", "other") if b in _units(model))

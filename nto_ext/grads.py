@@ -34,7 +34,8 @@ def amp_unscale(opt: Any, scale: torch.Tensor | None, found_inf: Any) -> bool:
         for g in opt.param_groups:
             for p in g["params"]:
                 if p.grad is not None:
-                    by_device.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+                    g = local_tensor(p.grad)  # an FSDP2 shard: its local values
+                    by_device.setdefault((g.device, g.dtype), []).append(g)
         for (device, _), grads in by_device.items():
             found = torch.zeros((), device=device)
             torch._amp_foreach_non_finite_check_and_unscale_(grads, found, inv.to(device))

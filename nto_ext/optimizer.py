@@ -337,21 +337,23 @@ class NTO(torch.optim.Optimizer):
         where the scaler's inf check and unscale_ cannot have seen the gradients."""
         if not hasattr(self, "found_inf"):
             return None
-        rows = [n for n in self.active_blocks() if n.endswith("]")]  # "emb.weight[0:64]"
-        held = (f"the rows of {', '.join(rows)[:200]} (larger than the budget)" if rows
-                else f"policy={self.policy.name!r}'s compact gradients")
-        where = ("step_in_backward=True updated the params in backward, with gradients "
-                 "the scaler had not checked or unscaled" if self.guard.in_backward else
-                 f"NTO reduced gradients in backward ({held}), off p.grad, where the scaler "
-                 "cannot check or unscale them" if self.updater.grad_tensors() else None)
-        if where:
-            raise ValueError(f"a torch.amp.GradScaler (fp16) drives this step, but {where}; "
-                             "nothing was changed. Allowed: bf16 autocast (no scaler), or "
-                             "a GradScaler with policy 'block' or 'sample', "
-                             "step_in_backward=False and a budget at which every tensor "
-                             "fits whole (`nto plan` names the split ones), or Trainer("
-                             "fp16=True), which keeps split tensors' gradients until step()")
-        return getattr(self, "grad_scale", None), self.found_inf
+        if self.guard.in_backward:
+            where = ("step_in_backward=True updated the params in backward, with gradients "
+                     "the scaler had not checked or unscaled")
+        elif self.updater.grad_tensors():
+            rows = [n for n in self.active_blocks() if n.endswith("]")]  # "emb.weight[0:64]"
+            held = (f"the rows of {', '.join(rows)[:200]} (larger than the budget)" if rows
+                    else f"policy={self.policy.name!r}'s compact gradients")
+            where = (f"NTO reduced gradients in backward ({held}), off p.grad, where the "
+                     "scaler cannot check or unscale them")
+        else:
+            return getattr(self, "grad_scale", None), self.found_inf
+        raise ValueError(f"a torch.amp.GradScaler (fp16) drives this step, but {where}; "
+                         "nothing was changed. Allowed: bf16 autocast (no scaler), or a "
+                         "GradScaler with policy 'block' or 'sample', step_in_backward=False "
+                         "and a budget at which every tensor fits whole (`nto plan` names the "
+                         "split ones), or Trainer(fp16=True), which keeps split tensors' "
+                         "gradients until step()")
 
     def _auto(self) -> AutoBudget | None:
         return self._args["budget"] if isinstance(self._args["budget"], AutoBudget) else None
