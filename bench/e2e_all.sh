@@ -191,3 +191,9 @@ e2e --task lm --seeds 6 7 8 --tag lr1e-4-full --lr full=1e-4 --configs adamw
 # and on MiniLM (every weight, int4, in backward: 24.4 MiB, LoRA's 26.1)
 e2e "${A[@]}" --seeds 0 2 --tag int4-100-bwd --lr nto=1e-4 --configs nto-block-100-int4-bwd
 e2e "${A[@]}" --seeds 1 --tag int4-100-bwd-s1 --lr nto=1e-4 --configs nto-block-100-int4-bwd
+# issue 21, SmolLM2: more seeds for int4 (every weight) and LoRA (2026-12-05), and the int4
+# row with the tied embedding frozen by the user (BAdam's default): every other weight
+e2e --task lm --seeds $(seq 9 29) --tag lora-amd-s9up --configs lora
+e2e --task lm --seeds $(seq 9 16) --tag int4-100-bwd-s9up --lr nto=1e-4 --configs nto-block-100-int4-bwd
+e2e --task lm --seeds $(seq 0 29) --tag int4-100-bwd-noembed --lr nto=1e-4 \
+    --configs nto-block-100-int4-bwd-noembed
