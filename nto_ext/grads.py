@@ -18,28 +18,19 @@ log = logging.getLogger(__name__)
 NONFINITE = ("skip", "raise", "propagate")
 
 
-def amp_unscale(opt: Any, scale: torch.Tensor | None, found_inf: Any) -> bool:
-    """Under torch.amp.GradScaler: divide the active gradients by `scale` (None: the user's
-    scaler.unscale_ did it) as the scaler's unscale_ would, bit for bit; True when the
-    scaler found an Inf/NaN: the step is skipped (counted in skipped_steps) and the
-    scaler lowers its scale."""
-    if bool(found_inf > 0):
-        opt.guard.skipped_steps += 1
-        log.info("NTO: step %d skipped: the GradScaler found Inf/NaN gradients",
-                 opt.step_count)
-        return True
-    if scale is not None:
-        inv = scale.double().reciprocal().float()
-        by_device: dict[tuple, list[torch.Tensor]] = {}
-        for g in opt.param_groups:
-            for p in g["params"]:
-                if p.grad is not None:
-                    g = local_tensor(p.grad)  # an FSDP2 shard: its local values
-                    by_device.setdefault((g.device, g.dtype), []).append(g)
-        for (device, _), grads in by_device.items():
-            found = torch.zeros((), device=device)
-            torch._amp_foreach_non_finite_check_and_unscale_(grads, found, inv.to(device))
-    return False
+def amp_unscale(param_groups: list[dict[str, Any]], scale: torch.Tensor) -> None:
+    """Under torch.amp.GradScaler, which left the gradients scaled: divide them by `scale`
+    as its unscale_ would, bit for bit."""
+    inv = scale.double().reciprocal().float()
+    by_device: dict[tuple, list[torch.Tensor]] = {}
+    for g in param_groups:
+        for p in g["params"]:
+            if p.grad is not None:
+                grad = local_tensor(p.grad)
+                by_device.setdefault((grad.device, grad.dtype), []).append(grad)
+    for (device, _), grads in by_device.items():
+        found = torch.zeros((), device=device)  # the scaler has checked them already
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, found, inv.to(device))
 
 
 class GradGuard:

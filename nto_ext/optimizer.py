@@ -212,10 +212,14 @@ class NTO(torch.optim.Optimizer):
         """Index of the param kept requiring grad in every period (None: not chosen yet)."""
         return self._anchor
 
-    # torch.amp.GradScaler: with this flag it sets `grad_scale` and `found_inf` on the
-    # optimizer and leaves the unscaling to step() (as for torch's fused AdamW), so NTO sees
-    # the scaler and refuses what its checks cannot reach (gradients used in backward)
-    _step_supports_amp_scaling = True
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """torch.amp.GradScaler reads this: True makes it set `grad_scale` and `found_inf`
+        on the optimizer and leave the unscaling to step() (as for torch's fused AdamW), so
+        NTO sees the scaler and refuses what its checks cannot reach (gradients used in
+        backward). Not for FSDP2 shards: ShardedGradScaler makes the ranks agree on an
+        overflow only in its own unscale_, which this path skips."""
+        return not any(hasattr(p, "device_mesh") for p in self.table.params)
     extra_reports: dict[str, Callable[[], Any]] = {}  # name -> measure, set per instance
     fold_rows_at_step = False  # True: split tensors' dense grads wait for step (dense.py)
     # the GradGuard's settings and counters, as attributes of the optimizer
@@ -310,6 +314,8 @@ class NTO(torch.optim.Optimizer):
         persist.refuse_torch_dsd("step")
         self._check_usable()
         amp = self._amp_check()
+        if amp is not None and amp[1]:  # an overflow: the scaler lowers its scale and, as
+            return None  # when it skips optimizer.step() itself, NTO takes no step
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -323,18 +329,19 @@ class NTO(torch.optim.Optimizer):
                                self._user_flags())
         self._ensure_applied()
         with torch.no_grad():
-            if amp is None or not amp_unscale(self, *amp):
-                self.updater.update()
+            if amp is not None and amp[0] is not None:
+                amp_unscale(self.param_groups, amp[0])
+            self.updater.update()
         self._peak_bytes = max(self._peak_bytes, sum(measure(self, self.updater)))
         self._advance()
         if auto:  # the next forward/backward is measured from here
             auto.restart(sum(measure(self, self.updater)))
         return loss
 
-    def _amp_check(self) -> tuple[torch.Tensor | None, Any] | None:
-        """(the scale the gradients still carry or None, found_inf) when a
-        torch.amp.GradScaler calls step(); None otherwise. Refused before anything changes
-        where the scaler's inf check and unscale_ cannot have seen the gradients."""
+    def _amp_check(self) -> tuple[torch.Tensor | None, bool] | None:
+        """(the scale the gradients still carry or None, whether the scaler found an
+        Inf/NaN) when a torch.amp.GradScaler calls step(); None otherwise. Refused before
+        anything changes where the scaler's checks cannot have seen the gradients."""
         if not hasattr(self, "found_inf"):
             return None
         if self.guard.in_backward:
@@ -347,7 +354,7 @@ class NTO(torch.optim.Optimizer):
             where = (f"NTO reduced gradients in backward ({held}), off p.grad, where the "
                      "scaler cannot check or unscale them")
         else:
-            return getattr(self, "grad_scale", None), self.found_inf
+            return getattr(self, "grad_scale", None), bool(self.found_inf > 0)
         raise ValueError(f"a torch.amp.GradScaler (fp16) drives this step, but {where}; "
                          "nothing was changed. Allowed: bf16 autocast (no scaler), or a "
                          "GradScaler with policy 'block' or 'sample', step_in_backward=False "

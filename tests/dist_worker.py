@@ -195,6 +195,34 @@ def _fsdp2_swapped(rank: int, world: int) -> dict:
     return {"params": {n: _full(p) for n, p in model.named_parameters()}, "active": active}
 
 
+def _fsdp2_grad_scaler(rank: int, world: int, inf_step: int | None) -> dict:
+    """POLICY_KW["block"] on FSDP2 under torch's ShardedGradScaler (the AMP recipe); an
+    Inf in rank 1's loss at `inf_step`: both ranks must skip that step."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+    from nto_ext import NTO
+
+    model = tiny_llama()
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    opt = NTO(model.named_parameters(), lr=LR, **POLICY_KW["block"])
+    scaler = ShardedGradScaler(device="cpu", init_scale=2.0**16)
+    per = GLOBAL_BATCH // world
+    for step in range(STEPS):
+        x = global_batch(step)[rank * per:(rank + 1) * per]
+        loss = model(input_ids=x, labels=x).loss
+        if step == inf_step and rank == 1:
+            loss = loss * float("inf")
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+    return {"params": {n: _full(p) for n, p in model.named_parameters()},
+            "steps": opt.step_count, "scale": scaler.get_scale()}
+
+
 def scenario_fsdp2(rank: int, world: int) -> dict:
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
@@ -209,7 +237,9 @@ def scenario_fsdp2(rank: int, world: int) -> dict:
         fully_shard(model)
         return model
 
-    out = {"swapped": _fsdp2_swapped(rank, world)}
+    out = {"swapped": _fsdp2_swapped(rank, world),
+           "scaler": _fsdp2_grad_scaler(rank, world, None),
+           "scaler_inf": _fsdp2_grad_scaler(rank, world, 2)}
     ckpt_root = os.environ["NTO_TEST_CKPT"]
     for policy in FSDP_POLICIES:
         model = sharded_model()

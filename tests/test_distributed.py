@@ -205,3 +205,16 @@ def test_fsdp2_params_swapped_after_construction(fsdp_results):
     assert r0["active"] == r1["active"] == ref["active"]
     _assert_params(r0["params"], r1["params"], exact=True)
     _assert_params(r0["params"], ref["params"])
+
+
+def test_fsdp2_grad_scaler(fsdp_results):
+    """torch's ShardedGradScaler on FSDP2 shards: scaled by a power of two, the run is the
+    unscaled one bit for bit; an overflow on one rank is skipped on both (the scaler agrees
+    across ranks in its own unscale_, which NTO leaves to it under FSDP2)."""
+    for r in fsdp_results:
+        _assert_params(r["scaler"]["params"], r["block"]["params"], exact=True)
+        assert r["scaler"]["steps"] == W.STEPS
+        assert r["scaler_inf"]["steps"] == W.STEPS - 1  # the scaler did not step NTO
+        assert r["scaler_inf"]["scale"] == 2.0**15
+    _assert_params(fsdp_results[0]["scaler_inf"]["params"],
+                   fsdp_results[1]["scaler_inf"]["params"], exact=True)
