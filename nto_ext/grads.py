@@ -18,21 +18,6 @@ log = logging.getLogger(__name__)
 NONFINITE = ("skip", "raise", "propagate")
 
 
-def amp_unscale(param_groups: list[dict[str, Any]], scale: torch.Tensor) -> None:
-    """Under torch.amp.GradScaler, which left the gradients scaled: divide them by `scale`
-    as its unscale_ would, bit for bit."""
-    inv = scale.double().reciprocal().float()
-    by_device: dict[tuple, list[torch.Tensor]] = {}
-    for g in param_groups:
-        for p in g["params"]:
-            if p.grad is not None:
-                grad = local_tensor(p.grad)
-                by_device.setdefault((grad.device, grad.dtype), []).append(grad)
-    for (device, _), grads in by_device.items():
-        found = torch.zeros((), device=device)  # the scaler has checked them already
-        torch._amp_foreach_non_finite_check_and_unscale_(grads, found, inv.to(device))
-
-
 class GradGuard:
     """nonfinite: "skip" (the step changes nothing and is counted in `skipped_steps`),
     "raise" (FloatingPointError naming the param) or "propagate" (as torch).

@@ -40,7 +40,7 @@ from .args import (
 from .auto import AutoBudget, check_auto_args, is_auto, make_auto
 from .blocks import ParamInfo
 from .budget import Budget, parse_budget, state_bytes, storage_bytes
-from .grads import GradGuard, amp_unscale
+from .grads import GradGuard
 from .ownership import ParamHandles, grad_hook, register_hook, switch, user_flag
 from .params import ParamTable
 from .policies import DEFAULT_POLICY, Policy, configure, policy_class
@@ -214,12 +214,13 @@ class NTO(torch.optim.Optimizer):
 
     @property
     def _step_supports_amp_scaling(self) -> bool:
-        """torch.amp.GradScaler reads this: True makes it set `grad_scale` and `found_inf`
-        on the optimizer and leave the unscaling to step() (as for torch's fused AdamW), so
-        NTO sees the scaler and refuses what its checks cannot reach (gradients used in
-        backward). Not for FSDP2 shards: ShardedGradScaler makes the ranks agree on an
-        overflow only in its own unscale_, which this path skips."""
-        return not any(hasattr(p, "device_mesh") for p in self.table.params)
+        """Read by torch.amp.GradScaler after backward. True only while NTO holds gradients
+        the scaler cannot reach (used or reduced in backward, off p.grad): the scaler then
+        calls step() directly instead of its unscale_ and inf check, and step() refuses by
+        name. Otherwise False: the scaler unscales p.grad itself and skips step() on an
+        overflow, as for torch's AdamW (Lightning still lets you clip)."""
+        return self.guard.in_backward or bool(self.updater.grad_tensors())
+
     extra_reports: dict[str, Callable[[], Any]] = {}  # name -> measure, set per instance
     fold_rows_at_step = False  # True: split tensors' dense grads wait for step (dense.py)
     # the GradGuard's settings and counters, as attributes of the optimizer
@@ -313,9 +314,8 @@ class NTO(torch.optim.Optimizer):
         # before they call state_dict(): refuse there, before the schedule moves
         persist.refuse_torch_dsd("step")
         self._check_usable()
-        amp = self._amp_check()
-        if amp is not None and amp[1]:  # an overflow: the scaler lowers its scale and, as
-            return None  # when it skips optimizer.step() itself, NTO takes no step
+        if hasattr(self, "found_inf"):  # set by a GradScaler: see _step_supports_amp_scaling
+            self._refuse_grad_scaler()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -329,8 +329,6 @@ class NTO(torch.optim.Optimizer):
                                self._user_flags())
         self._ensure_applied()
         with torch.no_grad():
-            if amp is not None and amp[0] is not None:
-                amp_unscale(self.param_groups, amp[0])
             self.updater.update()
         self._peak_bytes = max(self._peak_bytes, sum(measure(self, self.updater)))
         self._advance()
@@ -338,23 +336,18 @@ class NTO(torch.optim.Optimizer):
             auto.restart(sum(measure(self, self.updater)))
         return loss
 
-    def _amp_check(self) -> tuple[torch.Tensor | None, bool] | None:
-        """(the scale the gradients still carry or None, whether the scaler found an
-        Inf/NaN) when a torch.amp.GradScaler calls step(); None otherwise. Refused before
-        anything changes where the scaler's checks cannot have seen the gradients."""
-        if not hasattr(self, "found_inf"):
-            return None
+    def _refuse_grad_scaler(self) -> None:
+        """A torch.amp.GradScaler cannot have checked or unscaled the gradients NTO used or
+        reduced in backward: refused before anything changes."""
         if self.guard.in_backward:
             where = ("step_in_backward=True updated the params in backward, with gradients "
                      "the scaler had not checked or unscaled")
-        elif self.updater.grad_tensors():
+        else:
             rows = [n for n in self.active_blocks() if n.endswith("]")]  # "emb.weight[0:64]"
             held = (f"the rows of {', '.join(rows)[:200]} (larger than the budget)" if rows
                     else f"policy={self.policy.name!r}'s compact gradients")
             where = (f"NTO reduced gradients in backward ({held}), off p.grad, where the "
                      "scaler cannot check or unscale them")
-        else:
-            return getattr(self, "grad_scale", None), bool(self.found_inf > 0)
         raise ValueError(f"a torch.amp.GradScaler (fp16) drives this step, but {where}; "
                          "nothing was changed. Allowed: bf16 autocast (no scaler), or a "
                          "GradScaler with policy 'block' or 'sample', step_in_backward=False "

@@ -1,6 +1,7 @@
-"""torch.amp.GradScaler (fp16 loss scaling) driving NTO.step(): NTO takes the unscaling
-(`_step_supports_amp_scaling`, as torch's fused AdamW) and refuses, before anything
-changes, gradients the scaler cannot have seen (reduced in backward, off p.grad)."""
+"""torch.amp.GradScaler (fp16 loss scaling) with NTO: the scaler's own path (unscale_ of
+p.grad, step() skipped on an overflow) where it sees every gradient; where NTO holds
+gradients off p.grad (reduced or used in backward), `_step_supports_amp_scaling` turns
+True, the scaler calls step() directly and NTO refuses by name before anything changes."""
 
 import pytest
 import torch
@@ -52,6 +53,8 @@ def test_scaled_steps_equal_unscaled_ones(policy, cls, budget, unscale):
     for a, b in zip(params(ref), params(model)):
         assert torch.equal(a, b)
     assert opt.skipped_steps == 0 and not hasattr(opt, "found_inf")
+    # the scaler's own unscale_ (Lightning clips only for optimizers without the flag)
+    assert opt._step_supports_amp_scaling is False
 
 
 def test_an_overflow_skips_the_step_as_adamw():
