@@ -34,13 +34,6 @@ LR = 1e-2
 STEPS = 10
 
 # A documented difference (README, 'Use'): kept strict so a change either way is seen.
-XFAIL_ULP = pytest.mark.xfail(
-    strict=True, reason="1-ulp differences from torch's fused CPU AdamW: exp_avg_sq of the "
-                        "3-element bias (likely torch's scalar tail path), and with "
-                        "weight_decay=1e-2 one param element from step 13; issue 16 item 8 "
-                        "('make the statement exact')")
-
-
 # --------------------------------------------------------------------------- helpers
 
 
@@ -149,15 +142,26 @@ def test_full_budget_matches_fused_adamw_20_steps(weight_decay):
         assert float(o1.state[p]["step"]) == float(o2.state[q]["step"]) == 20
 
 
+def _assert_within_one_ulp(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    """Every element of `a` equal to `b`'s or its float neighbour (1 ulp)."""
+    inf = torch.full_like(b, float("inf"))
+    ulp = torch.maximum(torch.nextafter(b, inf) - b, b - torch.nextafter(b, -inf))
+    off = (a - b).abs() > ulp
+    assert not off.any(), f"{what}: {int(off.sum())} elements more than 1 ulp from AdamW"
+
+
 @pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
-@XFAIL_ULP
-def test_full_budget_bit_identical_to_fused_adamw_20_steps(weight_decay):
-    """The README's claim, bit for bit: params and moments."""
+def test_full_budget_within_one_ulp_of_fused_adamw_20_steps(weight_decay):
+    """The README's claim: params and moments AdamW(fused=True)'s bits or 1 ulp from them.
+    Which elements differ depends on the CPU's vector path in torch's fused kernel (on an
+    AMD EPYC the 3-element bias's exp_avg_sq and, with weight decay, one weight from step
+    13; on an Intel Xeon none without weight decay, two of that exp_avg_sq with it), so
+    exact equality is not asserted."""
     m1, o1, m2, o2 = _run_against_fused_adamw(weight_decay)
-    assert_same_params(m1, m2)
     for (name, p), q in zip(m1.named_parameters(), m2.parameters()):
+        _assert_within_one_ulp(p.detach(), q.detach(), name)
         for key in ("exp_avg", "exp_avg_sq"):
-            assert torch.equal(o1.state[p][key], o2.state[q][key]), f"{name} {key}"
+            _assert_within_one_ulp(o1.state[p][key], o2.state[q][key], f"{name} {key}")
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
