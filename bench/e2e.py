@@ -147,6 +147,9 @@ CONFIGS: dict[str, tuple[str, str]] = {
     "nto-block-100-int4-bwd-noembed": ("nto", "nto-block-100-int4-bwd with the input "
                                        "embedding frozen by the user (BAdam's default; "
                                        "SmolLM2 ties its head to it): every other weight"),
+    "nto-block-100-int4-bwd-embedlr10": ("nto", "nto-block-100-int4-bwd with the input "
+                                         "embedding (and a head tied to it) in its own "
+                                         "param group at a tenth of the learning rate"),
     "nto-sparse-25": ("nto", "NTO sparse, budget 25%"),
     "nto-sparse-10": ("nto", "NTO sparse, budget 10%"),
     "nto-sparse-7.5": ("nto", "NTO sparse, budget 7.5%: 16 B per chosen element, so the "
@@ -232,7 +235,7 @@ def build_optimizer(spec: RunSpec, task: str, model):
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=demo.WEIGHT_DECAY,
                                  foreach=True), model, info
     if name.startswith("nto-"):
-        # nto-POLICY-PCT[-drop|-offload][-head][-importance][-plain|-sr][-noembed]
+        # nto-POLICY-PCT[-drop|-offload][-head][-importance][-plain|-sr][-noembed|-embedlr10]
         # [-int8|-int4|-bf16m|-none]
         # [-bwd][-same]
         _, policy, pct, *how = name.split("-")
@@ -249,6 +252,14 @@ def build_optimizer(spec: RunSpec, task: str, model):
             how.remove("noembed")  # default; SmolLM2's head is the same, tied tensor)
             model.get_input_embeddings().weight.requires_grad_(False)
             info["frozen"] = "input embedding"
+        params: Any = model.named_parameters()
+        if "embedlr10" in how:  # the input embedding (SmolLM2: the tied head too) in its
+            how.remove("embedlr10")  # own param group at a tenth of the learning rate
+            emb = model.get_input_embeddings().weight
+            named = list(model.named_parameters())
+            params = [{"params": [(n, p) for n, p in named if p is not emb]},
+                      {"params": [(n, p) for n, p in named if p is emb], "lr": lr / 10}]
+            info["embedding_lr"] = lr / 10
         if "head" in how:  # the new task head (and BERT's pooler) train in every period
             how.remove("head")
             extra["always"] = tuple(b for b in ("head", "other") if b in _units(model))
@@ -273,8 +284,7 @@ def build_optimizer(spec: RunSpec, task: str, model):
         if how:
             extra["state_on_switch"] = how[0]
         info["budget"] = budget
-        return NTO(model.named_parameters(), budget=budget, policy=policy, **extra,
-                   **common), model, info
+        return NTO(params, budget=budget, policy=policy, **extra, **common), model, info
     sizes = _units(model)
     layers = _layer_sizes(sizes)
     if name == "badam":

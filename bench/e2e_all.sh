@@ -201,3 +201,9 @@ e2e "${NE[@]}" --seeds $(seq 0 11) --tag int4-100-bwd-noembed
 e2e "${NE[@]}" --seeds $(seq 20 25) --tag int4-100-bwd-noembed-b
 e2e "${NE[@]}" --seeds 12 13 14 15 --tag int4-100-bwd-noembed-c
 e2e "${NE[@]}" --seeds 16 17 18 19 --tag int4-100-bwd-noembed-d
+# the same, every weight, the tied embedding in a param group at a tenth of the lr
+EL=(--task lm --lr nto=1e-4 --configs nto-block-100-int4-bwd-embedlr10)
+e2e "${EL[@]}" --seeds 0 2 4 6 8 10 12 14 16 18 --tag int4-100-bwd-embedlr10
+e2e "${EL[@]}" --seeds 1 3 5 7 9 11 13 15 17 19 --tag int4-100-bwd-embedlr10-b
+e2e "${EL[@]}" --seeds 20 22 24 --tag int4-100-bwd-embedlr10-c
+e2e "${EL[@]}" --seeds 21 23 25 --tag int4-100-bwd-embedlr10-d

@@ -40,6 +40,7 @@ CASES = [dict(policy="block", budget="25%", switch_every=2),
          dict(policy="block", budget="5%", switch_every=1),  # the embedding in row ranges
          dict(policy="sample", budget="30%", switch_every=2, state_on_switch="offload"),
          dict(policy="block", budget="100%", state_dtype="int8"),
+         dict(policy="block", budget="100%", state_dtype="int4"),  # issue 21's LM rows
          dict(policy="sample", budget="30%", switch_every=1, state_dtype="none")]
 
 

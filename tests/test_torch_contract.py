@@ -33,7 +33,6 @@ VARIANTS = [pytest.param(FULL, id="100%"), pytest.param(PARTIAL, id="40%")]
 LR = 1e-2
 STEPS = 10
 
-# A documented difference (README, 'Use'): kept strict so a change either way is seen.
 # --------------------------------------------------------------------------- helpers
 
 
