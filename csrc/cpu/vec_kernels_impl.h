@@ -418,6 +418,25 @@ inline std::pair<float, float> store_scales(const Vec& amax_m, const Vec& amax_w
   *sw = lane_max_nan(amax_w) / w_square;
   return {q8_inverse(*sm), q8_inverse(*sw)};
 }
+// Pass 1 of a quantized block (int8, int4), per vector of decoded moments m and root w:
+// AdamW's update of p (adamw_update_q8), the new m and root kept in the block's L1 buffers
+// at element `i`, their abs-maxima (for the new scales) tracked.
+struct QBlockPass1 {
+  const AdamWScalars& s;
+  float* mb;
+  float* wb;
+  const Vec nss = Vec(s.neg_step_size), inv_bc2 = Vec(s.inv_bc2_sqrt);
+  Vec amax_m = Vec(0.0f), amax_w = Vec(0.0f);
+
+  void update(Vec& p, const Vec& g, Vec m, const Vec& w, int64_t i) {
+    Vec v = w * w;
+    const Vec root = adamw_update_q8(p, g, m, v, s, nss, inv_bc2);
+    m.store(mb + i);
+    root.store(wb + i);
+    amax_m = at::vec::maximum(amax_m, m.abs());
+    amax_w = at::vec::maximum(amax_w, root);
+  }
+};
 // One block of kQ8Block elements (a partial block: the caller's zero-padded copies, whose
 // padding dequantizes and updates to zeros): pass 1 dequantizes, updates p and keeps the
 // new m and root w = sqrt(v) in L1 buffers with their abs-max; pass 2 takes the block's
@@ -426,26 +445,19 @@ template <typename P, typename G>
 inline void adamw_q8_block(P* p, const G* g, int8_t* qm, uint8_t* qw, float* sm, float* sw,
                            const AdamWScalars& s) {
   alignas(64) float mb[kQ8Block], wb[kQ8Block];
-  const Vec s_m(*sm), s_w(*sw), nss(s.neg_step_size), inv_bc2(s.inv_bc2_sqrt);
-  Vec amax_m(0.0f), amax_w(0.0f);
+  const Vec s_m(*sm), s_w(*sw);
+  QBlockPass1 pass{s, mb, wb};
   for (int64_t j = 0; j < kQ8Block; j += kW) {
     Vec pv[2], gv[2], q[2], r[2];
     load2(p + j, pv[0], pv[1]);
     load2(g + j, gv[0], gv[1]);
     q8_widen(qm + j, qw + j, q, r);
-    for (int h = 0; h < 2; ++h) {
-      Vec m = (q[h] * q[h].abs()) * s_m;
-      const Vec w = (r[h] * r[h]) * s_w;
-      Vec v = w * w;
-      const Vec root = adamw_update_q8(pv[h], gv[h], m, v, s, nss, inv_bc2);
-      m.store(mb + j + h * kV);
-      root.store(wb + j + h * kV);
-      amax_m = at::vec::maximum(amax_m, m.abs());
-      amax_w = at::vec::maximum(amax_w, root);
-    }
+    for (int h = 0; h < 2; ++h)
+      pass.update(pv[h], gv[h], (q[h] * q[h].abs()) * s_m, (r[h] * r[h]) * s_w, j + h * kV);
     store2(p + j, pv[0], pv[1]);
   }
-  const auto [inv_m, inv_w] = store_scales(amax_m, amax_w, kQ8MSquare, kQ8WSquare, sm, sw);
+  const auto [inv_m, inv_w] =
+      store_scales(pass.amax_m, pass.amax_w, kQ8MSquare, kQ8WSquare, sm, sw);
   const Vec sign(-0.0f);
   for (int64_t j = 0; j < kQ8Block; j += kV) {
     const Vec m = Vec::loadu(mb + j), w = Vec::loadu(wb + j);
@@ -570,9 +582,9 @@ inline void adamw_q4_block(P* p, const G* g, uint8_t* codes, float* sm, float* s
                            const AdamWScalars& s) {
   static_assert(kQ4Block % kW == 0, "a block is whole vector pairs");
   alignas(64) float mb[kQ4Block], wb[kQ4Block];
-  const Vec s_m(*sm), s_w(*sw), nss(s.neg_step_size), inv_bc2(s.inv_bc2_sqrt);
+  const Vec s_m(*sm), s_w(*sw);
   const Vec zero(0.0f), one(1.0f), two(2.0f), sixteen(16.0f), sign(-0.0f);
-  Vec amax_m(0.0f), amax_w(0.0f);
+  QBlockPass1 pass{s, mb, wb};
   for (int64_t j = 0; j < kQ4Block; j += kW) {
     Vec pv[2], gv[2], c[2];
     load2(p + j, pv[0], pv[1]);
@@ -583,18 +595,13 @@ inline void adamw_q4_block(P* p, const G* g, uint8_t* codes, float* sm, float* s
       const Vec low = c[h] - mag * sixteen;
       const Vec r = (low * Vec(0.5f)).floor();
       const Vec negative = (low - r * two) > zero;
-      Vec m = ((mag * mag) * s_m) ^ (negative & sign);  // (-q^2) * s: the same bits
-      const Vec w = (r * r) * s_w;
-      Vec v = w * w;
-      const Vec root = adamw_update_q8(pv[h], gv[h], m, v, s, nss, inv_bc2);
-      m.store(mb + j + h * kV);
-      root.store(wb + j + h * kV);
-      amax_m = at::vec::maximum(amax_m, m.abs());
-      amax_w = at::vec::maximum(amax_w, root);
+      const Vec m = ((mag * mag) * s_m) ^ (negative & sign);  // (-q^2) * s: the same bits
+      pass.update(pv[h], gv[h], m, (r * r) * s_w, j + h * kV);
     }
     store2(p + j, pv[0], pv[1]);
   }
-  const auto [inv_m, inv_w] = store_scales(amax_m, amax_w, kQ4MSquare, kQ4WSquare, sm, sw);
+  const auto [inv_m, inv_w] =
+      store_scales(pass.amax_m, pass.amax_w, kQ4MSquare, kQ4WSquare, sm, sw);
   for (int64_t j = 0; j < kQ4Block; j += kV) {
     const Vec m = Vec::loadu(mb + j), w = Vec::loadu(wb + j);
     const Vec um = q8_levels(m, inv_m, kQ4MLevels);
