@@ -338,18 +338,20 @@ class NTO(torch.optim.Optimizer):
 
     def _refuse_grad_scaler(self) -> None:
         """A torch.amp.GradScaler cannot have checked or unscaled the gradients NTO used or
-        reduced in backward: refused before anything changes."""
+        reduced in backward: refused before step() changes anything (under
+        step_in_backward, backward has already updated the params: the message says so)."""
         if self.guard.in_backward:
-            where = ("step_in_backward=True updated the params in backward, with gradients "
-                     "the scaler had not checked or unscaled")
+            where = ("step_in_backward=True already updated the params in this backward, with "
+                     "gradients the scaler had not checked or unscaled (that update stands: "
+                     "resume from your last checkpoint)")
         else:
             rows = [n for n in self.active_blocks() if n.endswith("]")]  # "emb.weight[0:64]"
             held = (f"the rows of {', '.join(rows)[:200]} (larger than the budget)" if rows
                     else f"policy={self.policy.name!r}'s compact gradients")
             where = (f"NTO reduced gradients in backward ({held}), off p.grad, where the "
-                     "scaler cannot check or unscale them")
-        raise ValueError(f"a torch.amp.GradScaler (fp16) drives this step, but {where}; "
-                         "nothing was changed. Allowed: bf16 autocast (no scaler), or a "
+                     "scaler cannot check or unscale them; nothing was changed")
+        raise ValueError(f"a torch.amp.GradScaler (fp16) drives this step, but {where}. "
+                         "Allowed: bf16 autocast (no scaler), or a "
                          "GradScaler with policy 'block' or 'sample', step_in_backward=False "
                          "and a budget at which every tensor fits whole (`nto plan` names the "
                          "split ones), or Trainer(fp16=True), which keeps split tensors' "

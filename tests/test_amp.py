@@ -96,8 +96,14 @@ def test_gradients_off_p_grad_are_refused(kw, names, unscale):
 
 
 def test_step_in_backward_is_refused():
+    """The scaler cannot be seen before the first backward, which already updates the
+    params: step() refuses and says that update stands (not that nothing changed)."""
     model = wide_llama()
     opt = NTO(model.named_parameters(), lr=1e-2, budget="100%", step_in_backward=True)
-    with pytest.raises(ValueError, match="step_in_backward=True updated the params in "
-                       "backward, with gradients the scaler had not checked"):
+    before = params(model)
+    with pytest.raises(ValueError, match=r"step_in_backward=True already updated the params "
+                       r"in this backward, with gradients the scaler had not checked.*that "
+                       r"update stands") as info:
         train(model, opt, 1, torch.amp.GradScaler("cpu", init_scale=SCALE))
+    assert "nothing was changed" not in str(info.value)
+    assert not all(torch.equal(a, b) for a, b in zip(before, params(model)))
